@@ -1,0 +1,156 @@
+//! A typed client of the control API, used by the CLI and the tests.
+
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+use crate::error::ErrorBody;
+use crate::router::TEAM_HEADER;
+use crate::wire::{AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an API error.
+    #[error("{message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("cannot reach the hangar server at {url}: {source}")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("request to {url} failed: {source}")]
+    Transport { url: String, source: reqwest::Error },
+    #[error("unexpected answer from {url} (HTTP {status}): {detail}")]
+    Unexpected { url: String, status: u16, detail: String },
+}
+
+impl ClientError {
+    /// The API error code, if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } | ClientError::Unexpected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+    team: Option<String>,
+}
+
+impl Client {
+    /// `base` is the API's root URL, e.g. `http://127.0.0.1:8700`; `key` is
+    /// `<id>:<secret>`; `team` acts for another team (root keys).
+    pub fn new(base: &str, key: Option<String>, team: Option<String>) -> Client {
+        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_owned(), key, team }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(key) = &self.key {
+            req = req.header(reqwest::header::AUTHORIZATION, format!("Key {key}"));
+        }
+        if let Some(team) = &self.team {
+            req = req.header(TEAM_HEADER, team);
+        }
+        req
+    }
+
+    async fn send(&self, req: RequestBuilder) -> Result<Response> {
+        let req = req.build().map_err(|source| ClientError::Transport { url: self.base.clone(), source })?;
+        let url = req.url().to_string();
+        let response = self.http.execute(req).await.map_err(|source| {
+            if source.is_connect() {
+                ClientError::Connect { url: self.base.clone(), source }
+            } else {
+                ClientError::Transport { url: url.clone(), source }
+            }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => ClientError::Api { status: status.as_u16(), code: e.error.code, message: e.error.message },
+            Err(_) => ClientError::Unexpected {
+                url,
+                status: status.as_u16(),
+                detail: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
+        let response = self.send(req).await?;
+        let url = response.url().to_string();
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected { url, status, detail: e.to_string() })
+    }
+
+    pub async fn health(&self) -> Result<HealthJson> {
+        self.json(self.request(Method::GET, "/healthz")).await
+    }
+
+    pub async fn list_apps(&self) -> Result<Vec<AppJson>> {
+        self.json(self.request(Method::GET, "/v1/apps")).await
+    }
+
+    pub async fn get_app(&self, app: &str) -> Result<AppJson> {
+        self.json(self.request(Method::GET, &format!("/v1/apps/{}", seg(app)))).await
+    }
+
+    pub async fn delete_app(&self, app: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &format!("/v1/apps/{}", seg(app)))).await.map(drop)
+    }
+
+    /// Uploads a packed app (a gzip'd tar) and starts a deploy.
+    pub async fn deploy(&self, params: &DeployParams, archive: impl Into<reqwest::Body>) -> Result<DeployJson> {
+        let req = self
+            .request(Method::POST, "/v1/deploys")
+            .query(params)
+            .header(reqwest::header::CONTENT_TYPE, "application/gzip")
+            .body(archive);
+        self.json(req).await
+    }
+
+    pub async fn list_revisions(&self, app: &str) -> Result<Vec<RevisionJson>> {
+        self.json(self.request(Method::GET, &format!("/v1/apps/{}/revisions", seg(app)))).await
+    }
+
+    pub async fn get_revision(&self, app: &str, revision: &str) -> Result<RevisionJson> {
+        self.json(self.request(Method::GET, &format!("/v1/apps/{}/revisions/{}", seg(app), seg(revision)))).await
+    }
+
+    pub async fn revision_log(&self, app: &str, revision: &str, offset: u64) -> Result<LogChunk> {
+        let path = format!("/v1/apps/{}/revisions/{}/log", seg(app), seg(revision));
+        self.json(self.request(Method::GET, &path).query(&[("offset", offset)])).await
+    }
+
+    pub async fn delete_revision(&self, app: &str, revision: &str) -> Result<RevisionJson> {
+        self.json(self.request(Method::DELETE, &format!("/v1/apps/{}/revisions/{}", seg(app), seg(revision)))).await
+    }
+
+    pub async fn history(&self, app: &str) -> Result<Vec<HistoryJson>> {
+        self.json(self.request(Method::GET, &format!("/v1/apps/{}/history", seg(app)))).await
+    }
+}
+
+/// Escapes one path segment, so a name can never change which route is called.
+fn seg(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

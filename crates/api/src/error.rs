@@ -1,0 +1,148 @@
+//! The one table of API errors. Every error the API returns has a stable snake_case
+//! code and exactly one HTTP status; the body is `{"error": {"code", "message"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+/// Every error code the API can return. Adding one means adding its row to both
+/// matches below; there is deliberately no catch-all arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TeamNotFound,
+    AppNotFound,
+    RevisionNotFound,
+    AmbiguousRevision,
+    InvalidRequest,
+    InvalidManifest,
+    InvalidArchive,
+    ArchiveTooLarge,
+    CurrentRevision,
+    Conflict,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::TeamNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::AppNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::RevisionNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::AmbiguousRevision => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidManifest => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidArchive => StatusCode::BAD_REQUEST,
+            ErrorCode::ArchiveTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::CurrentRevision => StatusCode::CONFLICT,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TeamNotFound => "team_not_found",
+            ErrorCode::AppNotFound => "app_not_found",
+            ErrorCode::RevisionNotFound => "revision_not_found",
+            ErrorCode::AmbiguousRevision => "ambiguous_revision",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidManifest => "invalid_manifest",
+            ErrorCode::InvalidArchive => "invalid_archive",
+            ErrorCode::ArchiveTooLarge => "archive_too_large",
+            ErrorCode::CurrentRevision => "current_revision",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    pub const ALL: &[ErrorCode] = &[
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::TeamNotFound,
+        ErrorCode::AppNotFound,
+        ErrorCode::RevisionNotFound,
+        ErrorCode::AmbiguousRevision,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidManifest,
+        ErrorCode::InvalidArchive,
+        ErrorCode::ArchiveTooLarge,
+        ErrorCode::CurrentRevision,
+        ErrorCode::Conflict,
+        ErrorCode::Internal,
+    ];
+}
+
+/// An error as the API answers it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { code, message: message.into() }
+    }
+
+    /// An internal failure: the cause is logged, the client gets a generic message so
+    /// nothing about the server's insides leaks.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(ErrorCode::Internal, "internal server error; see the server log")
+    }
+}
+
+/// The JSON error body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message } };
+        (self.code.status(), axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case_with_error_statuses() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            let name = code.as_str();
+            assert!(seen.insert(name), "duplicate code {name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name} is not snake_case");
+            assert!(code.status().is_client_error() || code.status().is_server_error());
+        }
+    }
+
+    #[tokio::test]
+    async fn error_body_is_the_documented_json() {
+        let response = ApiError::new(ErrorCode::AppNotFound, "app \"x\" not found").into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json, serde_json::json!({"error": {"code": "app_not_found", "message": "app \"x\" not found"}}));
+    }
+}

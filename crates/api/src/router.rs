@@ -1,0 +1,208 @@
+//! The control API's HTTP surface: routes, authentication and JSON. What each route does
+//! is the [`ControlPlane`]'s business; this module only turns HTTP into calls on it and
+//! its answers back into HTTP.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json};
+use model::revision::KeyScope;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::wire::{AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson};
+
+/// The header a caller uses to act for a team other than its key's own (root keys only).
+pub const TEAM_HEADER: &str = "x-hangar-team";
+
+/// Who is calling and for which team, established once per request by
+/// [`ControlPlane::authenticate`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: String,
+    pub scope: KeyScope,
+    /// The team the request acts for.
+    pub team_id: Uuid,
+    pub team: String,
+}
+
+/// Everything the control API can do. The server implements it; the router calls it.
+pub trait ControlPlane: Send + Sync + 'static {
+    /// Checks the `Authorization` header and resolves the team the request acts for.
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        team: Option<&str>,
+    ) -> impl Future<Output = Result<Caller, ApiError>> + Send;
+    fn list_apps(&self, caller: &Caller) -> impl Future<Output = Result<Vec<AppJson>, ApiError>> + Send;
+    fn get_app(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
+    fn delete_app(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Receives an uploaded archive and starts a deploy; answers once the revision exists.
+    fn deploy(
+        &self,
+        caller: &Caller,
+        params: DeployParams,
+        archive: Body,
+    ) -> impl Future<Output = Result<DeployJson, ApiError>> + Send;
+    fn list_revisions(
+        &self,
+        caller: &Caller,
+        app: &str,
+    ) -> impl Future<Output = Result<Vec<RevisionJson>, ApiError>> + Send;
+    fn get_revision(
+        &self,
+        caller: &Caller,
+        app: &str,
+        revision: &str,
+    ) -> impl Future<Output = Result<RevisionJson, ApiError>> + Send;
+    fn revision_log(
+        &self,
+        caller: &Caller,
+        app: &str,
+        revision: &str,
+        offset: u64,
+    ) -> impl Future<Output = Result<LogChunk, ApiError>> + Send;
+    fn delete_revision(
+        &self,
+        caller: &Caller,
+        app: &str,
+        revision: &str,
+    ) -> impl Future<Output = Result<RevisionJson, ApiError>> + Send;
+    fn history(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<Vec<HistoryJson>, ApiError>> + Send;
+}
+
+/// Builds the control API router.
+pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
+    let v1 = Router::new()
+        .route("/apps", get(list_apps::<C>))
+        .route("/apps/{app}", get(get_app::<C>).delete(delete_app::<C>))
+        .route("/apps/{app}/revisions", get(list_revisions::<C>))
+        .route("/apps/{app}/revisions/{rev}", get(get_revision::<C>).delete(delete_revision::<C>))
+        .route("/apps/{app}/revisions/{rev}/log", get(revision_log::<C>))
+        .route("/apps/{app}/history", get(history::<C>))
+        .route("/deploys", axum::routing::post(deploy::<C>))
+        .route_layer(middleware::from_fn_with_state(control.clone(), authenticate::<C>));
+    Router::new()
+        .route("/healthz", get(|| async { Json(HealthJson { status: "ok".to_owned() }) }))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such API route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(ErrorCode::InvalidRequest, "this route does not take that method")
+        })
+        .with_state(control)
+}
+
+async fn authenticate<C: ControlPlane>(
+    State(control): State<Arc<C>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let authorization = header_str(headers, header::AUTHORIZATION.as_str());
+    let team = header_str(headers, TEAM_HEADER);
+    match control.authenticate(authorization.as_deref(), team.as_deref()).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+async fn list_apps<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<AppJson>>, ApiError> {
+    c.list_apps(&caller).await.map(Json)
+}
+
+async fn get_app<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<AppJson>, ApiError> {
+    c.get_app(&caller, &app).await.map(Json)
+}
+
+async fn delete_app<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    c.delete_app(&caller, &app).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+async fn deploy<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    params: Result<Query<DeployParams>, QueryRejection>,
+    body: Body,
+) -> Result<(StatusCode, Json<DeployJson>), ApiError> {
+    let Query(params) = params.map_err(bad_query)?;
+    c.deploy(&caller, params, body).await.map(|d| (StatusCode::ACCEPTED, Json(d)))
+}
+
+async fn list_revisions<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<RevisionJson>>, ApiError> {
+    c.list_revisions(&caller, &app).await.map(Json)
+}
+
+async fn get_revision<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path((app, rev)): Path<(String, String)>,
+) -> Result<Json<RevisionJson>, ApiError> {
+    c.get_revision(&caller, &app, &rev).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn revision_log<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path((app, rev)): Path<(String, String)>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Json<LogChunk>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    c.revision_log(&caller, &app, &rev, query.offset).await.map(Json)
+}
+
+async fn delete_revision<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path((app, rev)): Path<(String, String)>,
+) -> Result<Json<RevisionJson>, ApiError> {
+    c.delete_revision(&caller, &app, &rev).await.map(Json)
+}
+
+async fn history<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<HistoryJson>>, ApiError> {
+    c.history(&caller, &app).await.map(Json)
+}
+
+fn bad_query(rejection: QueryRejection) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, format!("bad query string: {}", rejection.body_text()))
+}

@@ -1,0 +1,143 @@
+//! Wire types: the JSON the control API speaks (and the CLI prints with `--json`).
+//! Keys are snake_case, enums lowercase, times RFC 3339, ids full UUIDs. These are a
+//! stable interface for scripts: add fields, never rename or remove them.
+
+use model::records::{App, HistoryEntry, Revision};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppJson {
+    pub name: String,
+    pub team: String,
+    pub revision: Option<String>,
+    pub auth: String,
+    pub runners: u32,
+    pub keep_alive: u64,
+    pub min_concurrency: u32,
+    pub max_concurrency: u32,
+    pub concurrency_buffer: u32,
+    pub concurrency_buffer_perc: u32,
+    pub scaling_delay: u64,
+    pub request_timeout: u64,
+    pub max_multiplexing: u32,
+    pub startup_timeout: u64,
+    pub machine_type: String,
+    pub termination_grace_period: u64,
+    pub suspended: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevisionJson {
+    pub id: String,
+    pub status: String,
+    pub current: bool,
+    pub created_at: String,
+    pub message: Option<String>,
+    pub max_multiplexing: u32,
+    pub startup_timeout: u64,
+    pub machine_type: String,
+    pub termination_grace_period: u64,
+    pub runners: u32,
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryJson {
+    pub at: String,
+    pub action: String,
+    pub key_id: Option<String>,
+    pub details: String,
+}
+
+/// The answer to a deploy: the revision made, and where it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeployJson {
+    pub app: String,
+    pub revision: String,
+    pub status: String,
+    /// Things the user should know about how the deploy was carried out.
+    #[serde(default)]
+    pub notes: Vec<String>,
+    #[serde(default)]
+    pub failure: Option<String>,
+}
+
+/// A piece of a revision's build log, from `offset` on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogChunk {
+    pub data: String,
+    pub next_offset: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthJson {
+    pub status: String,
+}
+
+/// Query parameters of a deploy upload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeployParams {
+    /// Overrides the manifest's `name`.
+    pub app_name: Option<String>,
+    pub auth: Option<String>,
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub reset_scale: bool,
+    pub message: Option<String>,
+}
+
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+impl AppJson {
+    pub fn new(app: &App, team: &str, runners: u32) -> AppJson {
+        AppJson {
+            name: app.name.clone(),
+            team: team.to_owned(),
+            revision: app.current_revision.map(|r| r.to_string()),
+            auth: app.auth.as_str().to_owned(),
+            runners,
+            keep_alive: app.scaling.keep_alive,
+            min_concurrency: app.scaling.min_concurrency,
+            max_concurrency: app.scaling.max_concurrency,
+            concurrency_buffer: app.scaling.concurrency_buffer,
+            concurrency_buffer_perc: app.scaling.concurrency_buffer_perc,
+            scaling_delay: app.scaling.scaling_delay,
+            request_timeout: app.scaling.request_timeout,
+            max_multiplexing: app.runner.max_multiplexing,
+            startup_timeout: app.runner.startup_timeout,
+            machine_type: app.runner.machine_type.clone(),
+            termination_grace_period: app.runner.termination_grace_period,
+            suspended: app.suspended,
+            created_at: rfc3339(app.created_at),
+        }
+    }
+}
+
+impl RevisionJson {
+    pub fn new(rev: &Revision, current: bool, runners: u32) -> RevisionJson {
+        RevisionJson {
+            id: rev.id.to_string(),
+            status: rev.status.as_str().to_owned(),
+            current,
+            created_at: rfc3339(rev.created_at),
+            message: rev.message.clone(),
+            max_multiplexing: rev.runner.max_multiplexing,
+            startup_timeout: rev.runner.startup_timeout,
+            machine_type: rev.runner.machine_type.clone(),
+            termination_grace_period: rev.runner.termination_grace_period,
+            runners,
+            failure: rev.failure.clone(),
+        }
+    }
+}
+
+impl From<&HistoryEntry> for HistoryJson {
+    fn from(h: &HistoryEntry) -> HistoryJson {
+        HistoryJson { at: rfc3339(h.at), action: h.action.clone(), key_id: h.key_id.clone(), details: h.details.clone() }
+    }
+}

@@ -1,0 +1,70 @@
+//! Records: what the platform remembers about teams, keys, apps, revisions and their
+//! history. The store reads and writes them; the API turns them into wire types.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::ids::RevisionId;
+use crate::manifest::{RunnerSpec, Scaling};
+use crate::revision::{AuthMode, KeyScope, RevisionStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Team {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// An API credential. The secret itself is never kept; only its hash is, next to this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub id: String,
+    pub team_id: Uuid,
+    pub scope: KeyScope,
+    pub description: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// An app: the alias `team/name`, the revision it points at, and the scaling values
+/// that are in force now (runtime-tunable ones survive deploys, code-specific ones are
+/// taken from the current revision).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub id: Uuid,
+    pub team_id: Uuid,
+    pub name: String,
+    pub auth: AuthMode,
+    pub current_revision: Option<RevisionId>,
+    pub scaling: Scaling,
+    pub runner: RunnerSpec,
+    pub suspended: bool,
+    pub created_at: OffsetDateTime,
+}
+
+/// One immutable deploy of an app's code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    pub id: RevisionId,
+    pub app_id: Uuid,
+    pub status: RevisionStatus,
+    /// Content digest of the uploaded archive (`sha256:<hex>`); shared by revisions with
+    /// the same code.
+    pub artifact: String,
+    /// The revision's `hangar.toml` exactly as uploaded.
+    pub manifest: String,
+    /// Code-specific values from this revision's manifest.
+    pub runner: RunnerSpec,
+    pub message: Option<String>,
+    pub failure: Option<String>,
+    pub created_at: OffsetDateTime,
+}
+
+/// One recorded change to an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub at: OffsetDateTime,
+    pub action: String,
+    pub key_id: Option<String>,
+    pub details: String,
+}

@@ -1,0 +1,169 @@
+//! The small closed sets of states and modes attached to revisions and keys.
+//!
+//! Each enum has a stable lowercase spelling (`as_str` / `parse`) that is used
+//! wherever the value leaves the process: the database, the API and the CLI.
+
+/// Defines a fieldless enum together with its stable string spelling, so the
+/// `as_str` and `parse` tables cannot drift apart.
+macro_rules! string_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant ),+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The stable lowercase spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+
+            /// The inverse of `as_str`; matching is exact (case-sensitive).
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($text => Some(Self::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// Where a revision is in its lifecycle.
+    RevisionStatus {
+        /// Being built and started; not yet serving traffic.
+        Deploying => "deploying",
+        /// Healthy and eligible to serve traffic.
+        Deployed => "deployed",
+        /// The build or the first start failed.
+        Failed => "failed",
+        /// Deliberately stopped; keeps its artefacts but serves nothing.
+        Suspended => "suspended",
+    }
+}
+
+impl RevisionStatus {
+    /// A capitalised form for human-facing output.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Deploying => "Deploying",
+            Self::Deployed => "Deployed",
+            Self::Failed => "Failed",
+            Self::Suspended => "Suspended",
+        }
+    }
+}
+
+string_enum! {
+    /// Who may call an app's HTTP endpoints.
+    #[derive(Default)]
+    AuthMode {
+        /// Only callers holding a key for this server.
+        #[default]
+        Private => "private",
+        /// Anyone.
+        Public => "public",
+        /// Callers holding a key that the app was explicitly shared with.
+        Shared => "shared",
+    }
+}
+
+string_enum! {
+    /// How a new revision replaces the previous one.
+    #[derive(Default)]
+    Strategy {
+        /// Start the new revision first and switch traffic once it is healthy.
+        #[default]
+        Rolling => "rolling",
+        /// Stop the old revision before starting the new one.
+        Recreate => "recreate",
+    }
+}
+
+string_enum! {
+    /// What an API key is allowed to do.
+    KeyScope {
+        /// The bootstrap key; may do everything, including managing admins.
+        Root => "root",
+        /// May manage apps and keys.
+        Admin => "admin",
+        /// May only call apps.
+        Api => "api",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::expect;
+
+    use super::*;
+
+    #[test]
+    fn spellings_round_trip() {
+        for &s in RevisionStatus::ALL {
+            assert_eq!(RevisionStatus::parse(s.as_str()), Some(s));
+        }
+        for &m in AuthMode::ALL {
+            assert_eq!(AuthMode::parse(m.as_str()), Some(m));
+        }
+        for &s in Strategy::ALL {
+            assert_eq!(Strategy::parse(s.as_str()), Some(s));
+        }
+        for &k in KeyScope::ALL {
+            assert_eq!(KeyScope::parse(k.as_str()), Some(k));
+        }
+    }
+
+    #[test]
+    fn spellings() {
+        let all: Vec<String> = RevisionStatus::ALL
+            .iter()
+            .map(|s| format!("{} {}", s.as_str(), s.label()))
+            .chain(AuthMode::ALL.iter().map(|m| m.as_str().to_owned()))
+            .chain(Strategy::ALL.iter().map(|s| s.as_str().to_owned()))
+            .chain(KeyScope::ALL.iter().map(|k| k.as_str().to_owned()))
+            .collect();
+        expect![[r#"
+            [
+                "deploying Deploying",
+                "deployed Deployed",
+                "failed Failed",
+                "suspended Suspended",
+                "private",
+                "public",
+                "shared",
+                "rolling",
+                "recreate",
+                "root",
+                "admin",
+                "api",
+            ]
+        "#]]
+        .assert_debug_eq(&all);
+    }
+
+    #[test]
+    fn parse_is_exact() {
+        assert_eq!(RevisionStatus::parse("Deployed"), None);
+        assert_eq!(AuthMode::parse(" public"), None);
+        assert_eq!(KeyScope::parse(""), None);
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(AuthMode::default(), AuthMode::Private);
+        assert_eq!(Strategy::default(), Strategy::Rolling);
+    }
+}

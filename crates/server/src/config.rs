@@ -1,0 +1,171 @@
+//! Server settings. Each can be given as a flag, a `HANGAR_*` environment variable or a
+//! key in the TOML file named by `--config`; a flag or variable wins over the file,
+//! the file over the default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// `hangar server` flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// Where the database, artifacts, revisions and the root key live
+    /// [default: $XDG_DATA_HOME/hangar or ~/.local/share/hangar]
+    #[arg(long, env = "HANGAR_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the control API and dashboard [default: 127.0.0.1:8700]
+    #[arg(long, env = "HANGAR_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Address of the gateway that serves calls to apps [default: 127.0.0.1:8701]
+    #[arg(long, env = "HANGAR_GATEWAY_ADDR")]
+    pub gateway_addr: Option<SocketAddr>,
+    /// Database to use; only the embedded SQLite store (the default) is available now
+    #[arg(long, env = "HANGAR_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// A TOML file with any of these settings (keys as the flags, with '_' for '-')
+    #[arg(long, env = "HANGAR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Largest accepted upload, in bytes [default: 1 GiB]
+    #[arg(long, env = "HANGAR_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<u64>,
+    /// Largest size an upload may unpack to, in bytes [default: 4 GiB]
+    #[arg(long, env = "HANGAR_MAX_UNPACKED_BYTES")]
+    pub max_unpacked_bytes: Option<u64>,
+    /// Seconds a revision's build command may run [default: 1800]
+    #[arg(long, env = "HANGAR_BUILD_TIMEOUT")]
+    pub build_timeout: Option<u64>,
+    /// A machine type as NAME=CAPACITY (runners of it this server may run at once),
+    /// repeatable or comma-separated [default: cpu=<number of CPUs>]
+    #[arg(long = "machine-type", env = "HANGAR_MACHINE_TYPES", value_delimiter = ',')]
+    pub machine_types: Vec<String>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "HANGAR_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The config file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    api_addr: Option<SocketAddr>,
+    gateway_addr: Option<SocketAddr>,
+    database_url: Option<String>,
+    max_upload_bytes: Option<u64>,
+    max_unpacked_bytes: Option<u64>,
+    build_timeout: Option<u64>,
+    log_format: Option<String>,
+    #[serde(default)]
+    machine_types: BTreeMap<String, MachineTypeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineTypeConfig {
+    capacity: u32,
+    memory_limit_mb: Option<u64>,
+}
+
+/// A kind of machine runners can ask for, and how many runners of it fit on this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineType {
+    pub capacity: u32,
+    pub memory_limit_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub max_upload_bytes: u64,
+    pub max_unpacked_bytes: u64,
+    pub build_timeout: Duration,
+    pub machine_types: BTreeMap<String, MachineType>,
+    pub log_format: LogFormat,
+}
+
+/// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
+/// `~/.local/share/hangar`, else `./hangar-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("hangar");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/hangar"),
+        None => PathBuf::from("hangar-data"),
+    }
+}
+
+impl Config {
+    pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        if let Some(url) = args.database_url.as_ref().or(file.database_url.as_ref()) {
+            if !url.starts_with("sqlite:") {
+                bail!("database URL {url:?} is not supported: this server only has the embedded SQLite store");
+            }
+        }
+        let mut machine_types: BTreeMap<String, MachineType> = file
+            .machine_types
+            .into_iter()
+            .map(|(name, m)| (name, MachineType { capacity: m.capacity, memory_limit_mb: m.memory_limit_mb }))
+            .collect();
+        for spec in &args.machine_types {
+            let (name, capacity) = parse_machine_type(spec)?;
+            machine_types.insert(name, MachineType { capacity, memory_limit_mb: None });
+        }
+        if !machine_types.contains_key("cpu") {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            machine_types.insert("cpu".to_owned(), MachineType { capacity: cpus.max(1) * 4, memory_limit_mb: None });
+        }
+        for name in machine_types.keys() {
+            model::manifest::validate_app_name(name)
+                .map_err(|e| anyhow::anyhow!("machine type {name:?} is not a valid name: {e}"))?;
+        }
+        let log_format = match args.log_format.as_deref().or(file.log_format.as_deref()).unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => bail!("log format {other:?} is not one of: text, json"),
+        };
+        Ok(Config {
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(default_data_dir),
+            api_addr: args.api_addr.or(file.api_addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8700))),
+            gateway_addr: args.gateway_addr.or(file.gateway_addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8701))),
+            max_upload_bytes: args.max_upload_bytes.or(file.max_upload_bytes).unwrap_or(1 << 30),
+            max_unpacked_bytes: args.max_unpacked_bytes.or(file.max_unpacked_bytes).unwrap_or(4 << 30),
+            build_timeout: Duration::from_secs(args.build_timeout.or(file.build_timeout).unwrap_or(1800)),
+            machine_types,
+            log_format,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))
+}
+
+fn parse_machine_type(spec: &str) -> anyhow::Result<(String, u32)> {
+    let Some((name, capacity)) = spec.split_once('=') else {
+        bail!("machine type {spec:?} must look like NAME=CAPACITY, e.g. cpu=8");
+    };
+    let capacity = capacity
+        .trim()
+        .parse::<u32>()
+        .with_context(|| format!("machine type {spec:?}: capacity {capacity:?} is not a whole number"))?;
+    Ok((name.trim().to_owned(), capacity))
+}

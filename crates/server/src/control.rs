@@ -1,0 +1,287 @@
+//! The control plane: what each control-API operation does. It checks who may do it,
+//! serializes operations on one app, and keeps the store and the files of the data dir
+//! in step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use api::error::{ApiError, ErrorCode};
+use api::router::{Caller, ControlPlane};
+use api::wire::{AppJson, DeployJson, DeployParams, HistoryJson, LogChunk, RevisionJson};
+use axum::body::Body;
+use model::ids::is_id_prefix;
+use model::records::{App, Revision};
+use model::revision::KeyScope;
+use store::{NewHistory, Store, StoreError};
+use tokio::sync::OwnedMutexGuard;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::auth;
+use crate::config::Config;
+use crate::layout::Layout;
+
+pub(crate) struct Control {
+    pub(crate) store: Store,
+    pub(crate) config: Arc<Config>,
+    pub(crate) layout: Layout,
+    app_locks: AppLocks,
+    /// Held while an artifact is stored or freed, so that a deploy never finds an
+    /// artifact that a concurrent delete is about to remove.
+    pub(crate) artifact_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when the server shuts down; background deploys stop.
+    pub(crate) shutdown: CancellationToken,
+    /// Background deploys, so that shutdown can wait for them to wind up.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// One lock per app (by team and name, so that an app's first deploy is serialized
+/// too). Operations on one app take turns; operations on different apps do not wait on
+/// each other.
+#[derive(Default)]
+struct AppLocks {
+    locks: Mutex<HashMap<(Uuid, String), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl AppLocks {
+    async fn lock(&self, team_id: Uuid, app: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            // Forget locks nobody holds or waits for, so the map does not grow forever.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry((team_id, app.to_owned())).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
+impl Control {
+    pub(crate) fn new(store: Store, config: Arc<Config>, layout: Layout) -> Control {
+        Control {
+            store,
+            config,
+            layout,
+            app_locks: AppLocks::default(),
+            artifact_lock: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub(crate) async fn lock_app(&self, team_id: Uuid, app: &str) -> OwnedMutexGuard<()> {
+        self.app_locks.lock(team_id, app).await
+    }
+
+    /// Looks an app up in the caller's team.
+    pub(crate) async fn find_app(&self, caller: &Caller, name: &str) -> Result<App, ApiError> {
+        self.store
+            .app_by_name(caller.team_id, name)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::new(ErrorCode::AppNotFound, format!("app {name:?} not found in team {:?}", caller.team)))
+    }
+
+    /// Finds the one revision of `app` whose id starts with `prefix`.
+    async fn find_revision(&self, app: &App, prefix: &str) -> Result<Revision, ApiError> {
+        if !is_id_prefix(prefix) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{prefix:?} is not a revision id or a prefix of one (hex digits and '-')"),
+            ));
+        }
+        let mut found = self.store.revisions_by_prefix(app.id, prefix).await.map_err(internal)?;
+        match found.len() {
+            0 => Err(ApiError::new(
+                ErrorCode::RevisionNotFound,
+                format!("app {:?} has no revision matching {prefix:?}", app.name),
+            )),
+            1 => Ok(found.remove(0)),
+            n => Err(ApiError::new(
+                ErrorCode::AmbiguousRevision,
+                format!(
+                    "{prefix:?} matches {n} revisions of app {:?} ({}); give more of the id",
+                    app.name,
+                    found.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Removes an artifact's file; the caller has made sure no revision uses it.
+    pub(crate) async fn free_artifact(&self, artifact: &str) {
+        let Some(path) = self.layout.artifact(artifact) else { return };
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove artifact");
+            }
+        }
+    }
+}
+
+pub(crate) async fn remove_dir_logged(path: &std::path::Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(path).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
+        }
+    }
+}
+
+pub(crate) fn internal(e: StoreError) -> ApiError {
+    ApiError::internal(e)
+}
+
+/// Only keys that manage the team (admin, root) may change or inspect its apps.
+fn require_manage(caller: &Caller) -> Result<(), ApiError> {
+    if auth::may_manage(caller.scope) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::Forbidden, "this key can only call apps; managing them needs an admin key"))
+    }
+}
+
+impl ControlPlane for Control {
+    async fn authenticate(&self, authorization: Option<&str>, team: Option<&str>) -> Result<Caller, ApiError> {
+        let unauthorized = |why: &str| ApiError::new(ErrorCode::Unauthorized, why.to_owned());
+        let Some(header) = authorization else {
+            return Err(unauthorized("missing API key: send 'Authorization: Key <id>:<secret>'"));
+        };
+        let Some((id, secret)) = auth::parse_authorization(header) else {
+            return Err(unauthorized("malformed Authorization header: expected 'Key <id>:<secret>'"));
+        };
+        let stored = self.store.key_by_id(id).await.map_err(internal)?;
+        let Some(stored) = stored.filter(|k| k.key.revoked_at.is_none() && k.secret_hash == auth::hash_secret(secret))
+        else {
+            return Err(unauthorized("invalid or revoked API key"));
+        };
+        let key = stored.key;
+        let own = self.store.team_by_id(key.team_id).await.map_err(internal)?.ok_or_else(|| {
+            ApiError::internal(format!("key {} belongs to a team that does not exist", key.id))
+        })?;
+        let team = match team {
+            None => own,
+            Some(name) if name == own.name => own,
+            Some(name) if key.scope == KeyScope::Root => {
+                self.store.team_by_name(name).await.map_err(internal)?.ok_or_else(|| {
+                    ApiError::new(ErrorCode::TeamNotFound, format!("team {name:?} does not exist"))
+                })?
+            }
+            Some(name) => {
+                return Err(ApiError::new(ErrorCode::Forbidden, format!("this key cannot act for team {name:?}")));
+            }
+        };
+        Ok(Caller { key_id: key.id, scope: key.scope, team_id: team.id, team: team.name })
+    }
+
+    async fn list_apps(&self, caller: &Caller) -> Result<Vec<AppJson>, ApiError> {
+        require_manage(caller)?;
+        let apps = self.store.list_apps(caller.team_id).await.map_err(internal)?;
+        Ok(apps.iter().map(|app| AppJson::new(app, &caller.team, 0)).collect())
+    }
+
+    async fn get_app(&self, caller: &Caller, app: &str) -> Result<AppJson, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        Ok(AppJson::new(&app, &caller.team, 0))
+    }
+
+    async fn delete_app(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        require_manage(caller)?;
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
+        let _artifacts = self.artifact_lock.lock().await;
+        let orphaned = self.store.delete_app(app.id).await.map_err(internal)?;
+        for revision in &revisions {
+            remove_dir_logged(&self.layout.revision(revision.id)).await;
+        }
+        for artifact in &orphaned {
+            self.free_artifact(artifact).await;
+        }
+        tracing::info!(team = %caller.team, app = %name, key = %caller.key_id, "app deleted");
+        Ok(())
+    }
+
+    async fn deploy(&self, caller: &Caller, params: DeployParams, archive: Body) -> Result<DeployJson, ApiError> {
+        require_manage(caller)?;
+        self.start_deploy(caller, params, archive).await
+    }
+
+    async fn list_revisions(&self, caller: &Caller, app: &str) -> Result<Vec<RevisionJson>, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
+        Ok(revisions.iter().map(|r| RevisionJson::new(r, app.current_revision == Some(r.id), 0)).collect())
+    }
+
+    async fn get_revision(&self, caller: &Caller, app: &str, revision: &str) -> Result<RevisionJson, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        let rev = self.find_revision(&app, revision).await?;
+        Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), 0))
+    }
+
+    async fn revision_log(&self, caller: &Caller, app: &str, revision: &str, offset: u64) -> Result<LogChunk, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        let rev = self.find_revision(&app, revision).await?;
+        read_log_chunk(&self.layout.build_log(rev.id), offset).await
+    }
+
+    async fn delete_revision(&self, caller: &Caller, app: &str, revision: &str) -> Result<RevisionJson, ApiError> {
+        require_manage(caller)?;
+        let _guard = self.lock_app(caller.team_id, app).await;
+        let app = self.find_app(caller, app).await?;
+        let rev = self.find_revision(&app, revision).await?;
+        if app.current_revision == Some(rev.id) {
+            return Err(ApiError::new(
+                ErrorCode::CurrentRevision,
+                format!(
+                    "revision {} is the current revision of app {:?} and cannot be deleted; \
+                     switch the app to another revision first (hangar apps set-rev {} REV)",
+                    rev.id, app.name, app.name
+                ),
+            ));
+        }
+        let _artifacts = self.artifact_lock.lock().await;
+        let orphaned = self.store.delete_revision(rev.id).await.map_err(internal)?;
+        self.store
+            .add_history(NewHistory {
+                app_id: app.id,
+                action: "delete_rev".to_owned(),
+                key_id: Some(caller.key_id.clone()),
+                details: format!("revision {} deleted ({})", rev.id, rev.status.as_str()),
+            })
+            .await
+            .map_err(internal)?;
+        remove_dir_logged(&self.layout.revision(rev.id)).await;
+        if let Some(artifact) = orphaned {
+            self.free_artifact(&artifact).await;
+        }
+        Ok(RevisionJson::new(&rev, false, 0))
+    }
+
+    async fn history(&self, caller: &Caller, app: &str) -> Result<Vec<HistoryJson>, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        let entries = self.store.list_history(app.id).await.map_err(internal)?;
+        Ok(entries.iter().map(HistoryJson::from).collect())
+    }
+}
+
+/// Reads at most 64 KiB of a log from `offset`.
+async fn read_log_chunk(path: &std::path::Path, offset: u64) -> Result<LogChunk, ApiError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LogChunk { data: String::new(), next_offset: offset });
+        }
+        Err(e) => return Err(ApiError::internal(format!("cannot open {}: {e}", path.display()))),
+    };
+    file.seek(std::io::SeekFrom::Start(offset)).await.map_err(ApiError::internal)?;
+    let mut buf = Vec::new();
+    file.take(64 * 1024).read_to_end(&mut buf).await.map_err(ApiError::internal)?;
+    let next_offset = offset + buf.len() as u64;
+    Ok(LogChunk { data: String::from_utf8_lossy(&buf).into_owned(), next_offset })
+}

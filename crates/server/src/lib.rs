@@ -1,0 +1,212 @@
+//! The server: the composition root. It opens the store, makes the first team and root
+//! key on a fresh data dir, repairs what a crashed run left behind, and serves the
+//! control API (and, reserved for calls to apps, the gateway listener) until it is told
+//! to stop. What each API operation does is in `control` and `deploy`; how processes
+//! run is the `supervisor`'s business.
+
+mod auth;
+mod config;
+mod control;
+mod deploy;
+mod layout;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use api::error::{ApiError, ErrorCode};
+use model::records::Key;
+use model::revision::KeyScope;
+use store::Store;
+use tokio::net::TcpListener;
+
+pub use config::{Config, LogFormat, MachineType, ServerArgs, default_data_dir};
+
+use control::Control;
+use layout::Layout;
+
+/// Sets up logging as the config says. Call once, before [`run`].
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let layout = Layout::new(config.data_dir.clone());
+    prepare_data_dir(&layout)?;
+    let store = Store::open_sqlite(&layout.database())
+        .await
+        .with_context(|| format!("cannot open the store at {}", layout.database().display()))?;
+    bootstrap(&store, &layout).await?;
+
+    let control = Arc::new(Control::new(store, Arc::new(config.clone()), layout.clone()));
+    recover(&control).await?;
+
+    let api_listener = TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("cannot listen on the API address {}", config.api_addr))?;
+    let gateway_listener = TcpListener::bind(config.gateway_addr)
+        .await
+        .with_context(|| format!("cannot listen on the gateway address {}", config.gateway_addr))?;
+    let api_addr = api_listener.local_addr()?;
+    let gateway_addr = gateway_listener.local_addr()?;
+    write_endpoints(&layout, api_addr, gateway_addr)?;
+    tracing::info!(api = %api_addr, gateway = %gateway_addr, data_dir = %layout.root().display(), "hangar server listening");
+
+    let shutdown = control.shutdown.clone();
+    let api_app = api::router::router(control.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let gateway_server = axum::serve(gateway_listener, gateway_router())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+    let signals = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    });
+    let (api_result, gateway_result) = tokio::join!(api_server, gateway_server);
+    signals.abort();
+    api_result.context("API server failed")?;
+    gateway_result.context("gateway failed")?;
+
+    // Background deploys see the cancellation, stop their builds and record the
+    // revision as Failed ("interrupted") before the process exits.
+    control.tasks.close();
+    control.tasks.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The gateway listener is bound so its address is reserved and known; serving calls
+/// to apps arrives with runners.
+fn gateway_router() -> axum::Router {
+    axum::Router::new().fallback(|| async {
+        ApiError::new(ErrorCode::NotFound, "this server does not serve calls to apps yet")
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn prepare_data_dir(layout: &Layout) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let root = layout.root();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("cannot create the data dir {}", root.display()))?;
+    // Uploads that were in flight when an earlier run stopped are of no use now.
+    let _ = std::fs::remove_dir_all(layout.tmp());
+    for dir in [layout.tmp(), layout.artifacts(), layout.revisions()] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// On a fresh data dir: creates team `default` and the root key, and writes the key to
+/// `admin.key` (mode 0600), the only place it is ever shown.
+async fn bootstrap(store: &Store, layout: &Layout) -> anyhow::Result<()> {
+    let team = match store.team_by_name("default").await? {
+        Some(team) => team,
+        None => store.create_team("default").await?,
+    };
+    if store.count_keys(KeyScope::Root).await? > 0 {
+        return Ok(());
+    }
+    let key = auth::generate_key();
+    // Write the file first: a crash between the two steps must not leave a root key
+    // that nobody can read.
+    write_private(&layout.admin_key(), &format!("{}\n", key.full))?;
+    store
+        .create_key(
+            Key {
+                id: key.id.clone(),
+                team_id: team.id,
+                scope: KeyScope::Root,
+                description: Some("root key made on first start".to_owned()),
+                created_at: time::OffsetDateTime::now_utc(),
+                revoked_at: None,
+            },
+            key.secret_hash,
+        )
+        .await?;
+    tracing::info!(key_id = %key.id, path = %layout.admin_key().display(), "created team \"default\" and the root key");
+    Ok(())
+}
+
+/// Writes a file only its owner can read, atomically.
+fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Repairs what a run that stopped abruptly left behind: deploys it was in the middle
+/// of become Failed ("interrupted") and their builds are ended; revision directories
+/// and artifacts that no revision owns are removed.
+async fn recover(control: &Control) -> anyhow::Result<()> {
+    let layout = &control.layout;
+    for (revision, _app) in control.store.fail_interrupted_deploys().await? {
+        tracing::warn!(revision = %revision.id, "deploy was interrupted by a server stop; marked failed");
+        supervisor::end_leftover(&layout.build_pid(revision.id), &layout.revision_code(revision.id));
+    }
+    let in_use = control.store.artifacts_in_use().await?;
+    if let Ok(entries) = std::fs::read_dir(layout.artifacts()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let digest = format!("sha256:{}", name.trim_end_matches(".tar.gz"));
+            if !in_use.contains(&digest) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(layout.revisions()) {
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().parse::<model::ids::RevisionId>();
+            let known = match id {
+                Ok(id) => control.store.revision(id).await?.is_some(),
+                Err(_) => false,
+            };
+            if !known {
+                control::remove_dir_logged(&entry.path()).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_endpoints(layout: &Layout, api: SocketAddr, gateway: SocketAddr) -> anyhow::Result<()> {
+    let json = serde_json::json!({ "api": format!("http://{api}"), "gateway": format!("http://{gateway}") });
+    let path = layout.endpoints();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json.to_string()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! The SQLite backend. All SQL of the embedded store lives here.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use model::ids::RevisionId;
+use model::manifest::{RunnerSpec, Scaling};
+use model::records::{App, HistoryEntry, Key, Revision, Team};
+use model::revision::{AuthMode, KeyScope, RevisionStatus};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite_migration::{M, Migrations};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey};
+
+/// Schema migrations, applied in order and recorded in `user_version`. Only ever append.
+const MIGRATIONS: &[M<'static>] = &[M::up(
+    "CREATE TABLE teams (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        team_id TEXT NOT NULL REFERENCES teams(id),
+        scope TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        description TEXT,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE apps (
+        id TEXT PRIMARY KEY,
+        team_id TEXT NOT NULL REFERENCES teams(id),
+        name TEXT NOT NULL,
+        auth TEXT NOT NULL,
+        current_revision TEXT,
+        keep_alive INTEGER NOT NULL,
+        min_concurrency INTEGER NOT NULL,
+        max_concurrency INTEGER NOT NULL,
+        concurrency_buffer INTEGER NOT NULL,
+        concurrency_buffer_perc INTEGER NOT NULL,
+        scaling_delay INTEGER NOT NULL,
+        request_timeout INTEGER NOT NULL,
+        max_multiplexing INTEGER NOT NULL,
+        startup_timeout INTEGER NOT NULL,
+        machine_type TEXT NOT NULL,
+        termination_grace_period INTEGER NOT NULL,
+        suspended INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        UNIQUE (team_id, name)
+    );
+    CREATE TABLE revisions (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        artifact TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        max_multiplexing INTEGER NOT NULL,
+        startup_timeout INTEGER NOT NULL,
+        machine_type TEXT NOT NULL,
+        termination_grace_period INTEGER NOT NULL,
+        message TEXT,
+        failure TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX revisions_by_app ON revisions(app_id, created_at);
+    CREATE INDEX revisions_by_artifact ON revisions(artifact);
+    CREATE TABLE history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        key_id TEXT,
+        details TEXT NOT NULL
+    );
+    CREATE INDEX history_by_app ON history(app_id, seq);",
+)];
+
+pub(crate) struct Sqlite {
+    conn: Mutex<Connection>,
+}
+
+const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
+    max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
+    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at";
+
+const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
+    startup_timeout, machine_type, termination_grace_period, message, failure, created_at";
+
+impl Sqlite {
+    pub(crate) fn open(path: &Path) -> Result<Sqlite> {
+        let mut conn = Connection::open(path)?;
+        // WAL keeps readers off the writer's back; FULL sync makes every commit survive
+        // a crash of the process or of the machine.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
+        Ok(Sqlite { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no half-done transaction (rusqlite rolls
+        // back on drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn create_team(&self, name: &str) -> Result<Team> {
+        let team = Team { id: Uuid::now_v7(), name: name.to_owned(), created_at: now() };
+        let inserted = self.conn().execute(
+            "INSERT INTO teams (id, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
+            params![team.id.to_string(), team.name, millis(team.created_at)],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyExists(format!("team {name:?}")));
+        }
+        Ok(team)
+    }
+
+    pub(crate) fn team_by_name(&self, name: &str) -> Result<Option<Team>> {
+        self.conn()
+            .query_row("SELECT id, name, created_at FROM teams WHERE name = ?1", [name], team_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    pub(crate) fn team_by_id(&self, id: Uuid) -> Result<Option<Team>> {
+        self.conn()
+            .query_row("SELECT id, name, created_at FROM teams WHERE id = ?1", [id.to_string()], team_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    pub(crate) fn list_teams(&self) -> Result<Vec<Team>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, name, created_at FROM teams ORDER BY name")?;
+        let rows = stmt.query_map([], team_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub(crate) fn create_key(&self, key: &Key, secret_hash: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO keys (id, team_id, scope, secret_hash, description, created_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                key.id,
+                key.team_id.to_string(),
+                key.scope.as_str(),
+                secret_hash,
+                key.description,
+                millis(key.created_at),
+                key.revoked_at.map(millis),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn key_by_id(&self, id: &str) -> Result<Option<StoredKey>> {
+        self.conn()
+            .query_row(
+                "SELECT id, team_id, scope, description, created_at, revoked_at, secret_hash FROM keys WHERE id = ?1",
+                [id],
+                |row| {
+                    Ok((|| {
+                        let key = Key {
+                            id: row.get(0)?,
+                            team_id: uuid(row.get(1)?)?,
+                            scope: KeyScope::parse(&row.get::<_, String>(2)?)
+                                .ok_or_else(|| corrupt("key scope"))?,
+                            description: row.get(3)?,
+                            created_at: from_millis(row.get(4)?)?,
+                            revoked_at: row.get::<_, Option<i64>>(5)?.map(from_millis).transpose()?,
+                        };
+                        Ok(StoredKey { key, secret_hash: row.get(6)? })
+                    })())
+                },
+            )
+            .optional()?
+            .transpose()
+    }
+
+    pub(crate) fn count_keys(&self, scope: KeyScope) -> Result<u64> {
+        let n: i64 =
+            self.conn().query_row("SELECT COUNT(*) FROM keys WHERE scope = ?1", [scope.as_str()], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    pub(crate) fn list_apps(&self, team_id: Uuid) -> Result<Vec<App>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps WHERE team_id = ?1 ORDER BY name"))?;
+        let rows = stmt.query_map([team_id.to_string()], app_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub(crate) fn app_by_name(&self, team_id: Uuid, name: &str) -> Result<Option<App>> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE team_id = ?1 AND name = ?2"),
+                params![team_id.to_string(), name],
+                app_from_row,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    pub(crate) fn create_app(&self, new: &NewApp) -> Result<App> {
+        let app = App {
+            id: Uuid::now_v7(),
+            team_id: new.team_id,
+            name: new.name.clone(),
+            auth: new.auth,
+            current_revision: None,
+            scaling: new.scaling.clone(),
+            runner: new.runner.clone(),
+            suspended: false,
+            created_at: now(),
+        };
+        let s = &app.scaling;
+        let r = &app.runner;
+        let inserted = self.conn().execute(
+            &format!(
+                "INSERT INTO apps ({APP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+                 ON CONFLICT (team_id, name) DO NOTHING"
+            ),
+            params![
+                app.id.to_string(),
+                app.team_id.to_string(),
+                app.name,
+                app.auth.as_str(),
+                None::<String>,
+                s.keep_alive as i64,
+                s.min_concurrency,
+                s.max_concurrency,
+                s.concurrency_buffer,
+                s.concurrency_buffer_perc,
+                s.scaling_delay as i64,
+                s.request_timeout as i64,
+                r.max_multiplexing,
+                r.startup_timeout as i64,
+                r.machine_type,
+                r.termination_grace_period as i64,
+                false,
+                millis(app.created_at),
+            ],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyExists(format!("app {:?}", app.name)));
+        }
+        Ok(app)
+    }
+
+    pub(crate) fn delete_app(&self, app_id: Uuid) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let artifacts: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT DISTINCT artifact FROM revisions WHERE app_id = ?1")?;
+            stmt.query_map([app_id.to_string()], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        tx.execute("DELETE FROM apps WHERE id = ?1", [app_id.to_string()])?;
+        let mut orphaned = Vec::new();
+        for artifact in artifacts {
+            if !artifact_used(&tx, &artifact)? {
+                orphaned.push(artifact);
+            }
+        }
+        tx.commit()?;
+        Ok(orphaned)
+    }
+
+    pub(crate) fn insert_revision(&self, rev: &Revision) -> Result<()> {
+        self.conn().execute(
+            &format!("INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            params![
+                rev.id.to_string(),
+                rev.app_id.to_string(),
+                rev.status.as_str(),
+                rev.artifact,
+                rev.manifest,
+                rev.runner.max_multiplexing,
+                rev.runner.startup_timeout as i64,
+                rev.runner.machine_type,
+                rev.runner.termination_grace_period as i64,
+                rev.message,
+                rev.failure,
+                millis(rev.created_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn revision(&self, id: RevisionId) -> Result<Option<Revision>> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE id = ?1"),
+                [id.to_string()],
+                revision_from_row,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    pub(crate) fn list_revisions(&self, app_id: Uuid) -> Result<Vec<Revision>> {
+        let conn = self.conn();
+        // Ids are random; SQLite's rowid breaks ties between revisions made in the same
+        // millisecond in insertion order.
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {REVISION_COLUMNS} FROM revisions WHERE app_id = ?1 ORDER BY created_at DESC, rowid DESC"
+        ))?;
+        let rows = stmt.query_map([app_id.to_string()], revision_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub(crate) fn revisions_by_prefix(&self, app_id: Uuid, prefix: &str) -> Result<Vec<Revision>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {REVISION_COLUMNS} FROM revisions WHERE app_id = ?1 AND substr(id, 1, length(?2)) = ?2
+             ORDER BY created_at DESC, rowid DESC"
+        ))?;
+        let rows = stmt.query_map(params![app_id.to_string(), prefix.to_ascii_lowercase()], revision_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub(crate) fn fail_revision(&self, id: RevisionId, reason: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE revisions SET status = ?2, failure = ?3 WHERE id = ?1",
+            params![id.to_string(), RevisionStatus::Failed.as_str(), reason],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn activate_revision(&self, a: &Activation, history: &NewHistory) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE revisions SET status = ?2, failure = NULL WHERE id = ?1",
+            params![a.revision.to_string(), RevisionStatus::Deployed.as_str()],
+        )?;
+        let r = &a.runner;
+        tx.execute(
+            "UPDATE apps SET current_revision = ?2, max_multiplexing = ?3, startup_timeout = ?4,
+             machine_type = ?5, termination_grace_period = ?6 WHERE id = ?1",
+            params![
+                a.app_id.to_string(),
+                a.revision.to_string(),
+                r.max_multiplexing,
+                r.startup_timeout as i64,
+                r.machine_type,
+                r.termination_grace_period as i64,
+            ],
+        )?;
+        if let Some(s) = &a.scaling {
+            tx.execute(
+                "UPDATE apps SET keep_alive = ?2, min_concurrency = ?3, max_concurrency = ?4,
+                 concurrency_buffer = ?5, concurrency_buffer_perc = ?6, scaling_delay = ?7,
+                 request_timeout = ?8 WHERE id = ?1",
+                params![
+                    a.app_id.to_string(),
+                    s.keep_alive as i64,
+                    s.min_concurrency,
+                    s.max_concurrency,
+                    s.concurrency_buffer,
+                    s.concurrency_buffer_perc,
+                    s.scaling_delay as i64,
+                    s.request_timeout as i64,
+                ],
+            )?;
+        }
+        if let Some(auth) = a.auth {
+            tx.execute("UPDATE apps SET auth = ?2 WHERE id = ?1", params![a.app_id.to_string(), auth.as_str()])?;
+        }
+        insert_history(&tx, history)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(crate) fn delete_revision(&self, id: RevisionId) -> Result<Option<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let artifact: Option<String> = tx
+            .query_row("SELECT artifact FROM revisions WHERE id = ?1", [id.to_string()], |r| r.get(0))
+            .optional()?;
+        let Some(artifact) = artifact else { return Ok(None) };
+        tx.execute("DELETE FROM revisions WHERE id = ?1", [id.to_string()])?;
+        let used = artifact_used(&tx, &artifact)?;
+        tx.commit()?;
+        Ok((!used).then_some(artifact))
+    }
+
+    pub(crate) fn fail_interrupted_deploys(&self) -> Result<Vec<(Revision, Uuid)>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let revisions: Vec<Revision> = {
+            let mut stmt = tx.prepare(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE status = ?1"))?;
+            let rows = stmt.query_map([RevisionStatus::Deploying.as_str()], revision_from_row)?;
+            rows.map(|r| r?).collect::<Result<_>>()?
+        };
+        let mut changed = Vec::new();
+        for mut rev in revisions {
+            tx.execute(
+                "UPDATE revisions SET status = ?2, failure = 'interrupted' WHERE id = ?1",
+                params![rev.id.to_string(), RevisionStatus::Failed.as_str()],
+            )?;
+            insert_history(
+                &tx,
+                &NewHistory {
+                    app_id: rev.app_id,
+                    action: "deploy_failed".to_owned(),
+                    key_id: None,
+                    details: format!("revision {} failed: interrupted (the server stopped during the deploy)", rev.id),
+                },
+            )?;
+            rev.status = RevisionStatus::Failed;
+            rev.failure = Some("interrupted".to_owned());
+            let app_id = rev.app_id;
+            changed.push((rev, app_id));
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    pub(crate) fn artifacts_in_use(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT artifact FROM revisions")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub(crate) fn add_history(&self, entry: &NewHistory) -> Result<()> {
+        insert_history(&self.conn(), entry)
+    }
+
+    pub(crate) fn list_history(&self, app_id: Uuid) -> Result<Vec<HistoryEntry>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT at, action, key_id, details FROM history WHERE app_id = ?1 ORDER BY seq DESC")?;
+        let rows = stmt.query_map([app_id.to_string()], |row| {
+            Ok((|| {
+                Ok(HistoryEntry {
+                    at: from_millis(row.get(0)?)?,
+                    action: row.get(1)?,
+                    key_id: row.get(2)?,
+                    details: row.get(3)?,
+                })
+            })())
+        })?;
+        rows.map(|r| r?).collect()
+    }
+}
+
+fn insert_history(conn: &Connection, entry: &NewHistory) -> Result<()> {
+    conn.execute(
+        "INSERT INTO history (app_id, at, action, key_id, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![entry.app_id.to_string(), millis(now()), entry.action, entry.key_id, entry.details],
+    )?;
+    Ok(())
+}
+
+fn artifact_used(conn: &Connection, artifact: &str) -> Result<bool> {
+    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM revisions WHERE artifact = ?1)", [artifact], |r| r.get(0))?)
+}
+
+fn team_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Team>> {
+    Ok((|| Ok(Team { id: uuid(row.get(0)?)?, name: row.get(1)?, created_at: from_millis(row.get(2)?)? }))())
+}
+
+fn app_from_row(row: &Row<'_>) -> rusqlite::Result<Result<App>> {
+    Ok((|| {
+        Ok(App {
+            id: uuid(row.get(0)?)?,
+            team_id: uuid(row.get(1)?)?,
+            name: row.get(2)?,
+            auth: AuthMode::parse(&row.get::<_, String>(3)?).ok_or_else(|| corrupt("app auth"))?,
+            current_revision: row.get::<_, Option<String>>(4)?.map(revision_id).transpose()?,
+            scaling: Scaling {
+                keep_alive: row.get::<_, i64>(5)? as u64,
+                min_concurrency: row.get(6)?,
+                max_concurrency: row.get(7)?,
+                concurrency_buffer: row.get(8)?,
+                concurrency_buffer_perc: row.get(9)?,
+                scaling_delay: row.get::<_, i64>(10)? as u64,
+                request_timeout: row.get::<_, i64>(11)? as u64,
+            },
+            runner: RunnerSpec {
+                max_multiplexing: row.get(12)?,
+                startup_timeout: row.get::<_, i64>(13)? as u64,
+                machine_type: row.get(14)?,
+                termination_grace_period: row.get::<_, i64>(15)? as u64,
+            },
+            suspended: row.get(16)?,
+            created_at: from_millis(row.get(17)?)?,
+        })
+    })())
+}
+
+fn revision_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Revision>> {
+    Ok((|| {
+        Ok(Revision {
+            id: revision_id(row.get(0)?)?,
+            app_id: uuid(row.get(1)?)?,
+            status: RevisionStatus::parse(&row.get::<_, String>(2)?).ok_or_else(|| corrupt("revision status"))?,
+            artifact: row.get(3)?,
+            manifest: row.get(4)?,
+            runner: RunnerSpec {
+                max_multiplexing: row.get(5)?,
+                startup_timeout: row.get::<_, i64>(6)? as u64,
+                machine_type: row.get(7)?,
+                termination_grace_period: row.get::<_, i64>(8)? as u64,
+            },
+            message: row.get(9)?,
+            failure: row.get(10)?,
+            created_at: from_millis(row.get(11)?)?,
+        })
+    })())
+}
+
+/// The current time at the store's precision (milliseconds), so a record reads back
+/// exactly as it was written.
+fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(t)
+}
+
+fn millis(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn from_millis(ms: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).map_err(|_| corrupt("timestamp"))
+}
+
+fn uuid(s: String) -> Result<Uuid> {
+    Uuid::parse_str(&s).map_err(|_| corrupt("uuid"))
+}
+
+fn revision_id(s: String) -> Result<RevisionId> {
+    uuid(s).map(RevisionId)
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("unreadable {what}"))
+}

@@ -1,0 +1,14 @@
+//! The supervisor: the only crate that starts processes. Today that is an app's `build`
+//! command, run once per revision at deploy; runners (long-lived app processes with
+//! health checks, drain and signals) join it next, behind a backend interface so that
+//! runners as Kubernetes Pods can sit beside local processes.
+//!
+//! Every process it starts gets its own process group, so that stopping it stops
+//! everything it spawned, and leaves a pid file, so that a server that crashed can find
+//! and end what it left behind when it starts again.
+
+mod build;
+mod group;
+
+pub use build::{BuildOutcome, BuildSpec, run_build};
+pub use group::end_leftover;
