@@ -101,11 +101,7 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .with_state(control)
 }
 
-async fn authenticate<C: ControlPlane>(
-    State(control): State<Arc<C>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+async fn authenticate<C: ControlPlane>(State(control): State<Arc<C>>, mut request: Request, next: Next) -> Response {
     let headers = request.headers();
     let authorization = header_str(headers, header::AUTHORIZATION.as_str());
     let team = header_str(headers, TEAM_HEADER);

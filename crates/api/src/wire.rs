@@ -138,6 +138,11 @@ impl RevisionJson {
 
 impl From<&HistoryEntry> for HistoryJson {
     fn from(h: &HistoryEntry) -> HistoryJson {
-        HistoryJson { at: rfc3339(h.at), action: h.action.clone(), key_id: h.key_id.clone(), details: h.details.clone() }
+        HistoryJson {
+            at: rfc3339(h.at),
+            action: h.action.clone(),
+            key_id: h.key_id.clone(),
+            details: h.details.clone(),
+        }
     }
 }

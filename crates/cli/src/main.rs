@@ -1,1 +1,103 @@
-fn main() {}
+//! `hangar`: the one binary. `hangar server` runs the server; every other command is a
+//! thin client of the control API.
+
+mod apps;
+mod context;
+mod deploy;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::context::Context;
+
+#[derive(Debug, Parser)]
+#[command(name = "hangar", version, about = "Serve HTTP apps from immutable revisions", propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct GlobalArgs {
+    /// URL of the hangar control API [default: the local server's, else http://127.0.0.1:8700]
+    #[arg(long, global = true, env = "HANGAR_URL")]
+    url: Option<String>,
+    /// API key as <id>:<secret> [default: the local server's admin.key, if readable]
+    #[arg(long, global = true, env = "HANGAR_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Act for this team (root keys may act for any team)
+    #[arg(long, global = true, env = "HANGAR_TEAM")]
+    team: Option<String>,
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value_t = output::Format::Pretty)]
+    output: output::Format,
+    /// Same as --output json
+    #[arg(long, global = true)]
+    json: bool,
+    /// Show the full chain of causes of an error
+    #[arg(long, global = true)]
+    debug: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hangar server (control API, gateway, deploys)
+    Server(server::ServerArgs),
+    /// Deploy the app in PATH as a new revision
+    Deploy(deploy::DeployArgs),
+    /// Manage apps and their revisions
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
+    /// Print a shell completion script
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let debug = cli.global.debug;
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if debug {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Server(args) => {
+            let config = server::Config::load(&args)?;
+            server::init_logging(config.log_format);
+            runtime()?.block_on(server::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "hangar", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deploy(args) => {
+            let cx = Context::new(&cli.global)?;
+            runtime()?.block_on(deploy::run(&cx, args))
+        }
+        Command::Apps(command) => {
+            let cx = Context::new(&cli.global)?;
+            runtime()?.block_on(apps::run(&cx, command))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

@@ -149,10 +149,11 @@ mod tests {
     }
 
     #[test]
-    fn new_ids_are_time_ordered() {
+    fn new_ids_are_random_v4_uuids() {
         let a = RevisionId::new();
         let b = RevisionId::new();
-        assert!(a < b);
+        assert_ne!(a, b);
+        assert_eq!(a.0.get_version_num(), 4);
     }
 
     #[test]

@@ -53,7 +53,8 @@ mod tests {
     #[test]
     fn generated_keys_parse_and_verify() {
         let key = generate_key();
-        let (id, secret) = parse_authorization(&format!("Key {}", key.full)).unwrap();
+        let header = format!("Key {}", key.full);
+        let (id, secret) = parse_authorization(&header).unwrap();
         assert_eq!(id, key.id);
         assert_eq!(hash_secret(secret), key.secret_hash);
         assert!(!key.secret_hash.contains(secret));

@@ -114,10 +114,10 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        if let Some(url) = args.database_url.as_ref().or(file.database_url.as_ref()) {
-            if !url.starts_with("sqlite:") {
-                bail!("database URL {url:?} is not supported: this server only has the embedded SQLite store");
-            }
+        if let Some(url) = args.database_url.as_ref().or(file.database_url.as_ref())
+            && !url.starts_with("sqlite:")
+        {
+            bail!("database URL {url:?} is not supported: this server only has the embedded SQLite store");
         }
         let mut machine_types: BTreeMap<String, MachineType> = file
             .machine_types

@@ -41,8 +41,11 @@ pub(crate) struct Control {
 /// each other.
 #[derive(Default)]
 struct AppLocks {
-    locks: Mutex<HashMap<(Uuid, String), Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<AppKey, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// An app by team id and name.
+type AppKey = (Uuid, String);
 
 impl AppLocks {
     async fn lock(&self, team_id: Uuid, app: &str) -> OwnedMutexGuard<()> {
@@ -75,11 +78,9 @@ impl Control {
 
     /// Looks an app up in the caller's team.
     pub(crate) async fn find_app(&self, caller: &Caller, name: &str) -> Result<App, ApiError> {
-        self.store
-            .app_by_name(caller.team_id, name)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| ApiError::new(ErrorCode::AppNotFound, format!("app {name:?} not found in team {:?}", caller.team)))
+        self.store.app_by_name(caller.team_id, name).await.map_err(internal)?.ok_or_else(|| {
+            ApiError::new(ErrorCode::AppNotFound, format!("app {name:?} not found in team {:?}", caller.team))
+        })
     }
 
     /// Finds the one revision of `app` whose id starts with `prefix`.
@@ -111,19 +112,19 @@ impl Control {
     /// Removes an artifact's file; the caller has made sure no revision uses it.
     pub(crate) async fn free_artifact(&self, artifact: &str) {
         let Some(path) = self.layout.artifact(artifact) else { return };
-        if let Err(e) = tokio::fs::remove_file(&path).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove artifact");
-            }
+        if let Err(e) = tokio::fs::remove_file(&path).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove artifact");
         }
     }
 }
 
 pub(crate) async fn remove_dir_logged(path: &std::path::Path) {
-    if let Err(e) = tokio::fs::remove_dir_all(path).await {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
-        }
+    if let Err(e) = tokio::fs::remove_dir_all(path).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
     }
 }
 
@@ -147,7 +148,7 @@ impl ControlPlane for Control {
             return Err(unauthorized("missing API key: send 'Authorization: Key <id>:<secret>'"));
         };
         let Some((id, secret)) = auth::parse_authorization(header) else {
-            return Err(unauthorized("malformed Authorization header: expected 'Key <id>:<secret>'"));
+            return Err(unauthorized("malformed API key in the Authorization header: expected 'Key <id>:<secret>'"));
         };
         let stored = self.store.key_by_id(id).await.map_err(internal)?;
         let Some(stored) = stored.filter(|k| k.key.revoked_at.is_none() && k.secret_hash == auth::hash_secret(secret))
@@ -155,17 +156,21 @@ impl ControlPlane for Control {
             return Err(unauthorized("invalid or revoked API key"));
         };
         let key = stored.key;
-        let own = self.store.team_by_id(key.team_id).await.map_err(internal)?.ok_or_else(|| {
-            ApiError::internal(format!("key {} belongs to a team that does not exist", key.id))
-        })?;
+        let own = self
+            .store
+            .team_by_id(key.team_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::internal(format!("key {} belongs to a team that does not exist", key.id)))?;
         let team = match team {
             None => own,
             Some(name) if name == own.name => own,
-            Some(name) if key.scope == KeyScope::Root => {
-                self.store.team_by_name(name).await.map_err(internal)?.ok_or_else(|| {
-                    ApiError::new(ErrorCode::TeamNotFound, format!("team {name:?} does not exist"))
-                })?
-            }
+            Some(name) if key.scope == KeyScope::Root => self
+                .store
+                .team_by_name(name)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| ApiError::new(ErrorCode::TeamNotFound, format!("team {name:?} does not exist")))?,
             Some(name) => {
                 return Err(ApiError::new(ErrorCode::Forbidden, format!("this key cannot act for team {name:?}")));
             }
@@ -221,7 +226,13 @@ impl ControlPlane for Control {
         Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), 0))
     }
 
-    async fn revision_log(&self, caller: &Caller, app: &str, revision: &str, offset: u64) -> Result<LogChunk, ApiError> {
+    async fn revision_log(
+        &self,
+        caller: &Caller,
+        app: &str,
+        revision: &str,
+        offset: u64,
+    ) -> Result<LogChunk, ApiError> {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
         let rev = self.find_revision(&app, revision).await?;

@@ -75,7 +75,9 @@ impl Control {
         };
 
         let guard = self.lock_app(caller.team_id, &name).await;
-        let recorded = self.record_revision(caller, &name, auth, &manifest, &manifest_source, revision_id, &artifact, &params).await;
+        let recorded = self
+            .record_revision(caller, &name, auth, &manifest, &manifest_source, revision_id, &artifact, &params)
+            .await;
         let (app, revision) = match recorded {
             Ok(r) => r,
             Err(e) => {
@@ -140,7 +142,10 @@ impl Control {
                 file.write_all(&chunk).await.map_err(ApiError::internal)?;
             }
             if size == 0 {
-                return Err(ApiError::new(ErrorCode::InvalidArchive, "the upload is empty; send the app as a gzip'd tar"));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArchive,
+                    "the upload is empty; send the app as a gzip'd tar",
+                ));
             }
             file.sync_all().await.map_err(ApiError::internal)?;
             Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
@@ -190,8 +195,7 @@ impl Control {
 
     async fn unpack(&self, artifact: &Path, code_dir: &Path) -> Result<(), ApiError> {
         tokio::fs::create_dir_all(code_dir).await.map_err(ApiError::internal)?;
-        let limits =
-            archive::Limits { max_unpacked_bytes: self.config.max_unpacked_bytes, max_entries: 1_000_000 };
+        let limits = archive::Limits { max_unpacked_bytes: self.config.max_unpacked_bytes, max_entries: 1_000_000 };
         let (artifact, code_dir) = (artifact.to_owned(), code_dir.to_owned());
         let result = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&artifact)?;
@@ -295,9 +299,9 @@ fn parse_param<T>(
 ) -> Result<Option<T>, ApiError> {
     match value {
         None => Ok(None),
-        Some(v) => parse(v).map(Some).ok_or_else(|| {
-            ApiError::new(ErrorCode::InvalidRequest, format!("{name} {v:?} is not one of: {choices}"))
-        }),
+        Some(v) => parse(v)
+            .map(Some)
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, format!("{name} {v:?} is not one of: {choices}"))),
     }
 }
 
@@ -404,7 +408,12 @@ impl DeployJob {
                     scaling,
                     auth: self.auth,
                 },
-                NewHistory { app_id: self.app.id, action: "deploy".to_owned(), key_id: Some(self.key_id.clone()), details },
+                NewHistory {
+                    app_id: self.app.id,
+                    action: "deploy".to_owned(),
+                    key_id: Some(self.key_id.clone()),
+                    details,
+                },
             )
             .await?;
         tracing::info!(app = %self.app.name, revision = %self.revision.id, "revision deployed and current");

@@ -29,7 +29,9 @@ use layout::Layout;
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -62,8 +64,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = control.shutdown.clone();
     let api_app = api::router::router(control.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let gateway_server = axum::serve(gateway_listener, gateway_router())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let gateway_server =
+        axum::serve(gateway_listener, gateway_router()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -89,9 +91,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// The gateway listener is bound so its address is reserved and known; serving calls
 /// to apps arrives with runners.
 fn gateway_router() -> axum::Router {
-    axum::Router::new().fallback(|| async {
-        ApiError::new(ErrorCode::NotFound, "this server does not serve calls to apps yet")
-    })
+    axum::Router::new()
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "this server does not serve calls to apps yet") })
 }
 
 async fn wait_for_signal() {

@@ -168,8 +168,7 @@ impl Sqlite {
                         let key = Key {
                             id: row.get(0)?,
                             team_id: uuid(row.get(1)?)?,
-                            scope: KeyScope::parse(&row.get::<_, String>(2)?)
-                                .ok_or_else(|| corrupt("key scope"))?,
+                            scope: KeyScope::parse(&row.get::<_, String>(2)?).ok_or_else(|| corrupt("key scope"))?,
                             description: row.get(3)?,
                             created_at: from_millis(row.get(4)?)?,
                             revoked_at: row.get::<_, Option<i64>>(5)?.map(from_millis).transpose()?,
@@ -272,7 +271,9 @@ impl Sqlite {
 
     pub(crate) fn insert_revision(&self, rev: &Revision) -> Result<()> {
         self.conn().execute(
-            &format!("INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            &format!(
+                "INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ),
             params![
                 rev.id.to_string(),
                 rev.app_id.to_string(),
@@ -379,9 +380,8 @@ impl Sqlite {
     pub(crate) fn delete_revision(&self, id: RevisionId) -> Result<Option<String>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let artifact: Option<String> = tx
-            .query_row("SELECT artifact FROM revisions WHERE id = ?1", [id.to_string()], |r| r.get(0))
-            .optional()?;
+        let artifact: Option<String> =
+            tx.query_row("SELECT artifact FROM revisions WHERE id = ?1", [id.to_string()], |r| r.get(0)).optional()?;
         let Some(artifact) = artifact else { return Ok(None) };
         tx.execute("DELETE FROM revisions WHERE id = ?1", [id.to_string()])?;
         let used = artifact_used(&tx, &artifact)?;

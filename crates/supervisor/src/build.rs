@@ -26,10 +26,14 @@ pub struct BuildSpec<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildOutcome {
-    Succeeded { elapsed: Duration },
+    Succeeded {
+        elapsed: Duration,
+    },
     /// The build could not start, exited unsuccessfully or ran out of time; the reason
     /// says which, in words for the user.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// The server is shutting down; the build was stopped.
     Cancelled,
 }

@@ -8,10 +8,10 @@ use nix::unistd::Pid;
 
 /// Sends SIGKILL to the process group `pgid`. A group that is already gone is fine.
 pub(crate) fn kill_group(pgid: u32) {
-    if let Ok(pgid) = i32::try_from(pgid) {
-        if pgid > 1 {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
+    if let Ok(pgid) = i32::try_from(pgid)
+        && pgid > 1
+    {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
 }
 

@@ -1,1 +1,258 @@
-//! testkit
+//! Test support: [`TestServer`] runs the real `hangar` binary as a server on
+//! 127.0.0.1:0 with a temporary data dir, and hands out a typed API client and
+//! ready-to-run CLI commands pointed at it. Tests wait for conditions with
+//! [`wait_until`], never for a fixed time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use api::client::Client;
+
+/// How long a test waits for a condition before it fails. Generous, because CI
+/// machines are small and busy; a passing test does not wait this long.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running `hangar server` with its own data dir.
+pub struct TestServer {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    pub api_url: String,
+    pub gateway_url: String,
+    pub root_key: String,
+}
+
+impl TestServer {
+    /// Starts the server binary `bin` (use `env!("CARGO_BIN_EXE_hangar")`).
+    pub fn start(bin: &str) -> TestServer {
+        TestServer::start_with(bin, &[])
+    }
+
+    /// Starts the server with extra `hangar server` flags.
+    pub fn start_with(bin: &str, extra_args: &[&str]) -> TestServer {
+        let dir = tempfile::Builder::new().prefix("hangar-test-").tempdir().expect("cannot make a temp dir");
+        let mut server = TestServer {
+            bin: PathBuf::from(bin),
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            api_url: String::new(),
+            gateway_url: String::new(),
+            root_key: String::new(),
+        };
+        server.spawn().expect("the server did not start");
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Everything the server has written to stdout and stderr, across restarts.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let endpoints = self.data_dir().join("server.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let child = Command::new(&self.bin)
+            .arg("server")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--api-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
+            .args(&self.extra_args)
+            .env("HANGAR_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start the hangar binary")?;
+        self.child = Some(child);
+        let text = wait_until("the server to write server.json", || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the server exited early ({status}):\n{}", self.output());
+            }
+            std::fs::read_to_string(&endpoints).ok()
+        });
+        let json: serde_json::Value = serde_json::from_str(&text)?;
+        self.api_url = json["api"].as_str().context("server.json has no api")?.to_owned();
+        self.gateway_url = json["gateway"].as_str().context("server.json has no gateway")?.to_owned();
+        self.root_key = std::fs::read_to_string(self.data_dir().join("admin.key"))?.trim().to_owned();
+        let url = format!("{}/healthz", self.api_url);
+        wait_until("the API to answer /healthz", || http_ok(&url).then_some(()));
+        Ok(())
+    }
+
+    /// A client of the API with the root key.
+    pub fn client(&self) -> Client {
+        self.client_with(Some(&self.root_key))
+    }
+
+    pub fn client_with(&self, key: Option<&str>) -> Client {
+        Client::new(&self.api_url, key.map(str::to_owned), None)
+    }
+
+    /// A `hangar` command pointed at this server with the root key.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(&self.bin);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .env("HANGAR_URL", &self.api_url)
+            .env("HANGAR_KEY", &self.root_key)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs a CLI command to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_command(self.cli().args(args))
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the server is not running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        child.wait().expect("cannot wait for the server")
+    }
+
+    /// Starts the server again on the same data dir (after [`kill`](Self::kill) or
+    /// [`stop`](Self::stop)).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is still running");
+        self.spawn().expect("the server did not restart");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The result of a finished CLI command.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+
+    /// Fails the test with the command's output unless it succeeded.
+    #[track_caller]
+    pub fn ok(self) -> Output {
+        assert!(self.success(), "command failed ({}):\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        self
+    }
+
+    /// Fails the test unless the command failed.
+    #[track_caller]
+    pub fn failed(self) -> Output {
+        assert!(!self.success(), "command unexpectedly succeeded:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+pub fn run_command(command: &mut Command) -> Output {
+    let out = command.output().expect("cannot run the command");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after [`DEADLINE`].
+#[track_caller]
+pub fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal blocking HTTP GET, so waiting for the server needs no runtime.
+fn http_ok(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else { return false };
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(host) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
+
+/// A temporary app directory with a manifest and any other files.
+pub struct AppDir {
+    dir: tempfile::TempDir,
+}
+
+impl AppDir {
+    pub fn new(manifest: &str) -> AppDir {
+        let dir = tempfile::Builder::new().prefix("hangar-app-").tempdir().expect("cannot make a temp dir");
+        std::fs::write(dir.path().join("hangar.toml"), manifest).expect("cannot write the manifest");
+        AppDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.dir.path().to_str().expect("temp paths are UTF-8")
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> &AppDir {
+        let path = self.dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("cannot make a directory");
+        }
+        std::fs::write(path, contents).expect("cannot write a file");
+        self
+    }
+}
+
+/// Fails unless `path` is absent.
+pub fn assert_absent(path: &Path) {
+    assert!(!path.exists(), "{} should not exist", path.display());
+}

@@ -1,0 +1,65 @@
+//! A server that stops in the middle of a deploy, by crash or by request.
+
+use std::path::Path;
+
+use testkit::{TestServer, wait_until};
+
+use crate::{app_with_build, revisions, server};
+
+/// Pids of processes whose working directory is inside `dir`.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir)))
+        .collect()
+}
+
+/// Starts a deploy whose build runs for a long time and waits until it is building.
+fn start_long_deploy(server: &TestServer) -> String {
+    let app = app_with_build("crashy", "sleep 120");
+    let out = server.run(&["deploy", app.path_str(), "--detach", "--json"]).ok().json();
+    let revision = out["revision"].as_str().unwrap().to_owned();
+    wait_until("the build to be running", || (!processes_in(&server.data_dir()).is_empty()).then_some(()));
+    assert_eq!(revisions(server, "crashy")[0]["status"], "deploying");
+    revision
+}
+
+#[test]
+fn sigkill_mid_deploy_leaves_no_revision_deploying_and_no_process_behind() {
+    let mut server = server();
+    let revision = start_long_deploy(&server);
+
+    server.kill();
+    server.restart();
+
+    let revs = revisions(&server, "crashy");
+    assert_eq!(revs.len(), 1);
+    assert_eq!(revs[0]["id"], revision.as_str());
+    assert_eq!(revs[0]["status"], "failed");
+    assert_eq!(revs[0]["failure"], "interrupted");
+    assert_eq!(revs[0]["current"], false);
+    wait_until("the orphaned build to be ended", || processes_in(&server.data_dir()).is_empty().then_some(()));
+
+    // The store is sound: the app takes a new deploy.
+    let app = app_with_build("crashy", "true");
+    server.run(&["deploy", app.path_str()]).ok();
+    assert_eq!(revisions(&server, "crashy")[0]["status"], "deployed");
+}
+
+#[test]
+fn sigterm_mid_deploy_stops_the_build_and_exits_cleanly() {
+    let mut server = server();
+    start_long_deploy(&server);
+
+    let status = server.stop();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    assert!(processes_in(&server.data_dir()).is_empty(), "the build was stopped with the server");
+
+    server.restart();
+    let revs = revisions(&server, "crashy");
+    assert_eq!(revs[0]["status"], "failed");
+    assert_eq!(revs[0]["failure"], "interrupted");
+}

@@ -1,0 +1,176 @@
+use crate::{app_with_build, artifact_count, echo_example, revisions, server};
+
+#[test]
+fn deploys_make_immutable_revisions_and_identical_code_is_stored_once() {
+    let server = server();
+    let app = echo_example();
+
+    let first = server.run(&["deploy", app.path_str(), "--message", "first", "--json"]).ok();
+    let first = first.json();
+    assert_eq!(first["app"], "echo");
+    assert_eq!(first["status"], "deployed");
+    let revs = revisions(&server, "echo");
+    assert_eq!(revs.len(), 1);
+    assert_eq!(revs[0]["id"], first["revision"]);
+    assert_eq!(revs[0]["status"], "deployed");
+    assert_eq!(revs[0]["current"], true);
+    assert_eq!(revs[0]["message"], "first");
+    let created = revs[0]["created_at"].as_str().unwrap();
+    assert!(time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339).is_ok(), "{created}");
+    // People see the creation time and the badges too.
+    let table = server.run(&["apps", "list-rev", "echo"]).ok().stdout;
+    assert!(table.contains("Deployed") && table.contains("Current") && table.contains(&created[..10]), "{table}");
+
+    app.write("server.py", &format!("{}\n# changed\n", std::fs::read_to_string(app.path().join("server.py")).unwrap()));
+    let second = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
+    let revs = revisions(&server, "echo");
+    assert_eq!(revs.len(), 2);
+    assert_eq!(revs[0]["id"], second["revision"], "newest first");
+    assert_eq!(revs[0]["current"], true);
+    assert_eq!(revs[1]["id"], first["revision"]);
+    assert_eq!(revs[1]["current"], false);
+    assert_eq!(revs[1]["status"], "deployed");
+    assert_eq!(artifact_count(&server), 2);
+
+    let third = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
+    assert_ne!(third["revision"], second["revision"]);
+    assert_eq!(revisions(&server, "echo").len(), 3);
+    assert_eq!(artifact_count(&server), 2, "identical code must be stored once");
+
+    let apps = server.run(&["apps", "list", "--json"]).ok().json();
+    let echo = &apps[0];
+    assert_eq!(echo["name"], "echo");
+    assert_eq!(echo["team"], "default");
+    assert_eq!(echo["revision"], third["revision"]);
+    for field in [
+        "auth",
+        "runners",
+        "keep_alive",
+        "min_concurrency",
+        "max_concurrency",
+        "concurrency_buffer",
+        "concurrency_buffer_perc",
+        "scaling_delay",
+        "request_timeout",
+        "max_multiplexing",
+        "startup_timeout",
+        "machine_type",
+        "suspended",
+    ] {
+        assert!(!echo[field].is_null(), "apps list --json lacks {field}: {echo}");
+    }
+    assert_eq!(echo["max_multiplexing"], 4, "from the example's manifest");
+}
+
+#[test]
+fn rolling_deploy_says_it_behaved_as_recreate() {
+    let server = server();
+    let app = app_with_build("notes", "true");
+    let out = server.run(&["deploy", app.path_str(), "--strategy", "rolling"]).ok();
+    assert!(out.stdout.contains("behaved as recreate"), "{}", out.stdout);
+    let out = server.run(&["deploy", app.path_str(), "--strategy", "recreate"]).ok();
+    assert!(!out.stdout.contains("behaved as recreate"), "{}", out.stdout);
+    let history = server.run(&["apps", "history", "notes", "--json"]).ok().json();
+    assert_eq!(history.as_array().unwrap().len(), 2);
+    assert_eq!(history[0]["action"], "deploy");
+    assert!(history[0]["details"].as_str().unwrap().contains("recreate"));
+    assert!(history[1]["details"].as_str().unwrap().contains("behaved as recreate"));
+    assert!(!history[0]["key_id"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn failed_build_keeps_reason_and_log_and_leaves_alias_alone() {
+    let server = server();
+    let good = app_with_build("svc", "echo building fine");
+    let first = server.run(&["deploy", good.path_str(), "--json"]).ok().json();
+
+    let bad = app_with_build("svc", "echo compiling the model; echo 'no such module' >&2; exit 3");
+    let out = server.run(&["deploy", bad.path_str()]).failed();
+    assert!(out.stderr.contains("compiling the model"), "the build log is streamed: {}", out.stderr);
+    assert!(out.stderr.contains("no such module"), "{}", out.stderr);
+    assert!(out.stderr.contains("failed") && out.stderr.contains("exit status: 3"), "{}", out.stderr);
+
+    let revs = revisions(&server, "svc");
+    assert_eq!(revs.len(), 2);
+    assert_eq!(revs[0]["status"], "failed");
+    assert_eq!(revs[0]["current"], false);
+    assert!(revs[0]["failure"].as_str().unwrap().contains("exit status: 3"), "{:?}", revs[0]);
+    assert_eq!(revs[1]["id"], first["revision"]);
+    assert_eq!(revs[1]["current"], true, "the alias stays on the good revision");
+    let app = server.run(&["apps", "list", "--json"]).ok().json();
+    assert_eq!(app[0]["revision"], first["revision"]);
+
+    let history = server.run(&["apps", "history", "svc", "--json"]).ok().json();
+    assert_eq!(history[0]["action"], "deploy_failed");
+}
+
+#[test]
+fn build_that_runs_too_long_is_stopped_and_fails() {
+    let server = testkit::TestServer::start_with(crate::BIN, &["--build-timeout", "1"]);
+    let app = app_with_build("slow", "sleep 30");
+    let out = server.run(&["deploy", app.path_str()]).failed();
+    assert!(out.stderr.contains("timed out after 1s"), "{}", out.stderr);
+    let revs = revisions(&server, "slow");
+    assert_eq!(revs[0]["status"], "failed");
+    assert_eq!(revs[0]["failure"], "build timed out after 1s");
+}
+
+#[test]
+fn detach_returns_while_deploying_and_the_deploy_finishes() {
+    let server = server();
+    let app = app_with_build("later", "sleep 1");
+    let out = server.run(&["deploy", app.path_str(), "--detach", "--json"]).ok().json();
+    assert_eq!(out["status"], "deploying");
+    testkit::wait_until("the detached deploy to finish", || {
+        let revs = revisions(&server, "later");
+        (revs[0]["status"] == "deployed").then_some(())
+    });
+}
+
+#[test]
+fn app_name_flag_overrides_the_manifest_and_scaling_survives_redeploys() {
+    let server = server();
+    let app = testkit::AppDir::new(
+        "name = \"orig\"\ncommand = [\"python3\", \"s.py\"]\n[scaling]\nkeep_alive = 5\n[runner]\nmax_multiplexing = 2\n",
+    );
+    server.run(&["deploy", app.path_str(), "--app-name", "renamed", "--auth", "public"]).ok();
+    let apps = server.run(&["apps", "list", "--json"]).ok().json();
+    assert_eq!(apps.as_array().unwrap().len(), 1);
+    assert_eq!(apps[0]["name"], "renamed");
+    assert_eq!(apps[0]["auth"], "public");
+    assert_eq!(apps[0]["keep_alive"], 5);
+
+    // A new manifest: code-specific values follow it at once; runtime-tunable ones stay
+    // until --reset-scale.
+    app.write(
+        "hangar.toml",
+        "name = \"orig\"\ncommand = [\"python3\", \"s.py\"]\n[scaling]\nkeep_alive = 99\n[runner]\nmax_multiplexing = 7\n",
+    );
+    server.run(&["deploy", app.path_str(), "--app-name", "renamed"]).ok();
+    let apps = server.run(&["apps", "list", "--json"]).ok().json();
+    assert_eq!(apps[0]["keep_alive"], 5);
+    assert_eq!(apps[0]["max_multiplexing"], 7);
+    assert_eq!(apps[0]["auth"], "public", "auth is kept when not given");
+    server.run(&["deploy", app.path_str(), "--app-name", "renamed", "--reset-scale"]).ok();
+    let apps = server.run(&["apps", "list", "--json"]).ok().json();
+    assert_eq!(apps[0]["keep_alive"], 99);
+}
+
+#[test]
+fn ignored_files_are_not_uploaded() {
+    let server = server();
+    let app = app_with_build("ign", "test -f kept.txt && test ! -e secret.log && test ! -e data/big.bin");
+    app.write(".gitignore", "*.log\n").write(".hangarignore", "data/\n");
+    app.write("kept.txt", "yes").write("secret.log", "no").write("data/big.bin", "no");
+    server.run(&["deploy", app.path_str()]).ok();
+}
+
+#[test]
+fn completion_scripts_are_printed() {
+    let server = server();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = server.run(&["completion", shell]).ok();
+        assert!(out.stdout.contains("hangar"), "{shell}: {}", out.stdout);
+    }
+    server.run(&["completion", "tcsh-nope"]).failed();
+}

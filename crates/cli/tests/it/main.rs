@@ -1,0 +1,50 @@
+//! End-to-end tests: the real `hangar` binary as server and as CLI, over real HTTP,
+//! with a real SQLite store in a temporary data dir.
+
+mod archives;
+mod auth;
+mod crash;
+mod deploy;
+mod manifest;
+mod revisions;
+
+use testkit::{AppDir, TestServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hangar");
+
+fn server() -> TestServer {
+    TestServer::start(BIN)
+}
+
+/// A small app whose build step is `build` (a shell script).
+fn app_with_build(name: &str, build: &str) -> AppDir {
+    let app = AppDir::new(&format!(
+        "name = \"{name}\"\ncommand = [\"python3\", \"server.py\"]\nbuild = [\"sh\", \"-c\", {build:?}]\n"
+    ));
+    app.write("server.py", "print('hello')\n");
+    app
+}
+
+/// A copy of `examples/echo-python` in a temp dir, so a test can change it.
+fn echo_example() -> AppDir {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/echo-python");
+    let manifest = std::fs::read_to_string(source.join("hangar.toml")).unwrap();
+    let app = AppDir::new(&manifest);
+    app.write("server.py", &std::fs::read_to_string(source.join("server.py")).unwrap());
+    app
+}
+
+/// `apps list-rev APP --json`.
+fn revisions(server: &TestServer, app: &str) -> Vec<serde_json::Value> {
+    let out = server.run(&["apps", "list-rev", app, "--json"]).ok();
+    out.json().as_array().unwrap().clone()
+}
+
+/// Number of files in the artifact store.
+fn artifact_count(server: &TestServer) -> usize {
+    std::fs::read_dir(server.data_dir().join("artifacts/sha256")).unwrap().count()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
