@@ -174,3 +174,44 @@ fn completion_scripts_are_printed() {
     }
     server.run(&["completion", "tcsh-nope"]).failed();
 }
+
+/// Deploys of one app take turns: their builds never overlap, every one becomes current
+/// in turn, and the history lists them in order.
+#[test]
+fn concurrent_deploys_of_one_app_are_serialized() {
+    let server = server();
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let trace_path = trace.path().to_str().unwrap().to_owned();
+    let script = format!("echo start >> {trace_path}; sleep 0.3; echo end >> {trace_path}");
+    let apps: Vec<_> = (0..4)
+        .map(|i| {
+            let app = app_with_build("busy", &script);
+            app.write("version.txt", &i.to_string());
+            app
+        })
+        .collect();
+    let outputs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = apps
+            .iter()
+            .map(|app| scope.spawn(|| server.run(&["deploy", app.path_str(), "--output", "json"]).ok().json()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let trace = std::fs::read_to_string(trace.path()).unwrap();
+    assert_eq!(trace, "start\nend\n".repeat(4), "builds overlapped");
+    assert!(outputs.iter().all(|o| o["status"] == "deployed"));
+
+    let revs = revisions(&server, "busy");
+    assert_eq!(revs.len(), 4);
+    assert_eq!(revs.iter().filter(|r| r["current"] == true).count(), 1);
+    let history = server.run(&["apps", "history", "busy", "--json"]).ok().json();
+    let deployed: Vec<_> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["details"].as_str().unwrap().split(' ').nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(deployed.len(), 4);
+    // The newest history entry is the revision that ended up current.
+    assert_eq!(deployed[0], revs.iter().find(|r| r["current"] == true).unwrap()["id"].as_str().unwrap());
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every check and test of hangar. On a fresh machine it first installs what the
+# tests need and is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=
+need_deb() { # need_deb COMMAND PACKAGE
+  command -v "$1" >/dev/null 2>&1 && return
+  [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2"
+}
+
+# The example apps and test apps are Python (standard library only) and shell.
+need_deb python3 python3
+for component in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked
+else
+  cargo test --workspace --locked
+fi
