@@ -70,6 +70,9 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -95,6 +98,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cx = Context::new(&cli.global)?;
             runtime()?.block_on(apps::run(&cx, command))
         }
+    }
+}
+
+/// A next step for the errors people most often meet.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    match e.downcast_ref::<api::client::ClientError>()? {
+        api::client::ClientError::Api { status: 401, .. } => {
+            Some("pass --key or set HANGAR_KEY to <id>:<secret>; the root key is in the server's <data-dir>/admin.key")
+        }
+        api::client::ClientError::Connect { .. } => {
+            Some("start one with `hangar server`, or point --url / HANGAR_URL at a running one")
+        }
+        _ => None,
     }
 }
 

@@ -8,10 +8,15 @@ use nix::unistd::Pid;
 
 /// Sends SIGKILL to the process group `pgid`. A group that is already gone is fine.
 pub(crate) fn kill_group(pgid: u32) {
+    signal_group(pgid, Signal::SIGKILL);
+}
+
+/// Sends `signal` to the process group `pgid`, if it still exists.
+pub(crate) fn signal_group(pgid: u32, signal: Signal) {
     if let Ok(pgid) = i32::try_from(pgid)
         && pgid > 1
     {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        let _ = killpg(Pid::from_raw(pgid), signal);
     }
 }
 

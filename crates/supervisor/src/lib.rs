@@ -9,6 +9,8 @@
 
 mod build;
 mod group;
+mod runner;
 
 pub use build::{BuildOutcome, BuildSpec, run_build};
 pub use group::end_leftover;
+pub use runner::{Event, HealthPolicy, LocalProcesses, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};

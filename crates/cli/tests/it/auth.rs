@@ -67,3 +67,19 @@ fn healthz_needs_no_key_and_errors_are_json() {
     let err = rt.block_on(server.client_with(None).get_app("missing")).unwrap_err();
     assert_eq!(err.status(), Some(401), "auth is checked before anything else");
 }
+
+#[test]
+fn team_flag_selects_the_team_for_root_keys() {
+    let server = server();
+    server.run(&["apps", "list", "--team", "default"]).ok();
+    let out = server.run(&["apps", "list", "--team", "nope"]).failed();
+    assert!(out.stderr.contains("team \"nope\" does not exist"), "{}", out.stderr);
+}
+
+#[test]
+fn unreachable_server_is_explained() {
+    let server = server();
+    let out =
+        testkit::run_command(server.cli().env("HANGAR_URL", "http://127.0.0.1:9").args(["apps", "list"])).failed();
+    assert!(out.stderr.contains("cannot reach the hangar server") && out.stderr.contains("hint:"), "{}", out.stderr);
+}

@@ -1,0 +1,379 @@
+//! Runners as local processes: start one in its revision's directory, watch its health,
+//! keep its output as a bounded log, and stop it (SIGTERM to its process group, SIGKILL
+//! after the grace period) or kill it when told.
+//!
+//! Each runner is watched by one task that owns its process. The task reports what
+//! happens as [`Event`]s on the channel given at launch, and takes orders through the
+//! [`RunnerHandle`]. It always ends with exactly one [`Event::Exited`], after which no
+//! process of the runner's group is left.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use model::ids::RunnerId;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::group::{kill_group, signal_group};
+
+/// How a runner's health is watched once it is up.
+#[derive(Debug, Clone)]
+pub struct HealthPolicy {
+    /// Time between checks while the runner serves.
+    pub interval: Duration,
+    /// Consecutive failed checks after which a serving runner is given up.
+    pub failure_threshold: u32,
+    /// How long one check may take.
+    pub probe_timeout: Duration,
+}
+
+/// Everything needed to start one runner.
+#[derive(Debug, Clone)]
+pub struct RunnerLaunch {
+    pub id: RunnerId,
+    pub command: Vec<String>,
+    /// The revision's directory; the runner's working directory.
+    pub dir: PathBuf,
+    /// The runner's environment, apart from `PORT`, which the backend chooses. Nothing
+    /// of the server's own environment is inherited.
+    pub env: Vec<(String, String)>,
+    pub health_path: String,
+    pub startup_timeout: Duration,
+    pub health: HealthPolicy,
+}
+
+/// Where a runner was in its life when its process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Setup,
+    Serving,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The health check passed for the first time: the runner may take calls.
+    Healthy { id: RunnerId },
+    /// A serving runner failed `failure_threshold` checks in a row; it is being killed.
+    Unhealthy { id: RunnerId, reason: String },
+    /// The process has ended and its group is gone. `requested` is true when it was
+    /// stopped or killed on order; `reason` says what happened in words for people.
+    Exited { id: RunnerId, phase: Phase, requested: bool, reason: String },
+}
+
+impl Event {
+    pub fn runner(&self) -> RunnerId {
+        match self {
+            Event::Healthy { id } | Event::Unhealthy { id, .. } | Event::Exited { id, .. } => *id,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Order {
+    Stop { grace: Duration },
+    Kill,
+}
+
+/// Orders for one running runner. Dropping it does not stop the runner.
+#[derive(Debug, Clone)]
+pub struct RunnerHandle {
+    pub id: RunnerId,
+    /// Where the runner serves HTTP.
+    pub addr: SocketAddr,
+    orders: mpsc::UnboundedSender<Order>,
+}
+
+impl RunnerHandle {
+    /// SIGTERM to the runner's process group now, SIGKILL after `grace`.
+    pub fn stop(&self, grace: Duration) {
+        let _ = self.orders.send(Order::Stop { grace });
+    }
+
+    /// SIGKILL to the runner's process group now.
+    pub fn kill(&self) {
+        let _ = self.orders.send(Order::Kill);
+    }
+}
+
+/// Something that can run runners. Local processes today; runners as Kubernetes Pods
+/// would be another implementation.
+pub trait RunnerBackend: Send + Sync + 'static {
+    /// Starts a runner and begins watching it; events go to `events`.
+    fn launch(&self, launch: RunnerLaunch, events: mpsc::UnboundedSender<Event>) -> std::io::Result<RunnerHandle>;
+
+    /// The last `lines` lines of a runner's log (all of it when `None`), oldest first,
+    /// starting after byte `offset`; returns the text and the offset to read from next.
+    fn read_log(&self, id: RunnerId, offset: u64) -> std::io::Result<(String, u64)>;
+}
+
+/// Runners as child processes of this server.
+pub struct LocalProcesses {
+    /// `<dir>/<runner id>/` holds each runner's log and, while it runs, its pid file.
+    dir: PathBuf,
+    /// A log is rotated (one older file kept) when it reaches this size.
+    log_limit: u64,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl LocalProcesses {
+    pub fn new(dir: PathBuf, log_limit: u64) -> LocalProcesses {
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
+        LocalProcesses { dir, log_limit, client }
+    }
+
+    /// Ends every runner process group an earlier run of the server left behind (found
+    /// by the pid files under the runners directory), if its working directory is
+    /// inside `within`. Returns how many were ended.
+    pub fn reap_leftovers(&self, within: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
+        entries.flatten().filter(|e| crate::group::end_leftover(&e.path().join("pid"), within)).count()
+    }
+
+    fn log_path(&self, id: RunnerId) -> PathBuf {
+        self.dir.join(id.to_string()).join("runner.log")
+    }
+}
+
+impl RunnerBackend for LocalProcesses {
+    fn launch(&self, launch: RunnerLaunch, events: mpsc::UnboundedSender<Event>) -> std::io::Result<RunnerHandle> {
+        let Some((program, args)) = launch.command.split_first() else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the command is empty"));
+        };
+        let runner_dir = self.dir.join(launch.id.to_string());
+        std::fs::create_dir_all(&runner_dir)?;
+        let log = Arc::new(Mutex::new(LogFile::open(self.log_path(launch.id), self.log_limit)?));
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut child = Command::new(program)
+            .args(args)
+            .current_dir(&launch.dir)
+            .env_clear()
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .env("PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()?;
+        let pgid = child.id().unwrap_or(0);
+        std::fs::write(runner_dir.join("pid"), pgid.to_string())?;
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(pump(stdout, "stdout", log.clone()));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(pump(stderr, "stderr", log.clone()));
+        }
+        let (orders, order_rx) = mpsc::unbounded_channel();
+        let watch = Watch {
+            launch,
+            addr,
+            pgid,
+            pid_file: runner_dir.join("pid"),
+            log,
+            client: self.client.clone(),
+            events,
+            orders: order_rx,
+        };
+        let id = watch.launch.id;
+        tokio::spawn(watch.run(child));
+        Ok(RunnerHandle { id, addr, orders })
+    }
+
+    fn read_log(&self, id: RunnerId, offset: u64) -> std::io::Result<(String, u64)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(self.log_path(id))?;
+        let len = file.metadata()?.len();
+        // A rotated log is shorter than the offset the reader had; start over.
+        let offset = if offset > len { 0 } else { offset };
+        file.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        file.take(256 * 1024).read_to_end(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf).into_owned(), offset + buf.len() as u64))
+    }
+}
+
+/// Picks a free loopback port for a runner by binding port 0 and letting it go.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// The task that owns one runner's process.
+struct Watch {
+    launch: RunnerLaunch,
+    addr: SocketAddr,
+    pgid: u32,
+    pid_file: PathBuf,
+    log: Arc<Mutex<LogFile>>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    events: mpsc::UnboundedSender<Event>,
+    orders: mpsc::UnboundedReceiver<Order>,
+}
+
+/// How often a runner in setup is checked.
+const SETUP_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+impl Watch {
+    async fn run(mut self, mut child: tokio::process::Child) {
+        let id = self.launch.id;
+        let mut phase = Phase::Setup;
+        let setup_deadline = Instant::now() + self.launch.startup_timeout;
+        let mut next_probe = Instant::now() + SETUP_PROBE_INTERVAL;
+        let mut failures = 0u32;
+        // Set when the runner is on its way out: by order, or because it failed.
+        let mut ending: Option<(bool, String)> = None;
+        let mut kill_at: Option<Instant> = None;
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                order = self.orders.recv(), if ending.as_ref().is_none_or(|(requested, _)| !requested) => {
+                    match order {
+                        Some(Order::Stop { grace }) => {
+                            signal_group(self.pgid, nix::sys::signal::Signal::SIGTERM);
+                            kill_at = Some(Instant::now() + grace);
+                            ending = Some((true, format!("stopped (SIGTERM, {grace:?} grace)")));
+                        }
+                        Some(Order::Kill) => {
+                            kill_group(self.pgid);
+                            ending = Some((true, "killed".to_owned()));
+                        }
+                        // Every handle is gone: nobody can stop it any more, so stop it now.
+                        None => {
+                            kill_group(self.pgid);
+                            ending = Some((true, "killed (no owner left)".to_owned()));
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                    kill_group(self.pgid);
+                    kill_at = None;
+                    if let Some((_, reason)) = &mut ending {
+                        reason.push_str("; killed after the grace period");
+                    }
+                }
+                () = tokio::time::sleep_until(next_probe), if ending.is_none() => {
+                    let healthy = self.probe().await;
+                    match phase {
+                        Phase::Setup if healthy => {
+                            phase = Phase::Serving;
+                            let _ = self.events.send(Event::Healthy { id });
+                            next_probe = Instant::now() + self.launch.health.interval;
+                        }
+                        Phase::Setup if Instant::now() >= setup_deadline => {
+                            kill_group(self.pgid);
+                            ending = Some((false, format!(
+                                "health check of {} did not pass within the startup timeout of {:?}",
+                                self.launch.health_path, self.launch.startup_timeout
+                            )));
+                        }
+                        Phase::Setup => next_probe = Instant::now() + SETUP_PROBE_INTERVAL,
+                        Phase::Serving if healthy => {
+                            failures = 0;
+                            next_probe = Instant::now() + self.launch.health.interval;
+                        }
+                        Phase::Serving => {
+                            failures += 1;
+                            if failures >= self.launch.health.failure_threshold {
+                                let reason = format!("{failures} health checks in a row failed");
+                                let _ = self.events.send(Event::Unhealthy { id, reason: reason.clone() });
+                                kill_group(self.pgid);
+                                ending = Some((false, reason));
+                            } else {
+                                next_probe = Instant::now() + self.launch.health.interval;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        // Whatever the leader did, nothing of its group may outlive it.
+        kill_group(self.pgid);
+        let _ = std::fs::remove_file(&self.pid_file);
+        let (requested, reason) = match (ending, status) {
+            (Some(ending), _) => ending,
+            (None, Ok(status)) => (false, format!("exited with {status}{}", self.last_output())),
+            (None, Err(e)) => (false, format!("could not be waited for: {e}")),
+        };
+        let _ = self.events.send(Event::Exited { id, phase, requested, reason });
+    }
+
+    async fn probe(&self) -> bool {
+        let uri = format!("http://{}{}", self.addr, self.launch.health_path);
+        let Ok(uri) = uri.parse::<hyper::Uri>() else { return false };
+        let request = self.client.get(uri);
+        matches!(
+            tokio::time::timeout(self.launch.health.probe_timeout, request).await,
+            Ok(Ok(response)) if response.status() == hyper::StatusCode::OK
+        )
+    }
+
+    /// The runner's last lines of output, to explain why it ended.
+    fn last_output(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.recent.is_empty() {
+            String::new()
+        } else {
+            format!("; last output: {}", log.recent.iter().cloned().collect::<Vec<_>>().join(" | "))
+        }
+    }
+}
+
+/// Copies a stream of the runner's output into its log, a line at a time.
+async fn pump(stream: impl AsyncRead + Unpin, name: &'static str, log: Arc<Mutex<LogFile>>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.lock().unwrap_or_else(|e| e.into_inner()).append(name, &line);
+    }
+}
+
+/// A runner's log: one timestamped line per line of output, rotated at a size limit
+/// so that a chatty runner cannot fill the disk.
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    written: u64,
+    limit: u64,
+    /// The last few lines, for error messages.
+    recent: VecDeque<String>,
+}
+
+impl LogFile {
+    fn open(path: PathBuf, limit: u64) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let written = file.metadata()?.len();
+        Ok(LogFile { path, file, written, limit, recent: VecDeque::new() })
+    }
+
+    fn append(&mut self, stream: &str, line: &str) {
+        use std::io::Write;
+        let now =
+            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let entry = format!("{now} {stream} {line}\n");
+        if self.written + entry.len() as u64 > self.limit {
+            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+            if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+                self.file = file;
+                self.written = 0;
+            }
+        }
+        if self.file.write_all(entry.as_bytes()).is_ok() {
+            self.written += entry.len() as u64;
+        }
+        if self.recent.len() == 3 {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(line.chars().take(300).collect());
+    }
+}
