@@ -22,6 +22,11 @@ pub enum ErrorCode {
     ArchiveTooLarge,
     CurrentRevision,
     Conflict,
+    NoRevision,
+    Suspended,
+    RunnerLost,
+    StartTimeout,
+    RequestTimeout,
     Internal,
 }
 
@@ -41,6 +46,11 @@ impl ErrorCode {
             ErrorCode::ArchiveTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::CurrentRevision => StatusCode::CONFLICT,
             ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::NoRevision => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Suspended => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::RunnerLost => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::StartTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -60,6 +70,11 @@ impl ErrorCode {
             ErrorCode::ArchiveTooLarge => "archive_too_large",
             ErrorCode::CurrentRevision => "current_revision",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::NoRevision => "no_revision",
+            ErrorCode::Suspended => "suspended",
+            ErrorCode::RunnerLost => "runner_lost",
+            ErrorCode::StartTimeout => "start_timeout",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
         }
     }
@@ -78,6 +93,11 @@ impl ErrorCode {
         ErrorCode::ArchiveTooLarge,
         ErrorCode::CurrentRevision,
         ErrorCode::Conflict,
+        ErrorCode::NoRevision,
+        ErrorCode::Suspended,
+        ErrorCode::RunnerLost,
+        ErrorCode::StartTimeout,
+        ErrorCode::RequestTimeout,
         ErrorCode::Internal,
     ];
 }

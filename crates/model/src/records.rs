@@ -68,3 +68,22 @@ pub struct HistoryEntry {
     pub key_id: Option<String>,
     pub details: String,
 }
+
+/// What is known of one runner, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerInfo {
+    pub id: crate::ids::RunnerId,
+    pub app: String,
+    pub revision: RevisionId,
+    pub machine_type: String,
+    pub state: crate::revision::RunnerState,
+    pub in_flight: u32,
+    /// For an idle runner above the app's minimum: how long until keep_alive stops it.
+    pub expires_in: Option<std::time::Duration>,
+    pub started_at: OffsetDateTime,
+    pub ended_at: Option<OffsetDateTime>,
+    /// Marked to be replaced (by a rollout or `runners stop --replace`).
+    pub replacing: bool,
+    /// Why it ended or is backing off, in words for people.
+    pub reason: Option<String>,
+}

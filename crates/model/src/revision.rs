@@ -167,3 +167,32 @@ mod tests {
         assert_eq!(Strategy::default(), Strategy::Rolling);
     }
 }
+
+string_enum! {
+    /// Where a runner is in its life.
+    RunnerState {
+        /// Waiting for room on its machine type; no process yet.
+        Pending => "pending",
+        /// Process started, health check not yet passed.
+        Setup => "setup",
+        /// Set up, no call in flight.
+        Idle => "idle",
+        /// Set up, at least one call in flight.
+        Running => "running",
+        /// Takes no new calls; finishing the ones it has.
+        Draining => "draining",
+        /// Signalled to stop; waiting for the process to end.
+        Terminating => "terminating",
+        /// Gone.
+        Terminated => "terminated",
+        /// Its start failed; it is tried again after a growing delay.
+        CrashBackoff => "crash_backoff",
+    }
+}
+
+impl RunnerState {
+    /// Whether the runner has ended for good.
+    pub fn is_terminal(self) -> bool {
+        self == RunnerState::Terminated
+    }
+}

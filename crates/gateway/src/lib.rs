@@ -1,0 +1,253 @@
+//! The gateway: the data plane that carries calls to apps. `ANY /{team}/{app}[/path]`
+//! is checked against the app's auth mode, waits for a free slot on a set-up runner of
+//! the current revision (see [`route`]), and is proxied to it with both bodies
+//! streaming. The gateway knows nothing of SQL or processes: the server registers one
+//! [`AppRoute`] per app and its controller keeps the route's runners up to date.
+
+mod body;
+mod metrics;
+pub mod route;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use api::error::{ApiError, ErrorCode};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use model::revision::AuthMode;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+pub use metrics::{CallLabels, Metrics};
+pub use route::{AcquireError, AppRoute, Lease, RouteConfig, RouteSnapshot, SlotView};
+
+use crate::body::LeaseBody;
+
+/// The header a caller sets to bound how long a call may wait for a runner (seconds).
+pub const START_TIMEOUT_HEADER: &str = "x-hangar-request-timeout";
+pub const REQUEST_ID_HEADER: &str = "x-hangar-request-id";
+pub const RUNNER_ID_HEADER: &str = "x-hangar-runner-id";
+pub const REVISION_HEADER: &str = "x-hangar-revision";
+
+/// Who a key belongs to, as far as calling apps goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyOwner {
+    pub team_id: Uuid,
+    /// Root keys may call any team's apps.
+    pub root: bool,
+}
+
+/// Checks the keys callers present. The server implements it over its store.
+pub trait Authenticator: Send + Sync + 'static {
+    /// The owner of the key in an `Authorization` header, or `None` if the key is
+    /// malformed, unknown or revoked.
+    fn owner<'a>(&'a self, authorization: &'a str) -> Pin<Box<dyn Future<Output = Option<KeyOwner>> + Send + 'a>>;
+}
+
+pub struct Gateway {
+    routes: RwLock<HashMap<(String, String), Arc<AppRoute>>>,
+    client: Client<HttpConnector, Body>,
+    auth: Arc<dyn Authenticator>,
+    default_start_timeout: Duration,
+    pub metrics: Metrics,
+}
+
+impl Gateway {
+    pub fn new(auth: Arc<dyn Authenticator>, default_start_timeout: Duration) -> Arc<Gateway> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        Arc::new(Gateway {
+            routes: RwLock::default(),
+            client,
+            auth,
+            default_start_timeout,
+            metrics: Metrics::default(),
+        })
+    }
+
+    pub fn register(&self, team: &str, route: Arc<AppRoute>) {
+        let key = (team.to_owned(), route.app.clone());
+        self.routes.write().unwrap_or_else(|e| e.into_inner()).insert(key, route);
+    }
+
+    pub fn unregister(&self, team: &str, app: &str) {
+        self.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&(team.to_owned(), app.to_owned()));
+    }
+
+    fn route(&self, team: &str, app: &str) -> Option<Arc<AppRoute>> {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).get(&(team.to_owned(), app.to_owned())).cloned()
+    }
+
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new().fallback(call).with_state(self)
+    }
+
+    async fn authorize(&self, route: &AppRoute, headers: &HeaderMap, auth: AuthMode) -> Result<(), ApiError> {
+        if auth == AuthMode::Public {
+            return Ok(());
+        }
+        let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                format!("app {:?} needs an API key: send 'Authorization: Key <id>:<secret>'", route.app),
+            ));
+        };
+        let Some(owner) = self.auth.owner(authorization).await else {
+            return Err(ApiError::new(ErrorCode::Unauthorized, "invalid or revoked API key"));
+        };
+        match auth {
+            AuthMode::Public | AuthMode::Shared => Ok(()),
+            AuthMode::Private if owner.root || owner.team_id == route.team_id => Ok(()),
+            AuthMode::Private => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("app {:?} is private to its team; this key belongs to another team", route.app),
+            )),
+        }
+    }
+}
+
+/// Headers that belong to one hop and are never forwarded.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+    // The platform's key is for the platform, not for the app.
+    header::AUTHORIZATION,
+];
+
+async fn call(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let request_id = Uuid::new_v4().to_string();
+    let mut response = match proxy(&gateway, request, &request_id).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let path = request.uri().path().to_owned();
+    let mut segments = path.trim_start_matches('/').splitn(3, '/');
+    let (team, app) = match (segments.next(), segments.next()) {
+        (Some(team), Some(app)) if !team.is_empty() && !app.is_empty() => (team, app),
+        _ => {
+            return Err(ApiError::new(ErrorCode::NotFound, "call an app at /{team}/{app}[/path]"));
+        }
+    };
+    let rest = format!("/{}", segments.next().unwrap_or(""));
+    let Some(route) = gateway.route(team, app) else {
+        return Err(ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")));
+    };
+    let config = route.config();
+    gateway.authorize(&route, request.headers(), config.auth).await?;
+    let start_timeout = start_timeout(request.headers(), gateway.default_start_timeout)?;
+
+    let lease = route.acquire(arrived + start_timeout).await.map_err(|e| match e {
+        AcquireError::NoRevision => {
+            ApiError::new(ErrorCode::NoRevision, format!("app {team}/{app} has no deployed revision"))
+        }
+        AcquireError::Suspended => {
+            ApiError::new(ErrorCode::Suspended, format!("app {team}/{app} is suspended; resume it to call it"))
+        }
+        AcquireError::Deadline => ApiError::new(
+            ErrorCode::StartTimeout,
+            format!(
+                "the call did not start within its start deadline of {start_timeout:?} \
+                 (set with the {START_TIMEOUT_HEADER} header); no runner of {team}/{app} was free"
+            ),
+        ),
+    })?;
+    let labels = CallLabels { app: format!("{team}/{app}"), revision: lease.revision.to_string(), status: 0 };
+
+    let (parts, body) = request.into_parts();
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let uri = format!("http://{}{rest}{query}", lease.addr);
+    let mut upstream = http::Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
+    if let Some(headers) = upstream.headers_mut() {
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(name) && name.as_str() != START_TIMEOUT_HEADER {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            headers.insert(REQUEST_ID_HEADER, value);
+        }
+    }
+    let upstream = upstream.body(body).map_err(ApiError::internal)?;
+
+    let deadline = Instant::now() + config.request_timeout;
+    let runner = lease.runner;
+    let response = match tokio::time::timeout_at(deadline, gateway.client.request(upstream)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            tracing::debug!(runner = %runner, error = %e, "call to runner failed");
+            gateway.metrics.record(&labels, 503, arrived.elapsed());
+            return Err(ApiError::new(
+                ErrorCode::RunnerLost,
+                format!("runner {runner} of {team}/{app} stopped before answering the call"),
+            ));
+        }
+        Err(_) => {
+            route.flag_timed_out(runner);
+            gateway.metrics.record(&labels, 504, arrived.elapsed());
+            return Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!("the call ran longer than the app's request_timeout of {:?}", config.request_timeout),
+            ));
+        }
+    };
+    gateway.metrics.record(&labels, response.status().as_u16(), arrived.elapsed());
+    let revision = lease.revision;
+    let timed_out_route = route.clone();
+    let (mut parts, incoming) = response.into_parts();
+    let body = LeaseBody::new(
+        incoming,
+        lease,
+        Box::pin(tokio::time::sleep_until(deadline)),
+        Box::new(move || timed_out_route.flag_timed_out(runner)),
+    );
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    for (name, value) in [(RUNNER_ID_HEADER, runner.to_string()), (REVISION_HEADER, revision.to_string())] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            parts.headers.insert(name, value);
+        }
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The call's start deadline from its header, else the server's default.
+fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
+    let Some(value) = headers.get(START_TIMEOUT_HEADER) else { return Ok(default) };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{START_TIMEOUT_HEADER} must be a number of seconds between 0 and 86400, got {value:?}"),
+            )
+        })
+}

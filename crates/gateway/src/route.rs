@@ -1,0 +1,310 @@
+//! One app's routing state: its current revision, its runners' call slots, and the fair
+//! queue of calls waiting for a slot.
+//!
+//! Calls take a [`Lease`] on a runner's slot and give it back when dropped (when the
+//! response body has ended). A freed slot goes straight to the oldest waiting call, so
+//! the queue is first-in, first-out and no new call overtakes one that waits. The
+//! app's controller adds and removes runners here and is woken through
+//! [`AppRoute::changed`] whenever demand or occupancy moves, then reads a
+//! [`RouteSnapshot`] to decide.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use model::ids::{RevisionId, RunnerId};
+use model::revision::AuthMode;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// What the gateway needs to know about how an app is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub auth: AuthMode,
+    /// A call running longer than this is answered 504 and its runner is flagged.
+    pub request_timeout: Duration,
+    /// When set, calls are refused with 503 `suspended`.
+    pub suspended: bool,
+}
+
+pub struct AppRoute {
+    pub team_id: Uuid,
+    pub app: String,
+    state: Mutex<RouteState>,
+    changed: Notify,
+}
+
+struct RouteState {
+    config: RouteConfig,
+    revision: Option<RevisionId>,
+    runners: Vec<Slot>,
+    queue: VecDeque<Waiter>,
+    next_waiter: u64,
+}
+
+struct Slot {
+    id: RunnerId,
+    revision: RevisionId,
+    addr: SocketAddr,
+    max: u32,
+    in_flight: u32,
+    accepting: bool,
+    idle_since: Option<Instant>,
+    timed_out: bool,
+}
+
+struct Waiter {
+    id: u64,
+    enqueued: Instant,
+    tx: oneshot::Sender<Lease>,
+}
+
+/// A held call slot on one runner. Dropping it frees the slot.
+pub struct Lease {
+    route: Arc<AppRoute>,
+    pub runner: RunnerId,
+    pub revision: RevisionId,
+    pub addr: SocketAddr,
+    armed: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.armed {
+            self.route.release(self.runner);
+        }
+    }
+}
+
+/// Why a call could not get a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireError {
+    NoRevision,
+    Suspended,
+    /// The start deadline passed while the call waited.
+    Deadline,
+}
+
+/// What the controller sees of the app's traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSnapshot {
+    pub runners: Vec<SlotView>,
+    /// How long each queued call has waited.
+    pub queued: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotView {
+    pub id: RunnerId,
+    pub in_flight: u32,
+    pub accepting: bool,
+    /// How long it has had no call, if it has none.
+    pub idle_for: Option<Duration>,
+    /// A call on it ran past the request timeout.
+    pub timed_out: bool,
+}
+
+impl RouteSnapshot {
+    pub fn in_flight(&self) -> u32 {
+        self.runners.iter().map(|r| r.in_flight).sum()
+    }
+
+    pub fn runner(&self, id: RunnerId) -> Option<&SlotView> {
+        self.runners.iter().find(|r| r.id == id)
+    }
+}
+
+impl AppRoute {
+    pub fn new(team_id: Uuid, app: String, config: RouteConfig) -> Arc<AppRoute> {
+        Arc::new(AppRoute {
+            team_id,
+            app,
+            state: Mutex::new(RouteState {
+                config,
+                revision: None,
+                runners: Vec::new(),
+                queue: VecDeque::new(),
+                next_waiter: 0,
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, RouteState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves when something the controller cares about has changed since the last
+    /// time it was woken (a call queued, a slot freed, a timeout).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    pub fn config(&self) -> RouteConfig {
+        self.state().config.clone()
+    }
+
+    pub fn configure(self: &Arc<Self>, config: RouteConfig) {
+        let mut state = self.state();
+        state.config = config;
+        self.dispatch(&mut state);
+    }
+
+    /// Points the app at a revision: from now on only its runners get calls.
+    pub fn set_revision(self: &Arc<Self>, revision: Option<RevisionId>) {
+        let mut state = self.state();
+        state.revision = revision;
+        self.dispatch(&mut state);
+    }
+
+    pub fn revision(&self) -> Option<RevisionId> {
+        self.state().revision
+    }
+
+    /// Adds a set-up runner that takes up to `max` calls at once.
+    pub fn add_runner(self: &Arc<Self>, id: RunnerId, revision: RevisionId, addr: SocketAddr, max: u32) {
+        let mut state = self.state();
+        state.runners.retain(|s| s.id != id);
+        state.runners.push(Slot {
+            id,
+            revision,
+            addr,
+            max: max.max(1),
+            in_flight: 0,
+            accepting: true,
+            idle_since: Some(Instant::now()),
+            timed_out: false,
+        });
+        self.dispatch(&mut state);
+    }
+
+    /// Stops giving the runner new calls; the ones it has go on.
+    pub fn stop_routing(&self, id: RunnerId) {
+        if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {
+            slot.accepting = false;
+        }
+    }
+
+    /// Forgets a runner. Calls still holding its slots finish or fail on their own.
+    pub fn remove_runner(&self, id: RunnerId) {
+        self.state().runners.retain(|s| s.id != id);
+    }
+
+    /// Records that a call on `id` ran past the request timeout.
+    pub fn flag_timed_out(&self, id: RunnerId) {
+        if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {
+            slot.timed_out = true;
+        }
+        self.changed.notify_one();
+    }
+
+    pub fn snapshot(&self) -> RouteSnapshot {
+        let state = self.state();
+        let now = Instant::now();
+        RouteSnapshot {
+            runners: state
+                .runners
+                .iter()
+                .map(|s| SlotView {
+                    id: s.id,
+                    in_flight: s.in_flight,
+                    accepting: s.accepting,
+                    idle_for: s.idle_since.map(|t| now.saturating_duration_since(t)),
+                    timed_out: s.timed_out,
+                })
+                .collect(),
+            queued: state.queue.iter().filter(|w| !w.tx.is_closed()).map(|w| now - w.enqueued).collect(),
+        }
+    }
+
+    /// Takes a slot for one call, waiting in the queue until `deadline` if none is free.
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Lease, AcquireError> {
+        let (id, rx) = {
+            let mut state = self.state();
+            if state.config.suspended {
+                return Err(AcquireError::Suspended);
+            }
+            if state.revision.is_none() {
+                return Err(AcquireError::NoRevision);
+            }
+            if state.queue.is_empty()
+                && let Some(lease) = self.take_slot(&mut state)
+            {
+                return Ok(lease);
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = state.next_waiter;
+            state.next_waiter += 1;
+            state.queue.push_back(Waiter { id, enqueued: Instant::now(), tx });
+            (id, rx)
+        };
+        self.changed.notify_one();
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            // The sender is dropped only when the route gives up on its waiters.
+            Ok(Err(_)) if self.state().config.suspended => Err(AcquireError::Suspended),
+            Ok(Err(_)) => Err(AcquireError::NoRevision),
+            Err(_) => {
+                self.state().queue.retain(|w| w.id != id);
+                self.changed.notify_one();
+                Err(AcquireError::Deadline)
+            }
+        }
+    }
+
+    /// The free slot with the fewest calls on a runner of the current revision.
+    fn take_slot(self: &Arc<Self>, state: &mut RouteState) -> Option<Lease> {
+        let revision = state.revision?;
+        let slot = state
+            .runners
+            .iter_mut()
+            .filter(|s| s.accepting && s.revision == revision && s.in_flight < s.max)
+            .min_by_key(|s| s.in_flight)?;
+        slot.in_flight += 1;
+        slot.idle_since = None;
+        Some(Lease { route: self.clone(), runner: slot.id, revision: slot.revision, addr: slot.addr, armed: true })
+    }
+
+    fn release(self: &Arc<Self>, id: RunnerId) {
+        let mut state = self.state();
+        if let Some(slot) = state.runners.iter_mut().find(|s| s.id == id) {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+            if slot.in_flight == 0 {
+                slot.idle_since = Some(Instant::now());
+            }
+        }
+        self.dispatch(&mut state);
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// Hands free slots to waiting calls, oldest first.
+    fn dispatch(self: &Arc<Self>, state: &mut RouteState) {
+        if state.config.suspended {
+            // Dropping the senders tells the waiters to give up.
+            state.queue.clear();
+            return;
+        }
+        while let Some(front) = state.queue.front() {
+            if front.tx.is_closed() {
+                state.queue.pop_front();
+                continue;
+            }
+            let Some(lease) = self.take_slot(state) else { break };
+            let waiter = state.queue.pop_front().expect("the queue has a front");
+            if let Err(mut lease) = waiter.tx.send(lease) {
+                // The caller gave up at this very moment: give the slot back without
+                // re-entering this lock, and offer it to the next waiter.
+                lease.armed = false;
+                if let Some(slot) = state.runners.iter_mut().find(|s| s.id == lease.runner) {
+                    slot.in_flight -= 1;
+                    if slot.in_flight == 0 {
+                        slot.idle_since = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+}
