@@ -37,6 +37,8 @@ pub struct Caller {
 
 /// Everything the control API can do. The server implements it; the router calls it.
 pub trait ControlPlane: Send + Sync + 'static {
+    /// Prometheus text exposition of the server's metrics.
+    fn metrics(&self) -> String;
     /// Checks the `Authorization` header and resolves the team the request acts for.
     fn authenticate(
         &self,
@@ -93,12 +95,17 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .route_layer(middleware::from_fn_with_state(control.clone(), authenticate::<C>));
     Router::new()
         .route("/healthz", get(|| async { Json(HealthJson { status: "ok".to_owned() }) }))
+        .route("/metrics", get(metrics::<C>))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such API route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::InvalidRequest, "this route does not take that method")
         })
         .with_state(control)
+}
+
+async fn metrics<C: ControlPlane>(State(c): State<Arc<C>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics()).into_response()
 }
 
 async fn authenticate<C: ControlPlane>(State(control): State<Arc<C>>, mut request: Request, next: Next) -> Response {

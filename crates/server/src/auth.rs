@@ -4,9 +4,15 @@
 //! secret is 256 random bits and only its SHA-256 is stored. A fast hash is right here:
 //! the secret is random, not a password, so there is nothing to brute-force.
 
+use std::future::Future;
+use std::pin::Pin;
+
+use gateway::{Authenticator, KeyOwner};
+use model::records::Key;
 use model::revision::KeyScope;
 use rand::Rng;
 use sha2::{Digest, Sha256};
+use store::{Store, StoreError};
 
 /// A freshly made key: what to store, and the one-time full key to show its owner.
 pub(crate) struct NewKey {
@@ -36,6 +42,33 @@ pub(crate) fn parse_authorization(header: &str) -> Option<(&str, &str)> {
     }
     let (id, secret) = credential.trim().split_once(':')?;
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
+}
+
+/// The key an `Authorization` header presents, if it is well-formed, known, not
+/// revoked and its secret matches.
+pub(crate) async fn verify(store: &Store, authorization: &str) -> Result<Option<Key>, StoreError> {
+    let Some((id, secret)) = parse_authorization(authorization) else { return Ok(None) };
+    let stored = store.key_by_id(id).await?;
+    Ok(stored.filter(|k| k.key.revoked_at.is_none() && k.secret_hash == hash_secret(secret)).map(|k| k.key))
+}
+
+/// Checks the keys of calls through the gateway.
+pub(crate) struct GatewayKeys {
+    pub(crate) store: Store,
+}
+
+impl Authenticator for GatewayKeys {
+    fn owner<'a>(&'a self, authorization: &'a str) -> Pin<Box<dyn Future<Output = Option<KeyOwner>> + Send + 'a>> {
+        Box::pin(async move {
+            match verify(&self.store, authorization).await {
+                Ok(key) => key.map(|k| KeyOwner { team_id: k.team_id, root: k.scope == KeyScope::Root }),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot check a key");
+                    None
+                }
+            }
+        })
+    }
 }
 
 /// Whether a key of this scope may manage apps (as opposed to only calling them).

@@ -45,6 +45,20 @@ pub struct ServerArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "HANGAR_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Seconds a call may wait for a runner when it does not say (X-Hangar-Request-Timeout)
+    /// [default: 300]
+    #[arg(long, env = "HANGAR_START_TIMEOUT")]
+    pub start_timeout: Option<f64>,
+    /// Seconds between health checks of a serving runner [default: 5]
+    #[arg(long, env = "HANGAR_HEALTH_INTERVAL")]
+    pub health_interval: Option<f64>,
+    /// Failed health checks in a row after which a serving runner is replaced [default: 3]
+    #[arg(long, env = "HANGAR_FAILURE_THRESHOLD")]
+    pub failure_threshold: Option<u32>,
+    /// Seconds of the first back-off after a failed runner start; it grows by this much
+    /// each time, up to 10 minutes [default: 30]
+    #[arg(long, env = "HANGAR_BACKOFF_BASE")]
+    pub backoff_base: Option<f64>,
 }
 
 /// The config file: the same settings as the flags.
@@ -59,6 +73,10 @@ struct FileConfig {
     max_unpacked_bytes: Option<u64>,
     build_timeout: Option<u64>,
     log_format: Option<String>,
+    start_timeout: Option<f64>,
+    health_interval: Option<f64>,
+    failure_threshold: Option<u32>,
+    backoff_base: Option<f64>,
     #[serde(default)]
     machine_types: BTreeMap<String, MachineTypeConfig>,
 }
@@ -94,6 +112,10 @@ pub struct Config {
     pub build_timeout: Duration,
     pub machine_types: BTreeMap<String, MachineType>,
     pub log_format: LogFormat,
+    pub start_timeout: Duration,
+    pub health_interval: Duration,
+    pub failure_threshold: u32,
+    pub backoff_base: Duration,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -150,8 +172,21 @@ impl Config {
             build_timeout: Duration::from_secs(args.build_timeout.or(file.build_timeout).unwrap_or(1800)),
             machine_types,
             log_format,
+            start_timeout: seconds("start_timeout", args.start_timeout.or(file.start_timeout), 300.0)?,
+            health_interval: seconds("health_interval", args.health_interval.or(file.health_interval), 5.0)?,
+            failure_threshold: args.failure_threshold.or(file.failure_threshold).unwrap_or(3).max(1),
+            backoff_base: seconds("backoff_base", args.backoff_base.or(file.backoff_base), 30.0)?,
         })
     }
+}
+
+/// A setting in seconds, which must be positive and finite.
+fn seconds(name: &str, value: Option<f64>, default: f64) -> anyhow::Result<Duration> {
+    let value = value.unwrap_or(default);
+    if !(value.is_finite() && value > 0.0 && value < 1e9) {
+        bail!("{name} must be a positive number of seconds, got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {

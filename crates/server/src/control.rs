@@ -20,10 +20,13 @@ use uuid::Uuid;
 
 use crate::auth;
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::layout::Layout;
 
 pub(crate) struct Control {
     pub(crate) store: Store,
+    pub(crate) fleet: Arc<Fleet>,
+    registry: prometheus_client::registry::Registry,
     pub(crate) config: Arc<Config>,
     pub(crate) layout: Layout,
     app_locks: AppLocks,
@@ -60,9 +63,17 @@ impl AppLocks {
 }
 
 impl Control {
-    pub(crate) fn new(store: Store, config: Arc<Config>, layout: Layout) -> Control {
+    pub(crate) fn new(
+        store: Store,
+        config: Arc<Config>,
+        layout: Layout,
+        fleet: Arc<Fleet>,
+        registry: prometheus_client::registry::Registry,
+    ) -> Control {
         Control {
             store,
+            fleet,
+            registry,
             config,
             layout,
             app_locks: AppLocks::default(),
@@ -109,6 +120,12 @@ impl Control {
         }
     }
 
+    /// How many runners of the app (of one revision, if given) are not terminated.
+    fn live_runners(&self, app_id: Uuid, revision: Option<model::ids::RevisionId>) -> u32 {
+        let runners = self.fleet.runners(app_id);
+        runners.iter().filter(|r| !r.state.is_terminal() && revision.is_none_or(|rev| r.revision == rev)).count() as u32
+    }
+
     /// Removes an artifact's file; the caller has made sure no revision uses it.
     pub(crate) async fn free_artifact(&self, artifact: &str) {
         let Some(path) = self.layout.artifact(artifact) else { return };
@@ -142,20 +159,25 @@ fn require_manage(caller: &Caller) -> Result<(), ApiError> {
 }
 
 impl ControlPlane for Control {
+    fn metrics(&self) -> String {
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        text
+    }
+
     async fn authenticate(&self, authorization: Option<&str>, team: Option<&str>) -> Result<Caller, ApiError> {
         let unauthorized = |why: &str| ApiError::new(ErrorCode::Unauthorized, why.to_owned());
         let Some(header) = authorization else {
             return Err(unauthorized("missing API key: send 'Authorization: Key <id>:<secret>'"));
         };
-        let Some((id, secret)) = auth::parse_authorization(header) else {
+        if auth::parse_authorization(header).is_none() {
             return Err(unauthorized("malformed API key in the Authorization header: expected 'Key <id>:<secret>'"));
-        };
-        let stored = self.store.key_by_id(id).await.map_err(internal)?;
-        let Some(stored) = stored.filter(|k| k.key.revoked_at.is_none() && k.secret_hash == auth::hash_secret(secret))
-        else {
+        }
+        let Some(key) = auth::verify(&self.store, header).await.map_err(internal)? else {
             return Err(unauthorized("invalid or revoked API key"));
         };
-        let key = stored.key;
         let own = self
             .store
             .team_by_id(key.team_id)
@@ -181,13 +203,13 @@ impl ControlPlane for Control {
     async fn list_apps(&self, caller: &Caller) -> Result<Vec<AppJson>, ApiError> {
         require_manage(caller)?;
         let apps = self.store.list_apps(caller.team_id).await.map_err(internal)?;
-        Ok(apps.iter().map(|app| AppJson::new(app, &caller.team, 0)).collect())
+        Ok(apps.iter().map(|app| AppJson::new(app, &caller.team, self.live_runners(app.id, None))).collect())
     }
 
     async fn get_app(&self, caller: &Caller, app: &str) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
-        Ok(AppJson::new(&app, &caller.team, 0))
+        Ok(AppJson::new(&app, &caller.team, self.live_runners(app.id, None)))
     }
 
     async fn delete_app(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
@@ -195,6 +217,7 @@ impl ControlPlane for Control {
         let _guard = self.lock_app(caller.team_id, name).await;
         let app = self.find_app(caller, name).await?;
         let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
+        self.fleet.remove(app.id, &caller.team, &app.name).await;
         let _artifacts = self.artifact_lock.lock().await;
         let orphaned = self.store.delete_app(app.id).await.map_err(internal)?;
         for revision in &revisions {
@@ -216,14 +239,17 @@ impl ControlPlane for Control {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
         let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
-        Ok(revisions.iter().map(|r| RevisionJson::new(r, app.current_revision == Some(r.id), 0)).collect())
+        Ok(revisions
+            .iter()
+            .map(|r| RevisionJson::new(r, app.current_revision == Some(r.id), self.live_runners(app.id, Some(r.id))))
+            .collect())
     }
 
     async fn get_revision(&self, caller: &Caller, app: &str, revision: &str) -> Result<RevisionJson, ApiError> {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
         let rev = self.find_revision(&app, revision).await?;
-        Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), 0))
+        Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), self.live_runners(app.id, Some(rev.id))))
     }
 
     async fn revision_log(

@@ -21,21 +21,20 @@ use model::manifest::{MANIFEST_FILE, Manifest, validate_app_name};
 use model::records::{App, Revision};
 use model::revision::{AuthMode, RevisionStatus, Strategy};
 use sha2::{Digest, Sha256};
-use store::{Activation, NewApp, NewHistory, Store};
+use store::{NewApp, NewHistory, Store};
 use supervisor::{BuildOutcome, BuildSpec};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedMutexGuard, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::{Control, internal, remove_dir_logged};
+use crate::controller::{Activate, Command};
+use crate::fleet::Fleet;
 use crate::layout::Layout;
 
 /// A manifest larger than this is refused before it is parsed.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
-
-const ROLLING_NOTE: &str = "this server does not start runners yet, so the rolling deploy behaved as recreate: \
-     the alias switched to the new revision as soon as its build succeeded";
 
 impl Control {
     pub(crate) async fn start_deploy(
@@ -90,6 +89,8 @@ impl Control {
 
         let job = DeployJob {
             store: self.store.clone(),
+            fleet: self.fleet.clone(),
+            team: caller.team.clone(),
             config: self.config.clone(),
             layout: self.layout.clone(),
             cancel: self.shutdown.clone(),
@@ -105,8 +106,10 @@ impl Control {
         self.tasks.spawn(job.run());
 
         let mut notes = Vec::new();
-        if strategy == Strategy::Rolling {
-            notes.push(ROLLING_NOTE.to_owned());
+        if strategy == Strategy::Recreate {
+            notes.push(
+                "recreate: the alias switches as soon as the build succeeds; the next call starts a runner".to_owned(),
+            );
         }
         Ok(DeployJson {
             app: name,
@@ -309,6 +312,8 @@ fn parse_param<T>(
 /// failure. Owns the app's lock until it ends.
 struct DeployJob {
     store: Store,
+    fleet: Arc<Fleet>,
+    team: String,
     config: Arc<Config>,
     layout: Layout,
     cancel: CancellationToken,
@@ -327,7 +332,10 @@ impl DeployJob {
         let id = self.revision.id;
         let outcome = self.build().await;
         let result = match outcome {
-            Ok(BuildOutcome::Succeeded { .. }) => self.activate().await,
+            Ok(BuildOutcome::Succeeded { .. }) => match self.activate().await {
+                Ok(()) => Ok(()),
+                Err(reason) => self.fail(&reason).await,
+            },
             Ok(BuildOutcome::Failed { reason }) => self.fail(&reason).await,
             Ok(BuildOutcome::Cancelled) => self.fail("interrupted").await,
             Err(e) => self.fail(&format!("the build could not be run: {e}")).await,
@@ -379,17 +387,14 @@ impl DeployJob {
         env
     }
 
-    async fn activate(&self) -> store::Result<()> {
+    /// Hands the built revision to the app's controller, which makes it current (for a
+    /// rolling deploy once its first runner is set up) and records the change.
+    async fn activate(&self) -> Result<(), String> {
         // Runtime-tunable values come from the manifest only on the app's first deploy
         // or when asked to reset; otherwise the app keeps the ones it has.
         let first = self.app.current_revision.is_none();
         let scaling = (first || self.reset_scale).then(|| self.manifest.scaling.clone());
-        let mut details = format!(
-            "revision {} deployed ({}{})",
-            self.revision.id,
-            self.strategy.as_str(),
-            if self.strategy == Strategy::Rolling { ", behaved as recreate" } else { "" }
-        );
+        let mut details = format!("revision {} deployed ({})", self.revision.id, self.strategy.as_str());
         if scaling.is_some() && !first {
             details.push_str("; scaling reset to the manifest's values");
         }
@@ -399,25 +404,29 @@ impl DeployJob {
         if let Some(message) = &self.revision.message {
             details.push_str(&format!("; message: {message}"));
         }
-        self.store
-            .activate_revision(
-                Activation {
-                    app_id: self.app.id,
-                    revision: self.revision.id,
-                    runner: self.manifest.runner.clone(),
-                    scaling,
-                    auth: self.auth,
-                },
-                NewHistory {
-                    app_id: self.app.id,
-                    action: "deploy".to_owned(),
-                    key_id: Some(self.key_id.clone()),
-                    details,
-                },
-            )
-            .await?;
-        tracing::info!(app = %self.app.name, revision = %self.revision.id, "revision deployed and current");
-        Ok(())
+        let controller = self.fleet.controller(&self.app, &self.team).await.map_err(|e| {
+            tracing::warn!(app = %self.app.name, error = %e, "no controller for the deploy");
+            "interrupted".to_owned()
+        })?;
+        let (reply, answer) = oneshot::channel();
+        let sent = controller.send(Command::Activate(Activate {
+            revision: self.revision.clone(),
+            manifest: self.manifest.clone(),
+            strategy: self.strategy,
+            scaling,
+            auth: self.auth,
+            history: NewHistory {
+                app_id: self.app.id,
+                action: "deploy".to_owned(),
+                key_id: Some(self.key_id.clone()),
+                details,
+            },
+            reply,
+        }));
+        if !sent {
+            return Err("interrupted".to_owned());
+        }
+        answer.await.unwrap_or_else(|_| Err("interrupted".to_owned()))
     }
 
     async fn fail(&self, reason: &str) -> store::Result<()> {

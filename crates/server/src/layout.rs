@@ -9,6 +9,8 @@
 //! revisions/<id>/app/            a revision's unpacked and built code
 //! revisions/<id>/build.log       its build output
 //! revisions/<id>/build.pid       the build's process group while it runs
+//! runners/<id>/runner.log        a runner's output (rotated), kept while it is listed
+//! runners/<id>/pid               its process group while it runs
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -59,6 +61,10 @@ impl Layout {
 
     pub(crate) fn revisions(&self) -> PathBuf {
         self.root.join("revisions")
+    }
+
+    pub(crate) fn runners(&self) -> PathBuf {
+        self.root.join("runners")
     }
 
     pub(crate) fn revision(&self, id: RevisionId) -> PathBuf {

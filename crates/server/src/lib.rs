@@ -7,14 +7,15 @@
 mod auth;
 mod config;
 mod control;
+mod controller;
 mod deploy;
+mod fleet;
 mod layout;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use api::error::{ApiError, ErrorCode};
 use model::records::Key;
 use model::revision::KeyScope;
 use store::Store;
@@ -47,8 +48,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the store at {}", layout.database().display()))?;
     bootstrap(&store, &layout).await?;
 
-    let control = Arc::new(Control::new(store, Arc::new(config.clone()), layout.clone()));
+    // Runner processes an earlier run left behind (it crashed, or was killed) are
+    // ended before anything else starts; their logs go with them.
+    let backend = Arc::new(supervisor::LocalProcesses::new(layout.runners(), RUNNER_LOG_BYTES));
+    let reaped = backend.reap_leftovers(layout.root());
+    if reaped > 0 {
+        tracing::warn!(count = reaped, "ended runner processes left behind by an earlier run");
+    }
+    let _ = std::fs::remove_dir_all(layout.runners());
+    std::fs::create_dir_all(layout.runners())
+        .with_context(|| format!("cannot create {}", layout.runners().display()))?;
+
+    let config = Arc::new(config);
+    let gateway = gateway::Gateway::new(Arc::new(auth::GatewayKeys { store: store.clone() }), config.start_timeout);
+    let shared = Arc::new(fleet::Shared {
+        store: store.clone(),
+        backend,
+        capacity: fleet::Capacity::new(&config),
+        config: config.clone(),
+        layout: layout.clone(),
+        gateway: gateway.clone(),
+        metrics: fleet::FleetMetrics::default(),
+    });
+    let mut registry = prometheus_client::registry::Registry::default();
+    gateway.metrics.register(&mut registry);
+    shared.metrics.register(&mut registry);
+    let fleet = Arc::new(fleet::Fleet::new(shared));
+    let control = Arc::new(Control::new(store, config.clone(), layout.clone(), fleet.clone(), registry));
     recover(&control).await?;
+    start_controllers(&control).await?;
 
     let api_listener = TcpListener::bind(config.api_addr)
         .await
@@ -64,8 +92,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = control.shutdown.clone();
     let api_app = api::router::router(control.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let gateway_server =
-        axum::serve(gateway_listener, gateway_router()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let gateway_server = axum::serve(gateway_listener, gateway.clone().router())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -82,17 +110,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Background deploys see the cancellation, stop their builds and record the
     // revision as Failed ("interrupted") before the process exits.
+    fleet.shutdown().await;
     control.tasks.close();
     control.tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// The gateway listener is bound so its address is reserved and known; serving calls
-/// to apps arrives with runners.
-fn gateway_router() -> axum::Router {
-    axum::Router::new()
-        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "this server does not serve calls to apps yet") })
+/// A runner's log is rotated at this size (one older file is kept).
+const RUNNER_LOG_BYTES: u64 = 8 << 20;
+
+/// Starts the controller of every app that has a current revision, so that its
+/// `min_concurrency` runners come up and calls find it.
+async fn start_controllers(control: &Control) -> anyhow::Result<()> {
+    for team in control.store.list_teams().await? {
+        for app in control.store.list_apps(team.id).await? {
+            if app.current_revision.is_some() {
+                control.fleet.controller(&app, &team.name).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -222,6 +222,14 @@ fn http_ok(url: &str) -> bool {
     response.starts_with("HTTP/1.1 200")
 }
 
+/// The controllable test app (`hangar-testapp`), built next to the `hangar` binary
+/// `hangar_bin`.
+pub fn testapp_bin(hangar_bin: &str) -> PathBuf {
+    let path = Path::new(hangar_bin).with_file_name("hangar-testapp");
+    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace)", path.display());
+    path
+}
+
 /// A temporary app directory with a manifest and any other files.
 pub struct AppDir {
     dir: tempfile::TempDir,

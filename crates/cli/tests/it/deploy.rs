@@ -63,18 +63,33 @@ fn deploys_make_immutable_revisions_and_identical_code_is_stored_once() {
 }
 
 #[test]
-fn rolling_deploy_says_it_behaved_as_recreate() {
+fn rolling_deploy_starts_a_runner_first_and_recreate_switches_at_once() {
     let server = server();
     let app = app_with_build("notes", "true");
-    let out = server.run(&["deploy", app.path_str(), "--strategy", "rolling"]).ok();
-    assert!(out.stdout.contains("behaved as recreate"), "{}", out.stdout);
-    let out = server.run(&["deploy", app.path_str(), "--strategy", "recreate"]).ok();
-    assert!(!out.stdout.contains("behaved as recreate"), "{}", out.stdout);
+    let first = server.run(&["deploy", app.path_str(), "--strategy", "rolling", "--json"]).ok().json();
+    // The rolling deploy made the revision current only once a runner of it was set up,
+    // and that runner now serves.
+    let apps = server.run(&["apps", "list", "--json"]).ok().json();
+    assert_eq!(apps[0]["runners"], 1);
+    assert_eq!(revisions(&server, "notes")[0]["runners"], 1);
+
+    let out = server.run(&["deploy", app.path_str(), "--strategy", "recreate", "--json"]).ok();
+    assert!(out.stderr.contains("recreate"), "{}", out.stderr);
+    let second = out.json();
+    let revs = revisions(&server, "notes");
+    assert_eq!(revs[0]["id"], second["revision"]);
+    assert_eq!(revs[0]["current"], true);
+    assert_eq!(revs[0]["runners"], 0, "recreate starts no runner");
+    assert_eq!(revs[1]["id"], first["revision"]);
+    testkit::wait_until("the old revision's runner to stop", || {
+        (revisions(&server, "notes")[1]["runners"] == 0).then_some(())
+    });
+
     let history = server.run(&["apps", "history", "notes", "--json"]).ok().json();
     assert_eq!(history.as_array().unwrap().len(), 2);
     assert_eq!(history[0]["action"], "deploy");
     assert!(history[0]["details"].as_str().unwrap().contains("recreate"));
-    assert!(history[1]["details"].as_str().unwrap().contains("behaved as recreate"));
+    assert!(history[1]["details"].as_str().unwrap().contains("rolling"));
     assert!(!history[0]["key_id"].as_str().unwrap().is_empty());
 }
 
@@ -130,9 +145,7 @@ fn detach_returns_while_deploying_and_the_deploy_finishes() {
 #[test]
 fn app_name_flag_overrides_the_manifest_and_scaling_survives_redeploys() {
     let server = server();
-    let app = testkit::AppDir::new(
-        "name = \"orig\"\ncommand = [\"python3\", \"s.py\"]\n[scaling]\nkeep_alive = 5\n[runner]\nmax_multiplexing = 2\n",
-    );
+    let app = crate::testapp_dir("orig", "[scaling]\nkeep_alive = 5\n[runner]\nmax_multiplexing = 2\n");
     server.run(&["deploy", app.path_str(), "--app-name", "renamed", "--auth", "public"]).ok();
     let apps = server.run(&["apps", "list", "--json"]).ok().json();
     assert_eq!(apps.as_array().unwrap().len(), 1);
@@ -142,10 +155,8 @@ fn app_name_flag_overrides_the_manifest_and_scaling_survives_redeploys() {
 
     // A new manifest: code-specific values follow it at once; runtime-tunable ones stay
     // until --reset-scale.
-    app.write(
-        "hangar.toml",
-        "name = \"orig\"\ncommand = [\"python3\", \"s.py\"]\n[scaling]\nkeep_alive = 99\n[runner]\nmax_multiplexing = 7\n",
-    );
+    let manifest = std::fs::read_to_string(app.path().join("hangar.toml")).unwrap();
+    app.write("hangar.toml", &manifest.replace("keep_alive = 5", "keep_alive = 99").replace("= 2", "= 7"));
     server.run(&["deploy", app.path_str(), "--app-name", "renamed"]).ok();
     let apps = server.run(&["apps", "list", "--json"]).ok().json();
     assert_eq!(apps[0]["keep_alive"], 5);

@@ -16,13 +16,19 @@ fn server() -> TestServer {
     TestServer::start(BIN)
 }
 
-/// A small app whose build step is `build` (a shell script).
+/// The controllable test app's binary.
+fn testapp() -> String {
+    testkit::testapp_bin(BIN).display().to_string()
+}
+
+/// A test-app app whose build step is `build` (a shell script).
 fn app_with_build(name: &str, build: &str) -> AppDir {
-    let app = AppDir::new(&format!(
-        "name = \"{name}\"\ncommand = [\"python3\", \"server.py\"]\nbuild = [\"sh\", \"-c\", {build:?}]\n"
-    ));
-    app.write("server.py", "print('hello')\n");
-    app
+    testapp_dir(name, &format!("build = [\"sh\", \"-c\", {build:?}]\n"))
+}
+
+/// A test-app app with more manifest lines (top-level keys first, then tables).
+fn testapp_dir(name: &str, extra: &str) -> AppDir {
+    AppDir::new(&format!("name = \"{name}\"\ncommand = [{:?}]\n{extra}", testapp()))
 }
 
 /// A copy of `examples/echo-python` in a temp dir, so a test can change it.

@@ -1,0 +1,703 @@
+//! One controller per app: the only writer of the app's runners and alias. Deploys,
+//! `runners stop`/`kill`, `apps scale`, crashes, health failures and load all arrive
+//! here, as [`Command`]s from the control plane or [`Event`]s from the supervisor, and
+//! every change of runners happens in [`Controller::reconcile`], which compares what
+//! is with what should be (level-triggered) after each of them and on a short tick.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use autoscaler::{Decision, Observed, Phase as ScalePhase, Policy, Runner as ScaleRunner};
+use gateway::{AppRoute, RouteConfig, RouteSnapshot};
+use model::ids::{RevisionId, RunnerId};
+use model::manifest::{Manifest, RunnerSpec, Scaling};
+use model::records::{App, Revision, RunnerInfo};
+use model::revision::{AuthMode, RunnerState, Strategy};
+use store::{Activation, NewHistory};
+use supervisor::{Event, HealthPolicy, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::fleet::{AppLabels, Shared, StateLabels};
+
+/// How often a controller looks again when nothing has happened.
+const TICK: Duration = Duration::from_millis(200);
+/// Longest back-off between attempts to start a failing runner.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// How long ended runners stay listed (`--since`).
+const KEEP_ENDED: Duration = Duration::from_secs(3600);
+/// The most ended runners kept per app.
+const MAX_ENDED: usize = 200;
+
+pub(crate) enum Command {
+    /// Make a built revision current.
+    Activate(Activate),
+    /// Change the app's scaling values (the store is already updated).
+    Configure { app: App, reply: oneshot::Sender<()> },
+    /// Drain and stop one runner; with `replace`, start its replacement first.
+    StopRunner { id: RunnerId, replace: bool, reply: oneshot::Sender<Result<(), String>> },
+    /// Kill one runner at once.
+    KillRunner { id: RunnerId, reply: oneshot::Sender<Result<(), String>> },
+    /// Stop every runner (draining first) and end.
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+pub(crate) struct Activate {
+    pub(crate) revision: Revision,
+    pub(crate) manifest: Manifest,
+    pub(crate) strategy: Strategy,
+    /// Runtime-tunable values to install, or `None` to keep the app's.
+    pub(crate) scaling: Option<Scaling>,
+    pub(crate) auth: Option<AuthMode>,
+    pub(crate) history: NewHistory,
+    /// `Err` carries the reason the revision failed.
+    pub(crate) reply: oneshot::Sender<Result<(), String>>,
+}
+
+struct Runner {
+    id: RunnerId,
+    revision: RevisionId,
+    manifest: Arc<Manifest>,
+    state: RunnerState,
+    handle: Option<RunnerHandle>,
+    started_at: OffsetDateTime,
+    ended_at: Option<OffsetDateTime>,
+    /// While in CrashBackoff: when to try again.
+    retry_at: Option<Instant>,
+    /// Marked to be replaced; `replacement` is the runner that takes over.
+    replacing: bool,
+    replacement: Option<RunnerId>,
+    holds_capacity: bool,
+    reason: Option<String>,
+}
+
+impl Runner {
+    fn new(revision: RevisionId, manifest: Arc<Manifest>) -> Runner {
+        Runner {
+            id: RunnerId::new(),
+            revision,
+            manifest,
+            state: RunnerState::Pending,
+            handle: None,
+            started_at: OffsetDateTime::now_utc(),
+            ended_at: None,
+            retry_at: None,
+            replacing: false,
+            replacement: None,
+            holds_capacity: false,
+            reason: None,
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        !matches!(self.state, RunnerState::Terminated)
+    }
+
+    fn is_set_up(&self) -> bool {
+        matches!(self.state, RunnerState::Idle | RunnerState::Running)
+    }
+}
+
+/// A rolling activation waiting for its first runner to be set up.
+struct PendingActivation {
+    activate: Activate,
+    runner: RunnerId,
+    deadline: Instant,
+}
+
+pub(crate) struct Controller {
+    app: App,
+    team: String,
+    route: Arc<AppRoute>,
+    shared: Arc<Shared>,
+    view: Arc<Mutex<Vec<RunnerInfo>>>,
+    current: Option<(RevisionId, Arc<Manifest>)>,
+    runners: Vec<Runner>,
+    pending: Option<PendingActivation>,
+    /// Failed starts in a row of the current revision, for the back-off.
+    failures: u32,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    shutting_down: Option<oneshot::Sender<()>>,
+}
+
+impl Controller {
+    /// Prepares the controller of `app`, reading its current revision.
+    pub(crate) async fn load(
+        app: App,
+        team: &str,
+        route: Arc<AppRoute>,
+        shared: Arc<Shared>,
+        view: Arc<Mutex<Vec<RunnerInfo>>>,
+    ) -> anyhow::Result<Controller> {
+        let current = match app.current_revision {
+            Some(id) => {
+                let revision = shared
+                    .store
+                    .revision(id)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("app {} points at missing revision {id}", app.name))?;
+                let manifest = Manifest::parse(&revision.manifest, None)
+                    .map_err(|e| anyhow::anyhow!("revision {id} has an unreadable manifest: {e}"))?;
+                Some((id, Arc::new(manifest)))
+            }
+            None => None,
+        };
+        route.set_revision(current.as_ref().map(|(id, _)| *id));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Ok(Controller {
+            app,
+            team: team.to_owned(),
+            route,
+            shared,
+            view,
+            current,
+            runners: Vec::new(),
+            pending: None,
+            failures: 0,
+            events_tx,
+            events,
+            shutting_down: None,
+        })
+    }
+
+    pub(crate) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let shared = self.shared.clone();
+        let route = self.route.clone();
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command).await,
+                    None => self.begin_shutdown(None),
+                },
+                Some(event) = self.events.recv() => self.event(event).await,
+                () = route.changed() => {}
+                () = shared.capacity.freed() => {}
+                () = tokio::time::sleep(TICK) => {}
+            }
+            self.reconcile().await;
+            self.publish();
+            if self.shutting_down.is_some() && !self.runners.iter().any(Runner::is_live) {
+                if let Some(reply) = self.shutting_down.take() {
+                    let _ = reply.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Activate(activate) => self.activate(activate).await,
+            Command::Configure { app, reply } => {
+                self.set_app(app);
+                let _ = reply.send(());
+            }
+            Command::StopRunner { id, replace, reply } => {
+                let _ = reply.send(self.stop_runner(id, replace));
+            }
+            Command::KillRunner { id, reply } => {
+                let result = match self.runners.iter_mut().find(|r| r.id == id && r.is_live()) {
+                    Some(runner) => {
+                        self.route.remove_runner(id);
+                        kill(runner, "killed on request");
+                        Ok(())
+                    }
+                    None => Err(format!("runner {id} is not running")),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Shutdown { reply } => self.begin_shutdown(Some(reply)),
+        }
+    }
+
+    fn set_app(&mut self, app: App) {
+        self.route.configure(RouteConfig {
+            auth: app.auth,
+            request_timeout: Duration::from_secs(app.scaling.request_timeout),
+            suspended: app.suspended,
+        });
+        self.app = app;
+    }
+
+    fn stop_runner(&mut self, id: RunnerId, replace: bool) -> Result<(), String> {
+        let current = self.current.clone();
+        let Some(runner) = self.runners.iter_mut().find(|r| r.id == id && r.is_live()) else {
+            return Err(format!("runner {id} is not running"));
+        };
+        if replace && runner.is_set_up() && current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision) {
+            runner.replacing = true;
+            let (revision, manifest) = current.expect("checked above");
+            let replacement = Runner::new(revision, manifest);
+            runner.replacement = Some(replacement.id);
+            self.runners.push(replacement);
+        } else {
+            runner.replacing = replace;
+            begin_drain(&self.route, runner, "stopped on request");
+        }
+        Ok(())
+    }
+
+    fn begin_shutdown(&mut self, reply: Option<oneshot::Sender<()>>) {
+        if let Some((_, pending)) = self.pending.take().map(|p| ((), p)) {
+            let _ = pending.activate.reply.send(Err("interrupted".to_owned()));
+        }
+        for runner in &mut self.runners {
+            begin_drain(&self.route, runner, "the server is shutting down");
+        }
+        self.route.set_revision(None);
+        self.shutting_down = Some(reply.unwrap_or_else(|| oneshot::channel().0));
+    }
+
+    async fn activate(&mut self, activate: Activate) {
+        if self.shutting_down.is_some() {
+            let _ = activate.reply.send(Err("interrupted".to_owned()));
+            return;
+        }
+        // A newer activation supersedes one still waiting (deploys are serialized, so
+        // this only happens after a server-side abort of the older one).
+        if let Some(pending) = self.pending.take() {
+            let _ = pending.activate.reply.send(Err("superseded by a newer deploy".to_owned()));
+        }
+        match activate.strategy {
+            Strategy::Recreate => self.commit(activate, None).await,
+            Strategy::Rolling => {
+                let manifest = Arc::new(activate.manifest.clone());
+                let runner = Runner::new(activate.revision.id, manifest);
+                let startup = Duration::from_secs(activate.revision.runner.startup_timeout);
+                self.pending =
+                    Some(PendingActivation { runner: runner.id, deadline: Instant::now() + startup, activate });
+                self.runners.push(runner);
+            }
+        }
+    }
+
+    /// Makes the activation's revision current: in the store first (one transaction),
+    /// then on the gateway. With `first_runner`, that set-up runner starts serving.
+    async fn commit(&mut self, activate: Activate, first_runner: Option<RunnerId>) {
+        let Activate { revision, manifest, scaling, auth, history, reply, .. } = activate;
+        let activation =
+            Activation { app_id: self.app.id, revision: revision.id, runner: manifest.runner.clone(), scaling, auth };
+        if let Err(e) = self.shared.store.activate_revision(activation, history).await {
+            tracing::error!(app = %self.app.name, error = %e, "cannot record the new current revision");
+            let _ = reply.send(Err(format!("the new revision could not be recorded: {e}")));
+            return;
+        }
+        match self.shared.store.app_by_name(self.app.team_id, &self.app.name).await {
+            Ok(Some(app)) => self.set_app(app),
+            Ok(None) | Err(_) => tracing::warn!(app = %self.app.name, "cannot re-read the app after activation"),
+        }
+        let manifest = Arc::new(manifest);
+        self.current = Some((revision.id, manifest));
+        self.failures = 0;
+        self.route.set_revision(Some(revision.id));
+        if let Some(id) = first_runner
+            && let Some(runner) = self.runners.iter().find(|r| r.id == id)
+            && let Some(handle) = &runner.handle
+        {
+            self.route.add_runner(id, revision.id, handle.addr, revision.runner.max_multiplexing);
+        }
+        tracing::info!(app = %self.app.name, revision = %revision.id, "revision is current");
+        let _ = reply.send(Ok(()));
+    }
+
+    async fn event(&mut self, event: Event) {
+        let id = event.runner();
+        let Some(index) = self.runners.iter().position(|r| r.id == id) else { return };
+        match event {
+            Event::Healthy { .. } => {
+                let runner = &mut self.runners[index];
+                if runner.state != RunnerState::Setup {
+                    return;
+                }
+                runner.state = RunnerState::Idle;
+                let revision = runner.revision;
+                let addr = runner.handle.as_ref().map(|h| h.addr);
+                let max = runner.manifest.runner.max_multiplexing;
+                if self.pending.as_ref().is_some_and(|p| p.runner == id) {
+                    let pending = self.pending.take().expect("checked above");
+                    self.commit(pending.activate, Some(id)).await;
+                } else if self.current.as_ref().is_some_and(|(rev, _)| *rev == revision) {
+                    self.failures = 0;
+                    if let Some(addr) = addr {
+                        self.route.add_runner(id, revision, addr, max);
+                    }
+                }
+            }
+            Event::Unhealthy { reason, .. } => {
+                self.route.remove_runner(id);
+                let runner = &mut self.runners[index];
+                runner.state = RunnerState::Terminating;
+                runner.reason = Some(reason);
+            }
+            Event::Exited { phase, requested, reason, .. } => {
+                self.route.remove_runner(id);
+                let machine_type = self.runners[index].manifest.runner.machine_type.clone();
+                let runner = &mut self.runners[index];
+                if std::mem::take(&mut runner.holds_capacity) {
+                    self.shared.capacity.release(&machine_type);
+                }
+                runner.handle = None;
+                let was_ending = matches!(runner.state, RunnerState::Draining | RunnerState::Terminating);
+                if requested || was_ending {
+                    end(runner, reason);
+                } else if phase == Phase::Setup {
+                    self.setup_failed(index, reason);
+                } else {
+                    tracing::warn!(app = %self.app.name, runner = %id, %reason, "runner ended unexpectedly");
+                    end(&mut self.runners[index], format!("ended unexpectedly: {reason}"));
+                }
+            }
+        }
+    }
+
+    fn setup_failed(&mut self, index: usize, reason: String) {
+        let id = self.runners[index].id;
+        tracing::warn!(app = %self.app.name, runner = %id, %reason, "runner failed to set up");
+        if self.pending.as_ref().is_some_and(|p| p.runner == id) {
+            let pending = self.pending.take().expect("checked above");
+            end(&mut self.runners[index], reason.clone());
+            let _ = pending.activate.reply.send(Err(format!("runner {id} did not set up: {reason}")));
+            return;
+        }
+        self.failures += 1;
+        let delay = self.shared.config.backoff_base.saturating_mul(self.failures).min(MAX_BACKOFF);
+        let runner = &mut self.runners[index];
+        runner.state = RunnerState::CrashBackoff;
+        runner.retry_at = Some(Instant::now() + delay);
+        runner.reason = Some(format!("{reason}; next attempt in {delay:?}"));
+    }
+
+    /// Brings the runners in line with what should be.
+    async fn reconcile(&mut self) {
+        let snapshot = self.route.snapshot();
+        let now = Instant::now();
+
+        // A call ran past the request timeout: its runner may be stuck; let it go.
+        for runner in &mut self.runners {
+            if runner.is_set_up() && snapshot.runner(runner.id).is_some_and(|s| s.timed_out) {
+                begin_drain(&self.route, runner, "a call ran past the request timeout");
+            }
+        }
+
+        // A rolling activation whose runner never found room gives up in time.
+        if let Some(pending) = &self.pending
+            && now >= pending.deadline
+            && self.runners.iter().any(|r| r.id == pending.runner && r.state == RunnerState::Pending)
+        {
+            let pending = self.pending.take().expect("checked above");
+            let reason = format!(
+                "no room for a runner on machine type {:?} within the startup timeout",
+                pending.activate.revision.runner.machine_type
+            );
+            if let Some(runner) = self.runners.iter_mut().find(|r| r.id == pending.runner) {
+                end(runner, reason.clone());
+            }
+            let _ = pending.activate.reply.send(Err(reason));
+        }
+
+        self.replace_marked();
+        if self.shutting_down.is_none() {
+            self.autoscale(&snapshot);
+        }
+        // Runners of a revision that is no longer current leave.
+        let current = self.current.as_ref().map(|(rev, _)| *rev);
+        let candidate = self.pending.as_ref().map(|p| p.runner);
+        for runner in &mut self.runners {
+            if Some(runner.revision) != current && Some(runner.id) != candidate {
+                begin_drain(&self.route, runner, "its revision is no longer current");
+            }
+        }
+
+        // Draining runners with nothing in flight are told to stop.
+        for runner in &mut self.runners {
+            if runner.state == RunnerState::Draining && snapshot.runner(runner.id).is_none_or(|s| s.in_flight == 0) {
+                self.route.remove_runner(runner.id);
+                let grace = Duration::from_secs(runner.manifest.runner.termination_grace_period);
+                match &runner.handle {
+                    Some(handle) => {
+                        handle.stop(grace);
+                        runner.state = RunnerState::Terminating;
+                    }
+                    None => end(runner, runner.reason.clone().unwrap_or_default()),
+                }
+            }
+        }
+
+        // Back-offs that have run out: try again, as a new runner.
+        let mut retries = Vec::new();
+        for runner in &mut self.runners {
+            if runner.state == RunnerState::CrashBackoff && runner.retry_at.is_some_and(|t| now >= t) {
+                let reason = runner.reason.clone().unwrap_or_default();
+                end(runner, reason);
+                retries.push(Runner::new(runner.revision, runner.manifest.clone()));
+            }
+        }
+        self.runners.extend(retries);
+
+        self.start_pending(&snapshot);
+        self.forget_old();
+    }
+
+    /// Runners marked for replacement hand over to their replacement once it is set
+    /// up, or right away when the replacement cannot find room (then calls wait in the
+    /// queue instead of capacity being exceeded).
+    fn replace_marked(&mut self) {
+        let states: Vec<(RunnerId, RunnerState)> = self.runners.iter().map(|r| (r.id, r.state)).collect();
+        let state_of = |id: RunnerId| states.iter().find(|(r, _)| *r == id).map(|(_, s)| *s);
+        for runner in &mut self.runners {
+            if !runner.replacing || !runner.is_set_up() {
+                continue;
+            }
+            let handover = match runner.replacement.and_then(state_of) {
+                Some(RunnerState::Idle | RunnerState::Running) => true,
+                Some(RunnerState::Pending) | None => true,
+                Some(RunnerState::Terminated) => true,
+                Some(_) => false,
+            };
+            if handover {
+                begin_drain(&self.route, runner, "replaced");
+            }
+        }
+    }
+
+    fn autoscale(&mut self, snapshot: &RouteSnapshot) {
+        let Some((revision, manifest)) = self.current.clone() else { return };
+        if self.app.suspended {
+            for runner in &mut self.runners {
+                begin_drain(&self.route, runner, "the app is suspended");
+            }
+            return;
+        }
+        let counted: Vec<ScaleRunner> = self
+            .runners
+            .iter()
+            .filter(|r| r.revision == revision && !r.replacing)
+            .filter_map(|r| {
+                let phase = match r.state {
+                    RunnerState::Pending => ScalePhase::Pending,
+                    RunnerState::Setup => ScalePhase::Setup,
+                    RunnerState::CrashBackoff => ScalePhase::CrashBackoff,
+                    RunnerState::Idle | RunnerState::Running => {
+                        ScalePhase::Ready { idle_for: snapshot.runner(r.id).and_then(|s| s.idle_for) }
+                    }
+                    _ => return None,
+                };
+                Some(ScaleRunner { id: r.id, phase })
+            })
+            .collect();
+        let decision: Decision = autoscaler::decide(
+            &self.policy(),
+            &Observed { in_flight: snapshot.in_flight(), queued: &snapshot.queued, runners: &counted },
+        );
+        let no_runner_up = !self.runners.iter().any(|r| r.revision == revision && r.is_set_up());
+        for _ in 0..decision.start {
+            if no_runner_up && !snapshot.queued.is_empty() {
+                self.shared.metrics.cold_starts.get_or_create(&AppLabels { app: self.label() }).inc();
+            }
+            self.runners.push(Runner::new(revision, manifest.clone()));
+        }
+        for id in decision.stop {
+            if let Some(runner) = self.runners.iter_mut().find(|r| r.id == id) {
+                begin_drain(&self.route, runner, "scaled down");
+            }
+        }
+    }
+
+    fn policy(&self) -> Policy {
+        let s = &self.app.scaling;
+        let r: &RunnerSpec = &self.app.runner;
+        Policy {
+            min_concurrency: s.min_concurrency,
+            max_concurrency: s.max_concurrency,
+            concurrency_buffer: s.concurrency_buffer,
+            concurrency_buffer_perc: s.concurrency_buffer_perc,
+            max_multiplexing: r.max_multiplexing,
+            keep_alive: Duration::from_secs(s.keep_alive),
+            scaling_delay: Duration::from_secs(s.scaling_delay),
+        }
+    }
+
+    /// Starts the processes of Pending runners that find room on their machine type.
+    fn start_pending(&mut self, _snapshot: &RouteSnapshot) {
+        for index in 0..self.runners.len() {
+            if self.runners[index].state != RunnerState::Pending {
+                continue;
+            }
+            let machine_type = self.app_machine_type(index);
+            if !self.shared.capacity.try_acquire(&machine_type) {
+                continue;
+            }
+            self.runners[index].holds_capacity = true;
+            let launch = self.launch_spec(index);
+            match self.shared.backend.launch(launch, self.events_tx.clone()) {
+                Ok(handle) => {
+                    let runner = &mut self.runners[index];
+                    runner.handle = Some(handle);
+                    runner.state = RunnerState::Setup;
+                    runner.started_at = OffsetDateTime::now_utc();
+                }
+                Err(e) => {
+                    self.shared.capacity.release(&machine_type);
+                    self.runners[index].holds_capacity = false;
+                    self.setup_failed(index, format!("could not be started: {e}"));
+                }
+            }
+        }
+    }
+
+    /// The machine type a runner needs: its revision's, except that the current
+    /// revision follows the app's (which `apps scale` may have changed).
+    fn app_machine_type(&self, index: usize) -> String {
+        let runner = &self.runners[index];
+        if self.current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision) {
+            self.app.runner.machine_type.clone()
+        } else {
+            runner.manifest.runner.machine_type.clone()
+        }
+    }
+
+    fn launch_spec(&self, index: usize) -> RunnerLaunch {
+        let runner = &self.runners[index];
+        let manifest = &runner.manifest;
+        let is_current = self.current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision);
+        let startup_timeout =
+            if is_current { self.app.runner.startup_timeout } else { manifest.runner.startup_timeout };
+        let mut env: Vec<(String, String)> = ["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.push(("HANGAR_APP".to_owned(), self.app.name.clone()));
+        env.push(("HANGAR_REVISION".to_owned(), runner.revision.to_string()));
+        env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));
+        let config = &self.shared.config;
+        RunnerLaunch {
+            id: runner.id,
+            command: manifest.command.clone(),
+            dir: self.shared.layout.revision_code(runner.revision),
+            env,
+            health_path: manifest.health_path.clone(),
+            startup_timeout: Duration::from_secs(startup_timeout),
+            health: HealthPolicy {
+                interval: config.health_interval,
+                failure_threshold: config.failure_threshold,
+                probe_timeout: config.health_interval.min(Duration::from_secs(10)),
+            },
+        }
+    }
+
+    /// Drops ended runners that are old, keeping the listing bounded.
+    fn forget_old(&mut self) {
+        let cutoff = OffsetDateTime::now_utc() - KEEP_ENDED;
+        self.runners.retain(|r| r.is_live() || r.ended_at.is_some_and(|t| t > cutoff));
+        let ended = self.runners.iter().filter(|r| !r.is_live()).count();
+        if ended > MAX_ENDED {
+            let mut drop = ended - MAX_ENDED;
+            self.runners.retain(|r| {
+                if drop > 0 && !r.is_live() {
+                    drop -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}", self.team, self.app.name)
+    }
+
+    /// Publishes the runners for listings and metrics.
+    fn publish(&self) {
+        let snapshot = self.route.snapshot();
+        let keep_alive = Duration::from_secs(self.app.scaling.keep_alive);
+        let live = self.runners.iter().filter(|r| r.is_set_up()).count() as u32;
+        let infos: Vec<RunnerInfo> = self
+            .runners
+            .iter()
+            .map(|r| {
+                let slot = snapshot.runner(r.id);
+                let in_flight = slot.map_or(0, |s| s.in_flight);
+                let state = match r.state {
+                    RunnerState::Idle | RunnerState::Running if in_flight > 0 => RunnerState::Running,
+                    RunnerState::Idle | RunnerState::Running => RunnerState::Idle,
+                    other => other,
+                };
+                let expires_in = match (state, slot.and_then(|s| s.idle_for)) {
+                    (RunnerState::Idle, Some(idle)) if live > self.app.scaling.min_concurrency => {
+                        Some(keep_alive.saturating_sub(idle))
+                    }
+                    _ => None,
+                };
+                RunnerInfo {
+                    id: r.id,
+                    app: self.app.name.clone(),
+                    revision: r.revision,
+                    machine_type: r.manifest.runner.machine_type.clone(),
+                    state,
+                    in_flight,
+                    expires_in,
+                    started_at: r.started_at,
+                    ended_at: r.ended_at,
+                    replacing: r.replacing,
+                    reason: r.reason.clone(),
+                }
+            })
+            .collect();
+        let app = self.label();
+        for state in RunnerState::ALL {
+            let n = infos.iter().filter(|i| i.state == *state).count() as i64;
+            self.shared
+                .metrics
+                .runners
+                .get_or_create(&StateLabels { app: app.clone(), state: state.as_str().to_owned() })
+                .set(n);
+        }
+        self.shared.metrics.queued.get_or_create(&AppLabels { app }).set(snapshot.queued.len() as i64);
+        *self.view.lock().unwrap_or_else(|e| e.into_inner()) = infos;
+    }
+}
+
+/// Stops routing new calls to a runner; it stops once its calls are done. A runner
+/// without a process ends at once.
+fn begin_drain(route: &AppRoute, runner: &mut Runner, reason: &str) {
+    match runner.state {
+        RunnerState::Idle | RunnerState::Running => {
+            route.stop_routing(runner.id);
+            runner.state = RunnerState::Draining;
+            runner.reason = Some(reason.to_owned());
+        }
+        RunnerState::Setup => {
+            if let Some(handle) = &runner.handle {
+                handle.stop(Duration::from_secs(runner.manifest.runner.termination_grace_period));
+            }
+            runner.state = RunnerState::Terminating;
+            runner.reason = Some(reason.to_owned());
+        }
+        RunnerState::Pending | RunnerState::CrashBackoff => end(runner, reason.to_owned()),
+        RunnerState::Draining | RunnerState::Terminating | RunnerState::Terminated => {}
+    }
+}
+
+fn kill(runner: &mut Runner, reason: &str) {
+    match &runner.handle {
+        Some(handle) => {
+            handle.kill();
+            runner.state = RunnerState::Terminating;
+            runner.reason = Some(reason.to_owned());
+        }
+        None => end(runner, reason.to_owned()),
+    }
+}
+
+fn end(runner: &mut Runner, reason: String) {
+    runner.state = RunnerState::Terminated;
+    runner.ended_at = Some(OffsetDateTime::now_utc());
+    runner.retry_at = None;
+    if !reason.is_empty() {
+        runner.reason = Some(reason);
+    }
+}

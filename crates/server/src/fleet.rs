@@ -1,0 +1,209 @@
+//! The fleet: every app's controller, and what they share (the store, the runner
+//! backend, machine capacity, the gateway). The control plane asks the fleet for an
+//! app's controller and sends it commands; it never touches runners itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use gateway::{AppRoute, Gateway, RouteConfig};
+use model::records::{App, RunnerInfo};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use store::Store;
+use supervisor::LocalProcesses;
+use tokio::sync::{Notify, mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::controller::{Command, Controller};
+use crate::layout::Layout;
+
+/// How many runners of each machine type this server may run at once.
+pub(crate) struct Capacity {
+    limits: HashMap<String, u32>,
+    used: Mutex<HashMap<String, u32>>,
+    freed: Notify,
+}
+
+impl Capacity {
+    pub(crate) fn new(config: &Config) -> Capacity {
+        Capacity {
+            limits: config.machine_types.iter().map(|(name, m)| (name.clone(), m.capacity)).collect(),
+            used: Mutex::default(),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Takes room for one runner, if there is any.
+    pub(crate) fn try_acquire(&self, machine_type: &str) -> bool {
+        let limit = self.limits.get(machine_type).copied().unwrap_or(0);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let n = used.entry(machine_type.to_owned()).or_default();
+        if *n < limit {
+            *n += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn release(&self, machine_type: &str) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = used.get_mut(machine_type) {
+            *n = n.saturating_sub(1);
+        }
+        drop(used);
+        // Every controller with a runner waiting for room takes another look.
+        self.freed.notify_waiters();
+    }
+
+    pub(crate) async fn freed(&self) {
+        self.freed.notified().await;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct StateLabels {
+    pub(crate) app: String,
+    pub(crate) state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct AppLabels {
+    pub(crate) app: String,
+}
+
+/// What the fleet counts, for `/metrics`.
+#[derive(Default)]
+pub(crate) struct FleetMetrics {
+    pub(crate) runners: Family<StateLabels, Gauge>,
+    pub(crate) queued: Family<AppLabels, Gauge>,
+    pub(crate) cold_starts: Family<AppLabels, Counter>,
+}
+
+impl FleetMetrics {
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register("hangar_runners", "Runners by app and state", self.runners.clone());
+        registry.register("hangar_queue_length", "Calls waiting for a runner, by app", self.queued.clone());
+        registry.register(
+            "hangar_cold_starts",
+            "Runners started while calls waited and no runner of the app was set up",
+            self.cold_starts.clone(),
+        );
+    }
+}
+
+/// Shared by every controller.
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) backend: Arc<LocalProcesses>,
+    pub(crate) capacity: Capacity,
+    pub(crate) config: Arc<Config>,
+    pub(crate) layout: Layout,
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) metrics: FleetMetrics,
+}
+
+/// A running controller, as others reach it.
+#[derive(Clone)]
+pub(crate) struct ControllerHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    pub(crate) view: Arc<Mutex<Vec<RunnerInfo>>>,
+}
+
+impl ControllerHandle {
+    /// Sends a command; false if the controller has ended.
+    pub(crate) fn send(&self, command: Command) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    pub(crate) fn runners(&self) -> Vec<RunnerInfo> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub(crate) struct Fleet {
+    pub(crate) shared: Arc<Shared>,
+    controllers: Mutex<HashMap<Uuid, ControllerHandle>>,
+    /// Set at shutdown: no controller starts after it.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Fleet {
+    pub(crate) fn new(shared: Arc<Shared>) -> Fleet {
+        Fleet { shared, controllers: Mutex::default(), closed: Default::default() }
+    }
+
+    /// The app's controller, started if it is not running yet.
+    pub(crate) async fn controller(&self, app: &App, team: &str) -> anyhow::Result<ControllerHandle> {
+        if let Some(handle) = self.get(app.id) {
+            return Ok(handle);
+        }
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("the server is shutting down");
+        }
+        let route = AppRoute::new(
+            app.team_id,
+            app.name.clone(),
+            RouteConfig {
+                auth: app.auth,
+                request_timeout: std::time::Duration::from_secs(app.scaling.request_timeout),
+                suspended: app.suspended,
+            },
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let view = Arc::new(Mutex::new(Vec::new()));
+        let controller = Controller::load(app.clone(), team, route.clone(), self.shared.clone(), view.clone()).await?;
+        let handle = ControllerHandle { commands: tx, view };
+        {
+            let mut controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(existing) = controllers.get(&app.id) {
+                return Ok(existing.clone());
+            }
+            controllers.insert(app.id, handle.clone());
+        }
+        self.shared.gateway.register(team, route);
+        tokio::spawn(controller.run(rx));
+        Ok(handle)
+    }
+
+    pub(crate) fn get(&self, app_id: Uuid) -> Option<ControllerHandle> {
+        self.controllers.lock().unwrap_or_else(|e| e.into_inner()).get(&app_id).cloned()
+    }
+
+    /// The runners of an app (none if its controller is not running).
+    pub(crate) fn runners(&self, app_id: Uuid) -> Vec<RunnerInfo> {
+        self.get(app_id).map(|h| h.runners()).unwrap_or_default()
+    }
+
+    /// Stops an app's controller and all its runners, and takes it off the gateway.
+    pub(crate) async fn remove(&self, app_id: Uuid, team: &str, app: &str) {
+        self.shared.gateway.unregister(team, app);
+        let handle = self.controllers.lock().unwrap_or_else(|e| e.into_inner()).remove(&app_id);
+        if let Some(handle) = handle {
+            let (reply, done) = oneshot::channel();
+            if handle.send(Command::Shutdown { reply }) {
+                let _ = done.await;
+            }
+        }
+    }
+
+    /// Stops every controller (and so every runner), draining calls first.
+    pub(crate) async fn shutdown(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let handles: Vec<_> = self.controllers.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let mut waits = Vec::new();
+        for (_, handle) in handles {
+            let (reply, done) = oneshot::channel();
+            if handle.send(Command::Shutdown { reply }) {
+                waits.push(done);
+            }
+        }
+        for done in waits {
+            let _ = done.await;
+        }
+    }
+}
