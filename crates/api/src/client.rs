@@ -5,7 +5,10 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
-use crate::wire::{AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson};
+use crate::wire::{
+    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RunnerJson, RunnersQuery,
+    ScaleJson, ScaleRequest,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -147,6 +150,35 @@ impl Client {
 
     pub async fn history(&self, app: &str) -> Result<Vec<HistoryJson>> {
         self.json(self.request(Method::GET, &format!("/v1/apps/{}/history", seg(app)))).await
+    }
+}
+
+impl Client {
+    pub async fn scale(&self, app: &str, request: &ScaleRequest) -> Result<ScaleJson> {
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/scale", seg(app))).json(request)).await
+    }
+
+    /// The runners of `app`, or of every app of the team when `None`.
+    pub async fn runners(&self, app: Option<&str>, query: &RunnersQuery) -> Result<Vec<RunnerJson>> {
+        let path = match app {
+            Some(app) => format!("/v1/apps/{}/runners", seg(app)),
+            None => "/v1/runners".to_owned(),
+        };
+        self.json(self.request(Method::GET, &path).query(query)).await
+    }
+
+    pub async fn stop_runner(&self, runner: &str, replace: bool) -> Result<RunnerJson> {
+        let path = format!("/v1/runners/{}/stop", seg(runner));
+        self.json(self.request(Method::POST, &path).query(&[("replace", replace)])).await
+    }
+
+    pub async fn kill_runner(&self, runner: &str) -> Result<RunnerJson> {
+        self.json(self.request(Method::POST, &format!("/v1/runners/{}/kill", seg(runner)))).await
+    }
+
+    pub async fn runner_log(&self, runner: &str, offset: u64) -> Result<LogChunk> {
+        let path = format!("/v1/runners/{}/log", seg(runner));
+        self.json(self.request(Method::GET, &path).query(&[("offset", offset)])).await
     }
 }
 

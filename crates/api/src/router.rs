@@ -19,7 +19,10 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::wire::{AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson};
+use crate::wire::{
+    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RunnerJson, RunnersQuery,
+    ScaleJson, ScaleRequest,
+};
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
 pub const TEAM_HEADER: &str = "x-hangar-team";
@@ -80,6 +83,34 @@ pub trait ControlPlane: Send + Sync + 'static {
         revision: &str,
     ) -> impl Future<Output = Result<RevisionJson, ApiError>> + Send;
     fn history(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<Vec<HistoryJson>, ApiError>> + Send;
+    /// Changes an app's scaling values at once, without restarting runners.
+    fn scale(
+        &self,
+        caller: &Caller,
+        app: &str,
+        request: ScaleRequest,
+    ) -> impl Future<Output = Result<ScaleJson, ApiError>> + Send;
+    /// The runners of one app, or of every app of the team.
+    fn list_runners(
+        &self,
+        caller: &Caller,
+        app: Option<&str>,
+        query: RunnersQuery,
+    ) -> impl Future<Output = Result<Vec<RunnerJson>, ApiError>> + Send;
+    /// Drains and stops a runner (`replace`: its replacement is set up first).
+    fn stop_runner(
+        &self,
+        caller: &Caller,
+        runner: &str,
+        replace: bool,
+    ) -> impl Future<Output = Result<RunnerJson, ApiError>> + Send;
+    fn kill_runner(&self, caller: &Caller, runner: &str) -> impl Future<Output = Result<RunnerJson, ApiError>> + Send;
+    fn runner_log(
+        &self,
+        caller: &Caller,
+        runner: &str,
+        offset: u64,
+    ) -> impl Future<Output = Result<LogChunk, ApiError>> + Send;
 }
 
 /// Builds the control API router.
@@ -92,6 +123,12 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .route("/apps/{app}/revisions/{rev}/log", get(revision_log::<C>))
         .route("/apps/{app}/history", get(history::<C>))
         .route("/deploys", axum::routing::post(deploy::<C>))
+        .route("/apps/{app}/scale", axum::routing::post(scale::<C>))
+        .route("/apps/{app}/runners", get(app_runners::<C>))
+        .route("/runners", get(runners::<C>))
+        .route("/runners/{id}/stop", axum::routing::post(stop_runner::<C>))
+        .route("/runners/{id}/kill", axum::routing::post(kill_runner::<C>))
+        .route("/runners/{id}/log", get(runner_log::<C>))
         .route_layer(middleware::from_fn_with_state(control.clone(), authenticate::<C>));
     Router::new()
         .route("/healthz", get(|| async { Json(HealthJson { status: "ok".to_owned() }) }))
@@ -204,6 +241,70 @@ async fn history<C: ControlPlane>(
     Path(app): Path<String>,
 ) -> Result<Json<Vec<HistoryJson>>, ApiError> {
     c.history(&caller, &app).await.map(Json)
+}
+
+async fn scale<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    request: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ScaleJson>, ApiError> {
+    let Json(request) = request
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad scale request: {}", e.body_text())))?;
+    c.scale(&caller, &app, request).await.map(Json)
+}
+
+async fn app_runners<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    query: Result<Query<RunnersQuery>, QueryRejection>,
+) -> Result<Json<Vec<RunnerJson>>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    c.list_runners(&caller, Some(&app), query).await.map(Json)
+}
+
+async fn runners<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<RunnersQuery>, QueryRejection>,
+) -> Result<Json<Vec<RunnerJson>>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    c.list_runners(&caller, None, query).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+struct StopQuery {
+    #[serde(default)]
+    replace: bool,
+}
+
+async fn stop_runner<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<StopQuery>, QueryRejection>,
+) -> Result<Json<RunnerJson>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    c.stop_runner(&caller, &id, query.replace).await.map(Json)
+}
+
+async fn kill_runner<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<RunnerJson>, ApiError> {
+    c.kill_runner(&caller, &id).await.map(Json)
+}
+
+async fn runner_log<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Json<LogChunk>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    c.runner_log(&caller, &id, query.offset).await.map(Json)
 }
 
 fn bad_query(rejection: QueryRejection) -> ApiError {

@@ -146,3 +146,76 @@ impl From<&HistoryEntry> for HistoryJson {
         }
     }
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunnerJson {
+    pub id: String,
+    pub app: String,
+    pub revision: String,
+    pub machine_type: String,
+    /// pending | setup | idle | running | draining | terminating | terminated | crash_backoff
+    pub state: String,
+    pub in_flight: u32,
+    /// Seconds until an idle runner is stopped by keep_alive, when it would be.
+    pub expires_in: Option<u64>,
+    /// Seconds since the runner started (until it ended, for an ended one).
+    pub uptime: u64,
+    /// Scheduled to be replaced.
+    pub replacing: bool,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Filters of a runner listing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunnersQuery {
+    /// Comma-separated states to show (default: every state but terminated).
+    pub state: Option<String>,
+    /// Also show runners that ended up to this many seconds ago.
+    pub since: Option<u64>,
+}
+
+/// New scaling values for an app; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    pub keep_alive: Option<u64>,
+    pub min_concurrency: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub concurrency_buffer: Option<u32>,
+    pub concurrency_buffer_perc: Option<u32>,
+    pub scaling_delay: Option<u64>,
+    pub request_timeout: Option<u64>,
+    pub max_multiplexing: Option<u32>,
+    pub startup_timeout: Option<u64>,
+    pub machine_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScaleJson {
+    pub app: AppJson,
+    /// The names of the values that changed.
+    pub changed: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl RunnerJson {
+    pub fn new(r: &model::records::RunnerInfo) -> RunnerJson {
+        let end = r.ended_at.unwrap_or_else(OffsetDateTime::now_utc);
+        RunnerJson {
+            id: r.id.to_string(),
+            app: r.app.clone(),
+            revision: r.revision.to_string(),
+            machine_type: r.machine_type.clone(),
+            state: r.state.as_str().to_owned(),
+            in_flight: r.in_flight,
+            expires_in: r.expires_in.map(|d| d.as_secs()),
+            uptime: (end - r.started_at).whole_seconds().max(0) as u64,
+            replacing: r.replacing,
+            started_at: rfc3339(r.started_at),
+            ended_at: r.ended_at.map(rfc3339),
+            reason: r.reason.clone(),
+        }
+    }
+}

@@ -25,6 +25,49 @@ pub(crate) enum AppsCommand {
     Delete { app: String },
     /// Show every change made to an app, newest first
     History { app: String },
+    /// List an app's runners
+    Runners {
+        app: String,
+        #[command(flatten)]
+        filter: crate::runners::Filter,
+    },
+    /// Change an app's scaling values now, without restarting runners
+    Scale(ScaleArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ScaleArgs {
+    app: String,
+    /// Seconds an idle runner stays up
+    #[arg(long)]
+    keep_alive: Option<u64>,
+    /// Runners kept up at all times
+    #[arg(long)]
+    min_concurrency: Option<u32>,
+    /// Most runners at once
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Spare runners above demand
+    #[arg(long)]
+    concurrency_buffer: Option<u32>,
+    /// Spare runners as a percentage of demand
+    #[arg(long)]
+    concurrency_buffer_perc: Option<u32>,
+    /// Seconds a queued call waits before it asks for a new runner
+    #[arg(long)]
+    scaling_delay: Option<u64>,
+    /// Seconds a call may run
+    #[arg(long)]
+    request_timeout: Option<u64>,
+    /// Calls one runner takes at once (code-specific: reset by the next deploy or set-rev)
+    #[arg(long)]
+    max_multiplexing: Option<u32>,
+    /// Seconds a runner may take to set up (code-specific)
+    #[arg(long)]
+    startup_timeout: Option<u64>,
+    /// Machine type of new runners (code-specific)
+    #[arg(long)]
+    machine_type: Option<String>,
 }
 
 pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<ExitCode> {
@@ -113,6 +156,39 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                     .collect(),
             );
         }
+        AppsCommand::Runners { app, filter } => return crate::runners::list(cx, Some(&app), &filter).await,
+        AppsCommand::Scale(args) => return scale(cx, args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn scale(cx: &Context, args: ScaleArgs) -> anyhow::Result<ExitCode> {
+    let request = api::wire::ScaleRequest {
+        keep_alive: args.keep_alive,
+        min_concurrency: args.min_concurrency,
+        max_concurrency: args.max_concurrency,
+        concurrency_buffer: args.concurrency_buffer,
+        concurrency_buffer_perc: args.concurrency_buffer_perc,
+        scaling_delay: args.scaling_delay,
+        request_timeout: args.request_timeout,
+        max_multiplexing: args.max_multiplexing,
+        startup_timeout: args.startup_timeout,
+        machine_type: args.machine_type,
+    };
+    if request == api::wire::ScaleRequest::default() {
+        anyhow::bail!("no values given, nothing changed: pass at least one of --keep-alive, --min-concurrency, … (see --help)");
+    }
+    let result = cx.client.scale(&args.app, &request).await?;
+    for warning in &result.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if cx.out.is_json() {
+        return json(cx, &result);
+    }
+    if result.changed.is_empty() {
+        println!("Nothing changed: {} already has these values", args.app);
+    } else {
+        println!("{}", success(format!("{}: changed {}", args.app, result.changed.join(", "))));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ mod apps;
 mod context;
 mod deploy;
 mod output;
+mod runners;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,9 @@ enum Command {
     /// Manage apps and their revisions
     #[command(subcommand)]
     Apps(apps::AppsCommand),
+    /// See and manage runners
+    #[command(subcommand)]
+    Runners(runners::RunnersCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -93,6 +97,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deploy(args) => {
             let cx = Context::new(&cli.global)?;
             runtime()?.block_on(deploy::run(&cx, args))
+        }
+        Command::Runners(command) => {
+            let cx = Context::new(&cli.global)?;
+            runtime()?.block_on(runners::run(&cx, command))
         }
         Command::Apps(command) => {
             let cx = Context::new(&cli.global)?;

@@ -180,6 +180,15 @@ impl AppRoute {
         self.dispatch(&mut state);
     }
 
+    /// Changes how many calls a runner takes at once.
+    pub fn set_runner_max(self: &Arc<Self>, id: RunnerId, max: u32) {
+        let mut state = self.state();
+        if let Some(slot) = state.runners.iter_mut().find(|s| s.id == id) {
+            slot.max = max.max(1);
+        }
+        self.dispatch(&mut state);
+    }
+
     /// Stops giving the runner new calls; the ones it has go on.
     pub fn stop_routing(&self, id: RunnerId) {
         if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
-use api::wire::{AppJson, DeployJson, DeployParams, HistoryJson, LogChunk, RevisionJson};
+use api::wire::{
+    AppJson, DeployJson, DeployParams, HistoryJson, LogChunk, RevisionJson, RunnerJson, RunnersQuery, ScaleJson,
+    ScaleRequest,
+};
 use axum::body::Body;
 use model::ids::is_id_prefix;
 use model::records::{App, Revision};
@@ -296,6 +299,36 @@ impl ControlPlane for Control {
             self.free_artifact(&artifact).await;
         }
         Ok(RevisionJson::new(&rev, false, 0))
+    }
+
+    async fn scale(&self, caller: &Caller, app: &str, request: ScaleRequest) -> Result<ScaleJson, ApiError> {
+        require_manage(caller)?;
+        self.scale_app(caller, app, request).await
+    }
+
+    async fn list_runners(
+        &self,
+        caller: &Caller,
+        app: Option<&str>,
+        query: RunnersQuery,
+    ) -> Result<Vec<RunnerJson>, ApiError> {
+        require_manage(caller)?;
+        self.runners_json(caller, app, query).await
+    }
+
+    async fn stop_runner(&self, caller: &Caller, runner: &str, replace: bool) -> Result<RunnerJson, ApiError> {
+        require_manage(caller)?;
+        self.stop_or_kill(caller, runner, Some(replace)).await
+    }
+
+    async fn kill_runner(&self, caller: &Caller, runner: &str) -> Result<RunnerJson, ApiError> {
+        require_manage(caller)?;
+        self.stop_or_kill(caller, runner, None).await
+    }
+
+    async fn runner_log(&self, caller: &Caller, runner: &str, offset: u64) -> Result<LogChunk, ApiError> {
+        require_manage(caller)?;
+        self.runner_log_chunk(caller, runner, offset).await
     }
 
     async fn history(&self, caller: &Caller, app: &str) -> Result<Vec<HistoryJson>, ApiError> {

@@ -212,12 +212,19 @@ impl Controller {
         }
     }
 
+    /// Takes the app's values as they now are in the store. Runners keep running; a new
+    /// max_multiplexing applies to the current revision's runners at once.
     fn set_app(&mut self, app: App) {
         self.route.configure(RouteConfig {
             auth: app.auth,
             request_timeout: Duration::from_secs(app.scaling.request_timeout),
             suspended: app.suspended,
         });
+        if let Some((revision, _)) = &self.current {
+            for runner in self.runners.iter().filter(|r| r.revision == *revision && r.is_set_up()) {
+                self.route.set_runner_max(runner.id, app.runner.max_multiplexing);
+            }
+        }
         self.app = app;
     }
 
@@ -314,7 +321,10 @@ impl Controller {
                 runner.state = RunnerState::Idle;
                 let revision = runner.revision;
                 let addr = runner.handle.as_ref().map(|h| h.addr);
-                let max = runner.manifest.runner.max_multiplexing;
+                let max = match &self.current {
+                    Some((rev, _)) if *rev == revision => self.app.runner.max_multiplexing,
+                    _ => runner.manifest.runner.max_multiplexing,
+                };
                 if self.pending.as_ref().is_some_and(|p| p.runner == id) {
                     let pending = self.pending.take().expect("checked above");
                     self.commit(pending.activate, Some(id)).await;
@@ -431,10 +441,18 @@ impl Controller {
             if runner.state == RunnerState::CrashBackoff && runner.retry_at.is_some_and(|t| now >= t) {
                 let reason = runner.reason.clone().unwrap_or_default();
                 end(runner, reason);
-                retries.push(Runner::new(runner.revision, runner.manifest.clone()));
+                retries.push((runner.id, Runner::new(runner.revision, runner.manifest.clone())));
             }
         }
-        self.runners.extend(retries);
+        for (old, new) in retries {
+            // A runner waiting for this one as its replacement now waits for the retry.
+            for runner in &mut self.runners {
+                if runner.replacement == Some(old) {
+                    runner.replacement = Some(new.id);
+                }
+            }
+            self.runners.push(new);
+        }
 
         self.start_pending(&snapshot);
         self.forget_old();

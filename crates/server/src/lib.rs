@@ -11,6 +11,7 @@ mod controller;
 mod deploy;
 mod fleet;
 mod layout;
+mod operate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -207,6 +207,18 @@ impl Store {
         self.run(|db| db.artifacts_in_use()).await
     }
 
+    /// Sets an app's scaling values (runtime-tunable and code-specific) and records the
+    /// change, in one transaction.
+    pub async fn update_app_values(
+        &self,
+        app_id: Uuid,
+        scaling: Scaling,
+        runner: RunnerSpec,
+        history: NewHistory,
+    ) -> Result<()> {
+        self.run(move |db| db.update_app_values(app_id, &scaling, &runner, &history)).await
+    }
+
     pub async fn add_history(&self, entry: NewHistory) -> Result<()> {
         self.run(move |db| db.add_history(&entry)).await
     }

@@ -377,6 +377,38 @@ impl Sqlite {
         Ok(())
     }
 
+    pub(crate) fn update_app_values(
+        &self,
+        app_id: Uuid,
+        s: &Scaling,
+        r: &RunnerSpec,
+        history: &NewHistory,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE apps SET keep_alive = ?2, min_concurrency = ?3, max_concurrency = ?4,
+             concurrency_buffer = ?5, concurrency_buffer_perc = ?6, scaling_delay = ?7, request_timeout = ?8,
+             max_multiplexing = ?9, startup_timeout = ?10, machine_type = ?11 WHERE id = ?1",
+            params![
+                app_id.to_string(),
+                s.keep_alive as i64,
+                s.min_concurrency,
+                s.max_concurrency,
+                s.concurrency_buffer,
+                s.concurrency_buffer_perc,
+                s.scaling_delay as i64,
+                s.request_timeout as i64,
+                r.max_multiplexing,
+                r.startup_timeout as i64,
+                r.machine_type,
+            ],
+        )?;
+        insert_history(&tx, history)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub(crate) fn delete_revision(&self, id: RevisionId) -> Result<Option<String>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;

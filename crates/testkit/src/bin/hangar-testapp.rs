@@ -10,6 +10,7 @@
 //!   this long after start.
 //! - `FAIL_SETUP`: after the setup delay, print `setup failed: simulated
 //!   failure` to stderr and exit with code 3.
+//! - `FAIL_SETUP_IF_EXISTS=PATH`: as `FAIL_SETUP` when that file exists at start.
 //! - `HEALTH_NEVER`: the health route always answers 503.
 //! - `HEALTH_PATH` (default `/health`): the health route's path.
 //! - `UNHEALTHY_AFTER=N`: once N non-health calls have been answered with a
@@ -80,7 +81,10 @@ impl Config {
         Config {
             port,
             setup,
-            fail_setup: env_flag("FAIL_SETUP"),
+            // FAIL_SETUP_IF_EXISTS lets a test break (and mend) the starts of new
+            // runners of one revision while the running ones go on.
+            fail_setup: env_flag("FAIL_SETUP")
+                || std::env::var_os("FAIL_SETUP_IF_EXISTS").is_some_and(|p| std::path::Path::new(&p).exists()),
             health_never: env_flag("HEALTH_NEVER"),
             health_path,
             unhealthy_after: env_parse("UNHEALTHY_AFTER"),

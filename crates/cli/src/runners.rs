@@ -1,0 +1,163 @@
+//! `hangar runners …` and `hangar apps runners`: see, stop, kill runners and read their
+//! logs.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use api::wire::{RunnerJson, RunnersQuery};
+use clap::Subcommand;
+use console::Style;
+
+use crate::context::Context;
+use crate::output::{short, success};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RunnersCommand {
+    /// List the team's runners
+    List(Filter),
+    /// Drain a runner (it finishes its calls) and stop it
+    Stop {
+        /// Runner id or any unique prefix of it
+        id: String,
+        /// Start and set up a replacement before this one stops taking calls
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Kill a runner at once (its calls in flight fail)
+    Kill {
+        /// Runner id or any unique prefix of it
+        id: String,
+    },
+    /// Show a runner's output
+    Logs {
+        /// Runner id or any unique prefix of it
+        id: String,
+        /// Keep printing new output until the runner ends
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines
+        #[arg(short = 'n', long)]
+        lines: Option<usize>,
+    },
+}
+
+/// Which runners to show.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Filter {
+    /// Only runners in these states (pending, setup, idle, running, draining,
+    /// terminating, terminated, crash_backoff)
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    state: Vec<String>,
+    /// Also show runners that ended within this long (e.g. 10m, 1h)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+}
+
+impl Filter {
+    fn query(&self) -> RunnersQuery {
+        RunnersQuery {
+            state: (!self.state.is_empty()).then(|| self.state.join(",")),
+            since: self.since.map(|d| d.as_secs().max(1)),
+        }
+    }
+}
+
+pub(crate) async fn list(cx: &Context, app: Option<&str>, filter: &Filter) -> anyhow::Result<ExitCode> {
+    let runners = cx.client.runners(app, &filter.query()).await?;
+    if cx.out.is_json() {
+        cx.out.json(&runners)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if runners.is_empty() {
+        println!("No runners.");
+    }
+    cx.out.table(
+        &["RUNNER", "APP", "REVISION", "MACHINE", "STATE", "IN FLIGHT", "EXPIRES IN", "UPTIME", ""],
+        runners
+            .iter()
+            .map(|r| {
+                vec![
+                    short(&r.id),
+                    r.app.clone(),
+                    short(&r.revision),
+                    r.machine_type.clone(),
+                    state_badge(&r.state),
+                    r.in_flight.to_string(),
+                    r.expires_in.map(|s| format!("{s}s")).unwrap_or_default(),
+                    humantime::format_duration(Duration::from_secs(r.uptime)).to_string(),
+                    if r.replacing { "replacing".to_owned() } else { String::new() },
+                ]
+            })
+            .collect(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn run(cx: &Context, command: RunnersCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RunnersCommand::List(filter) => list(cx, None, &filter).await,
+        RunnersCommand::Stop { id, replace } => {
+            let runner = cx.client.stop_runner(&id, replace).await?;
+            done(cx, &runner, if replace { "is being replaced" } else { "is draining and will stop" })
+        }
+        RunnersCommand::Kill { id } => {
+            let runner = cx.client.kill_runner(&id).await?;
+            done(cx, &runner, "was killed")
+        }
+        RunnersCommand::Logs { id, follow, lines } => logs(cx, &id, follow, lines).await,
+    }
+}
+
+fn done(cx: &Context, runner: &RunnerJson, what: &str) -> anyhow::Result<ExitCode> {
+    if cx.out.is_json() {
+        cx.out.json(runner)?;
+    } else {
+        println!("{}", success(format!("Runner {} of {} {what}", runner.id, runner.app)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(cx: &Context, id: &str, follow: bool, lines: Option<usize>) -> anyhow::Result<ExitCode> {
+    let mut offset = 0;
+    let mut text = String::new();
+    loop {
+        let chunk = cx.client.runner_log(id, offset).await?;
+        if chunk.data.is_empty() {
+            break;
+        }
+        text.push_str(&chunk.data);
+        offset = chunk.next_offset;
+    }
+    let all: Vec<&str> = text.lines().collect();
+    let from = lines.map_or(0, |n| all.len().saturating_sub(n));
+    for line in &all[from..] {
+        println!("{line}");
+    }
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let chunk = cx.client.runner_log(id, offset).await?;
+        if chunk.data.is_empty() {
+            let query = RunnersQuery { state: Some("terminated".to_owned()), since: Some(24 * 3600) };
+            let ended = cx.client.runners(None, &query).await?.iter().any(|r| r.id.starts_with(id));
+            if ended {
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        print!("{}", chunk.data);
+        offset = chunk.next_offset;
+    }
+}
+
+fn state_badge(state: &str) -> String {
+    let style = match state {
+        "idle" | "running" => Style::new().green(),
+        "setup" | "pending" => Style::new().yellow(),
+        "crash_backoff" => Style::new().red(),
+        _ => Style::new().dim(),
+    };
+    style.apply_to(state).to_string()
+}

@@ -1,0 +1,239 @@
+//! Operations on running apps: listing, stopping and killing runners, reading their
+//! logs, and changing an app's scaling values.
+
+use api::error::{ApiError, ErrorCode};
+use api::router::Caller;
+use api::wire::{AppJson, LogChunk, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest};
+use model::ids::{RunnerId, is_id_prefix};
+use model::manifest::MAX_SECONDS;
+use model::records::{App, RunnerInfo};
+use model::revision::RunnerState;
+use store::NewHistory;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use crate::control::{Control, internal};
+use crate::controller::Command;
+
+impl Control {
+    pub(crate) async fn runners_json(
+        &self,
+        caller: &Caller,
+        app: Option<&str>,
+        query: RunnersQuery,
+    ) -> Result<Vec<RunnerJson>, ApiError> {
+        let states = match &query.state {
+            Some(list) => Some(
+                list.split(',')
+                    .map(|s| {
+                        RunnerState::parse(s.trim()).ok_or_else(|| {
+                            ApiError::new(
+                                ErrorCode::InvalidRequest,
+                                format!(
+                                    "unknown runner state {s:?}; states are: {}",
+                                    RunnerState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        let apps = match app {
+            Some(name) => vec![self.find_app(caller, name).await?],
+            None => self.store.list_apps(caller.team_id).await.map_err(internal)?,
+        };
+        let cutoff = query.since.map(|s| OffsetDateTime::now_utc() - std::time::Duration::from_secs(s.min(MAX_SECONDS)));
+        let mut runners: Vec<RunnerInfo> = apps
+            .iter()
+            .flat_map(|a| self.fleet.runners(a.id))
+            .filter(|r| match &states {
+                Some(states) => states.contains(&r.state),
+                None => !r.state.is_terminal(),
+            })
+            .filter(|r| !r.state.is_terminal() || cutoff.is_some_and(|c| r.ended_at.is_some_and(|t| t >= c)))
+            .collect();
+        runners.sort_by(|a, b| (&a.app, a.started_at).cmp(&(&b.app, b.started_at)));
+        Ok(runners.iter().map(RunnerJson::new).collect())
+    }
+
+    /// Finds a runner of the caller's team by id or unique prefix.
+    async fn find_runner(&self, caller: &Caller, prefix: &str) -> Result<(App, RunnerInfo), ApiError> {
+        if !is_id_prefix(prefix) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{prefix:?} is not a runner id or a prefix of one (hex digits and '-')"),
+            ));
+        }
+        let prefix = prefix.to_ascii_lowercase();
+        let mut found = Vec::new();
+        for app in self.store.list_apps(caller.team_id).await.map_err(internal)? {
+            for runner in self.fleet.runners(app.id) {
+                if runner.id.to_string().starts_with(&prefix) {
+                    found.push((app.clone(), runner));
+                }
+            }
+        }
+        match found.len() {
+            0 => Err(ApiError::new(ErrorCode::RunnerNotFound, format!("no runner matches {prefix:?}"))),
+            1 => Ok(found.remove(0)),
+            n => Err(ApiError::new(
+                ErrorCode::AmbiguousRunner,
+                format!("{prefix:?} matches {n} runners; give more of the id"),
+            )),
+        }
+    }
+
+    pub(crate) async fn stop_or_kill(&self, caller: &Caller, prefix: &str, kill: Option<bool>) -> Result<RunnerJson, ApiError> {
+        let (app, runner) = self.find_runner(caller, prefix).await?;
+        let controller = self.fleet.get(app.id).ok_or_else(|| not_running(runner.id))?;
+        let (reply, answer) = oneshot::channel();
+        let command = match kill {
+            None => Command::KillRunner { id: runner.id, reply },
+            Some(replace) => Command::StopRunner { id: runner.id, replace, reply },
+        };
+        if !controller.send(command) {
+            return Err(not_running(runner.id));
+        }
+        answer
+            .await
+            .map_err(|_| not_running(runner.id))?
+            .map_err(|e| ApiError::new(ErrorCode::Conflict, e))?;
+        let action = match kill {
+            None => "runner_kill",
+            Some(true) => "runner_replace",
+            Some(false) => "runner_stop",
+        };
+        self.store
+            .add_history(NewHistory {
+                app_id: app.id,
+                action: action.to_owned(),
+                key_id: Some(caller.key_id.clone()),
+                details: format!("runner {} of revision {}", runner.id, runner.revision),
+            })
+            .await
+            .map_err(internal)?;
+        let now = self.fleet.runners(app.id).into_iter().find(|r| r.id == runner.id).unwrap_or(runner);
+        Ok(RunnerJson::new(&now))
+    }
+
+    pub(crate) async fn runner_log_chunk(&self, caller: &Caller, prefix: &str, offset: u64) -> Result<LogChunk, ApiError> {
+        let (_, runner) = self.find_runner(caller, prefix).await?;
+        let backend = self.fleet.shared.backend.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            use supervisor::RunnerBackend;
+            backend.read_log(runner.id, offset)
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        match read {
+            Ok((data, next_offset)) => Ok(LogChunk { data, next_offset }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LogChunk { data: String::new(), next_offset: 0 }),
+            Err(e) => Err(ApiError::internal(e)),
+        }
+    }
+
+    pub(crate) async fn scale_app(&self, caller: &Caller, name: &str, request: ScaleRequest) -> Result<ScaleJson, ApiError> {
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let mut scaling = app.scaling.clone();
+        let mut runner = app.runner.clone();
+        let mut changed = Vec::new();
+        let mut warnings = Vec::new();
+        let invalid = |m: String| ApiError::new(ErrorCode::InvalidRequest, m);
+        if request == ScaleRequest::default() {
+            return Err(invalid("no values given: name at least one value to change".to_owned()));
+        }
+        macro_rules! set {
+            ($target:expr, $value:expr, $name:literal, $min:expr, $max:expr) => {
+                if let Some(v) = $value {
+                    if !($min..=$max).contains(&v) {
+                        return Err(invalid(format!("{} must be between {} and {}, got {v}", $name, $min, $max)));
+                    }
+                    if $target != v {
+                        $target = v;
+                        changed.push($name.to_owned());
+                    }
+                }
+            };
+        }
+        set!(scaling.keep_alive, request.keep_alive, "keep_alive", 0, MAX_SECONDS);
+        set!(scaling.min_concurrency, request.min_concurrency, "min_concurrency", 0, u32::MAX);
+        set!(scaling.max_concurrency, request.max_concurrency, "max_concurrency", 0, u32::MAX);
+        set!(scaling.concurrency_buffer, request.concurrency_buffer, "concurrency_buffer", 0, u32::MAX);
+        set!(scaling.concurrency_buffer_perc, request.concurrency_buffer_perc, "concurrency_buffer_perc", 0, 1000);
+        set!(scaling.scaling_delay, request.scaling_delay, "scaling_delay", 0, MAX_SECONDS);
+        set!(scaling.request_timeout, request.request_timeout, "request_timeout", 1, MAX_SECONDS);
+        set!(runner.max_multiplexing, request.max_multiplexing, "max_multiplexing", 1, u32::MAX);
+        set!(runner.startup_timeout, request.startup_timeout, "startup_timeout", 1, MAX_SECONDS);
+        if let Some(machine_type) = request.machine_type {
+            if !self.config.machine_types.contains_key(&machine_type) {
+                return Err(invalid(format!(
+                    "unknown machine type {machine_type:?} (this server defines: {})",
+                    self.config.machine_types.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            if runner.machine_type != machine_type {
+                runner.machine_type = machine_type;
+                changed.push("machine_type".to_owned());
+            }
+        }
+        if scaling.min_concurrency > scaling.max_concurrency {
+            return Err(invalid(format!(
+                "min_concurrency ({}) must not exceed max_concurrency ({})",
+                scaling.min_concurrency, scaling.max_concurrency
+            )));
+        }
+        for name in changed.iter().filter(|n| matches!(n.as_str(), "max_multiplexing" | "startup_timeout" | "machine_type")) {
+            warnings.push(format!(
+                "{name} is code-specific: the next deploy or set-rev resets it to that revision's manifest value"
+            ));
+        }
+        if !changed.is_empty() {
+            let details = changed
+                .iter()
+                .map(|n| format!("{n}={}", value_of(n, &scaling, &runner)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.store
+                .update_app_values(
+                    app.id,
+                    scaling,
+                    runner,
+                    NewHistory { app_id: app.id, action: "scale".to_owned(), key_id: Some(caller.key_id.clone()), details },
+                )
+                .await
+                .map_err(internal)?;
+        }
+        let app = self.find_app(caller, name).await?;
+        if let Some(controller) = self.fleet.get(app.id) {
+            let (reply, done) = oneshot::channel();
+            if controller.send(Command::Configure { app: app.clone(), reply }) {
+                let _ = done.await;
+            }
+        }
+        let runners = self.fleet.runners(app.id).iter().filter(|r| !r.state.is_terminal()).count() as u32;
+        Ok(ScaleJson { app: AppJson::new(&app, &caller.team, runners), changed, warnings })
+    }
+}
+
+fn value_of(name: &str, s: &model::manifest::Scaling, r: &model::manifest::RunnerSpec) -> String {
+    match name {
+        "keep_alive" => s.keep_alive.to_string(),
+        "min_concurrency" => s.min_concurrency.to_string(),
+        "max_concurrency" => s.max_concurrency.to_string(),
+        "concurrency_buffer" => s.concurrency_buffer.to_string(),
+        "concurrency_buffer_perc" => s.concurrency_buffer_perc.to_string(),
+        "scaling_delay" => s.scaling_delay.to_string(),
+        "request_timeout" => s.request_timeout.to_string(),
+        "max_multiplexing" => r.max_multiplexing.to_string(),
+        "startup_timeout" => r.startup_timeout.to_string(),
+        "machine_type" => r.machine_type.clone(),
+        _ => String::new(),
+    }
+}
+
+fn not_running(id: RunnerId) -> ApiError {
+    ApiError::new(ErrorCode::Conflict, format!("runner {id} is not running"))
+}
