@@ -176,7 +176,9 @@ async fn scale(cx: &Context, args: ScaleArgs) -> anyhow::Result<ExitCode> {
         machine_type: args.machine_type,
     };
     if request == api::wire::ScaleRequest::default() {
-        anyhow::bail!("no values given, nothing changed: pass at least one of --keep-alive, --min-concurrency, … (see --help)");
+        anyhow::bail!(
+            "no values given, nothing changed: pass at least one of --keep-alive, --min-concurrency, … (see --help)"
+        );
     }
     let result = cx.client.scale(&args.app, &request).await?;
     for warning in &result.warnings {

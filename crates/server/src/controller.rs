@@ -32,7 +32,7 @@ const MAX_ENDED: usize = 200;
 
 pub(crate) enum Command {
     /// Make a built revision current.
-    Activate(Activate),
+    Activate(Box<Activate>),
     /// Change the app's scaling values (the store is already updated).
     Configure { app: App, reply: oneshot::Sender<()> },
     /// Drain and stop one runner; with `replace`, start its replacement first.
@@ -189,7 +189,7 @@ impl Controller {
 
     async fn command(&mut self, command: Command) {
         match command {
-            Command::Activate(activate) => self.activate(activate).await,
+            Command::Activate(activate) => self.activate(*activate).await,
             Command::Configure { app, reply } => {
                 self.set_app(app);
                 let _ = reply.send(());
@@ -351,6 +351,8 @@ impl Controller {
                 runner.handle = None;
                 let was_ending = matches!(runner.state, RunnerState::Draining | RunnerState::Terminating);
                 if requested || was_ending {
+                    // Why it was stopped says more than how (the signal).
+                    let reason = runner.reason.clone().unwrap_or(reason);
                     end(runner, reason);
                 } else if phase == Phase::Setup {
                     self.setup_failed(index, reason);

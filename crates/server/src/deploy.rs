@@ -409,7 +409,7 @@ impl DeployJob {
             "interrupted".to_owned()
         })?;
         let (reply, answer) = oneshot::channel();
-        let sent = controller.send(Command::Activate(Activate {
+        let sent = controller.send(Command::Activate(Box::new(Activate {
             revision: self.revision.clone(),
             manifest: self.manifest.clone(),
             strategy: self.strategy,
@@ -422,7 +422,7 @@ impl DeployJob {
                 details,
             },
             reply,
-        }));
+        })));
         if !sent {
             return Err("interrupted".to_owned());
         }

@@ -44,7 +44,8 @@ impl Control {
             Some(name) => vec![self.find_app(caller, name).await?],
             None => self.store.list_apps(caller.team_id).await.map_err(internal)?,
         };
-        let cutoff = query.since.map(|s| OffsetDateTime::now_utc() - std::time::Duration::from_secs(s.min(MAX_SECONDS)));
+        let cutoff =
+            query.since.map(|s| OffsetDateTime::now_utc() - std::time::Duration::from_secs(s.min(MAX_SECONDS)));
         let mut runners: Vec<RunnerInfo> = apps
             .iter()
             .flat_map(|a| self.fleet.runners(a.id))
@@ -85,7 +86,12 @@ impl Control {
         }
     }
 
-    pub(crate) async fn stop_or_kill(&self, caller: &Caller, prefix: &str, kill: Option<bool>) -> Result<RunnerJson, ApiError> {
+    pub(crate) async fn stop_or_kill(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        kill: Option<bool>,
+    ) -> Result<RunnerJson, ApiError> {
         let (app, runner) = self.find_runner(caller, prefix).await?;
         let controller = self.fleet.get(app.id).ok_or_else(|| not_running(runner.id))?;
         let (reply, answer) = oneshot::channel();
@@ -96,10 +102,7 @@ impl Control {
         if !controller.send(command) {
             return Err(not_running(runner.id));
         }
-        answer
-            .await
-            .map_err(|_| not_running(runner.id))?
-            .map_err(|e| ApiError::new(ErrorCode::Conflict, e))?;
+        answer.await.map_err(|_| not_running(runner.id))?.map_err(|e| ApiError::new(ErrorCode::Conflict, e))?;
         let action = match kill {
             None => "runner_kill",
             Some(true) => "runner_replace",
@@ -118,7 +121,12 @@ impl Control {
         Ok(RunnerJson::new(&now))
     }
 
-    pub(crate) async fn runner_log_chunk(&self, caller: &Caller, prefix: &str, offset: u64) -> Result<LogChunk, ApiError> {
+    pub(crate) async fn runner_log_chunk(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        offset: u64,
+    ) -> Result<LogChunk, ApiError> {
         let (_, runner) = self.find_runner(caller, prefix).await?;
         let backend = self.fleet.shared.backend.clone();
         let read = tokio::task::spawn_blocking(move || {
@@ -134,7 +142,12 @@ impl Control {
         }
     }
 
-    pub(crate) async fn scale_app(&self, caller: &Caller, name: &str, request: ScaleRequest) -> Result<ScaleJson, ApiError> {
+    pub(crate) async fn scale_app(
+        &self,
+        caller: &Caller,
+        name: &str,
+        request: ScaleRequest,
+    ) -> Result<ScaleJson, ApiError> {
         let _guard = self.lock_app(caller.team_id, name).await;
         let app = self.find_app(caller, name).await?;
         let mut scaling = app.scaling.clone();
@@ -185,7 +198,9 @@ impl Control {
                 scaling.min_concurrency, scaling.max_concurrency
             )));
         }
-        for name in changed.iter().filter(|n| matches!(n.as_str(), "max_multiplexing" | "startup_timeout" | "machine_type")) {
+        for name in
+            changed.iter().filter(|n| matches!(n.as_str(), "max_multiplexing" | "startup_timeout" | "machine_type"))
+        {
             warnings.push(format!(
                 "{name} is code-specific: the next deploy or set-rev resets it to that revision's manifest value"
             ));
@@ -201,7 +216,12 @@ impl Control {
                     app.id,
                     scaling,
                     runner,
-                    NewHistory { app_id: app.id, action: "scale".to_owned(), key_id: Some(caller.key_id.clone()), details },
+                    NewHistory {
+                        app_id: app.id,
+                        action: "scale".to_owned(),
+                        key_id: Some(caller.key_id.clone()),
+                        details,
+                    },
                 )
                 .await
                 .map_err(internal)?;

@@ -264,3 +264,142 @@ impl AppDir {
 pub fn assert_absent(path: &Path) {
     assert!(!path.exists(), "{} should not exist", path.display());
 }
+
+/// An HTTP answer, read whole.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    }
+}
+
+/// A plain HTTP client for calling apps through the gateway, blocking.
+pub struct Http {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+impl Default for Http {
+    fn default() -> Http {
+        Http::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Http {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        Http { runtime, client: reqwest::Client::new() }
+    }
+
+    /// Sends a request; `key` goes in `Authorization: Key …`.
+    pub fn send(&self, method: &str, url: &str, key: Option<&str>, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
+        let mut request = self.client.request(method, url).body(body);
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Key {key}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.runtime.block_on(async {
+            let response = request.send().await.unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let body = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            Reply { status, headers, body }
+        })
+    }
+
+    pub fn get(&self, url: &str, key: Option<&str>) -> Reply {
+        self.send("GET", url, key, &[], Vec::new())
+    }
+}
+
+/// What a [`Prober`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct ProbeReport {
+    pub sent: u64,
+    pub ok: u64,
+    /// Every failed call: its status (0 when no answer came) and body.
+    pub failures: Vec<(u16, String)>,
+}
+
+/// Sends calls at a fixed rate in the background during an operation, and records
+/// every failure with its status and body.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<ProbeReport>>,
+}
+
+impl Prober {
+    /// Starts calling `url` (with `key`) `rate` times a second.
+    pub fn start(url: &str, key: Option<&str>, rate: u32) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (url, key, flag) = (url.to_owned(), key.map(str::to_owned), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            runtime.block_on(probe(url, key, rate, flag))
+        });
+        Prober { stop, thread: Some(thread) }
+    }
+
+    /// Stops sending, waits for the calls in flight, and reports.
+    pub fn finish(mut self) -> ProbeReport {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().expect("finished once").join().expect("the prober panicked")
+    }
+}
+
+async fn probe(
+    url: String,
+    key: Option<String>,
+    rate: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> ProbeReport {
+    let client = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut calls = tokio::task::JoinSet::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        tick.tick().await;
+        let mut request = client.get(&url);
+        if let Some(key) = &key {
+            request = request.header("authorization", format!("Key {key}"));
+        }
+        calls.spawn(async move {
+            match request.send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = response.text().await.unwrap_or_default();
+                    (status, body)
+                }
+                Err(e) => (0, e.to_string()),
+            }
+        });
+    }
+    let mut report = ProbeReport::default();
+    while let Some(result) = calls.join_next().await {
+        let (status, body) = result.unwrap_or((0, "the call task panicked".to_owned()));
+        report.sent += 1;
+        if status == 200 {
+            report.ok += 1;
+        } else {
+            report.failures.push((status, body));
+        }
+    }
+    report
+}

@@ -5,7 +5,7 @@
 use api::wire::DeployParams;
 use testkit::TestServer;
 
-use crate::{BIN, runtime, server};
+use crate::{runtime, server};
 
 const MANIFEST: &[u8] = b"name = \"hostile\"\ncommand = [\"python3\", \"s.py\"]\n";
 
@@ -94,7 +94,7 @@ fn hostile_archives_are_refused_naming_the_entry() {
 
 #[test]
 fn oversize_archives_are_refused() {
-    let server = TestServer::start_with(BIN, &["--max-unpacked-bytes", "100000", "--max-upload-bytes", "50000"]);
+    let server = crate::server_with(&["--max-unpacked-bytes", "100000", "--max-upload-bytes", "50000"]);
     // Compresses well: small upload, large when unpacked.
     let zeros = vec![0u8; 200_000];
     let err = upload(&server, hostile_archive(&[Entry::File("weights.bin", &zeros)]));

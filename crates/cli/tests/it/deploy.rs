@@ -121,7 +121,7 @@ fn failed_build_keeps_reason_and_log_and_leaves_alias_alone() {
 
 #[test]
 fn build_that_runs_too_long_is_stopped_and_fails() {
-    let server = testkit::TestServer::start_with(crate::BIN, &["--build-timeout", "1"]);
+    let server = crate::server_with(&["--build-timeout", "1"]);
     let app = app_with_build("slow", "sleep 30");
     let out = server.run(&["deploy", app.path_str()]).failed();
     assert!(out.stderr.contains("timed out after 1s"), "{}", out.stderr);

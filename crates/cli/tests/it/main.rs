@@ -5,15 +5,25 @@ mod archives;
 mod auth;
 mod crash;
 mod deploy;
+mod gateway;
 mod manifest;
 mod revisions;
+mod scaling;
 
 use testkit::{AppDir, TestServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hangar");
 
+/// Flags that make runner health checks and back-offs quick enough for tests.
+const FAST: &[&str] = &["--health-interval", "0.2", "--backoff-base", "0.3"];
+
 fn server() -> TestServer {
-    TestServer::start(BIN)
+    TestServer::start_with(BIN, FAST)
+}
+
+/// A server with more flags than [`FAST`].
+fn server_with(extra: &[&str]) -> TestServer {
+    TestServer::start_with(BIN, &[FAST, extra].concat())
 }
 
 /// The controllable test app's binary.
@@ -53,4 +63,15 @@ fn artifact_count(server: &TestServer) -> usize {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// `apps runners APP --json` (live runners; add filters in `extra`).
+fn runners(server: &TestServer, app: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = server.run(&[&["apps", "runners", app, "--json"], extra].concat()).ok();
+    out.json().as_array().unwrap().clone()
+}
+
+/// The URL of `path` of `app` through the gateway.
+fn app_url(server: &TestServer, app: &str, path: &str) -> String {
+    format!("{}/default/{app}{path}", server.gateway_url)
 }

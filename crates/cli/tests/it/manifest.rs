@@ -54,7 +54,7 @@ fn machine_types_come_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("hangar.toml");
     std::fs::write(&config, "[machine_types.gpu-small]\ncapacity = 1\n").unwrap();
-    let server = testkit::TestServer::start_with(crate::BIN, &["--config", config.to_str().unwrap()]);
+    let server = crate::server_with(&["--config", config.to_str().unwrap()]);
     let app = AppDir::new("name = \"g\"\ncommand = [\"x\"]\n[runner]\nmachine_type = \"gpu-small\"\n");
     server.run(&["deploy", app.path_str(), "--strategy", "recreate"]).ok();
     let cpu = AppDir::new("name = \"c\"\ncommand = [\"x\"]\n");

@@ -1,0 +1,232 @@
+//! Calls through the gateway: routing, headers, auth, deadlines, streaming, and what
+//! happens when runners die.
+
+use std::time::Duration;
+
+use testkit::{Http, Prober, wait_until};
+
+use crate::{app_url, echo_example, revisions, runners, server, server_with, testapp_dir};
+
+#[test]
+fn the_example_answers_through_the_gateway_naming_runner_and_revision() {
+    let server = server();
+    let app = echo_example();
+    let deployed = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
+    let http = Http::new();
+
+    let reply = http.send("POST", &app_url(&server, "echo", "/hello?x=1"), Some(&server.root_key), &[], b"hi".to_vec());
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["path"], "/hello?x=1");
+    assert_eq!(body["body"], "hi");
+    assert_eq!(body["app"], "echo");
+    assert_eq!(reply.header("x-hangar-revision").as_deref(), deployed["revision"].as_str());
+    let runner = reply.header("x-hangar-runner-id").expect("the runner is named");
+    assert_eq!(body["runner"], runner.as_str(), "the runner got HANGAR_RUNNER_ID");
+    assert!(reply.header("x-hangar-request-id").is_some());
+    let listed = runners(&server, "echo", &[]);
+    assert!(listed.iter().any(|r| r["id"] == runner.as_str()), "{listed:?}");
+
+    let metrics = http.get(&format!("{}/metrics", server.api_url), None).text();
+    assert!(metrics.contains("hangar_calls_total{app=\"default/echo\""), "{metrics}");
+    assert!(metrics.contains("hangar_runners{app=\"default/echo\",state=\"idle\"} 1"), "{metrics}");
+    assert!(metrics.contains("hangar_call_duration_seconds_bucket"), "{metrics}");
+}
+
+#[test]
+fn auth_modes_decide_who_may_call() {
+    let server = server();
+    let http = Http::new();
+    let (id, _) = server.root_key.split_once(':').unwrap();
+    let wrong = format!("{id}:{}", "f".repeat(64));
+    for (name, auth) in [("priv", "private"), ("pub", "public"), ("shr", "shared")] {
+        let app = testapp_dir(name, "");
+        server.run(&["deploy", app.path_str(), "--auth", auth]).ok();
+    }
+    let status = |app: &str, key: Option<&str>| http.get(&app_url(&server, app, "/"), key).status;
+    assert_eq!(status("priv", None), 401);
+    assert_eq!(status("priv", Some(&wrong)), 401);
+    assert_eq!(status("priv", Some(&server.root_key)), 200);
+    assert_eq!(status("pub", None), 200);
+    assert_eq!(status("shr", None), 401);
+    assert_eq!(status("shr", Some(&wrong)), 401);
+    assert_eq!(status("shr", Some(&server.root_key)), 200);
+
+    let reply = http.get(&app_url(&server, "priv", "/"), None);
+    assert_eq!(reply.json()["error"]["code"], "unauthorized");
+    let reply = http.get(&app_url(&server, "nope", "/"), None);
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "app_not_found");
+}
+
+#[test]
+fn a_call_from_zero_waits_for_setup_and_the_start_deadline_is_kept() {
+    let server = server();
+    let http = Http::new();
+    // Recreate starts no runner: the first call finds none.
+    let slow = testapp_dir("slow", "env = { SETUP_SECONDS = \"5\" }\n");
+    server.run(&["deploy", slow.path_str(), "--strategy", "recreate", "--auth", "public"]).ok();
+    assert!(runners(&server, "slow", &[]).is_empty());
+    let reply = http.send("GET", &app_url(&server, "slow", "/"), None, &[("x-hangar-request-timeout", "1")], vec![]);
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "start_timeout");
+    assert!(reply.text().contains("start deadline of 1s"), "{}", reply.text());
+
+    let quick = testapp_dir("quick", "env = { SETUP_SECONDS = \"1\" }\n");
+    server.run(&["deploy", quick.path_str(), "--strategy", "recreate", "--auth", "public"]).ok();
+    assert!(runners(&server, "quick", &[]).is_empty());
+    let reply = http.get(&app_url(&server, "quick", "/first"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["path"], "/first");
+
+    let reply =
+        http.send("GET", &app_url(&server, "quick", "/"), None, &[("x-hangar-request-timeout", "soon")], vec![]);
+    assert_eq!(reply.status, 400, "{}", reply.text());
+}
+
+#[test]
+fn a_call_past_request_timeout_gets_504_and_its_runner_is_let_go() {
+    let server = server();
+    let http = Http::new();
+    let app = testapp_dir("stuck", "[scaling]\nrequest_timeout = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let reply = http.get(&app_url(&server, "stuck", "/?delay_ms=4000"), None);
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "request_timeout");
+    let runner = reply.header("x-hangar-runner-id");
+    assert!(runner.is_none(), "the 504 is the gateway's, not the runner's");
+    wait_until("the stuck runner to be let go", || {
+        let ended = runners(&server, "stuck", &["--state", "draining,terminating,terminated", "--since", "1m"]);
+        (!ended.is_empty()).then_some(())
+    });
+    // A fresh runner serves the next call.
+    assert_eq!(http.get(&app_url(&server, "stuck", "/"), None).status, 200);
+}
+
+#[test]
+fn bodies_stream_both_ways() {
+    let server = server();
+    let http = Http::new();
+    let app = testapp_dir("pipe", "");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = http.send("POST", &app_url(&server, "pipe", "/echo"), None, &[], payload.clone());
+    assert_eq!(reply.status, 200);
+    assert!(reply.body == payload, "the echoed body differs ({} bytes back)", reply.body.len());
+    let reply = http.get(&app_url(&server, "pipe", "/stream?chunks=3&interval_ms=50"), None);
+    assert_eq!(reply.text(), "chunk 0\nchunk 1\nchunk 2\n");
+}
+
+#[test]
+fn a_killed_runner_is_replaced_and_failing_starts_back_off_without_touching_serving_runners() {
+    let server = server();
+    let http = Http::new();
+    let flag = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let flag_path = flag.to_str().unwrap().to_owned();
+    std::fs::remove_file(&flag_path).unwrap();
+    let app = testapp_dir(
+        "sturdy",
+        &format!("env = {{ FAIL_SETUP_IF_EXISTS = {flag_path:?} }}\n[scaling]\nmin_concurrency = 2\n"),
+    );
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let idle = |n: usize| {
+        move |server: &testkit::TestServer| {
+            let rs = runners(server, "sturdy", &[]);
+            (rs.iter().filter(|r| r["state"] == "idle").count() == n).then_some(rs)
+        }
+    };
+    let before = wait_until("two idle runners", || idle(2)(&server));
+
+    // From now on new runners of this revision fail to set up.
+    std::fs::write(&flag_path, "broken").unwrap();
+    let victim = http.get(&app_url(&server, "sturdy", "/"), None).json();
+    let pid = victim["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let prober = Prober::start(&app_url(&server, "sturdy", "/"), None, 20);
+    let backoff = wait_until("a runner in crash_backoff", || {
+        runners(&server, "sturdy", &[]).into_iter().find(|r| r["state"] == "crash_backoff")
+    });
+    assert!(backoff["reason"].as_str().unwrap().contains("exit status: 3"), "{backoff}");
+    // Mend the app: the next attempt succeeds and two runners serve again.
+    std::fs::remove_file(&flag_path).unwrap();
+    let after = wait_until("two idle runners again", || idle(2)(&server));
+    let report = prober.finish();
+    assert!(report.failures.is_empty(), "calls failed while a runner backed off: {:?}", report.failures);
+    assert!(report.ok > 10, "{report:?}");
+
+    let victim_id = victim["runner"].as_str().unwrap();
+    assert!(before.iter().any(|r| r["id"] == victim_id));
+    assert!(!after.iter().any(|r| r["id"] == victim_id), "the killed runner was replaced");
+    let ended = runners(&server, "sturdy", &["--state", "terminated", "--since", "1h"]);
+    let killed = ended.iter().find(|r| r["id"] == victim_id).expect("the killed runner is listed as terminated");
+    assert!(killed["reason"].as_str().unwrap().contains("unexpectedly"), "{killed}");
+}
+
+#[test]
+fn a_deploy_that_never_gets_healthy_fails_and_calls_never_notice() {
+    let server = server();
+    let good = testapp_dir("steady", "[scaling]\nmin_concurrency = 1\n");
+    let first = server.run(&["deploy", good.path_str(), "--auth", "public", "--json"]).ok().json();
+    let prober = Prober::start(&app_url(&server, "steady", "/"), None, 50);
+    let bad = testapp_dir("steady", "env = { HEALTH_NEVER = \"1\" }\n[runner]\nstartup_timeout = 2\n");
+    let out = server.run(&["deploy", bad.path_str()]).failed();
+    let report = prober.finish();
+    assert!(out.stderr.contains("startup timeout"), "{}", out.stderr);
+    assert!(report.failures.is_empty(), "calls failed during the deploy: {:?}", report.failures);
+    assert!(report.ok > 50, "{report:?}");
+    let revs = revisions(&server, "steady");
+    assert_eq!(revs[0]["status"], "failed");
+    assert!(revs[0]["failure"].as_str().unwrap().contains("startup timeout"), "{}", revs[0]);
+    assert_eq!(revs[1]["id"], first["revision"]);
+    assert_eq!(revs[1]["current"], true);
+}
+
+#[test]
+fn after_a_server_crash_no_runner_of_the_old_run_survives_and_apps_serve_again() {
+    let mut server = server();
+    let http = Http::new();
+    let app = testapp_dir("phoenix", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let pid = http.get(&app_url(&server, "phoenix", "/"), None).json()["pid"].as_i64().unwrap();
+    let alive = |pid: i64| std::path::Path::new(&format!("/proc/{pid}")).exists();
+
+    server.kill();
+    assert!(alive(pid), "the runner outlives a SIGKILLed server (until the restart)");
+    server.restart();
+    wait_until("the old runner to be ended", || (!alive(pid)).then_some(()));
+    let reply = http.get(&app_url(&server, "phoenix", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_ne!(reply.json()["pid"].as_i64().unwrap(), pid);
+}
+
+#[test]
+fn graceful_shutdown_stops_every_runner() {
+    let mut server = server();
+    let http = Http::new();
+    let app = testapp_dir("tidy", "[scaling]\nmin_concurrency = 2\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    wait_until("two runners", || (runners(&server, "tidy", &[]).len() == 2).then_some(()));
+    let pid = http.get(&app_url(&server, "tidy", "/"), None).json()["pid"].as_i64().unwrap();
+    let status = server.stop();
+    assert!(status.success());
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "a runner outlived the server");
+}
+
+#[test]
+fn unknown_machine_type_capacity_keeps_runners_pending() {
+    // One cpu slot: a second app's runner waits in pending until the first is gone.
+    let server = server_with(&["--machine-type", "cpu=1"]);
+    let a = testapp_dir("first", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", a.path_str()]).ok();
+    let b = testapp_dir("second", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", b.path_str(), "--strategy", "recreate"]).ok();
+    wait_until("the second app's runner to wait for room", || {
+        runners(&server, "second", &[]).iter().any(|r| r["state"] == "pending").then_some(())
+    });
+    server.run(&["apps", "delete", "first"]).ok();
+    wait_until("the second app's runner to start", || {
+        runners(&server, "second", &[]).iter().any(|r| r["state"] == "idle").then_some(())
+    });
+    let _ = Duration::ZERO;
+}
