@@ -317,3 +317,105 @@ impl AppRoute {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route() -> Arc<AppRoute> {
+        let config = RouteConfig { auth: AuthMode::Public, request_timeout: Duration::from_secs(60), suspended: false };
+        let route = AppRoute::new(Uuid::nil(), "app".to_owned(), config);
+        route.set_revision(Some(RevisionId(Uuid::from_u128(1))));
+        route
+    }
+
+    fn add(route: &Arc<AppRoute>, n: u128, max: u32) -> RunnerId {
+        let id = RunnerId(Uuid::from_u128(n));
+        route.add_runner(id, RevisionId(Uuid::from_u128(1)), SocketAddr::from(([127, 0, 0, 1], 1)), max);
+        id
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[tokio::test]
+    async fn fewest_in_flight_first_and_slots_are_bounded() {
+        let route = route();
+        let a = add(&route, 10, 2);
+        let b = add(&route, 11, 2);
+        let first = route.acquire(later()).await.unwrap();
+        let second = route.acquire(later()).await.unwrap();
+        assert_ne!(first.runner, second.runner, "the second call goes to the emptier runner");
+        let _third = route.acquire(later()).await.unwrap();
+        let _fourth = route.acquire(later()).await.unwrap();
+        let snapshot = route.snapshot();
+        assert_eq!(snapshot.runner(a).unwrap().in_flight, 2);
+        assert_eq!(snapshot.runner(b).unwrap().in_flight, 2);
+        let err = route.acquire(Instant::now() + Duration::from_millis(20)).await.err();
+        assert_eq!(err, Some(AcquireError::Deadline), "no slot is free");
+        assert!(route.snapshot().queued.is_empty(), "a call that gave up leaves the queue");
+        drop(first);
+        assert_eq!(route.snapshot().in_flight(), 3);
+    }
+
+    #[tokio::test]
+    async fn waiting_calls_are_served_first_in_first_out() {
+        let route = route();
+        add(&route, 10, 1);
+        let held = route.acquire(later()).await.unwrap();
+        let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for n in 0..5 {
+            let (waiter_route, order_tx) = (route.clone(), order_tx.clone());
+            waiters.push(tokio::spawn(async move {
+                let lease = waiter_route.acquire(later()).await.unwrap();
+                order_tx.send(n).unwrap();
+                tokio::task::yield_now().await;
+                drop(lease);
+            }));
+            // Let each waiter join the queue before the next.
+            while route.snapshot().queued.len() < n + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        let order: Vec<_> = std::iter::from_fn(|| order_rx.try_recv().ok()).collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_new_runner_takes_waiting_calls_and_draining_runners_take_none() {
+        let route = route();
+        let waiting = tokio::spawn({
+            let route = route.clone();
+            async move { route.acquire(later()).await.map(|l| l.runner) }
+        });
+        while route.snapshot().queued.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let a = add(&route, 10, 1);
+        assert_eq!(waiting.await.unwrap(), Ok(a));
+        route.stop_routing(a);
+        add(&route, 11, 1);
+        let lease = route.acquire(later()).await.unwrap();
+        assert_eq!(lease.runner, RunnerId(Uuid::from_u128(11)));
+    }
+
+    #[tokio::test]
+    async fn suspended_and_revisionless_apps_refuse_at_once() {
+        let route = route();
+        route.set_revision(None);
+        assert_eq!(route.acquire(later()).await.err(), Some(AcquireError::NoRevision));
+        route.set_revision(Some(RevisionId(Uuid::from_u128(1))));
+        route.configure(RouteConfig {
+            auth: AuthMode::Public,
+            request_timeout: Duration::from_secs(1),
+            suspended: true,
+        });
+        assert_eq!(route.acquire(later()).await.err(), Some(AcquireError::Suspended));
+    }
+}

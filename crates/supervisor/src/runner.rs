@@ -377,3 +377,31 @@ impl LogFile {
         self.recent.push_back(line.chars().take(300).collect());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_timestamped_and_rotated_at_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runner.log");
+        let mut log = LogFile::open(path.clone(), 200).unwrap();
+        for i in 0..20 {
+            log.append("stdout", &format!("line {i}"));
+        }
+        let current = std::fs::read_to_string(&path).unwrap();
+        let older = std::fs::read_to_string(path.with_extension("log.1")).unwrap();
+        assert!(current.len() <= 200 && older.len() <= 200, "{} and {} bytes", current.len(), older.len());
+        assert!(current.ends_with(" stdout line 19\n"), "{current}");
+        let first = current.lines().next().unwrap();
+        assert!(
+            time::OffsetDateTime::parse(
+                first.split(' ').next().unwrap(),
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok()
+        );
+        assert_eq!(log.recent.len(), 3);
+    }
+}

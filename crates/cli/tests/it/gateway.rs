@@ -230,3 +230,21 @@ fn unknown_machine_type_capacity_keeps_runners_pending() {
     });
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn a_runner_that_fails_its_health_checks_is_replaced() {
+    let server = server();
+    let http = Http::new();
+    let app = testapp_dir("flaky", "env = { UNHEALTHY_AFTER = \"1\" }\n[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let first = http.get(&app_url(&server, "flaky", "/"), None).json()["runner"].as_str().unwrap().to_owned();
+    let ended = wait_until("the unhealthy runner to be given up", || {
+        runners(&server, "flaky", &["--state", "terminated", "--since", "1m"])
+            .into_iter()
+            .find(|r| r["id"] == first.as_str())
+    });
+    assert!(ended["reason"].as_str().unwrap().contains("health checks in a row failed"), "{ended}");
+    wait_until("a new runner", || {
+        runners(&server, "flaky", &[]).iter().any(|r| r["state"] == "idle" && r["id"] != first.as_str()).then_some(())
+    });
+}
