@@ -15,15 +15,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use api::error::{ApiError, ErrorCode};
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
 use model::revision::AuthMode;
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -54,7 +56,9 @@ pub trait Authenticator: Send + Sync + 'static {
 }
 
 pub struct Gateway {
-    routes: RwLock<HashMap<(String, String), Arc<AppRoute>>>,
+    /// By `team/app`, the way the path spells it, so a call finds its route without
+    /// allocating.
+    routes: RwLock<HashMap<String, Arc<AppRoute>>>,
     client: Client<HttpConnector, Body>,
     auth: Arc<dyn Authenticator>,
     default_start_timeout: Duration,
@@ -76,20 +80,54 @@ impl Gateway {
     }
 
     pub fn register(&self, team: &str, route: Arc<AppRoute>) {
-        let key = (team.to_owned(), route.app.clone());
+        let key = format!("{team}/{}", route.app);
         self.routes.write().unwrap_or_else(|e| e.into_inner()).insert(key, route);
     }
 
     pub fn unregister(&self, team: &str, app: &str) {
-        self.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&(team.to_owned(), app.to_owned()));
+        self.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&format!("{team}/{app}"));
     }
 
-    fn route(&self, team: &str, app: &str) -> Option<Arc<AppRoute>> {
-        self.routes.read().unwrap_or_else(|e| e.into_inner()).get(&(team.to_owned(), app.to_owned())).cloned()
+    /// The route of `team/app`.
+    fn route(&self, team_and_app: &str) -> Option<Arc<AppRoute>> {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app).cloned()
     }
 
-    pub fn router(self: Arc<Self>) -> Router {
-        Router::new().fallback(call).with_state(self)
+    /// Serves calls on `listener` until `shutdown` resolves, then lets the calls in
+    /// flight finish. HTTP/1.1 straight on hyper, without a router in between: this
+    /// is the hot path of every call.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a moment, go on.
+                        tracing::warn!(error = %e, "gateway cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            // Calls are small request/response exchanges: send each write at once.
+            let _ = stream.set_nodelay(true);
+            let gateway = self.clone();
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, std::convert::Infallible>(call(gateway, request.map(Body::new)).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "gateway connection ended with an error");
+                }
+            });
+        }
+        graceful.shutdown().await;
     }
 
     async fn authorize(&self, route: &AppRoute, headers: &HeaderMap, auth: AuthMode) -> Result<(), ApiError> {
@@ -130,7 +168,7 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::AUTHORIZATION,
 ];
 
-async fn call(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+async fn call(gateway: Arc<Gateway>, request: Request) -> Response {
     let request_id = Uuid::new_v4().to_string();
     let mut response = match proxy(&gateway, request, &request_id).await {
         Ok(response) => response,
@@ -153,7 +191,8 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
         }
     };
     let rest = format!("/{}", segments.next().unwrap_or(""));
-    let Some(route) = gateway.route(team, app) else {
+    let team_and_app = &path[1..team.len() + app.len() + 2];
+    let Some(route) = gateway.route(team_and_app) else {
         return Err(ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")));
     };
     let config = route.config();
@@ -175,7 +214,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
             ),
         ),
     })?;
-    let labels = CallLabels { app: format!("{team}/{app}"), revision: lease.revision.to_string(), status: 0 };
+    let labels = CallLabels { app: team_and_app.to_owned(), revision: lease.revision.to_string(), status: 0 };
 
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();

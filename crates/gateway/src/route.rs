@@ -278,15 +278,22 @@ impl AppRoute {
 
     fn release(self: &Arc<Self>, id: RunnerId) {
         let mut state = self.state();
+        // The controller is woken only when it has something to do now: a draining
+        // runner has finished its last call. Idle time and load it reads on its own
+        // tick, so the hot path of every call does not wake it.
+        let mut drained = false;
         if let Some(slot) = state.runners.iter_mut().find(|s| s.id == id) {
             slot.in_flight = slot.in_flight.saturating_sub(1);
             if slot.in_flight == 0 {
                 slot.idle_since = Some(Instant::now());
+                drained = !slot.accepting;
             }
         }
         self.dispatch(&mut state);
         drop(state);
-        self.changed.notify_one();
+        if drained {
+            self.changed.notify_one();
+        }
     }
 
     /// Hands free slots to waiting calls, oldest first.

@@ -93,8 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = control.shutdown.clone();
     let api_app = api::router::router(control.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let gateway_server = axum::serve(gateway_listener, gateway.clone().router())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let gateway_server = gateway.clone().serve(gateway_listener, shutdown.clone().cancelled_owned());
 
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -104,10 +103,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    let (api_result, gateway_result) = tokio::join!(api_server, gateway_server);
+    let (api_result, ()) = tokio::join!(api_server, gateway_server);
     signals.abort();
     api_result.context("API server failed")?;
-    gateway_result.context("gateway failed")?;
 
     // Background deploys see the cancellation, stop their builds and record the
     // revision as Failed ("interrupted") before the process exits.

@@ -220,15 +220,19 @@ struct Watch {
     orders: mpsc::UnboundedReceiver<Order>,
 }
 
-/// How often a runner in setup is checked.
+/// A runner in setup is checked soon after it starts, then less and less often up to
+/// this interval: a quick app is found set up within milliseconds (cold starts stay
+/// short), and a slow one is not flooded with checks.
 const SETUP_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+const FIRST_SETUP_PROBE: Duration = Duration::from_millis(2);
 
 impl Watch {
     async fn run(mut self, mut child: tokio::process::Child) {
         let id = self.launch.id;
         let mut phase = Phase::Setup;
         let setup_deadline = Instant::now() + self.launch.startup_timeout;
-        let mut next_probe = Instant::now() + SETUP_PROBE_INTERVAL;
+        let mut setup_interval = FIRST_SETUP_PROBE;
+        let mut next_probe = Instant::now() + setup_interval;
         let mut failures = 0u32;
         // Set when the runner is on its way out: by order, or because it failed.
         let mut ending: Option<(bool, String)> = None;
@@ -278,7 +282,10 @@ impl Watch {
                                 self.launch.health_path, self.launch.startup_timeout
                             )));
                         }
-                        Phase::Setup => next_probe = Instant::now() + SETUP_PROBE_INTERVAL,
+                        Phase::Setup => {
+                            setup_interval = (setup_interval * 3 / 2).min(SETUP_PROBE_INTERVAL);
+                            next_probe = Instant::now() + setup_interval;
+                        }
                         Phase::Serving if healthy => {
                             failures = 0;
                             next_probe = Instant::now() + self.launch.health.interval;

@@ -147,6 +147,13 @@ fn a_killed_runner_is_replaced_and_failing_starts_back_off_without_touching_serv
     let backoff = wait_until("a runner in crash_backoff", || {
         runners(&server, "sturdy", &[]).into_iter().find(|r| r["state"] == "crash_backoff")
     });
+    // It keeps failing, and backing off, while the other runner serves on.
+    wait_until("a second failed attempt", || {
+        runners(&server, "sturdy", &[])
+            .into_iter()
+            .find(|r| r["state"] == "crash_backoff" && r["id"] != backoff["id"])
+            .map(drop)
+    });
     assert!(backoff["reason"].as_str().unwrap().contains("exit status: 3"), "{backoff}");
     // Mend the app: the next attempt succeeds and two runners serve again.
     std::fs::remove_file(&flag_path).unwrap();
@@ -210,7 +217,8 @@ fn graceful_shutdown_stops_every_runner() {
     let pid = http.get(&app_url(&server, "tidy", "/"), None).json()["pid"].as_i64().unwrap();
     let status = server.stop();
     assert!(status.success());
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "a runner outlived the server");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty(), "a runner outlived the server: {stat}\n{}", server.output());
 }
 
 #[test]

@@ -11,7 +11,8 @@ fn runners_grow_with_concurrent_calls_and_shrink_after_keep_alive() {
     let server = server();
     let app = testapp_dir(
         "elastic",
-        "[scaling]\nmin_concurrency = 1\nmax_concurrency = 3\nkeep_alive = 2\n[runner]\nmax_multiplexing = 1\n",
+        "env = { SETUP_SECONDS = \"0.7\" }\n[scaling]\nmin_concurrency = 1\nmax_concurrency = 3\nkeep_alive = 2\n\
+         [runner]\nmax_multiplexing = 1\n",
     );
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
     assert_eq!(runners(&server, "elastic", &[]).len(), 1);
