@@ -20,6 +20,9 @@ done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests run the `hangar` binary and the test app (`hangar-testapp`, a
+# binary of testkit), which a test run alone does not build.
+cargo build --workspace --bins --locked
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked
 else

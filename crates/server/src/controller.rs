@@ -119,7 +119,8 @@ pub(crate) struct Controller {
     failures: u32,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    shutting_down: Option<oneshot::Sender<()>>,
+    /// Set once the controller is winding down; holds who waits for the end.
+    shutting_down: Option<Vec<oneshot::Sender<()>>>,
 }
 
 impl Controller {
@@ -165,11 +166,16 @@ impl Controller {
     pub(crate) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let shared = self.shared.clone();
         let route = self.route.clone();
+        let mut orphaned = false;
         loop {
             tokio::select! {
-                command = commands.recv() => match command {
+                command = commands.recv(), if !orphaned => match command {
                     Some(command) => self.command(command).await,
-                    None => self.begin_shutdown(None),
+                    // Nobody can reach this controller any more: wind down.
+                    None => {
+                        orphaned = true;
+                        self.begin_shutdown(None);
+                    }
                 },
                 Some(event) = self.events.recv() => self.event(event).await,
                 () = route.changed() => {}
@@ -179,7 +185,7 @@ impl Controller {
             self.reconcile().await;
             self.publish();
             if self.shutting_down.is_some() && !self.runners.iter().any(Runner::is_live) {
-                if let Some(reply) = self.shutting_down.take() {
+                for reply in self.shutting_down.take().into_iter().flatten() {
                     let _ = reply.send(());
                 }
                 return;
@@ -247,14 +253,14 @@ impl Controller {
     }
 
     fn begin_shutdown(&mut self, reply: Option<oneshot::Sender<()>>) {
-        if let Some((_, pending)) = self.pending.take().map(|p| ((), p)) {
+        if let Some(pending) = self.pending.take() {
             let _ = pending.activate.reply.send(Err("interrupted".to_owned()));
         }
         for runner in &mut self.runners {
             begin_drain(&self.route, runner, "the server is shutting down");
         }
         self.route.set_revision(None);
-        self.shutting_down = Some(reply.unwrap_or_else(|| oneshot::channel().0));
+        self.shutting_down.get_or_insert_with(Vec::new).extend(reply);
     }
 
     async fn activate(&mut self, activate: Activate) {
@@ -366,6 +372,10 @@ impl Controller {
 
     fn setup_failed(&mut self, index: usize, reason: String) {
         let id = self.runners[index].id;
+        if self.shutting_down.is_some() {
+            end(&mut self.runners[index], reason);
+            return;
+        }
         tracing::warn!(app = %self.app.name, runner = %id, %reason, "runner failed to set up");
         if self.pending.as_ref().is_some_and(|p| p.runner == id) {
             let pending = self.pending.take().expect("checked above");
@@ -440,6 +450,9 @@ impl Controller {
         // Back-offs that have run out: try again, as a new runner.
         let mut retries = Vec::new();
         for runner in &mut self.runners {
+            if self.shutting_down.is_some() {
+                break;
+            }
             if runner.state == RunnerState::CrashBackoff && runner.retry_at.is_some_and(|t| now >= t) {
                 let reason = runner.reason.clone().unwrap_or_default();
                 end(runner, reason);

@@ -339,35 +339,13 @@ impl Sqlite {
             "UPDATE revisions SET status = ?2, failure = NULL WHERE id = ?1",
             params![a.revision.to_string(), RevisionStatus::Deployed.as_str()],
         )?;
-        let r = &a.runner;
         tx.execute(
-            "UPDATE apps SET current_revision = ?2, max_multiplexing = ?3, startup_timeout = ?4,
-             machine_type = ?5, termination_grace_period = ?6 WHERE id = ?1",
-            params![
-                a.app_id.to_string(),
-                a.revision.to_string(),
-                r.max_multiplexing,
-                r.startup_timeout as i64,
-                r.machine_type,
-                r.termination_grace_period as i64,
-            ],
+            "UPDATE apps SET current_revision = ?2 WHERE id = ?1",
+            params![a.app_id.to_string(), a.revision.to_string()],
         )?;
-        if let Some(s) = &a.scaling {
-            tx.execute(
-                "UPDATE apps SET keep_alive = ?2, min_concurrency = ?3, max_concurrency = ?4,
-                 concurrency_buffer = ?5, concurrency_buffer_perc = ?6, scaling_delay = ?7,
-                 request_timeout = ?8 WHERE id = ?1",
-                params![
-                    a.app_id.to_string(),
-                    s.keep_alive as i64,
-                    s.min_concurrency,
-                    s.max_concurrency,
-                    s.concurrency_buffer,
-                    s.concurrency_buffer_perc,
-                    s.scaling_delay as i64,
-                    s.request_timeout as i64,
-                ],
-            )?;
+        set_runner_spec(&tx, a.app_id, &a.runner)?;
+        if let Some(scaling) = &a.scaling {
+            set_scaling(&tx, a.app_id, scaling)?;
         }
         if let Some(auth) = a.auth {
             tx.execute("UPDATE apps SET auth = ?2 WHERE id = ?1", params![a.app_id.to_string(), auth.as_str()])?;
@@ -386,24 +364,8 @@ impl Sqlite {
     ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE apps SET keep_alive = ?2, min_concurrency = ?3, max_concurrency = ?4,
-             concurrency_buffer = ?5, concurrency_buffer_perc = ?6, scaling_delay = ?7, request_timeout = ?8,
-             max_multiplexing = ?9, startup_timeout = ?10, machine_type = ?11 WHERE id = ?1",
-            params![
-                app_id.to_string(),
-                s.keep_alive as i64,
-                s.min_concurrency,
-                s.max_concurrency,
-                s.concurrency_buffer,
-                s.concurrency_buffer_perc,
-                s.scaling_delay as i64,
-                s.request_timeout as i64,
-                r.max_multiplexing,
-                r.startup_timeout as i64,
-                r.machine_type,
-            ],
-        )?;
+        set_scaling(&tx, app_id, s)?;
+        set_runner_spec(&tx, app_id, r)?;
         insert_history(&tx, history)?;
         tx.commit()?;
         Ok(())
@@ -486,6 +448,41 @@ fn insert_history(conn: &Connection, entry: &NewHistory) -> Result<()> {
     conn.execute(
         "INSERT INTO history (app_id, at, action, key_id, details) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![entry.app_id.to_string(), millis(now()), entry.action, entry.key_id, entry.details],
+    )?;
+    Ok(())
+}
+
+/// Sets an app's runtime-tunable scaling values.
+fn set_scaling(conn: &Connection, app_id: Uuid, s: &Scaling) -> Result<()> {
+    conn.execute(
+        "UPDATE apps SET keep_alive = ?2, min_concurrency = ?3, max_concurrency = ?4, concurrency_buffer = ?5,
+         concurrency_buffer_perc = ?6, scaling_delay = ?7, request_timeout = ?8 WHERE id = ?1",
+        params![
+            app_id.to_string(),
+            s.keep_alive as i64,
+            s.min_concurrency,
+            s.max_concurrency,
+            s.concurrency_buffer,
+            s.concurrency_buffer_perc,
+            s.scaling_delay as i64,
+            s.request_timeout as i64,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Sets an app's code-specific values.
+fn set_runner_spec(conn: &Connection, app_id: Uuid, r: &RunnerSpec) -> Result<()> {
+    conn.execute(
+        "UPDATE apps SET max_multiplexing = ?2, startup_timeout = ?3, machine_type = ?4,
+         termination_grace_period = ?5 WHERE id = ?1",
+        params![
+            app_id.to_string(),
+            r.max_multiplexing,
+            r.startup_timeout as i64,
+            r.machine_type,
+            r.termination_grace_period as i64,
+        ],
     )?;
     Ok(())
 }
