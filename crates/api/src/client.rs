@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
-    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RunnerJson, RunnersQuery,
-    ScaleJson, ScaleRequest,
+    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest,
+    RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +154,21 @@ impl Client {
 }
 
 impl Client {
+    pub async fn set_rev(&self, app: &str, request: &SetRevRequest) -> Result<AppJson> {
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/set-rev", seg(app))).json(request)).await
+    }
+
+    pub async fn rollout(&self, app: &str, force: bool) -> Result<RolloutJson> {
+        let request = RolloutRequest { force };
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/rollout", seg(app))).json(&request)).await
+    }
+
+    /// Suspends (`true`) or resumes an app.
+    pub async fn suspend(&self, app: &str, suspend: bool) -> Result<AppJson> {
+        let verb = if suspend { "suspend" } else { "resume" };
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/{verb}", seg(app)))).await
+    }
+
     pub async fn scale(&self, app: &str, request: &ScaleRequest) -> Result<ScaleJson> {
         self.json(self.request(Method::POST, &format!("/v1/apps/{}/scale", seg(app))).json(request)).await
     }

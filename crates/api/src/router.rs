@@ -20,8 +20,8 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::wire::{
-    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RunnerJson, RunnersQuery,
-    ScaleJson, ScaleRequest,
+    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest,
+    RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -90,6 +90,27 @@ pub trait ControlPlane: Send + Sync + 'static {
         app: &str,
         request: ScaleRequest,
     ) -> impl Future<Output = Result<ScaleJson, ApiError>> + Send;
+    /// Makes another Deployed revision current (rollback or roll forward).
+    fn set_rev(
+        &self,
+        caller: &Caller,
+        app: &str,
+        request: SetRevRequest,
+    ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
+    /// Replaces every runner of the app, same revision.
+    fn rollout(
+        &self,
+        caller: &Caller,
+        app: &str,
+        request: RolloutRequest,
+    ) -> impl Future<Output = Result<RolloutJson, ApiError>> + Send;
+    /// Suspends (`true`) or resumes an app.
+    fn suspend(
+        &self,
+        caller: &Caller,
+        app: &str,
+        suspend: bool,
+    ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
     /// The runners of one app, or of every app of the team.
     fn list_runners(
         &self,
@@ -124,6 +145,10 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .route("/apps/{app}/history", get(history::<C>))
         .route("/deploys", axum::routing::post(deploy::<C>))
         .route("/apps/{app}/scale", axum::routing::post(scale::<C>))
+        .route("/apps/{app}/set-rev", axum::routing::post(set_rev::<C>))
+        .route("/apps/{app}/rollout", axum::routing::post(rollout::<C>))
+        .route("/apps/{app}/suspend", axum::routing::post(suspend::<C>))
+        .route("/apps/{app}/resume", axum::routing::post(resume::<C>))
         .route("/apps/{app}/runners", get(app_runners::<C>))
         .route("/runners", get(runners::<C>))
         .route("/runners/{id}/stop", axum::routing::post(stop_runner::<C>))
@@ -249,9 +274,48 @@ async fn scale<C: ControlPlane>(
     Path(app): Path<String>,
     request: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ScaleJson>, ApiError> {
-    let Json(request) = request
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad scale request: {}", e.body_text())))?;
+    let Json(request) = request.map_err(bad_json)?;
     c.scale(&caller, &app, request).await.map(Json)
+}
+
+async fn set_rev<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    request: Result<Json<SetRevRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<AppJson>, ApiError> {
+    let Json(request) = request.map_err(bad_json)?;
+    c.set_rev(&caller, &app, request).await.map(Json)
+}
+
+async fn rollout<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    request: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<RolloutJson>, ApiError> {
+    let Json(request) = request.map_err(bad_json)?;
+    c.rollout(&caller, &app, request).await.map(Json)
+}
+
+async fn suspend<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<AppJson>, ApiError> {
+    c.suspend(&caller, &app, true).await.map(Json)
+}
+
+async fn resume<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<AppJson>, ApiError> {
+    c.suspend(&caller, &app, false).await.map(Json)
+}
+
+fn bad_json(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, format!("bad request body: {}", rejection.body_text()))
 }
 
 async fn app_runners<C: ControlPlane>(

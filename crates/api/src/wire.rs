@@ -219,3 +219,32 @@ impl RunnerJson {
         }
     }
 }
+
+/// Switch an app to another revision.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetRevRequest {
+    /// Revision id or a unique prefix of it.
+    pub revision: String,
+    /// rolling (default) or recreate
+    pub strategy: Option<String>,
+    pub auth: Option<String>,
+}
+
+/// Restart every runner of an app.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    /// Kill the runners at once instead of draining them.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RolloutJson {
+    pub app: String,
+    pub revision: String,
+    /// The runners being replaced.
+    pub runners: Vec<String>,
+    pub force: bool,
+}

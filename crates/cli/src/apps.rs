@@ -33,6 +33,31 @@ pub(crate) enum AppsCommand {
     },
     /// Change an app's scaling values now, without restarting runners
     Scale(ScaleArgs),
+    /// Switch the app to another Deployed revision (roll back or forward; no rebuild)
+    SetRev {
+        app: String,
+        /// Revision id or any unique prefix of it
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        revision: String,
+        /// rolling: start a runner of REVISION and switch once it is set up;
+        /// recreate: switch now, the next call starts a runner
+        #[arg(long, value_parser = ["rolling", "recreate"])]
+        strategy: Option<String>,
+        /// Change who may call the app at the same time
+        #[arg(long, value_parser = ["private", "public", "shared"])]
+        auth: Option<String>,
+    },
+    /// Restart every runner of the app (same revision, fresh secrets and settings)
+    Rollout {
+        app: String,
+        /// Kill the runners at once instead of letting them finish their calls
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop every runner and refuse calls until resumed
+    Suspend { app: String },
+    /// Serve a suspended app again
+    Resume { app: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,6 +182,54 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             );
         }
         AppsCommand::Runners { app, filter } => return crate::runners::list(cx, Some(&app), &filter).await,
+        AppsCommand::SetRev { app, revision, strategy, auth } => {
+            let request = api::wire::SetRevRequest { revision, strategy: strategy.clone(), auth };
+            let updated = client.set_rev(&app, &request).await?;
+            if out.is_json() {
+                return json(cx, &updated);
+            }
+            let revision = updated.revision.unwrap_or_default();
+            println!(
+                "{}",
+                success(format!("{app} now serves revision {revision} ({})", strategy.as_deref().unwrap_or("rolling")))
+            );
+        }
+        AppsCommand::Rollout { app, force } => {
+            let rollout = client.rollout(&app, force).await?;
+            if out.is_json() {
+                return json(cx, &rollout);
+            }
+            let n = rollout.runners.len();
+            if force {
+                println!("{}", success(format!("Killed {n} runners of {app}; new ones start as calls arrive")));
+            } else {
+                println!(
+                    "{}",
+                    success(format!(
+                        "Replacing {n} runners of {app}; each keeps serving until its replacement is set up"
+                    ))
+                );
+            }
+        }
+        AppsCommand::Suspend { app } => {
+            let updated = client.suspend(&app, true).await?;
+            if out.is_json() {
+                return json(cx, &updated);
+            }
+            println!(
+                "{}",
+                success(format!(
+                    "Suspended {app}: its runners stop and calls get 503 until `hangar apps resume {app}`"
+                ))
+            );
+        }
+        AppsCommand::Resume { app } => {
+            let updated = client.suspend(&app, false).await?;
+            if out.is_json() {
+                return json(cx, &updated);
+            }
+            println!("{}", success(format!("Resumed {app}")));
+        }
         AppsCommand::Scale(args) => return scale(cx, args).await,
     }
     Ok(ExitCode::SUCCESS)

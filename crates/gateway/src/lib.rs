@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use metrics::{CallLabels, Metrics};
-pub use route::{AcquireError, AppRoute, Lease, RouteConfig, RouteSnapshot, SlotView};
+pub use route::{AcquireError, AppRoute, CutOff, Lease, RouteConfig, RouteSnapshot, SlotView};
 
 use crate::body::LeaseBody;
 
@@ -239,10 +239,20 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
         Ok(Err(e)) => {
             tracing::debug!(runner = %runner, error = %e, "call to runner failed");
             gateway.metrics.record(&labels, 503, arrived.elapsed());
-            return Err(ApiError::new(
-                ErrorCode::RunnerLost,
-                format!("runner {runner} of {team}/{app} stopped before answering the call"),
-            ));
+            return Err(match route.cut_reason(runner) {
+                Some(CutOff::ForcedRollout) => ApiError::new(
+                    ErrorCode::RolloutForced,
+                    format!("the call was cut off by a forced rollout of {team}/{app}; send it again"),
+                ),
+                Some(CutOff::Killed) => ApiError::new(
+                    ErrorCode::RunnerLost,
+                    format!("runner {runner} of {team}/{app} was killed during the call"),
+                ),
+                None => ApiError::new(
+                    ErrorCode::RunnerLost,
+                    format!("runner {runner} of {team}/{app} stopped before answering the call"),
+                ),
+            });
         }
         Err(_) => {
             route.flag_timed_out(runner);

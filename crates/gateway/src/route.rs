@@ -36,8 +36,19 @@ pub struct AppRoute {
     changed: Notify,
 }
 
+/// Why a runner was cut off with calls in flight, so those calls can say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutOff {
+    ForcedRollout,
+    Killed,
+}
+
+/// How many cut-off runners are remembered; their calls fail within moments.
+const REMEMBERED_CUTS: usize = 256;
+
 struct RouteState {
     config: RouteConfig,
+    cut: VecDeque<(RunnerId, CutOff)>,
     revision: Option<RevisionId>,
     runners: Vec<Slot>,
     queue: VecDeque<Waiter>,
@@ -123,6 +134,7 @@ impl AppRoute {
             app,
             state: Mutex::new(RouteState {
                 config,
+                cut: VecDeque::new(),
                 revision: None,
                 runners: Vec::new(),
                 queue: VecDeque::new(),
@@ -194,6 +206,22 @@ impl AppRoute {
         if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {
             slot.accepting = false;
         }
+    }
+
+    /// Takes a runner out at once because it is being killed, remembering why so that
+    /// its calls in flight can tell their callers.
+    pub fn cut_off(&self, id: RunnerId, why: CutOff) {
+        let mut state = self.state();
+        state.runners.retain(|s| s.id != id);
+        if state.cut.len() == REMEMBERED_CUTS {
+            state.cut.pop_front();
+        }
+        state.cut.push_back((id, why));
+    }
+
+    /// Why a runner was cut off, if it was.
+    pub fn cut_reason(&self, id: RunnerId) -> Option<CutOff> {
+        self.state().cut.iter().rev().find(|(r, _)| *r == id).map(|(_, why)| *why)
     }
 
     /// Forgets a runner. Calls still holding its slots finish or fail on their own.

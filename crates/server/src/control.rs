@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
-    AppJson, DeployJson, DeployParams, HistoryJson, LogChunk, RevisionJson, RunnerJson, RunnersQuery, ScaleJson,
-    ScaleRequest,
+    AppJson, DeployJson, DeployParams, HistoryJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson,
+    RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -98,7 +98,7 @@ impl Control {
     }
 
     /// Finds the one revision of `app` whose id starts with `prefix`.
-    async fn find_revision(&self, app: &App, prefix: &str) -> Result<Revision, ApiError> {
+    pub(crate) async fn find_revision(&self, app: &App, prefix: &str) -> Result<Revision, ApiError> {
         if !is_id_prefix(prefix) {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
@@ -121,12 +121,6 @@ impl Control {
                 ),
             )),
         }
-    }
-
-    /// How many runners of the app (of one revision, if given) are not terminated.
-    fn live_runners(&self, app_id: Uuid, revision: Option<model::ids::RevisionId>) -> u32 {
-        let runners = self.fleet.runners(app_id);
-        runners.iter().filter(|r| !r.state.is_terminal() && revision.is_none_or(|rev| r.revision == rev)).count() as u32
     }
 
     /// Removes an artifact's file; the caller has made sure no revision uses it.
@@ -206,13 +200,13 @@ impl ControlPlane for Control {
     async fn list_apps(&self, caller: &Caller) -> Result<Vec<AppJson>, ApiError> {
         require_manage(caller)?;
         let apps = self.store.list_apps(caller.team_id).await.map_err(internal)?;
-        Ok(apps.iter().map(|app| AppJson::new(app, &caller.team, self.live_runners(app.id, None))).collect())
+        Ok(apps.iter().map(|app| AppJson::new(app, &caller.team, self.fleet.live_runners(app.id, None))).collect())
     }
 
     async fn get_app(&self, caller: &Caller, app: &str) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
-        Ok(AppJson::new(&app, &caller.team, self.live_runners(app.id, None)))
+        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
     }
 
     async fn delete_app(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
@@ -244,7 +238,9 @@ impl ControlPlane for Control {
         let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
         Ok(revisions
             .iter()
-            .map(|r| RevisionJson::new(r, app.current_revision == Some(r.id), self.live_runners(app.id, Some(r.id))))
+            .map(|r| {
+                RevisionJson::new(r, app.current_revision == Some(r.id), self.fleet.live_runners(app.id, Some(r.id)))
+            })
             .collect())
     }
 
@@ -252,7 +248,7 @@ impl ControlPlane for Control {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
         let rev = self.find_revision(&app, revision).await?;
-        Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), self.live_runners(app.id, Some(rev.id))))
+        Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), self.fleet.live_runners(app.id, Some(rev.id))))
     }
 
     async fn revision_log(
@@ -329,6 +325,21 @@ impl ControlPlane for Control {
     async fn runner_log(&self, caller: &Caller, runner: &str, offset: u64) -> Result<LogChunk, ApiError> {
         require_manage(caller)?;
         self.runner_log_chunk(caller, runner, offset).await
+    }
+
+    async fn set_rev(&self, caller: &Caller, app: &str, request: SetRevRequest) -> Result<AppJson, ApiError> {
+        require_manage(caller)?;
+        self.set_revision(caller, app, request).await
+    }
+
+    async fn rollout(&self, caller: &Caller, app: &str, request: RolloutRequest) -> Result<RolloutJson, ApiError> {
+        require_manage(caller)?;
+        self.rollout_app(caller, app, request.force).await
+    }
+
+    async fn suspend(&self, caller: &Caller, app: &str, suspend: bool) -> Result<AppJson, ApiError> {
+        require_manage(caller)?;
+        self.suspend_app(caller, app, suspend).await
     }
 
     async fn history(&self, caller: &Caller, app: &str) -> Result<Vec<HistoryJson>, ApiError> {

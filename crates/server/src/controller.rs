@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use autoscaler::{Decision, Observed, Phase as ScalePhase, Policy, Runner as ScaleRunner};
-use gateway::{AppRoute, RouteConfig, RouteSnapshot};
+use gateway::{AppRoute, CutOff, RouteConfig, RouteSnapshot};
 use model::ids::{RevisionId, RunnerId};
 use model::manifest::{Manifest, RunnerSpec, Scaling};
 use model::records::{App, Revision, RunnerInfo};
@@ -39,6 +39,9 @@ pub(crate) enum Command {
     StopRunner { id: RunnerId, replace: bool, reply: oneshot::Sender<Result<(), String>> },
     /// Kill one runner at once.
     KillRunner { id: RunnerId, reply: oneshot::Sender<Result<(), String>> },
+    /// Replace every runner (graceful: set up a replacement first where there is room;
+    /// force: kill them all now). Answers with the runners being replaced.
+    Rollout { force: bool, reply: oneshot::Sender<Vec<RunnerId>> },
     /// Stop every runner (draining first) and end.
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -206,13 +209,16 @@ impl Controller {
             Command::KillRunner { id, reply } => {
                 let result = match self.runners.iter_mut().find(|r| r.id == id && r.is_live()) {
                     Some(runner) => {
-                        self.route.remove_runner(id);
+                        self.route.cut_off(id, CutOff::Killed);
                         kill(runner, "killed on request");
                         Ok(())
                     }
                     None => Err(format!("runner {id} is not running")),
                 };
                 let _ = reply.send(result);
+            }
+            Command::Rollout { force, reply } => {
+                let _ = reply.send(self.rollout(force));
             }
             Command::Shutdown { reply } => self.begin_shutdown(Some(reply)),
         }
@@ -235,21 +241,53 @@ impl Controller {
     }
 
     fn stop_runner(&mut self, id: RunnerId, replace: bool) -> Result<(), String> {
-        let current = self.current.clone();
-        let Some(runner) = self.runners.iter_mut().find(|r| r.id == id && r.is_live()) else {
+        let Some(index) = self.runners.iter().position(|r| r.id == id && r.is_live()) else {
             return Err(format!("runner {id} is not running"));
         };
-        if replace && runner.is_set_up() && current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision) {
-            runner.replacing = true;
-            let (revision, manifest) = current.expect("checked above");
-            let replacement = Runner::new(revision, manifest);
-            runner.replacement = Some(replacement.id);
-            self.runners.push(replacement);
+        if replace {
+            self.replace(index);
         } else {
-            runner.replacing = replace;
-            begin_drain(&self.route, runner, "stopped on request");
+            begin_drain(&self.route, &mut self.runners[index], "stopped on request");
         }
         Ok(())
+    }
+
+    /// Marks a runner for replacement. A set-up runner of the current revision keeps
+    /// serving until its replacement is set up (or finds no room); any other runner
+    /// just goes, and the autoscaler starts what is needed.
+    fn replace(&mut self, index: usize) {
+        let current = self.current.clone();
+        let runner = &mut self.runners[index];
+        runner.replacing = true;
+        match current {
+            Some((revision, manifest)) if runner.is_set_up() && runner.revision == revision => {
+                let replacement = Runner::new(revision, manifest);
+                runner.replacement = Some(replacement.id);
+                self.runners.push(replacement);
+            }
+            _ => begin_drain(&self.route, runner, "replaced"),
+        }
+    }
+
+    fn rollout(&mut self, force: bool) -> Vec<RunnerId> {
+        let old: Vec<usize> = (0..self.runners.len())
+            .filter(|&i| {
+                let r = &self.runners[i];
+                r.is_live() && !matches!(r.state, RunnerState::Draining | RunnerState::Terminating)
+            })
+            .collect();
+        let ids = old.iter().map(|&i| self.runners[i].id).collect();
+        for index in old {
+            if force {
+                let runner = &mut self.runners[index];
+                runner.replacing = true;
+                self.route.cut_off(runner.id, CutOff::ForcedRollout);
+                kill(runner, "killed by a forced rollout");
+            } else {
+                self.replace(index);
+            }
+        }
+        ids
     }
 
     fn begin_shutdown(&mut self, reply: Option<oneshot::Sender<()>>) {

@@ -32,6 +32,7 @@ use crate::control::{Control, internal, remove_dir_logged};
 use crate::controller::{Activate, Command};
 use crate::fleet::Fleet;
 use crate::layout::Layout;
+use crate::operate::parse_choice;
 
 /// A manifest larger than this is refused before it is parsed.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
@@ -43,9 +44,9 @@ impl Control {
         params: DeployParams,
         body: Body,
     ) -> Result<DeployJson, ApiError> {
-        let strategy = parse_param("strategy", params.strategy.as_deref(), Strategy::parse, "rolling, recreate")?
+        let strategy = parse_choice("strategy", params.strategy.as_deref(), Strategy::parse, "rolling, recreate")?
             .unwrap_or_default();
-        let auth = parse_param("auth", params.auth.as_deref(), AuthMode::parse, "private, public, shared")?;
+        let auth = parse_choice("auth", params.auth.as_deref(), AuthMode::parse, "private, public, shared")?;
         if let Some(name) = &params.app_name {
             validate_app_name(name).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))?;
         }
@@ -260,6 +261,12 @@ impl Control {
         params: &DeployParams,
     ) -> Result<(App, Revision), ApiError> {
         let app = match self.store.app_by_name(caller.team_id, name).await.map_err(internal)? {
+            Some(app) if app.suspended => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("app {name:?} is suspended; resume it before deploying (hangar apps resume {name})"),
+                ));
+            }
             Some(app) => app,
             None => self
                 .store
@@ -292,20 +299,6 @@ impl Control {
 struct Upload {
     path: PathBuf,
     digest: String,
-}
-
-fn parse_param<T>(
-    name: &str,
-    value: Option<&str>,
-    parse: fn(&str) -> Option<T>,
-    choices: &str,
-) -> Result<Option<T>, ApiError> {
-    match value {
-        None => Ok(None),
-        Some(v) => parse(v)
-            .map(Some)
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, format!("{name} {v:?} is not one of: {choices}"))),
-    }
 }
 
 /// The background half of a deploy: build, then switch the alias or record the

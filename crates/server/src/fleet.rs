@@ -179,6 +179,12 @@ impl Fleet {
         self.get(app_id).map(|h| h.runners()).unwrap_or_default()
     }
 
+    /// How many runners of the app (of one revision, if given) have not ended.
+    pub(crate) fn live_runners(&self, app_id: Uuid, revision: Option<model::ids::RevisionId>) -> u32 {
+        let runners = self.runners(app_id);
+        runners.iter().filter(|r| !r.state.is_terminal() && revision.is_none_or(|rev| r.revision == rev)).count() as u32
+    }
+
     /// Stops an app's controller and all its runners, and takes it off the gateway.
     pub(crate) async fn remove(&self, app_id: Uuid, team: &str, app: &str) {
         self.shared.gateway.unregister(team, app);

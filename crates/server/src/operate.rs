@@ -3,17 +3,17 @@
 
 use api::error::{ApiError, ErrorCode};
 use api::router::Caller;
-use api::wire::{AppJson, LogChunk, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest};
+use api::wire::{AppJson, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest};
 use model::ids::{RunnerId, is_id_prefix};
-use model::manifest::MAX_SECONDS;
+use model::manifest::{MAX_SECONDS, Manifest};
 use model::records::{App, RunnerInfo};
-use model::revision::RunnerState;
+use model::revision::{AuthMode, RevisionStatus, RunnerState, Strategy};
 use store::NewHistory;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use crate::control::{Control, internal};
-use crate::controller::Command;
+use crate::controller::{Activate, Command};
 
 impl Control {
     pub(crate) async fn runners_json(
@@ -233,7 +233,7 @@ impl Control {
                 let _ = done.await;
             }
         }
-        let runners = self.fleet.runners(app.id).iter().filter(|r| !r.state.is_terminal()).count() as u32;
+        let runners = self.fleet.live_runners(app.id, None);
         Ok(ScaleJson { app: AppJson::new(&app, &caller.team, runners), changed, warnings })
     }
 }
@@ -256,4 +256,173 @@ fn value_of(name: &str, s: &model::manifest::Scaling, r: &model::manifest::Runne
 
 fn not_running(id: RunnerId) -> ApiError {
     ApiError::new(ErrorCode::Conflict, format!("runner {id} is not running"))
+}
+
+impl Control {
+    pub(crate) async fn set_revision(
+        &self,
+        caller: &Caller,
+        name: &str,
+        request: SetRevRequest,
+    ) -> Result<AppJson, ApiError> {
+        let strategy = parse_choice("strategy", request.strategy.as_deref(), Strategy::parse, "rolling, recreate")?
+            .unwrap_or_default();
+        let auth = parse_choice("auth", request.auth.as_deref(), AuthMode::parse, "private, public, shared")?;
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
+        if app.suspended {
+            return Err(conflict(format!("app {name:?} is suspended; resume it first (hangar apps resume {name})")));
+        }
+        let revision = self.find_revision(&app, &request.revision).await?;
+        if app.current_revision == Some(revision.id) {
+            return Err(conflict(format!("revision {} is already the current revision of app {name:?}", revision.id)));
+        }
+        match revision.status {
+            RevisionStatus::Deployed => {}
+            RevisionStatus::Failed => {
+                return Err(conflict(format!(
+                    "revision {} failed ({}); only a Deployed revision can be made current",
+                    revision.id,
+                    revision.failure.as_deref().unwrap_or("no reason recorded")
+                )));
+            }
+            RevisionStatus::Deploying | RevisionStatus::Suspended => {
+                return Err(conflict(format!(
+                    "revision {} is {}; only a Deployed revision can be made current",
+                    revision.id,
+                    revision.status.as_str()
+                )));
+            }
+        }
+        let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
+        let manifest = Manifest::parse(&revision.manifest, Some(&machine_types))
+            .map_err(|e| conflict(format!("revision {} cannot run on this server any more: {e}", revision.id)))?;
+        let from = app.current_revision.map_or_else(|| "none".to_owned(), |r| r.to_string());
+        let mut details = format!("revision {from} -> {} ({})", revision.id, strategy.as_str());
+        if let Some(auth) = auth {
+            details.push_str(&format!("; auth {}", auth.as_str()));
+        }
+        let controller = self.fleet.controller(&app, &caller.team).await.map_err(ApiError::internal)?;
+        let (reply, answer) = oneshot::channel();
+        let sent = controller.send(Command::Activate(Box::new(Activate {
+            revision: revision.clone(),
+            manifest,
+            strategy,
+            scaling: None,
+            auth,
+            history: NewHistory {
+                app_id: app.id,
+                action: "set_rev".to_owned(),
+                key_id: Some(caller.key_id.clone()),
+                details,
+            },
+            reply,
+        })));
+        let result = if sent {
+            answer.await.unwrap_or_else(|_| Err("interrupted".to_owned()))
+        } else {
+            Err("interrupted".to_owned())
+        };
+        if let Err(reason) = result {
+            self.store
+                .add_history(NewHistory {
+                    app_id: app.id,
+                    action: "set_rev_failed".to_owned(),
+                    key_id: Some(caller.key_id.clone()),
+                    details: format!("revision {} did not come up: {reason}", revision.id),
+                })
+                .await
+                .map_err(internal)?;
+            return Err(conflict(format!(
+                "revision {} did not come up, so app {name:?} stays on revision {from}: {reason}",
+                revision.id
+            )));
+        }
+        let app = self.find_app(caller, name).await?;
+        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
+    }
+
+    pub(crate) async fn rollout_app(&self, caller: &Caller, name: &str, force: bool) -> Result<RolloutJson, ApiError> {
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
+        let Some(revision) = app.current_revision else {
+            return Err(conflict(format!("app {name:?} has no current revision to roll out")));
+        };
+        if app.suspended {
+            return Err(conflict(format!("app {name:?} is suspended; it has no runners to roll out")));
+        }
+        let controller = self.fleet.controller(&app, &caller.team).await.map_err(ApiError::internal)?;
+        let (reply, answer) = oneshot::channel();
+        if !controller.send(Command::Rollout { force, reply }) {
+            return Err(ApiError::internal("the app's controller has ended"));
+        }
+        let runners = answer.await.map_err(|_| ApiError::internal("the app's controller has ended"))?;
+        let details = if force {
+            format!("forced rollout of revision {revision}: {} runners killed", runners.len())
+        } else {
+            format!("graceful rollout of revision {revision}: {} runners replaced", runners.len())
+        };
+        self.store
+            .add_history(NewHistory {
+                app_id: app.id,
+                action: "rollout".to_owned(),
+                key_id: Some(caller.key_id.clone()),
+                details,
+            })
+            .await
+            .map_err(internal)?;
+        Ok(RolloutJson {
+            app: app.name,
+            revision: revision.to_string(),
+            runners: runners.iter().map(|r| r.to_string()).collect(),
+            force,
+        })
+    }
+
+    pub(crate) async fn suspend_app(&self, caller: &Caller, name: &str, suspend: bool) -> Result<AppJson, ApiError> {
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        if app.suspended == suspend {
+            let state = if suspend { "already suspended" } else { "not suspended" };
+            return Err(ApiError::new(ErrorCode::Conflict, format!("app {name:?} is {state}")));
+        }
+        let action = if suspend { "suspend" } else { "resume" };
+        let details = match app.current_revision {
+            Some(revision) => format!("app {action}ed on revision {revision}"),
+            None => format!("app {action}ed"),
+        };
+        self.store
+            .set_suspended(
+                app.id,
+                suspend,
+                NewHistory { app_id: app.id, action: action.to_owned(), key_id: Some(caller.key_id.clone()), details },
+            )
+            .await
+            .map_err(internal)?;
+        let app = self.find_app(caller, name).await?;
+        if app.current_revision.is_some() {
+            let controller = self.fleet.controller(&app, &caller.team).await.map_err(ApiError::internal)?;
+            let (reply, done) = oneshot::channel();
+            if controller.send(Command::Configure { app: app.clone(), reply }) {
+                let _ = done.await;
+            }
+        }
+        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
+    }
+}
+
+pub(crate) fn parse_choice<T>(
+    name: &str,
+    value: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+    choices: &str,
+) -> Result<Option<T>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) => parse(v)
+            .map(Some)
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, format!("{name} {v:?} is not one of: {choices}"))),
+    }
 }

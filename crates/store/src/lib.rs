@@ -177,6 +177,12 @@ impl Store {
         self.run(move |db| db.revisions_by_prefix(app_id, &prefix)).await
     }
 
+    /// Suspends or resumes an app: its flag, its current revision's status (Suspended or
+    /// Deployed) and the history, in one transaction.
+    pub async fn set_suspended(&self, app_id: Uuid, suspended: bool, history: NewHistory) -> Result<()> {
+        self.run(move |db| db.set_suspended(app_id, suspended, &history)).await
+    }
+
     /// Marks a revision Failed with its reason.
     pub async fn fail_revision(&self, id: RevisionId, reason: &str) -> Result<()> {
         let reason = reason.to_owned();

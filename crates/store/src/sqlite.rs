@@ -324,6 +324,21 @@ impl Sqlite {
         rows.map(|r| r?).collect()
     }
 
+    pub(crate) fn set_suspended(&self, app_id: Uuid, suspended: bool, history: &NewHistory) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("UPDATE apps SET suspended = ?2 WHERE id = ?1", params![app_id.to_string(), suspended])?;
+        // The current revision shows the app's state.
+        let status = if suspended { RevisionStatus::Suspended } else { RevisionStatus::Deployed };
+        tx.execute(
+            "UPDATE revisions SET status = ?2 WHERE id = (SELECT current_revision FROM apps WHERE id = ?1)",
+            params![app_id.to_string(), status.as_str()],
+        )?;
+        insert_history(&tx, history)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub(crate) fn fail_revision(&self, id: RevisionId, reason: &str) -> Result<()> {
         self.conn().execute(
             "UPDATE revisions SET status = ?2, failure = ?3 WHERE id = ?1",
