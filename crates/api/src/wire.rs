@@ -89,8 +89,11 @@ pub struct DeployParams {
     pub message: Option<String>,
 }
 
+/// A time as RFC 3339 in UTC with exactly three decimals, so that times sort as strings.
 pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    t.to_offset(time::UtcOffset::UTC).format(&format).unwrap_or_else(|_| t.format(&Rfc3339).unwrap_or_default())
 }
 
 impl AppJson {

@@ -6,7 +6,7 @@ use api::router::Caller;
 use api::wire::{AppJson, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest};
 use model::ids::{RunnerId, is_id_prefix};
 use model::manifest::{MAX_SECONDS, Manifest};
-use model::records::{App, RunnerInfo};
+use model::records::{App, Revision, RunnerInfo};
 use model::revision::{AuthMode, RevisionStatus, RunnerState, Strategy};
 use store::NewHistory;
 use time::OffsetDateTime;
@@ -268,33 +268,13 @@ impl Control {
         let strategy = parse_choice("strategy", request.strategy.as_deref(), Strategy::parse, "rolling, recreate")?
             .unwrap_or_default();
         let auth = parse_choice("auth", request.auth.as_deref(), AuthMode::parse, "private, public, shared")?;
+        // Checked once before waiting for the app's lock, so that a hopeless request
+        // (say, for the revision a deploy is still building) is refused at once, and
+        // again under the lock, where the answer counts.
+        self.switchable(caller, name, &request.revision).await?;
         let _guard = self.lock_app(caller.team_id, name).await;
-        let app = self.find_app(caller, name).await?;
+        let (app, revision) = self.switchable(caller, name, &request.revision).await?;
         let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
-        if app.suspended {
-            return Err(conflict(format!("app {name:?} is suspended; resume it first (hangar apps resume {name})")));
-        }
-        let revision = self.find_revision(&app, &request.revision).await?;
-        if app.current_revision == Some(revision.id) {
-            return Err(conflict(format!("revision {} is already the current revision of app {name:?}", revision.id)));
-        }
-        match revision.status {
-            RevisionStatus::Deployed => {}
-            RevisionStatus::Failed => {
-                return Err(conflict(format!(
-                    "revision {} failed ({}); only a Deployed revision can be made current",
-                    revision.id,
-                    revision.failure.as_deref().unwrap_or("no reason recorded")
-                )));
-            }
-            RevisionStatus::Deploying | RevisionStatus::Suspended => {
-                return Err(conflict(format!(
-                    "revision {} is {}; only a Deployed revision can be made current",
-                    revision.id,
-                    revision.status.as_str()
-                )));
-            }
-        }
         let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
         let manifest = Manifest::parse(&revision.manifest, Some(&machine_types))
             .map_err(|e| conflict(format!("revision {} cannot run on this server any more: {e}", revision.id)))?;
@@ -341,6 +321,32 @@ impl Control {
         }
         let app = self.find_app(caller, name).await?;
         Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
+    }
+
+    /// The app and the revision `prefix` names, if that revision may become current.
+    async fn switchable(&self, caller: &Caller, name: &str, prefix: &str) -> Result<(App, Revision), ApiError> {
+        let app = self.find_app(caller, name).await?;
+        let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
+        if app.suspended {
+            return Err(conflict(format!("app {name:?} is suspended; resume it first (hangar apps resume {name})")));
+        }
+        let revision = self.find_revision(&app, prefix).await?;
+        if app.current_revision == Some(revision.id) {
+            return Err(conflict(format!("revision {} is already the current revision of app {name:?}", revision.id)));
+        }
+        match revision.status {
+            RevisionStatus::Deployed => Ok((app, revision)),
+            RevisionStatus::Failed => Err(conflict(format!(
+                "revision {} failed ({}); only a Deployed revision can be made current",
+                revision.id,
+                revision.failure.as_deref().unwrap_or("no reason recorded")
+            ))),
+            RevisionStatus::Deploying | RevisionStatus::Suspended => Err(conflict(format!(
+                "revision {} is {}; only a Deployed revision can be made current",
+                revision.id,
+                revision.status.as_str()
+            ))),
+        }
     }
 
     pub(crate) async fn rollout_app(&self, caller: &Caller, name: &str, force: bool) -> Result<RolloutJson, ApiError> {

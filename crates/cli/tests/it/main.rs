@@ -9,6 +9,7 @@ mod gateway;
 mod manifest;
 mod revisions;
 mod scaling;
+mod switching;
 
 use testkit::{AppDir, TestServer};
 
