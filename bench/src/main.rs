@@ -48,8 +48,10 @@ fn main() -> anyhow::Result<()> {
 
     let latency = runtime.block_on(added_latency(&server, &testapp, args.rate, args.seconds))?;
     let cold = runtime.block_on(cold_start(&server, &testapp, args.cold_starts))?;
+    let switching = runtime.block_on(switching(&server, &testapp))?;
 
-    let report = render(&args, &latency, &cold);
+    let mut report = render(&args, &latency, &cold);
+    report.push_str(&render_switching(&switching));
     print!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("cannot write {}", out.display()))?;
@@ -245,4 +247,217 @@ fn render(args: &Args, l: &Latency, c: &Cold) -> String {
         fp99 = ms(c.first_byte.p99),
         overhead = ms(cold_overhead),
     )
+}
+
+struct Switching {
+    rate: u32,
+    steady_p95: Duration,
+    /// p95 of the calls sent while each operation ran.
+    during: Vec<(&'static str, Duration, usize)>,
+    failed: usize,
+    recreate: Percentiles,
+    recreate_runs: usize,
+    rolling: Percentiles,
+    rolling_runs: usize,
+    own_start: Duration,
+}
+
+/// Latency under live operations, and how long switching revisions takes.
+async fn switching(server: &TestServer, testapp: &std::path::Path) -> anyhow::Result<Switching> {
+    let app = "switch";
+    let extra = "[scaling]\nmin_concurrency = 2\nkeep_alive = 2\n[runner]\nmax_multiplexing = 8\n";
+    deploy(server, testapp, app, extra, &[])?;
+    let url = format!("{}/default/{app}/?delay_ms=5", server.gateway_url);
+    let rate = 200;
+    let client = reqwest::Client::new();
+    let api = server.client();
+    let revs = api.list_revisions(app).await?;
+    let v1 = revs[0].id.clone();
+    deploy(server, testapp, app, &format!("env = {{ V = \"2\" }}\n{extra}"), &[])?;
+    let v2 = api.list_revisions(app).await?[0].id.clone();
+
+    // Load at a fixed rate in the background; each sample is (sent at, latency, ok).
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut samples = Vec::new();
+            let mut calls = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let (client, url) = (client.clone(), url.clone());
+                calls.spawn(async move {
+                    let sent = Instant::now();
+                    let ok = match client.get(&url).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    (sent, sent.elapsed(), ok)
+                });
+            }
+            while let Some(Ok(sample)) = calls.join_next().await {
+                samples.push(sample);
+            }
+            samples
+        }
+    });
+    // Each operation's window lasts at least a second from its start, so that it holds
+    // enough calls for a p95 and takes in what follows the operation (draining).
+    let mut windows: Vec<(&'static str, Instant, Instant)> = Vec::new();
+    async fn settle(start: Instant) {
+        tokio::time::sleep_until((start + Duration::from_secs(1)).into()).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let steady_start = Instant::now() - Duration::from_secs(2);
+    windows.push(("steady state (2 s before the first operation)", steady_start, Instant::now()));
+    let start = Instant::now();
+    api.set_rev(app, &api::wire::SetRevRequest { revision: v1.clone(), strategy: None, auth: None }).await?;
+    settle(start).await;
+    windows.push(("rolling set-rev", start, Instant::now()));
+    let start = Instant::now();
+    api.set_rev(app, &api::wire::SetRevRequest { revision: v2.clone(), strategy: Some("recreate".into()), auth: None })
+        .await?;
+    settle(start).await;
+    windows.push(("recreate set-rev", start, Instant::now()));
+    let start = Instant::now();
+    api.rollout(app, false).await?;
+    wait_for(|| async { all_replaced(&api, app).await }).await?;
+    settle(start).await;
+    windows.push(("graceful rollout (until every runner is replaced)", start, Instant::now()));
+    let start = Instant::now();
+    api.scale(app, &api::wire::ScaleRequest { min_concurrency: Some(4), ..Default::default() }).await?;
+    wait_for(|| async {
+        Ok(api
+            .runners(Some(app), &Default::default())
+            .await?
+            .iter()
+            .filter(|r| r.state == "idle" || r.state == "running")
+            .count()
+            >= 4)
+    })
+    .await?;
+    // Under steady load no runner stays idle for long (calls go to the emptiest one), so
+    // the scale-down uses keep_alive = 0: a runner goes as soon as it has no call.
+    api.scale(app, &api::wire::ScaleRequest { min_concurrency: Some(1), keep_alive: Some(0), ..Default::default() })
+        .await?;
+    wait_for(|| async { Ok(api.runners(Some(app), &Default::default()).await?.len() <= 2) }).await?;
+    settle(start).await;
+    windows.push(("scale up to 4, then down (keep_alive 0)", start, Instant::now()));
+    let _ = stop_tx.send(true);
+    let samples = load.await?;
+
+    let p95_in = |from: Instant, to: Instant| {
+        let in_window: Vec<Duration> =
+            samples.iter().filter(|(t, _, _)| *t >= from && *t <= to).map(|(_, l, _)| *l).collect();
+        let n = in_window.len();
+        (if n == 0 { Duration::ZERO } else { percentile(in_window, 0.95) }, n)
+    };
+    let (steady_p95, _) = p95_in(windows[0].1, windows[0].2);
+    let during = windows[1..]
+        .iter()
+        .map(|(name, from, to)| {
+            let (p95, n) = p95_in(*from, *to);
+            (*name, p95, n)
+        })
+        .collect();
+    let failed = samples.iter().filter(|(_, _, ok)| !ok).count();
+
+    // Switch times, without load.
+    let mut recreate = Vec::new();
+    let mut rolling = Vec::new();
+    for i in 0..20 {
+        let target = if i % 2 == 0 { &v1 } else { &v2 };
+        let start = Instant::now();
+        api.set_rev(
+            app,
+            &api::wire::SetRevRequest { revision: target.clone(), strategy: Some("recreate".into()), auth: None },
+        )
+        .await?;
+        recreate.push(start.elapsed());
+    }
+    for i in 0..10 {
+        let target = if i % 2 == 0 { &v1 } else { &v2 };
+        let start = Instant::now();
+        api.set_rev(app, &api::wire::SetRevRequest { revision: target.clone(), strategy: None, auth: None }).await?;
+        rolling.push(start.elapsed());
+    }
+    let mut own = Vec::new();
+    for _ in 0..10 {
+        own.push(own_time_to_healthy(&client, testapp).await?);
+    }
+    Ok(Switching {
+        rate,
+        steady_p95,
+        during,
+        failed,
+        recreate_runs: recreate.len(),
+        recreate: percentiles(recreate),
+        rolling_runs: rolling.len(),
+        rolling: percentiles(rolling),
+        own_start: percentile(own, 0.5),
+    })
+}
+
+async fn all_replaced(api: &api::client::Client, app: &str) -> anyhow::Result<bool> {
+    let runners = api.runners(Some(app), &Default::default()).await?;
+    Ok(!runners.iter().any(|r| r.replacing) && runners.iter().all(|r| r.state == "idle" || r.state == "running"))
+}
+
+async fn wait_for<F, Fut>(mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    while !check().await? {
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("timed out waiting");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn percentile(mut samples: Vec<Duration>, q: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
+fn render_switching(s: &Switching) -> String {
+    let mut out = format!(
+        "\n## Latency during operations\n\n\
+         Calls at {rate}/s (each taking 5 ms in the app; `min_concurrency = 2`, `max_multiplexing = 8`)\n\
+         while operations run one after another; each operation's window runs from its start until it\n\
+         is done, and at least 1 s. Steady-state p95: {steady}. Failed calls: **{failed}**.\n\n\
+         | operation | calls | p95 | ÷ steady p95 |\n|---|---|---|---|\n",
+        rate = s.rate,
+        steady = ms(s.steady_p95),
+        failed = s.failed,
+    );
+    for (name, p95, n) in &s.during {
+        let ratio = p95.as_secs_f64() / s.steady_p95.as_secs_f64().max(1e-9);
+        out.push_str(&format!("| {name} | {n} | {} | {ratio:.2} |\n", ms(*p95)));
+    }
+    out.push_str(&format!(
+        "\nTarget: ≤ 1.1.\n\n## Switching time\n\n\
+         Time for `apps set-rev` to return, without load, alternating between two revisions.\n\n\
+         | | runs | p50 | p99 |\n|---|---|---|---|\n\
+         | recreate | {rn} | {r50} | **{r99}** |\n\
+         | rolling | {ln} | {l50} | {l99} |\n\n\
+         Recreate target: ≤ 10 ms p99. Rolling set-rev minus the target's own start-to-healthy time\n\
+         ({own}, measured directly): **{rolling_overhead}** at p50 (target ≤ 100 ms).\n",
+        rn = s.recreate_runs,
+        r50 = ms(s.recreate.p50),
+        r99 = ms(s.recreate.p99),
+        ln = s.rolling_runs,
+        l50 = ms(s.rolling.p50),
+        l99 = ms(s.rolling.p99),
+        own = ms(s.own_start),
+        rolling_overhead = ms(s.rolling.p50.saturating_sub(s.own_start)),
+    ));
+    out
 }
