@@ -7,6 +7,7 @@
 //! dependencies.
 
 pub mod ids;
+pub mod lifecycle;
 pub mod manifest;
 pub mod records;
 pub mod revision;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use autoscaler::{Decision, Observed, Phase as ScalePhase, Policy, Runner as ScaleRunner};
 use gateway::{AppRoute, CutOff, RouteConfig, RouteSnapshot};
 use model::ids::{RevisionId, RunnerId};
+use model::lifecycle::{self, RunnerEffect, RunnerEvent};
 use model::manifest::{Manifest, RunnerSpec, Scaling};
 use model::records::{App, Revision, RunnerInfo};
 use model::revision::{AuthMode, RunnerState, Strategy};
@@ -19,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::fleet::{AppLabels, Shared, StateLabels};
+use crate::fleet::{AppLabels, Capacity, Shared, StateLabels};
 
 /// How often a controller looks again when nothing has happened.
 const TICK: Duration = Duration::from_millis(200);
@@ -71,7 +72,8 @@ struct Runner {
     /// Marked to be replaced; `replacement` is the runner that takes over.
     replacing: bool,
     replacement: Option<RunnerId>,
-    holds_capacity: bool,
+    /// The machine type whose room it holds, while it holds some.
+    capacity: Option<String>,
     reason: Option<String>,
 }
 
@@ -88,7 +90,7 @@ impl Runner {
             retry_at: None,
             replacing: false,
             replacement: None,
-            holds_capacity: false,
+            capacity: None,
             reason: None,
         }
     }
@@ -210,7 +212,7 @@ impl Controller {
                 let result = match self.runners.iter_mut().find(|r| r.id == id && r.is_live()) {
                     Some(runner) => {
                         self.route.cut_off(id, CutOff::Killed);
-                        kill(runner, "killed on request");
+                        kill(&self.route, &self.shared.capacity, runner, "killed on request");
                         Ok(())
                     }
                     None => Err(format!("runner {id} is not running")),
@@ -247,7 +249,7 @@ impl Controller {
         if replace {
             self.replace(index);
         } else {
-            begin_drain(&self.route, &mut self.runners[index], "stopped on request");
+            begin_drain(&self.route, &self.shared.capacity, &mut self.runners[index], "stopped on request");
         }
         Ok(())
     }
@@ -265,7 +267,7 @@ impl Controller {
                 runner.replacement = Some(replacement.id);
                 self.runners.push(replacement);
             }
-            _ => begin_drain(&self.route, runner, "replaced"),
+            _ => begin_drain(&self.route, &self.shared.capacity, runner, "replaced"),
         }
     }
 
@@ -282,7 +284,7 @@ impl Controller {
                 let runner = &mut self.runners[index];
                 runner.replacing = true;
                 self.route.cut_off(runner.id, CutOff::ForcedRollout);
-                kill(runner, "killed by a forced rollout");
+                kill(&self.route, &self.shared.capacity, runner, "killed by a forced rollout");
             } else {
                 self.replace(index);
             }
@@ -295,7 +297,7 @@ impl Controller {
             let _ = pending.activate.reply.send(Err("interrupted".to_owned()));
         }
         for runner in &mut self.runners {
-            begin_drain(&self.route, runner, "the server is shutting down");
+            begin_drain(&self.route, &self.shared.capacity, runner, "the server is shutting down");
         }
         self.route.set_revision(None);
         self.shutting_down.get_or_insert_with(Vec::new).extend(reply);
@@ -359,10 +361,11 @@ impl Controller {
         match event {
             Event::Healthy { .. } => {
                 let runner = &mut self.runners[index];
-                if runner.state != RunnerState::Setup {
+                if !apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Healthy, "") {
                     return;
                 }
-                runner.state = RunnerState::Idle;
+                // Routing is done here rather than by `apply`: only a runner of the
+                // current revision (or the one a rolling switch waits for) gets calls.
                 let revision = runner.revision;
                 let addr = runner.handle.as_ref().map(|h| h.addr);
                 let max = match &self.current {
@@ -380,53 +383,58 @@ impl Controller {
                 }
             }
             Event::Unhealthy { reason, .. } => {
-                self.route.remove_runner(id);
-                let runner = &mut self.runners[index];
-                runner.state = RunnerState::Terminating;
-                runner.reason = Some(reason);
+                apply(&self.route, &self.shared.capacity, &mut self.runners[index], RunnerEvent::Unhealthy, &reason);
             }
             Event::Exited { phase, requested, reason, .. } => {
-                self.route.remove_runner(id);
-                let machine_type = self.runners[index].manifest.runner.machine_type.clone();
                 let runner = &mut self.runners[index];
-                if std::mem::take(&mut runner.holds_capacity) {
-                    self.shared.capacity.release(&machine_type);
-                }
-                runner.handle = None;
                 let was_ending = matches!(runner.state, RunnerState::Draining | RunnerState::Terminating);
                 if requested || was_ending {
                     // Why it was stopped says more than how (the signal).
                     let reason = runner.reason.clone().unwrap_or(reason);
-                    end(runner, reason);
+                    apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Exited { requested: true }, &reason);
                 } else if phase == Phase::Setup {
                     self.setup_failed(index, reason);
                 } else {
                     tracing::warn!(app = %self.app.name, runner = %id, %reason, "runner ended unexpectedly");
-                    end(&mut self.runners[index], format!("ended unexpectedly: {reason}"));
+                    let reason = format!("ended unexpectedly: {reason}");
+                    apply(
+                        &self.route,
+                        &self.shared.capacity,
+                        runner,
+                        RunnerEvent::Exited { requested: false },
+                        &reason,
+                    );
                 }
             }
         }
     }
 
+    /// A runner could not be started or ended during setup. The runner a rolling
+    /// switch waits for fails the switch; any other is tried again after a back-off.
     fn setup_failed(&mut self, index: usize, reason: String) {
         let id = self.runners[index].id;
-        if self.shutting_down.is_some() {
-            end(&mut self.runners[index], reason);
-            return;
-        }
         tracing::warn!(app = %self.app.name, runner = %id, %reason, "runner failed to set up");
-        if self.pending.as_ref().is_some_and(|p| p.runner == id) {
-            let pending = self.pending.take().expect("checked above");
-            end(&mut self.runners[index], reason.clone());
-            let _ = pending.activate.reply.send(Err(format!("runner {id} did not set up: {reason}")));
+        let candidate = self.pending.as_ref().is_some_and(|p| p.runner == id);
+        if candidate || self.shutting_down.is_some() {
+            let runner = &mut self.runners[index];
+            let event = match runner.state {
+                RunnerState::Setup => RunnerEvent::Exited { requested: false },
+                _ => RunnerEvent::Kill,
+            };
+            apply(&self.route, &self.shared.capacity, runner, event, &reason);
+            if candidate {
+                let pending = self.pending.take().expect("checked above");
+                let _ = pending.activate.reply.send(Err(format!("runner {id} did not set up: {reason}")));
+            }
             return;
         }
         self.failures += 1;
         let delay = self.shared.config.backoff_base.saturating_mul(self.failures).min(MAX_BACKOFF);
         let runner = &mut self.runners[index];
-        runner.state = RunnerState::CrashBackoff;
-        runner.retry_at = Some(Instant::now() + delay);
-        runner.reason = Some(format!("{reason}; next attempt in {delay:?}"));
+        let reason = format!("{reason}; next attempt in {delay:?}");
+        if apply(&self.route, &self.shared.capacity, runner, RunnerEvent::SetupFailed, &reason) {
+            runner.retry_at = Some(Instant::now() + delay);
+        }
     }
 
     /// Brings the runners in line with what should be.
@@ -437,7 +445,7 @@ impl Controller {
         // A call ran past the request timeout: its runner may be stuck; let it go.
         for runner in &mut self.runners {
             if runner.is_set_up() && snapshot.runner(runner.id).is_some_and(|s| s.timed_out) {
-                begin_drain(&self.route, runner, "a call ran past the request timeout");
+                begin_drain(&self.route, &self.shared.capacity, runner, "a call ran past the request timeout");
             }
         }
 
@@ -452,7 +460,7 @@ impl Controller {
                 pending.activate.revision.runner.machine_type
             );
             if let Some(runner) = self.runners.iter_mut().find(|r| r.id == pending.runner) {
-                end(runner, reason.clone());
+                apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Kill, &reason);
             }
             let _ = pending.activate.reply.send(Err(reason));
         }
@@ -466,22 +474,14 @@ impl Controller {
         let candidate = self.pending.as_ref().map(|p| p.runner);
         for runner in &mut self.runners {
             if Some(runner.revision) != current && Some(runner.id) != candidate {
-                begin_drain(&self.route, runner, "its revision is no longer current");
+                begin_drain(&self.route, &self.shared.capacity, runner, "its revision is no longer current");
             }
         }
 
         // Draining runners with nothing in flight are told to stop.
         for runner in &mut self.runners {
             if runner.state == RunnerState::Draining && snapshot.runner(runner.id).is_none_or(|s| s.in_flight == 0) {
-                self.route.remove_runner(runner.id);
-                let grace = Duration::from_secs(runner.manifest.runner.termination_grace_period);
-                match &runner.handle {
-                    Some(handle) => {
-                        handle.stop(grace);
-                        runner.state = RunnerState::Terminating;
-                    }
-                    None => end(runner, runner.reason.clone().unwrap_or_default()),
-                }
+                apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Drained, "");
             }
         }
 
@@ -492,8 +492,7 @@ impl Controller {
                 break;
             }
             if runner.state == RunnerState::CrashBackoff && runner.retry_at.is_some_and(|t| now >= t) {
-                let reason = runner.reason.clone().unwrap_or_default();
-                end(runner, reason);
+                apply(&self.route, &self.shared.capacity, runner, RunnerEvent::RetryDue, "");
                 retries.push((runner.id, Runner::new(runner.revision, runner.manifest.clone())));
             }
         }
@@ -528,7 +527,7 @@ impl Controller {
                 Some(_) => false,
             };
             if handover {
-                begin_drain(&self.route, runner, "replaced");
+                begin_drain(&self.route, &self.shared.capacity, runner, "replaced");
             }
         }
     }
@@ -537,7 +536,7 @@ impl Controller {
         let Some((revision, manifest)) = self.current.clone() else { return };
         if self.app.suspended {
             for runner in &mut self.runners {
-                begin_drain(&self.route, runner, "the app is suspended");
+                begin_drain(&self.route, &self.shared.capacity, runner, "the app is suspended");
             }
             return;
         }
@@ -571,7 +570,7 @@ impl Controller {
         }
         for id in decision.stop {
             if let Some(runner) = self.runners.iter_mut().find(|r| r.id == id) {
-                begin_drain(&self.route, runner, "scaled down");
+                begin_drain(&self.route, &self.shared.capacity, runner, "scaled down");
             }
         }
     }
@@ -600,20 +599,16 @@ impl Controller {
             if !self.shared.capacity.try_acquire(&machine_type) {
                 continue;
             }
-            self.runners[index].holds_capacity = true;
+            self.runners[index].capacity = Some(machine_type);
             let launch = self.launch_spec(index);
             match self.shared.backend.launch(launch, self.events_tx.clone()) {
                 Ok(handle) => {
                     let runner = &mut self.runners[index];
                     runner.handle = Some(handle);
-                    runner.state = RunnerState::Setup;
                     runner.started_at = OffsetDateTime::now_utc();
+                    apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Launched, "");
                 }
-                Err(e) => {
-                    self.shared.capacity.release(&machine_type);
-                    self.runners[index].holds_capacity = false;
-                    self.setup_failed(index, format!("could not be started: {e}"));
-                }
+                Err(e) => self.setup_failed(index, format!("could not be started: {e}")),
             }
         }
     }
@@ -732,43 +727,59 @@ impl Controller {
     }
 }
 
+/// Moves a runner through its lifecycle (`model::lifecycle`) and carries out what the
+/// transition calls for; `reason`, if not empty, says why for listings. Routing a runner
+/// that became healthy is left to the caller, which knows whether its revision is
+/// current. Returns false, changing nothing, when the event means nothing in the
+/// runner's state.
+fn apply(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, event: RunnerEvent, reason: &str) -> bool {
+    let Some((state, effects)) = lifecycle::next(runner.state, event) else { return false };
+    runner.state = state;
+    for effect in effects {
+        match effect {
+            RunnerEffect::Route => {}
+            RunnerEffect::StopRouting => route.stop_routing(runner.id),
+            RunnerEffect::Unroute => route.remove_runner(runner.id),
+            RunnerEffect::SignalStop => {
+                if let Some(handle) = &runner.handle {
+                    handle.stop(Duration::from_secs(runner.manifest.runner.termination_grace_period));
+                }
+            }
+            RunnerEffect::SignalKill => {
+                if let Some(handle) = &runner.handle {
+                    handle.kill();
+                }
+            }
+            RunnerEffect::ReleaseCapacity => {
+                if let Some(machine_type) = runner.capacity.take() {
+                    capacity.release(&machine_type);
+                }
+            }
+        }
+    }
+    if !reason.is_empty() {
+        runner.reason = Some(reason.to_owned());
+    }
+    if state == RunnerState::Terminated {
+        runner.ended_at = Some(OffsetDateTime::now_utc());
+        runner.retry_at = None;
+        runner.handle = None;
+        // A runner that ends without its process having ended (it never had one)
+        // holds no room either.
+        if let Some(machine_type) = runner.capacity.take() {
+            capacity.release(&machine_type);
+        }
+    }
+    true
+}
+
 /// Stops routing new calls to a runner; it stops once its calls are done. A runner
 /// without a process ends at once.
-fn begin_drain(route: &AppRoute, runner: &mut Runner, reason: &str) {
-    match runner.state {
-        RunnerState::Idle | RunnerState::Running => {
-            route.stop_routing(runner.id);
-            runner.state = RunnerState::Draining;
-            runner.reason = Some(reason.to_owned());
-        }
-        RunnerState::Setup => {
-            if let Some(handle) = &runner.handle {
-                handle.stop(Duration::from_secs(runner.manifest.runner.termination_grace_period));
-            }
-            runner.state = RunnerState::Terminating;
-            runner.reason = Some(reason.to_owned());
-        }
-        RunnerState::Pending | RunnerState::CrashBackoff => end(runner, reason.to_owned()),
-        RunnerState::Draining | RunnerState::Terminating | RunnerState::Terminated => {}
-    }
+fn begin_drain(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, reason: &str) {
+    apply(route, capacity, runner, RunnerEvent::Drain, reason);
 }
 
-fn kill(runner: &mut Runner, reason: &str) {
-    match &runner.handle {
-        Some(handle) => {
-            handle.kill();
-            runner.state = RunnerState::Terminating;
-            runner.reason = Some(reason.to_owned());
-        }
-        None => end(runner, reason.to_owned()),
-    }
-}
-
-fn end(runner: &mut Runner, reason: String) {
-    runner.state = RunnerState::Terminated;
-    runner.ended_at = Some(OffsetDateTime::now_utc());
-    runner.retry_at = None;
-    if !reason.is_empty() {
-        runner.reason = Some(reason);
-    }
+/// Kills a runner now; its calls in flight fail.
+fn kill(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, reason: &str) {
+    apply(route, capacity, runner, RunnerEvent::Kill, reason);
 }
