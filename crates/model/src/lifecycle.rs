@@ -1,9 +1,39 @@
-//! The runner lifecycle as a pure transition function: given a runner's state and what
-//! happened, the next state and what must be done about it. The app's controller
-//! persists nothing of this itself; it applies the effects (route, signal) and keeps the
-//! state, so every change of a runner's state is decided here, in one table.
+//! Lifecycles as pure transition functions. For a runner: given its state and what
+//! happened, the next state and what must be done about it; the app's controller
+//! applies the effects (route, signal) and keeps the state, so every change of a
+//! runner's state is decided here, in one table. For a revision: which status an event
+//! leads to, and so whether the event is allowed at all.
 
-use crate::revision::RunnerState;
+use crate::revision::{RevisionStatus, RunnerState};
+
+/// What can happen to a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevisionEvent {
+    /// It becomes the app's current revision (after its build, or by set-rev).
+    MadeCurrent,
+    /// Its build failed, its manifest was refused, or its first runner never set up.
+    Failed,
+    /// The server stopped while it was deploying.
+    Interrupted,
+    /// Its app was suspended while it was current.
+    Suspended,
+    /// Its app was resumed.
+    Resumed,
+}
+
+/// The status a revision moves to, or `None` when the event is not allowed in its
+/// status (a Failed revision never becomes current, say).
+pub fn revision_next(status: RevisionStatus, event: RevisionEvent) -> Option<RevisionStatus> {
+    use RevisionEvent as E;
+    use RevisionStatus as S;
+    match (status, event) {
+        (S::Deploying | S::Deployed, E::MadeCurrent) => Some(S::Deployed),
+        (S::Deploying, E::Failed | E::Interrupted) => Some(S::Failed),
+        (S::Deployed, E::Suspended) => Some(S::Suspended),
+        (S::Suspended, E::Resumed) => Some(S::Deployed),
+        _ => None,
+    }
+}
 
 /// What can happen to a runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +145,28 @@ mod tests {
         check(S::CrashBackoff, E::RetryDue, expect!["terminated []"]);
         check(S::Idle, E::RetryDue, expect!["ignored"]);
         check(S::Idle, E::Healthy, expect!["ignored"]);
+    }
+
+    #[test]
+    fn revision_transitions() {
+        use RevisionEvent as E;
+        use RevisionStatus as S;
+        let cases = [
+            (S::Deploying, E::MadeCurrent, Some(S::Deployed)),
+            (S::Deployed, E::MadeCurrent, Some(S::Deployed)),
+            (S::Failed, E::MadeCurrent, None),
+            (S::Suspended, E::MadeCurrent, None),
+            (S::Deploying, E::Failed, Some(S::Failed)),
+            (S::Deploying, E::Interrupted, Some(S::Failed)),
+            (S::Deployed, E::Failed, None),
+            (S::Deployed, E::Suspended, Some(S::Suspended)),
+            (S::Failed, E::Suspended, None),
+            (S::Suspended, E::Resumed, Some(S::Deployed)),
+            (S::Deployed, E::Resumed, None),
+        ];
+        for (status, event, expected) in cases {
+            assert_eq!(revision_next(status, event), expected, "{status:?} + {event:?}");
+        }
     }
 
     #[test]

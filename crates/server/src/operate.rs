@@ -5,6 +5,7 @@ use api::error::{ApiError, ErrorCode};
 use api::router::Caller;
 use api::wire::{AppJson, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest};
 use model::ids::{RunnerId, is_id_prefix};
+use model::lifecycle::{RevisionEvent, revision_next};
 use model::manifest::{MAX_SECONDS, Manifest};
 use model::records::{App, Revision, RunnerInfo};
 use model::revision::{AuthMode, RevisionStatus, RunnerState, Strategy};
@@ -334,19 +335,22 @@ impl Control {
         if app.current_revision == Some(revision.id) {
             return Err(conflict(format!("revision {} is already the current revision of app {name:?}", revision.id)));
         }
-        match revision.status {
-            RevisionStatus::Deployed => Ok((app, revision)),
-            RevisionStatus::Failed => Err(conflict(format!(
-                "revision {} failed ({}); only a Deployed revision can be made current",
-                revision.id,
-                revision.failure.as_deref().unwrap_or("no reason recorded")
-            ))),
-            RevisionStatus::Deploying | RevisionStatus::Suspended => Err(conflict(format!(
-                "revision {} is {}; only a Deployed revision can be made current",
-                revision.id,
-                revision.status.as_str()
-            ))),
+        // A Deploying revision becomes current only through its own deploy.
+        if revision_next(revision.status, RevisionEvent::MadeCurrent).is_none()
+            || revision.status == RevisionStatus::Deploying
+        {
+            let why = match revision.status {
+                RevisionStatus::Failed => {
+                    format!("failed ({})", revision.failure.as_deref().unwrap_or("no reason recorded"))
+                }
+                other => format!("is {}", other.as_str()),
+            };
+            return Err(conflict(format!(
+                "revision {} {why}; only a Deployed revision can be made current",
+                revision.id
+            )));
         }
+        Ok((app, revision))
     }
 
     pub(crate) async fn rollout_app(&self, caller: &Caller, name: &str, force: bool) -> Result<RolloutJson, ApiError> {

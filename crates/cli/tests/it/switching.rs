@@ -54,13 +54,14 @@ fn no_call_fails_through_deploys_set_revs_and_scale_down() {
 #[test]
 fn graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls() {
     let server = server();
-    let revision = deploy(&server, "roll", "[scaling]\nmin_concurrency = 2\n[runner]\nmax_multiplexing = 4\n", &[]);
+    let revision = deploy(&server, "roll", "[scaling]\nmin_concurrency = 2\n[runner]\nmax_multiplexing = 16\n", &[]);
     let before = wait_until("two set-up runners", || {
         let rs = runners(&server, "roll", &[]);
         (rs.iter().filter(|r| r["state"] == "idle" || r["state"] == "running").count() == 2).then_some(rs)
     });
     let old: Vec<String> = before.iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
-    let prober = Prober::start(&app_url(&server, "roll", "/?delay_ms=300"), None, 10);
+    // 200 calls a second of 50 ms each: about ten in flight at any moment.
+    let prober = Prober::start(&app_url(&server, "roll", "/?delay_ms=50"), None, 200);
     wait_until("calls in flight", || runners(&server, "roll", &[]).iter().any(|r| r["in_flight"] != 0).then_some(()));
 
     let out = server.run(&["apps", "rollout", "roll", "--json"]).ok().json();
@@ -79,6 +80,7 @@ fn graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls() {
     assert!(fewest >= 2, "set-up runners dipped to {fewest} during the rollout");
     assert!(marked, "runners being replaced were marked");
     assert!(report.failures.is_empty(), "calls failed: {:?}", report.failures);
+    assert!(report.ok > 20, "{report:?}");
     assert!(after.iter().all(|r| r["revision"] == revision.as_str()), "the revision did not change");
     assert_eq!(current(&server, "roll"), revision);
     let history = server.run(&["apps", "history", "roll", "--json"]).ok().json();
