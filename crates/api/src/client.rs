@@ -6,8 +6,9 @@ use serde::de::DeserializeOwned;
 use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
-    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest,
-    RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
+    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
+    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery,
+    ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +155,41 @@ impl Client {
 }
 
 impl Client {
+    pub async fn list_teams(&self) -> Result<Vec<TeamJson>> {
+        self.json(self.request(Method::GET, "/v1/teams")).await
+    }
+
+    pub async fn create_team(&self, name: &str) -> Result<CreatedTeamJson> {
+        let request = CreateTeamRequest { name: name.to_owned() };
+        self.json(self.request(Method::POST, "/v1/teams").json(&request)).await
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyJson>> {
+        self.json(self.request(Method::GET, "/v1/keys")).await
+    }
+
+    pub async fn create_key(&self, scope: &str, description: Option<String>) -> Result<CreatedKeyJson> {
+        let request = CreateKeyRequest { scope: scope.to_owned(), description };
+        self.json(self.request(Method::POST, "/v1/keys").json(&request)).await
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyJson> {
+        self.json(self.request(Method::DELETE, &format!("/v1/keys/{}", seg(id)))).await
+    }
+
+    pub async fn list_secrets(&self) -> Result<Vec<SecretJson>> {
+        self.json(self.request(Method::GET, "/v1/secrets")).await
+    }
+
+    pub async fn set_secrets(&self, values: std::collections::BTreeMap<String, String>) -> Result<Vec<SecretJson>> {
+        let request = SetSecretsRequest { values };
+        self.json(self.request(Method::PUT, "/v1/secrets").json(&request)).await
+    }
+
+    pub async fn unset_secret(&self, name: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &format!("/v1/secrets/{}", seg(name)))).await.map(drop)
+    }
+
     pub async fn set_rev(&self, app: &str, request: &SetRevRequest) -> Result<AppJson> {
         self.json(self.request(Method::POST, &format!("/v1/apps/{}/set-rev", seg(app))).json(request)).await
     }

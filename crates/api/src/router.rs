@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::wire::{
-    AppJson, DeployJson, DeployParams, HealthJson, HistoryJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest,
-    RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
+    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
+    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery,
+    ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -111,6 +112,28 @@ pub trait ControlPlane: Send + Sync + 'static {
         app: &str,
         suspend: bool,
     ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
+    fn list_teams(&self, caller: &Caller) -> impl Future<Output = Result<Vec<TeamJson>, ApiError>> + Send;
+    /// Creates a team and its first admin key (root keys only).
+    fn create_team(
+        &self,
+        caller: &Caller,
+        request: CreateTeamRequest,
+    ) -> impl Future<Output = Result<CreatedTeamJson, ApiError>> + Send;
+    fn list_keys(&self, caller: &Caller) -> impl Future<Output = Result<Vec<KeyJson>, ApiError>> + Send;
+    fn create_key(
+        &self,
+        caller: &Caller,
+        request: CreateKeyRequest,
+    ) -> impl Future<Output = Result<CreatedKeyJson, ApiError>> + Send;
+    fn revoke_key(&self, caller: &Caller, id: &str) -> impl Future<Output = Result<KeyJson, ApiError>> + Send;
+    /// The team's secrets: names and times, never values.
+    fn list_secrets(&self, caller: &Caller) -> impl Future<Output = Result<Vec<SecretJson>, ApiError>> + Send;
+    fn set_secrets(
+        &self,
+        caller: &Caller,
+        request: SetSecretsRequest,
+    ) -> impl Future<Output = Result<Vec<SecretJson>, ApiError>> + Send;
+    fn unset_secret(&self, caller: &Caller, name: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// The runners of one app, or of every app of the team.
     fn list_runners(
         &self,
@@ -151,6 +174,11 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .route("/apps/{app}/resume", axum::routing::post(resume::<C>))
         .route("/apps/{app}/runners", get(app_runners::<C>))
         .route("/runners", get(runners::<C>))
+        .route("/teams", get(list_teams::<C>).post(create_team::<C>))
+        .route("/keys", get(list_keys::<C>).post(create_key::<C>))
+        .route("/keys/{id}", axum::routing::delete(revoke_key::<C>))
+        .route("/secrets", get(list_secrets::<C>).put(set_secrets::<C>))
+        .route("/secrets/{name}", axum::routing::delete(unset_secret::<C>))
         .route("/runners/{id}/stop", axum::routing::post(stop_runner::<C>))
         .route("/runners/{id}/kill", axum::routing::post(kill_runner::<C>))
         .route("/runners/{id}/log", get(runner_log::<C>))
@@ -312,6 +340,70 @@ async fn resume<C: ControlPlane>(
     Path(app): Path<String>,
 ) -> Result<Json<AppJson>, ApiError> {
     c.suspend(&caller, &app, false).await.map(Json)
+}
+
+async fn list_teams<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<TeamJson>>, ApiError> {
+    c.list_teams(&caller).await.map(Json)
+}
+
+async fn create_team<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    request: Result<Json<CreateTeamRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedTeamJson>), ApiError> {
+    let Json(request) = request.map_err(bad_json)?;
+    c.create_team(&caller, request).await.map(|t| (StatusCode::CREATED, Json(t)))
+}
+
+async fn list_keys<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<KeyJson>>, ApiError> {
+    c.list_keys(&caller).await.map(Json)
+}
+
+async fn create_key<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    request: Result<Json<CreateKeyRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedKeyJson>), ApiError> {
+    let Json(request) = request.map_err(bad_json)?;
+    c.create_key(&caller, request).await.map(|k| (StatusCode::CREATED, Json(k)))
+}
+
+async fn revoke_key<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<KeyJson>, ApiError> {
+    c.revoke_key(&caller, &id).await.map(Json)
+}
+
+async fn list_secrets<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<SecretJson>>, ApiError> {
+    c.list_secrets(&caller).await.map(Json)
+}
+
+async fn set_secrets<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    request: Result<Json<SetSecretsRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Vec<SecretJson>>, ApiError> {
+    let Json(request) = request.map_err(bad_json)?;
+    c.set_secrets(&caller, request).await.map(Json)
+}
+
+async fn unset_secret<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    c.unset_secret(&caller, &name).await.map(|()| StatusCode::NO_CONTENT)
 }
 
 fn bad_json(rejection: axum::extract::rejection::JsonRejection) -> ApiError {

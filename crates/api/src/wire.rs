@@ -251,3 +251,78 @@ pub struct RolloutJson {
     pub runners: Vec<String>,
     pub force: bool,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TeamJson {
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTeamRequest {
+    pub name: String,
+}
+
+/// A new team and its first admin key, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreatedTeamJson {
+    pub team: TeamJson,
+    pub key: CreatedKeyJson,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyJson {
+    pub id: String,
+    pub scope: String,
+    pub description: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    /// admin or api
+    pub scope: String,
+    pub description: Option<String>,
+}
+
+/// A new key: `key` is `<id>:<secret>` and is never shown again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreatedKeyJson {
+    pub id: String,
+    pub key: String,
+    pub scope: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretJson {
+    pub name: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecretsRequest {
+    pub values: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&model::records::Key> for KeyJson {
+    fn from(k: &model::records::Key) -> KeyJson {
+        KeyJson {
+            id: k.id.clone(),
+            scope: k.scope.as_str().to_owned(),
+            description: k.description.clone(),
+            created_at: rfc3339(k.created_at),
+            revoked_at: k.revoked_at.map(rfc3339),
+        }
+    }
+}
+
+impl From<&model::records::Team> for TeamJson {
+    fn from(t: &model::records::Team) -> TeamJson {
+        TeamJson { name: t.name.clone(), created_at: rfc3339(t.created_at) }
+    }
+}

@@ -1,6 +1,7 @@
 //! `hangar`: the one binary. `hangar server` runs the server; every other command is a
 //! thin client of the control API.
 
+mod access;
 mod apps;
 mod context;
 mod deploy;
@@ -56,6 +57,15 @@ enum Command {
     /// See and manage runners
     #[command(subcommand)]
     Runners(runners::RunnersCommand),
+    /// Teams (root key only)
+    #[command(subcommand)]
+    Teams(access::TeamsCommand),
+    /// API keys of the team
+    #[command(subcommand)]
+    Keys(access::KeysCommand),
+    /// Secrets of the team, given to runners as environment variables
+    #[command(subcommand)]
+    Secrets(access::SecretsCommand),
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -97,6 +107,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deploy(args) => {
             let cx = Context::new(&cli.global)?;
             runtime()?.block_on(deploy::run(&cx, args))
+        }
+        Command::Teams(command) => {
+            let cx = Context::new(&cli.global)?;
+            runtime()?.block_on(access::teams(&cx, command))
+        }
+        Command::Keys(command) => {
+            let cx = Context::new(&cli.global)?;
+            runtime()?.block_on(access::keys(&cx, command))
+        }
+        Command::Secrets(command) => {
+            let cx = Context::new(&cli.global)?;
+            runtime()?.block_on(access::secrets(&cx, command))
         }
         Command::Runners(command) => {
             let cx = Context::new(&cli.global)?;

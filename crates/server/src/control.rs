@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
-    AppJson, DeployJson, DeployParams, HistoryJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson,
-    RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
+    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
+    HistoryJson, KeyJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson,
+    ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -340,6 +341,44 @@ impl ControlPlane for Control {
     async fn suspend(&self, caller: &Caller, app: &str, suspend: bool) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         self.suspend_app(caller, app, suspend).await
+    }
+
+    async fn list_teams(&self, caller: &Caller) -> Result<Vec<TeamJson>, ApiError> {
+        self.teams(caller).await
+    }
+
+    async fn create_team(&self, caller: &Caller, request: CreateTeamRequest) -> Result<CreatedTeamJson, ApiError> {
+        self.new_team(caller, &request.name).await
+    }
+
+    async fn list_keys(&self, caller: &Caller) -> Result<Vec<KeyJson>, ApiError> {
+        require_manage(caller)?;
+        self.keys(caller).await
+    }
+
+    async fn create_key(&self, caller: &Caller, request: CreateKeyRequest) -> Result<CreatedKeyJson, ApiError> {
+        require_manage(caller)?;
+        self.new_key(caller, &request.scope, request.description).await
+    }
+
+    async fn revoke_key(&self, caller: &Caller, id: &str) -> Result<KeyJson, ApiError> {
+        require_manage(caller)?;
+        self.revoke(caller, id).await
+    }
+
+    async fn list_secrets(&self, caller: &Caller) -> Result<Vec<SecretJson>, ApiError> {
+        require_manage(caller)?;
+        self.secret_list(caller).await
+    }
+
+    async fn set_secrets(&self, caller: &Caller, request: SetSecretsRequest) -> Result<Vec<SecretJson>, ApiError> {
+        require_manage(caller)?;
+        self.secret_set(caller, request.values).await
+    }
+
+    async fn unset_secret(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        require_manage(caller)?;
+        self.secret_unset(caller, name).await
     }
 
     async fn history(&self, caller: &Caller, app: &str) -> Result<Vec<HistoryJson>, ApiError> {

@@ -506,7 +506,12 @@ impl Controller {
             self.runners.push(new);
         }
 
-        self.start_pending(&snapshot);
+        if self.runners.iter().any(|r| r.state == RunnerState::Pending) {
+            // Secrets are read as they are now at every start: this is how a changed
+            // secret reaches runners (through a rollout).
+            let secrets = self.team_secrets().await;
+            self.start_pending(&secrets);
+        }
         self.forget_old();
     }
 
@@ -589,8 +594,29 @@ impl Controller {
         }
     }
 
+    /// The team's secrets, opened. One that cannot be read is left out, loudly.
+    async fn team_secrets(&self) -> Vec<(String, String)> {
+        let stored = match self.shared.store.secrets(self.app.team_id).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(app = %self.app.name, error = %e, "cannot read the team's secrets");
+                return Vec::new();
+            }
+        };
+        stored
+            .iter()
+            .filter_map(|s| match self.shared.secrets.open(self.app.team_id, &s.name, &s.nonce, &s.ciphertext) {
+                Ok(value) => Some((s.name.clone(), value)),
+                Err(e) => {
+                    tracing::error!(app = %self.app.name, error = %e, "a secret is left out of new runners");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Starts the processes of Pending runners that find room on their machine type.
-    fn start_pending(&mut self, _snapshot: &RouteSnapshot) {
+    fn start_pending(&mut self, secrets: &[(String, String)]) {
         for index in 0..self.runners.len() {
             if self.runners[index].state != RunnerState::Pending {
                 continue;
@@ -600,7 +626,7 @@ impl Controller {
                 continue;
             }
             self.runners[index].capacity = Some(machine_type);
-            let launch = self.launch_spec(index);
+            let launch = self.launch_spec(index, secrets);
             match self.shared.backend.launch(launch, self.events_tx.clone()) {
                 Ok(handle) => {
                     let runner = &mut self.runners[index];
@@ -624,7 +650,9 @@ impl Controller {
         }
     }
 
-    fn launch_spec(&self, index: usize) -> RunnerLaunch {
+    /// The runner's command and environment: a few host variables, the manifest's env,
+    /// the team's secrets, then the platform's own variables (which nothing overrides).
+    fn launch_spec(&self, index: usize, secrets: &[(String, String)]) -> RunnerLaunch {
         let runner = &self.runners[index];
         let manifest = &runner.manifest;
         let is_current = self.current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision);
@@ -635,6 +663,7 @@ impl Controller {
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect();
         env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(secrets.iter().cloned());
         env.push(("HANGAR_APP".to_owned(), self.app.name.clone()));
         env.push(("HANGAR_REVISION".to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));

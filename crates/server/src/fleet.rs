@@ -105,6 +105,7 @@ pub(crate) struct Shared {
     pub(crate) layout: Layout,
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) metrics: FleetMetrics,
+    pub(crate) secrets: crate::secrets::SecretBox,
 }
 
 /// A running controller, as others reach it.

@@ -4,6 +4,7 @@
 //! to stop. What each API operation does is in `control` and `deploy`; how processes
 //! run is the `supervisor`'s business.
 
+mod access;
 mod auth;
 mod config;
 mod control;
@@ -12,6 +13,7 @@ mod deploy;
 mod fleet;
 mod layout;
 mod operate;
+mod secrets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,6 +72,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         layout: layout.clone(),
         gateway: gateway.clone(),
         metrics: fleet::FleetMetrics::default(),
+        secrets: secrets::SecretBox::load(&layout).context("cannot load the secret key")?,
     });
     let mut registry = prometheus_client::registry::Registry::default();
     gateway.metrics.register(&mut registry);
@@ -189,7 +192,7 @@ async fn bootstrap(store: &Store, layout: &Layout) -> anyhow::Result<()> {
 }
 
 /// Writes a file only its owner can read, atomically.
-fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -51,6 +51,16 @@ pub struct StoredKey {
     pub secret_hash: String,
 }
 
+/// A secret as stored: encrypted, with its nonce. The store never sees a value.
+#[derive(Debug, Clone)]
+pub struct StoredSecret {
+    pub name: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub created_at: time::OffsetDateTime,
+    pub updated_at: time::OffsetDateTime,
+}
+
 /// What becomes of an app when one of its revisions goes live.
 #[derive(Debug, Clone)]
 pub struct Activation {
@@ -133,6 +143,34 @@ impl Store {
     pub async fn key_by_id(&self, id: &str) -> Result<Option<StoredKey>> {
         let id = id.to_owned();
         self.run(move |db| db.key_by_id(&id)).await
+    }
+
+    /// Every key of a team, revoked ones included, oldest first.
+    pub async fn list_keys(&self, team_id: Uuid) -> Result<Vec<Key>> {
+        self.run(move |db| db.list_keys(team_id)).await
+    }
+
+    /// Revokes a key; false if it was unknown or revoked already.
+    pub async fn revoke_key(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.run(move |db| db.revoke_key(&id)).await
+    }
+
+    /// Stores (or replaces) a team's encrypted secret.
+    pub async fn put_secret(&self, team_id: Uuid, name: &str, nonce: Vec<u8>, ciphertext: Vec<u8>) -> Result<()> {
+        let name = name.to_owned();
+        self.run(move |db| db.put_secret(team_id, &name, &nonce, &ciphertext)).await
+    }
+
+    /// Deletes a secret; false if the team had none of that name.
+    pub async fn delete_secret(&self, team_id: Uuid, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.run(move |db| db.delete_secret(team_id, &name)).await
+    }
+
+    /// A team's secrets, encrypted, by name.
+    pub async fn secrets(&self, team_id: Uuid) -> Result<Vec<StoredSecret>> {
+        self.run(move |db| db.secrets(team_id)).await
     }
 
     pub async fn count_keys(&self, scope: KeyScope) -> Result<u64> {

@@ -15,8 +15,9 @@ use uuid::Uuid;
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey};
 
 /// Schema migrations, applied in order and recorded in `user_version`. Only ever append.
-const MIGRATIONS: &[M<'static>] = &[M::up(
-    "CREATE TABLE teams (
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(
+        "CREATE TABLE teams (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         created_at INTEGER NOT NULL
@@ -76,7 +77,19 @@ const MIGRATIONS: &[M<'static>] = &[M::up(
         details TEXT NOT NULL
     );
     CREATE INDEX history_by_app ON history(app_id, seq);",
-)];
+    ),
+    M::up(
+        "CREATE TABLE secrets (
+        team_id TEXT NOT NULL REFERENCES teams(id),
+        name TEXT NOT NULL,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (team_id, name)
+    );",
+    ),
+];
 
 pub(crate) struct Sqlite {
     conn: Mutex<Connection>,
@@ -179,6 +192,70 @@ impl Sqlite {
             )
             .optional()?
             .transpose()
+    }
+
+    pub(crate) fn list_keys(&self, team_id: Uuid) -> Result<Vec<Key>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, team_id, scope, description, created_at, revoked_at FROM keys WHERE team_id = ?1 ORDER BY created_at",
+        )?;
+        let rows = stmt.query_map([team_id.to_string()], |row| {
+            Ok((|| {
+                Ok(Key {
+                    id: row.get(0)?,
+                    team_id: uuid(row.get(1)?)?,
+                    scope: KeyScope::parse(&row.get::<_, String>(2)?).ok_or_else(|| corrupt("key scope"))?,
+                    description: row.get(3)?,
+                    created_at: from_millis(row.get(4)?)?,
+                    revoked_at: row.get::<_, Option<i64>>(5)?.map(from_millis).transpose()?,
+                })
+            })())
+        })?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub(crate) fn revoke_key(&self, id: &str) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, millis(now())],
+        )?;
+        Ok(n > 0)
+    }
+
+    pub(crate) fn put_secret(&self, team_id: Uuid, name: &str, nonce: &[u8], ciphertext: &[u8]) -> Result<()> {
+        let at = millis(now());
+        self.conn().execute(
+            "INSERT INTO secrets (team_id, name, nonce, ciphertext, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (team_id, name) DO UPDATE SET nonce = ?3, ciphertext = ?4, updated_at = ?5",
+            params![team_id.to_string(), name, nonce, ciphertext, at],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn delete_secret(&self, team_id: Uuid, name: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM secrets WHERE team_id = ?1 AND name = ?2", params![team_id.to_string(), name])?;
+        Ok(n > 0)
+    }
+
+    pub(crate) fn secrets(&self, team_id: Uuid) -> Result<Vec<crate::StoredSecret>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, nonce, ciphertext, created_at, updated_at FROM secrets WHERE team_id = ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map([team_id.to_string()], |row| {
+            Ok((|| {
+                Ok(crate::StoredSecret {
+                    name: row.get(0)?,
+                    nonce: row.get(1)?,
+                    ciphertext: row.get(2)?,
+                    created_at: from_millis(row.get(3)?)?,
+                    updated_at: from_millis(row.get(4)?)?,
+                })
+            })())
+        })?;
+        rows.map(|r| r?).collect()
     }
 
     pub(crate) fn count_keys(&self, scope: KeyScope) -> Result<u64> {

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `hangar` binary as server and as CLI, over real HTTP,
 //! with a real SQLite store in a temporary data dir.
 
+mod access;
 mod archives;
 mod auth;
 mod crash;
