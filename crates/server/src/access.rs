@@ -144,7 +144,9 @@ impl Control {
                 self.fleet.shared.secrets.seal(caller.team_id, name, value).map_err(ApiError::internal)?;
             self.store.put_secret(caller.team_id, name, nonce, sealed).await.map_err(internal)?;
         }
-        tracing::info!(team = %caller.team, names = ?values.keys().collect::<Vec<_>>(), by = %caller.key_id, "secrets set");
+        let names: Vec<&str> = values.keys().map(String::as_str).collect();
+        tracing::info!(team = %caller.team, ?names, by = %caller.key_id, "secrets set");
+        self.record_for_every_app(caller, "secrets_set", &format!("secrets set: {}", names.join(", "))).await?;
         let all = self.secret_list(caller).await?;
         Ok(all.into_iter().filter(|s| values.contains_key(&s.name)).collect())
     }
@@ -154,6 +156,23 @@ impl Control {
             return Err(ApiError::new(ErrorCode::NotFound, format!("team {:?} has no secret {name:?}", caller.team)));
         }
         tracing::info!(team = %caller.team, name, by = %caller.key_id, "secret unset");
+        self.record_for_every_app(caller, "secret_unset", &format!("secret unset: {name}")).await
+    }
+
+    /// A change of the team's secrets reaches every app's next runners, so it goes in
+    /// every app's history: names only, never values.
+    async fn record_for_every_app(&self, caller: &Caller, action: &str, details: &str) -> Result<(), ApiError> {
+        for app in self.store.list_apps(caller.team_id).await.map_err(internal)? {
+            self.store
+                .add_history(store::NewHistory {
+                    app_id: app.id,
+                    action: action.to_owned(),
+                    key_id: Some(caller.key_id.clone()),
+                    details: details.to_owned(),
+                })
+                .await
+                .map_err(internal)?;
+        }
         Ok(())
     }
 }

@@ -192,6 +192,9 @@ fn secrets_reach_new_runners_through_a_rollout_and_never_show() {
     let env = http.get(&app_url(&server, "env", "/env"), None).json();
     assert_eq!(env["API_TOKEN"], value_one, "running runners keep the old value");
 
+    let history = server.run(&["apps", "history", "env", "--json"]).ok();
+    assert_eq!(history.json()[0]["action"], "secrets_set");
+    assert!(history.stdout.contains("API_TOKEN") && !history.stdout.contains(value_two), "{}", history.stdout);
     let old = runners(&server, "env", &[])[0]["id"].as_str().unwrap().to_owned();
     server.run(&["apps", "rollout", "env"]).ok();
     wait_until("the rollout", || {
