@@ -93,41 +93,30 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    let command = match cli.command {
         Command::Server(args) => {
             let config = server::Config::load(&args)?;
             server::init_logging(config.log_format);
             runtime()?.block_on(server::run(config))?;
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "hangar", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
-        Command::Deploy(args) => {
-            let cx = Context::new(&cli.global)?;
-            runtime()?.block_on(deploy::run(&cx, args))
-        }
-        Command::Teams(command) => {
-            let cx = Context::new(&cli.global)?;
-            runtime()?.block_on(access::teams(&cx, command))
-        }
-        Command::Keys(command) => {
-            let cx = Context::new(&cli.global)?;
-            runtime()?.block_on(access::keys(&cx, command))
-        }
-        Command::Secrets(command) => {
-            let cx = Context::new(&cli.global)?;
-            runtime()?.block_on(access::secrets(&cx, command))
-        }
-        Command::Runners(command) => {
-            let cx = Context::new(&cli.global)?;
-            runtime()?.block_on(runners::run(&cx, command))
-        }
-        Command::Apps(command) => {
-            let cx = Context::new(&cli.global)?;
-            runtime()?.block_on(apps::run(&cx, command))
-        }
+        client_command => client_command,
+    };
+    // Every other command is a client of the control API.
+    let cx = Context::new(&cli.global)?;
+    let runtime = runtime()?;
+    match command {
+        Command::Deploy(args) => runtime.block_on(deploy::run(&cx, args)),
+        Command::Apps(command) => runtime.block_on(apps::run(&cx, command)),
+        Command::Runners(command) => runtime.block_on(runners::run(&cx, command)),
+        Command::Teams(command) => runtime.block_on(access::teams(&cx, command)),
+        Command::Keys(command) => runtime.block_on(access::keys(&cx, command)),
+        Command::Secrets(command) => runtime.block_on(access::secrets(&cx, command)),
+        Command::Server(_) | Command::Completion { .. } => unreachable!("handled above"),
     }
 }
 
