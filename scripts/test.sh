@@ -12,8 +12,13 @@ need_deb() { # need_deb COMMAND PACKAGE
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2"
 }
 
-# The example apps and test apps are Python (standard library only) and shell.
+# The example apps and test apps are Python (standard library only) and shell; the
+# dashboard's browser tests drive Debian's Chromium with playwright-core from npm.
 need_deb python3 python3
+need_deb chromium chromium
+need_deb node nodejs
+need_deb npm npm
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

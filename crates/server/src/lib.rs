@@ -94,7 +94,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(api = %api_addr, gateway = %gateway_addr, data_dir = %layout.root().display(), "hangar server listening");
 
     let shutdown = control.shutdown.clone();
-    let api_app = api::router::router(control.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let api_app =
+        api::router::router(control.clone()).merge(dashboard()).layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let gateway_server = gateway.clone().serve(gateway_listener, shutdown.clone().cancelled_owned());
 
@@ -117,6 +118,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     control.tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The dashboard: one page, embedded in the binary, that signs in with a key and uses
+/// only the public API, with the same auth as the CLI.
+fn dashboard() -> axum::Router {
+    const PAGE: &str = include_str!("../assets/dashboard.html");
+    axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async {
+            ([(axum::http::header::CACHE_CONTROL, "no-cache")], axum::response::Html(PAGE))
+        }),
+    )
 }
 
 /// A runner's log is rotated at this size (one older file is kept).

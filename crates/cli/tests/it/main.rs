@@ -5,6 +5,7 @@ mod access;
 mod archives;
 mod auth;
 mod crash;
+mod dashboard;
 mod deploy;
 mod gateway;
 mod manifest;

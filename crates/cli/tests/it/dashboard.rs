@@ -1,0 +1,71 @@
+//! The dashboard in a real browser: Debian's Chromium driven by Playwright
+//! (`tests/browser/dashboard.mjs`), against the real server.
+
+use std::path::Path;
+
+use crate::{app_with_build, revisions, server, testapp_dir};
+
+#[test]
+fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
+    let server = server();
+    let deploy = |extra: &str| {
+        let app = testapp_dir("web", &format!("{extra}[scaling]\nmin_concurrency = 1\n"));
+        let out = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
+        out["revision"].as_str().unwrap().to_owned()
+    };
+    let v1 = deploy("env = { V = \"1\" }\n");
+    let v2 = deploy("env = { V = \"2\" }\n");
+    let broken = app_with_build("web", "exit 1");
+    server.run(&["deploy", broken.path_str(), "--message", "broken build"]).failed();
+    let v3 = deploy("env = { V = \"3\" }\n");
+    let cli_revisions = revisions(&server, "web");
+
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
+    let mut node = std::process::Command::new("node");
+    node.arg("dashboard.mjs")
+        .current_dir(&browser_dir)
+        .env("HANGAR_URL", &server.api_url)
+        .env("HANGAR_KEY", &server.root_key)
+        .env("APP", "web")
+        .env("RECREATE_TO", &v1)
+        .env("ROLLING_TO", &v2)
+        .env("DELETE", &v3);
+    if let Some(dir) = std::env::var_os("HANGAR_SCREENSHOTS") {
+        node.env("SCREENSHOTS", dir);
+    }
+    let out = testkit::run_command(&mut node);
+    assert!(out.success(), "the browser run failed:\n{}\n{}", out.stdout, out.stderr);
+    let seen: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("the browser run prints JSON");
+
+    assert!(seen["apps"].as_array().unwrap().iter().any(|a| a == "web"), "{seen}");
+    // The badges match what the CLI lists, and the buttons are where they belong.
+    let versions = seen["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), cli_revisions.len());
+    for (shown, listed) in versions.iter().zip(&cli_revisions) {
+        assert_eq!(shown["id"], listed["id"]);
+        assert_eq!(shown["status"], listed["status"]);
+        assert_eq!(shown["current"], listed["current"]);
+        let current = listed["current"] == true;
+        assert_eq!(shown["delete"], !current, "Delete on every non-current revision, never the current: {shown}");
+        assert_eq!(shown["rollback"], !current && listed["status"] == "deployed", "{shown}");
+    }
+
+    let current = |rows: &serde_json::Value| {
+        rows.as_array().unwrap().iter().find(|r| r["current"] == true).unwrap()["id"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(current(&seen["after_rollbacks"]), v2);
+    assert!(!seen["after_delete"].as_array().unwrap().iter().any(|r| r["id"] == v3.as_str()));
+    assert!(!seen["runners_after"].as_array().unwrap().is_empty());
+
+    // The server agrees.
+    let revs = revisions(&server, "web");
+    assert_eq!(revs.iter().find(|r| r["current"] == true).unwrap()["id"], v2.as_str());
+    assert!(!revs.iter().any(|r| r["id"] == v3.as_str()));
+    let history = server.run(&["apps", "history", "web", "--json"]).ok().json();
+    let entries = history.as_array().unwrap();
+    assert_eq!(entries[0]["action"], "rollout");
+    assert_eq!(entries[1]["action"], "delete_rev");
+    assert!(entries[2]["details"].as_str().unwrap().contains(&format!("-> {v2} (rolling)")), "{}", entries[2]);
+    assert!(entries[3]["details"].as_str().unwrap().contains(&format!("-> {v1} (recreate)")), "{}", entries[3]);
+    let _ = v1;
+}

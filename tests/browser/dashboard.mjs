@@ -1,0 +1,87 @@
+// Drives hangar's dashboard in a real Chromium, as a person would, and prints what it
+// saw as JSON on stdout. The Rust end-to-end test (crates/cli/tests/it/dashboard.rs)
+// prepares the server, runs this, and checks both the observations and the server's
+// state afterwards. Inputs come from the environment:
+//   HANGAR_URL, HANGAR_KEY   the server and a key to sign in with
+//   APP                      the app to work on
+//   RECREATE_TO, ROLLING_TO  revisions to roll back to, in that order
+//   DELETE                   a non-current revision to delete
+//   SCREENSHOTS              a directory for screenshots of the main pages (optional)
+import { chromium } from "playwright-core";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const url = env("HANGAR_URL");
+const app = env("APP");
+const shots = process.env.SCREENSHOTS;
+const seen = {};
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.setDefaultTimeout(30000);
+  await page.goto(url + "/");
+
+  // Sign in with the keyboard.
+  await page.getByLabel("API key").fill(env("HANGAR_KEY"));
+  await page.keyboard.press("Enter");
+  await page.getByRole("link", { name: app }).waitFor();
+  seen.apps = await page.locator("main table tbody tr td:first-child").allInnerTexts();
+  if (shots) await page.screenshot({ path: `${shots}/apps.png` });
+
+  await page.getByRole("link", { name: app }).click();
+  await page.locator("#versions").waitFor();
+  const rows = async () => page.locator("#versions tbody tr").evaluateAll((trs) => trs.map((tr) => ({
+    id: tr.dataset.revision,
+    status: tr.querySelector("[data-status]")?.dataset.status,
+    current: !!tr.querySelector(".badge.current"),
+    rollback: !!tr.querySelector("button.rollback"),
+    delete: !!tr.querySelector("button.delete"),
+  })));
+  seen.versions = await rows();
+  if (shots) await page.screenshot({ path: `${shots}/versions.png`, fullPage: true });
+
+  const row = (id) => page.locator(`#versions tr[data-revision="${id}"]`);
+  const rollBack = async (id, strategy, shot) => {
+    await row(id).getByRole("button", { name: "Rollback" }).click();
+    await page.getByRole("radio", { name: strategy === "recreate" ? /Recreate/ : /Rolling/ }).check();
+    if (shot) await page.screenshot({ path: `${shots}/rollback-dialog.png` });
+    await page.locator("#confirm-ok").click();
+    await row(id).locator(".badge.current").waitFor();
+  };
+  await rollBack(env("RECREATE_TO"), "recreate", !!shots);
+  await rollBack(env("ROLLING_TO"), "rolling", false);
+  seen.after_rollbacks = await rows();
+
+  await row(env("DELETE")).getByRole("button", { name: "Delete" }).click();
+  await page.locator("#confirm-ok").click();
+  await row(env("DELETE")).waitFor({ state: "detached" });
+  seen.after_delete = await rows();
+
+  // A graceful rollout: the live Runners view shows new runner ids.
+  const runnerIds = async () => page.locator("#runners tr[data-runner]").evaluateAll((trs) => trs.map((tr) => tr.dataset.runner));
+  await page.locator("#runners tr[data-runner]").first().waitFor();
+  seen.runners_before = await runnerIds();
+  await page.getByRole("button", { name: "Rollout…" }).click();
+  await page.getByRole("radio", { name: /Graceful/ }).check();
+  await page.locator("#confirm-ok").click();
+  const deadline = Date.now() + 30000;
+  for (;;) {
+    const ids = await runnerIds();
+    if (ids.length > 0 && ids.every((id) => !seen.runners_before.includes(id))) { seen.runners_after = ids; break; }
+    if (Date.now() > deadline) throw new Error(`runner ids did not change: ${ids}`);
+    await page.waitForTimeout(200);
+  }
+  seen.history = await page.locator("#history tbody tr td:nth-child(2)").allInnerTexts();
+  if (shots) await page.screenshot({ path: `${shots}/app.png`, fullPage: true });
+  console.log(JSON.stringify(seen));
+} finally {
+  await browser.close();
+}
