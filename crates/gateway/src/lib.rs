@@ -36,6 +36,9 @@ use crate::body::LeaseBody;
 
 /// The header a caller sets to bound how long a call may wait for a runner (seconds).
 pub const START_TIMEOUT_HEADER: &str = "x-hangar-request-timeout";
+/// The same, as `fal_client` spells it (its `start_timeout` argument), so that its code
+/// keeps working unchanged.
+pub const FAL_START_TIMEOUT_HEADER: &str = "x-fal-request-timeout";
 pub const REQUEST_ID_HEADER: &str = "x-hangar-request-id";
 pub const RUNNER_ID_HEADER: &str = "x-hangar-runner-id";
 pub const REVISION_HEADER: &str = "x-hangar-revision";
@@ -222,7 +225,10 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
     let mut upstream = http::Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
     if let Some(headers) = upstream.headers_mut() {
         for (name, value) in &parts.headers {
-            if !HOP_BY_HOP.contains(name) && name.as_str() != START_TIMEOUT_HEADER {
+            if !HOP_BY_HOP.contains(name)
+                && name.as_str() != START_TIMEOUT_HEADER
+                && name.as_str() != FAL_START_TIMEOUT_HEADER
+            {
                 headers.append(name.clone(), value.clone());
             }
         }
@@ -286,7 +292,9 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
 
 /// The call's start deadline from its header, else the server's default.
 fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
-    let Some(value) = headers.get(START_TIMEOUT_HEADER) else { return Ok(default) };
+    let Some(value) = headers.get(START_TIMEOUT_HEADER).or_else(|| headers.get(FAL_START_TIMEOUT_HEADER)) else {
+        return Ok(default);
+    };
     value
         .to_str()
         .ok()

@@ -71,6 +71,10 @@ fn a_call_from_zero_waits_for_setup_and_the_start_deadline_is_kept() {
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "start_timeout");
     assert!(reply.text().contains("start deadline of 1s"), "{}", reply.text());
+    // fal_client's spelling of the header works the same.
+    let reply = http.send("GET", &app_url(&server, "slow", "/"), None, &[("x-fal-request-timeout", "1.5")], vec![]);
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(reply.text().contains("start deadline of 1.5s"), "{}", reply.text());
 
     let quick = testapp_dir("quick", "env = { SETUP_SECONDS = \"1\" }\n");
     server.run(&["deploy", quick.path_str(), "--strategy", "recreate", "--auth", "public"]).ok();
