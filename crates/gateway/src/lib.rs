@@ -99,7 +99,15 @@ impl Gateway {
     /// Serves calls on `listener` until `shutdown` resolves, then lets the calls in
     /// flight finish. HTTP/1.1 straight on hyper, without a router in between: this
     /// is the hot path of every call.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    ///
+    /// With `tls`, every connection is TLS (rustls); without, plain HTTP.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let graceful = GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -122,10 +130,29 @@ impl Gateway {
                 let gateway = gateway.clone();
                 async move { Ok::<_, std::convert::Infallible>(call(gateway, request.map(Body::new)).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            let connection = graceful.watch(connection);
+            let Some(acceptor) = acceptor.clone() else {
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "gateway connection ended with an error");
+                    }
+                });
+                continue;
+            };
+            // The TLS handshake runs in the connection's own task, so a slow or broken
+            // client never holds up the accept loop.
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
+                let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!("TLS handshake timed out"),
+                };
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(connection).await {
                     tracing::debug!(error = %e, "gateway connection ended with an error");
                 }
             });

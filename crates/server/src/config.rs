@@ -45,6 +45,12 @@ pub struct ServerArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "HANGAR_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// PEM certificate chain for TLS on the gateway (with --tls-key)
+    #[arg(long, env = "HANGAR_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gateway (with --tls-cert)
+    #[arg(long, env = "HANGAR_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Seconds a call may wait for a runner when it does not say (X-Hangar-Request-Timeout)
     /// [default: 300]
     #[arg(long, env = "HANGAR_START_TIMEOUT")]
@@ -74,6 +80,8 @@ struct FileConfig {
     build_timeout: Option<u64>,
     log_format: Option<String>,
     start_timeout: Option<f64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     health_interval: Option<f64>,
     failure_threshold: Option<u32>,
     backoff_base: Option<f64>,
@@ -116,6 +124,8 @@ pub struct Config {
     pub health_interval: Duration,
     pub failure_threshold: u32,
     pub backoff_base: Duration,
+    /// Certificate chain and key files for TLS on the gateway.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -176,6 +186,11 @@ impl Config {
             health_interval: seconds("health_interval", args.health_interval.or(file.health_interval), 5.0)?,
             failure_threshold: args.failure_threshold.or(file.failure_threshold).unwrap_or(3).max(1),
             backoff_base: seconds("backoff_base", args.backoff_base.or(file.backoff_base), 30.0)?,
+            tls: match (args.tls_cert.clone().or(file.tls_cert), args.tls_key.clone().or(file.tls_key)) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => bail!("TLS needs both --tls-cert and --tls-key"),
+            },
         })
     }
 }

@@ -44,6 +44,8 @@ pub fn init_logging(format: LogFormat) {
 
 /// Runs the server until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Settings that can be wrong are checked before anything is touched.
+    let tls = config.tls.as_ref().map(|(cert, key)| tls_config(cert, key)).transpose()?;
     let layout = Layout::new(config.data_dir.clone());
     prepare_data_dir(&layout)?;
     let store = Store::open_sqlite(&layout.database())
@@ -90,14 +92,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on the gateway address {}", config.gateway_addr))?;
     let api_addr = api_listener.local_addr()?;
     let gateway_addr = gateway_listener.local_addr()?;
-    write_endpoints(&layout, api_addr, gateway_addr)?;
+    write_endpoints(&layout, api_addr, gateway_addr, config.tls.is_some())?;
     tracing::info!(api = %api_addr, gateway = %gateway_addr, data_dir = %layout.root().display(), "hangar server listening");
 
     let shutdown = control.shutdown.clone();
     let api_app =
         api::router::router(control.clone()).merge(dashboard()).layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let gateway_server = gateway.clone().serve(gateway_listener, shutdown.clone().cancelled_owned());
+    let gateway_server = gateway.clone().serve(gateway_listener, tls, shutdown.clone().cancelled_owned());
 
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -130,6 +132,31 @@ fn dashboard() -> axum::Router {
             ([(axum::http::header::CACHE_CONTROL, "no-cache")], axum::response::Html(PAGE))
         }),
     )
+}
+
+/// The gateway's TLS settings from a PEM certificate chain and private key.
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read the TLS private key {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("no TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the TLS certificate and key do not fit together")?;
+    Ok(Arc::new(config))
 }
 
 /// A runner's log is rotated at this size (one older file is kept).
@@ -256,8 +283,9 @@ async fn recover(control: &Control) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_endpoints(layout: &Layout, api: SocketAddr, gateway: SocketAddr) -> anyhow::Result<()> {
-    let json = serde_json::json!({ "api": format!("http://{api}"), "gateway": format!("http://{gateway}") });
+fn write_endpoints(layout: &Layout, api: SocketAddr, gateway: SocketAddr, tls: bool) -> anyhow::Result<()> {
+    let scheme = if tls { "https" } else { "http" };
+    let json = serde_json::json!({ "api": format!("http://{api}"), "gateway": format!("{scheme}://{gateway}") });
     let path = layout.endpoints();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, json.to_string()).with_context(|| format!("cannot write {}", tmp.display()))?;

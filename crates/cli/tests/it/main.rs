@@ -12,6 +12,7 @@ mod manifest;
 mod revisions;
 mod scaling;
 mod switching;
+mod tls;
 
 use testkit::{AppDir, TestServer};
 
