@@ -146,6 +146,13 @@ fn a_killed_runner_is_replaced_and_failing_starts_back_off_without_touching_serv
     let victim = http.get(&app_url(&server, "sturdy", "/"), None).json();
     let pid = victim["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // A call sent in the moment between the kill and the server noticing it can still
+    // be routed to the dead runner (and get 503 runner_lost); what is tested here is
+    // what follows, so the calls start once the server has taken the runner out.
+    let victim_id = victim["runner"].as_str().unwrap().to_owned();
+    wait_until("the server to notice the kill", || {
+        (!runners(&server, "sturdy", &[]).iter().any(|r| r["id"] == victim_id.as_str())).then_some(())
+    });
 
     let prober = Prober::start(&app_url(&server, "sturdy", "/"), None, 20);
     let backoff = wait_until("a runner in crash_backoff", || {
@@ -166,7 +173,7 @@ fn a_killed_runner_is_replaced_and_failing_starts_back_off_without_touching_serv
     assert!(report.failures.is_empty(), "calls failed while a runner backed off: {:?}", report.failures);
     assert!(report.ok > 10, "{report:?}");
 
-    let victim_id = victim["runner"].as_str().unwrap();
+    let victim_id = victim_id.as_str();
     assert!(before.iter().any(|r| r["id"] == victim_id));
     assert!(!after.iter().any(|r| r["id"] == victim_id), "the killed runner was replaced");
     let ended = runners(&server, "sturdy", &["--state", "terminated", "--since", "1h"]);
