@@ -527,8 +527,10 @@ impl Controller {
             }
             let handover = match runner.replacement.and_then(state_of) {
                 Some(RunnerState::Idle | RunnerState::Running) => true,
-                Some(RunnerState::Pending) | None => true,
-                Some(RunnerState::Terminated) => true,
+                // A replacement waiting for room gets it only when this runner goes; one
+                // that will find room is started in this same pass, so wait for it.
+                Some(RunnerState::Pending) => !self.shared.capacity.has_room(&self.app.runner.machine_type),
+                Some(RunnerState::Terminated) | None => true,
                 Some(_) => false,
             };
             if handover {

@@ -50,6 +50,13 @@ impl Capacity {
         }
     }
 
+    /// Whether a runner of this machine type would find room now.
+    pub(crate) fn has_room(&self, machine_type: &str) -> bool {
+        let limit = self.limits.get(machine_type).copied().unwrap_or(0);
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.get(machine_type).copied().unwrap_or(0) < limit
+    }
+
     pub(crate) fn release(&self, machine_type: &str) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = used.get_mut(machine_type) {

@@ -54,7 +54,14 @@ fn no_call_fails_through_deploys_set_revs_and_scale_down() {
 #[test]
 fn graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls() {
     let server = server();
-    let revision = deploy(&server, "roll", "[scaling]\nmin_concurrency = 2\n[runner]\nmax_multiplexing = 16\n", &[]);
+    // Replacements take a moment to set up, so that a rollout that let the old runners go
+    // before their replacements were ready would show here.
+    let revision = deploy(
+        &server,
+        "roll",
+        "env = { SETUP_SECONDS = \"0.6\" }\n[scaling]\nmin_concurrency = 2\n[runner]\nmax_multiplexing = 16\n",
+        &[],
+    );
     let before = wait_until("two set-up runners", || {
         let rs = runners(&server, "roll", &[]);
         (rs.iter().filter(|r| r["state"] == "idle" || r["state"] == "running").count() == 2).then_some(rs)
