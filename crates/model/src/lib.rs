@@ -16,4 +16,4 @@ pub use ids::{ParseIdError, RevisionId, RunnerId, is_id_prefix};
 pub use manifest::{
     MANIFEST_FILE, Manifest, ManifestError, ManifestErrors, RunnerSpec, Scaling, validate_app_name, validate_env_name,
 };
-pub use revision::{AuthMode, KeyScope, RevisionStatus, Strategy};
+pub use revision::{AuthMode, KeyScope, QueueState, RevisionStatus, Strategy, WebhookState};

@@ -87,3 +87,63 @@ pub struct RunnerInfo {
     /// Why it ended or is backing off, in words for people.
     pub reason: Option<String>,
 }
+
+/// A request in the durable queue, without its payload and result bodies (those can be
+/// large and are read on their own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRequest {
+    pub id: Uuid,
+    /// Submission order; a smaller number is served first.
+    pub seq: i64,
+    pub team_id: Uuid,
+    pub app_id: Uuid,
+    /// `team/app` as it was called.
+    pub route: String,
+    /// The path under the app and the query, e.g. `/generate?steps=4`.
+    pub path: String,
+    pub webhook: Option<String>,
+    pub state: crate::revision::QueueState,
+    pub created_at: OffsetDateTime,
+    /// It fails with `start_timeout` if no runner has taken it by then.
+    pub start_deadline: Option<OffsetDateTime>,
+    pub started_at: Option<OffsetDateTime>,
+    pub completed_at: Option<OffsetDateTime>,
+    /// The runner working on it, while in progress.
+    pub runner: Option<crate::ids::RunnerId>,
+    pub cancel_requested: bool,
+    /// Attempts that ended with the runner lost, which count against the retry limit.
+    pub failed_attempts: u32,
+    /// Set once completed.
+    pub outcome: Option<QueueOutcome>,
+    pub attempts: Vec<QueueAttempt>,
+    pub webhook_state: Option<crate::revision::WebhookState>,
+}
+
+/// How a queue request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOutcome {
+    /// The HTTP status its result is served with.
+    pub status: u16,
+    /// In words, when it did not succeed.
+    pub error: Option<String>,
+    /// A stable name for the kind of failure, e.g. `request_cancelled`.
+    pub error_type: Option<String>,
+}
+
+/// One time a queue request was sent to a runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueAttempt {
+    pub runner: crate::ids::RunnerId,
+    pub started_at: OffsetDateTime,
+    pub ended_at: Option<OffsetDateTime>,
+    /// What became of it, e.g. `answered 200` or `runner lost: forced rollout`.
+    pub outcome: Option<String>,
+}
+
+/// A finished queue request's result: the runner's answer, or the platform's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueResult {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}

@@ -196,3 +196,25 @@ impl RunnerState {
         self == RunnerState::Terminated
     }
 }
+
+string_enum! {
+    /// Where a request in the durable queue is.
+    QueueState {
+        /// Accepted and stored; waiting for a runner.
+        InQueue => "in_queue",
+        /// Sent to a runner, which has not answered yet.
+        InProgress => "in_progress",
+        /// Answered, failed for good, or cancelled; its result is kept.
+        Completed => "completed",
+    }
+}
+
+string_enum! {
+    /// Where the delivery of a queue request's result to its webhook is.
+    WebhookState {
+        Pending => "pending",
+        Delivered => "delivered",
+        /// Every delivery attempt failed.
+        Failed => "failed",
+    }
+}

@@ -7,6 +7,7 @@
 //! multi-server deployments can be added as another variant of `Backend` without
 //! touching any caller. Every multi-row change runs in one transaction.
 
+mod queue;
 mod sqlite;
 
 use std::path::Path;
@@ -17,6 +18,8 @@ use model::manifest::{RunnerSpec, Scaling};
 use model::records::{App, HistoryEntry, Key, Revision, Team};
 use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
+
+pub use queue::{CancelOutcome, Completion, NewQueueRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

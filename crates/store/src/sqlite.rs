@@ -1,5 +1,7 @@
 //! The SQLite backend. All SQL of the embedded store lives here.
 
+mod queue;
+
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -87,6 +89,45 @@ const MIGRATIONS: &[M<'static>] = &[
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (team_id, name)
+    );",
+    ),
+    M::up(
+        "CREATE TABLE queue_requests (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        team_id TEXT NOT NULL,
+        app_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        path TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        webhook TEXT,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        start_deadline INTEGER,
+        started_at INTEGER,
+        completed_at INTEGER,
+        runner_id TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        failed_attempts INTEGER NOT NULL DEFAULT 0,
+        result_status INTEGER,
+        result_type TEXT,
+        result_body BLOB,
+        error TEXT,
+        error_type TEXT,
+        logs TEXT,
+        webhook_state TEXT
+    );
+    CREATE INDEX queue_by_app ON queue_requests(app_id, state, seq);
+    CREATE INDEX queue_by_state ON queue_requests(state, completed_at);
+    CREATE TABLE queue_attempts (
+        request_seq INTEGER NOT NULL REFERENCES queue_requests(seq) ON DELETE CASCADE,
+        n INTEGER NOT NULL,
+        runner_id TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        outcome TEXT,
+        PRIMARY KEY (request_seq, n)
     );",
     ),
 ];
