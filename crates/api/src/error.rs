@@ -30,6 +30,12 @@ pub enum ErrorCode {
     RolloutForced,
     StartTimeout,
     RequestTimeout,
+    RequestNotFound,
+    PayloadTooLarge,
+    AlreadyCompleted,
+    NotCompleted,
+    RequestCancelled,
+    ResultTooLarge,
     Internal,
 }
 
@@ -57,6 +63,12 @@ impl ErrorCode {
             ErrorCode::RolloutForced => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::StartTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::RequestNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::AlreadyCompleted => StatusCode::BAD_REQUEST,
+            ErrorCode::NotCompleted => StatusCode::BAD_REQUEST,
+            ErrorCode::RequestCancelled => StatusCode::BAD_REQUEST,
+            ErrorCode::ResultTooLarge => StatusCode::BAD_GATEWAY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,6 +96,12 @@ impl ErrorCode {
             ErrorCode::RolloutForced => "rollout_forced",
             ErrorCode::StartTimeout => "start_timeout",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::RequestNotFound => "request_not_found",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::AlreadyCompleted => "already_completed",
+            ErrorCode::NotCompleted => "not_completed",
+            ErrorCode::RequestCancelled => "request_cancelled",
+            ErrorCode::ResultTooLarge => "result_too_large",
             ErrorCode::Internal => "internal",
         }
     }
@@ -110,6 +128,12 @@ impl ErrorCode {
         ErrorCode::RolloutForced,
         ErrorCode::StartTimeout,
         ErrorCode::RequestTimeout,
+        ErrorCode::RequestNotFound,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::AlreadyCompleted,
+        ErrorCode::NotCompleted,
+        ErrorCode::RequestCancelled,
+        ErrorCode::ResultTooLarge,
         ErrorCode::Internal,
     ];
 }
@@ -135,10 +159,15 @@ impl ApiError {
     }
 }
 
-/// The JSON error body.
+/// The JSON error body. `detail` and `error_type` repeat the message and the code under
+/// the names `fal_client` reads, so its exceptions carry them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -149,7 +178,11 @@ pub struct ErrorDetail {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message } };
+        let body = ErrorBody {
+            detail: Some(self.message.clone()),
+            error_type: Some(self.code.as_str().to_owned()),
+            error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message },
+        };
         (self.code.status(), axum::Json(body)).into_response()
     }
 }
@@ -175,6 +208,13 @@ mod tests {
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(json, serde_json::json!({"error": {"code": "app_not_found", "message": "app \"x\" not found"}}));
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "error": {"code": "app_not_found", "message": "app \"x\" not found"},
+                "detail": "app \"x\" not found",
+                "error_type": "app_not_found",
+            })
+        );
     }
 }

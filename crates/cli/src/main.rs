@@ -48,7 +48,7 @@ struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the hangar server (control API, gateway, deploys)
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Deploy the app in PATH as a new revision
     Deploy(deploy::DeployArgs),
     /// Manage apps and their revisions

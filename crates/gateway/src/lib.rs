@@ -11,7 +11,7 @@ pub mod route;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use api::error::{ApiError, ErrorCode};
@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
+use model::ids::RunnerId;
 use model::revision::AuthMode;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -51,6 +52,22 @@ pub struct KeyOwner {
     pub root: bool,
 }
 
+/// Answers the durable queue's requests (`/queue/...`), which the gateway hands over
+/// whole. `secure` says whether the call came over TLS, for the URLs it hands out.
+pub trait QueueHandler: Send + Sync + 'static {
+    fn handle(self: Arc<Self>, request: Request, secure: bool) -> Pin<Box<dyn Future<Output = Response> + Send>>;
+}
+
+/// Why a call sent to a runner got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The connection failed or broke: the runner is gone, or going. Nothing was
+    /// answered, so the call may be sent again elsewhere.
+    Lost(Option<CutOff>),
+    /// It ran past the app's request timeout; the runner has been flagged.
+    Timeout,
+}
+
 /// Checks the keys callers present. The server implements it over its store.
 pub trait Authenticator: Send + Sync + 'static {
     /// The owner of the key in an `Authorization` header, or `None` if the key is
@@ -64,6 +81,7 @@ pub struct Gateway {
     routes: RwLock<HashMap<String, Arc<AppRoute>>>,
     client: Client<HttpConnector, Body>,
     auth: Arc<dyn Authenticator>,
+    queue: OnceLock<Arc<dyn QueueHandler>>,
     default_start_timeout: Duration,
     pub metrics: Metrics,
 }
@@ -77,6 +95,7 @@ impl Gateway {
             routes: RwLock::default(),
             client,
             auth,
+            queue: OnceLock::new(),
             default_start_timeout,
             metrics: Metrics::default(),
         })
@@ -87,12 +106,26 @@ impl Gateway {
         self.routes.write().unwrap_or_else(|e| e.into_inner()).insert(key, route);
     }
 
+    /// Forgets an app. Calls waiting for one of its runners give up.
     pub fn unregister(&self, team: &str, app: &str) {
-        self.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&format!("{team}/{app}"));
+        let removed = self.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&format!("{team}/{app}"));
+        if let Some(route) = removed {
+            route.close();
+        }
+    }
+
+    /// Hands `/queue/...` calls to `handler` from now on. Without one they get 404.
+    pub fn set_queue(&self, handler: Arc<dyn QueueHandler>) {
+        let _ = self.queue.set(handler);
+    }
+
+    /// The default start deadline of calls that do not set one.
+    pub fn default_start_timeout(&self) -> Duration {
+        self.default_start_timeout
     }
 
     /// The route of `team/app`.
-    fn route(&self, team_and_app: &str) -> Option<Arc<AppRoute>> {
+    pub fn route(&self, team_and_app: &str) -> Option<Arc<AppRoute>> {
         self.routes.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app).cloned()
     }
 
@@ -126,9 +159,10 @@ impl Gateway {
             // Calls are small request/response exchanges: send each write at once.
             let _ = stream.set_nodelay(true);
             let gateway = self.clone();
+            let secure = acceptor.is_some();
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(call(gateway, request.map(Body::new)).await) }
+                async move { Ok::<_, std::convert::Infallible>(call(gateway, request.map(Body::new), secure).await) }
             });
             let Some(acceptor) = acceptor.clone() else {
                 let connection =
@@ -160,7 +194,8 @@ impl Gateway {
         graceful.shutdown().await;
     }
 
-    async fn authorize(&self, route: &AppRoute, headers: &HeaderMap, auth: AuthMode) -> Result<(), ApiError> {
+    /// Checks that the caller's key may call the app, under its auth mode.
+    pub async fn authorize(&self, route: &AppRoute, headers: &HeaderMap, auth: AuthMode) -> Result<(), ApiError> {
         if auth == AuthMode::Public {
             return Ok(());
         }
@@ -182,6 +217,28 @@ impl Gateway {
             )),
         }
     }
+
+    /// Sends a call to the runner holding `runner`'s slot and waits for the head of its
+    /// answer until `deadline` (the app's request timeout).
+    pub async fn send(
+        &self,
+        route: &AppRoute,
+        runner: RunnerId,
+        request: http::Request<Body>,
+        deadline: Instant,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                tracing::debug!(runner = %runner, error = %e, "call to runner failed");
+                Err(SendError::Lost(route.cut_reason(runner)))
+            }
+            Err(_) => {
+                route.flag_timed_out(runner);
+                Err(SendError::Timeout)
+            }
+        }
+    }
 }
 
 /// Headers that belong to one hop and are never forwarded.
@@ -198,7 +255,46 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::AUTHORIZATION,
 ];
 
-async fn call(gateway: Arc<Gateway>, request: Request) -> Response {
+/// The request to send to a runner at `addr` for a call to `path_and_query` (the part
+/// after `/{team}/{app}`): the caller's headers without the hop-by-hop ones, the
+/// platform's key and its start deadline, plus the call's id.
+pub fn upstream_request(
+    addr: std::net::SocketAddr,
+    method: http::Method,
+    path_and_query: &str,
+    caller_headers: &HeaderMap,
+    body: Body,
+    request_id: &str,
+) -> Result<http::Request<Body>, ApiError> {
+    let mut upstream = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path_and_query}"))
+        .version(http::Version::HTTP_11);
+    if let Some(headers) = upstream.headers_mut() {
+        for (name, value) in caller_headers {
+            if forwarded(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            headers.insert(REQUEST_ID_HEADER, value);
+        }
+    }
+    upstream.body(body).map_err(ApiError::internal)
+}
+
+/// Whether a caller's header goes on to the runner.
+pub fn forwarded(name: &HeaderName) -> bool {
+    !HOP_BY_HOP.contains(name) && name.as_str() != START_TIMEOUT_HEADER && name.as_str() != FAL_START_TIMEOUT_HEADER
+}
+
+async fn call(gateway: Arc<Gateway>, request: Request, secure: bool) -> Response {
+    if request.uri().path().starts_with("/queue/") {
+        return match gateway.queue.get() {
+            Some(queue) => queue.clone().handle(request, secure).await,
+            None => ApiError::new(ErrorCode::NotFound, "this gateway has no queue").into_response(),
+        };
+    }
     let request_id = Uuid::new_v4().to_string();
     let mut response = match proxy(&gateway, request, &request_id).await {
         Ok(response) => response,
@@ -236,6 +332,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
         AcquireError::Suspended => {
             ApiError::new(ErrorCode::Suspended, format!("app {team}/{app} is suspended; resume it to call it"))
         }
+        AcquireError::Gone => ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")),
         AcquireError::Deadline => ApiError::new(
             ErrorCode::StartTimeout,
             format!(
@@ -248,31 +345,16 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
 
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let uri = format!("http://{}{rest}{query}", lease.addr);
-    let mut upstream = http::Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
-    if let Some(headers) = upstream.headers_mut() {
-        for (name, value) in &parts.headers {
-            if !HOP_BY_HOP.contains(name)
-                && name.as_str() != START_TIMEOUT_HEADER
-                && name.as_str() != FAL_START_TIMEOUT_HEADER
-            {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Ok(value) = HeaderValue::from_str(request_id) {
-            headers.insert(REQUEST_ID_HEADER, value);
-        }
-    }
-    let upstream = upstream.body(body).map_err(ApiError::internal)?;
+    let upstream =
+        upstream_request(lease.addr, parts.method, &format!("{rest}{query}"), &parts.headers, body, request_id)?;
 
     let deadline = Instant::now() + config.request_timeout;
     let runner = lease.runner;
-    let response = match tokio::time::timeout_at(deadline, gateway.client.request(upstream)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            tracing::debug!(runner = %runner, error = %e, "call to runner failed");
+    let response = match gateway.send(&route, runner, upstream, deadline).await {
+        Ok(response) => response,
+        Err(SendError::Lost(cut)) => {
             gateway.metrics.record(&labels, 503, arrived.elapsed());
-            return Err(match route.cut_reason(runner) {
+            return Err(match cut {
                 Some(CutOff::ForcedRollout) => ApiError::new(
                     ErrorCode::RolloutForced,
                     format!("the call was cut off by a forced rollout of {team}/{app}; send it again"),
@@ -287,8 +369,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
                 ),
             });
         }
-        Err(_) => {
-            route.flag_timed_out(runner);
+        Err(SendError::Timeout) => {
             gateway.metrics.record(&labels, 504, arrived.elapsed());
             return Err(ApiError::new(
                 ErrorCode::RequestTimeout,
@@ -318,7 +399,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
 }
 
 /// The call's start deadline from its header, else the server's default.
-fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
+pub fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
     let Some(value) = headers.get(START_TIMEOUT_HEADER).or_else(|| headers.get(FAL_START_TIMEOUT_HEADER)) else {
         return Ok(default);
     };

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use model::ids::{RevisionId, RunnerId};
 use model::revision::AuthMode;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -31,9 +31,13 @@ pub struct RouteConfig {
 
 pub struct AppRoute {
     pub team_id: Uuid,
+    pub app_id: Uuid,
     pub app: String,
     state: Mutex<RouteState>,
     changed: Notify,
+    /// Bumped whenever the app's revision, settings or registration change, for calls
+    /// that wait through a suspension (see [`AppRoute::acquire_waiting`]).
+    generation: watch::Sender<u64>,
 }
 
 /// Why a runner was cut off with calls in flight, so those calls can say so.
@@ -48,6 +52,8 @@ const REMEMBERED_CUTS: usize = 256;
 
 struct RouteState {
     config: RouteConfig,
+    /// The app is gone; nothing will be served any more.
+    closed: bool,
     cut: VecDeque<(RunnerId, CutOff)>,
     revision: Option<RevisionId>,
     runners: Vec<Slot>,
@@ -96,6 +102,8 @@ pub enum AcquireError {
     Suspended,
     /// The start deadline passed while the call waited.
     Deadline,
+    /// The app was deleted.
+    Gone,
 }
 
 /// What the controller sees of the app's traffic.
@@ -128,12 +136,14 @@ impl RouteSnapshot {
 }
 
 impl AppRoute {
-    pub fn new(team_id: Uuid, app: String, config: RouteConfig) -> Arc<AppRoute> {
+    pub fn new(team_id: Uuid, app_id: Uuid, app: String, config: RouteConfig) -> Arc<AppRoute> {
         Arc::new(AppRoute {
             team_id,
+            app_id,
             app,
             state: Mutex::new(RouteState {
                 config,
+                closed: false,
                 cut: VecDeque::new(),
                 revision: None,
                 runners: Vec::new(),
@@ -141,6 +151,7 @@ impl AppRoute {
                 next_waiter: 0,
             }),
             changed: Notify::new(),
+            generation: watch::Sender::new(0),
         })
     }
 
@@ -162,6 +173,8 @@ impl AppRoute {
         let mut state = self.state();
         state.config = config;
         self.dispatch(&mut state);
+        drop(state);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Points the app at a revision: from now on only its runners get calls.
@@ -169,6 +182,17 @@ impl AppRoute {
         let mut state = self.state();
         state.revision = revision;
         self.dispatch(&mut state);
+        drop(state);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The app is gone: waiting calls give up with [`AcquireError::Gone`].
+    pub fn close(&self) {
+        let mut state = self.state();
+        state.closed = true;
+        state.queue.clear();
+        drop(state);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     pub fn revision(&self) -> Option<RevisionId> {
@@ -260,6 +284,9 @@ impl AppRoute {
     pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Lease, AcquireError> {
         let (id, rx) = {
             let mut state = self.state();
+            if state.closed {
+                return Err(AcquireError::Gone);
+            }
             if state.config.suspended {
                 return Err(AcquireError::Suspended);
             }
@@ -281,12 +308,30 @@ impl AppRoute {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(lease)) => Ok(lease),
             // The sender is dropped only when the route gives up on its waiters.
+            Ok(Err(_)) if self.state().closed => Err(AcquireError::Gone),
             Ok(Err(_)) if self.state().config.suspended => Err(AcquireError::Suspended),
             Ok(Err(_)) => Err(AcquireError::NoRevision),
             Err(_) => {
                 self.state().queue.retain(|w| w.id != id);
                 self.changed.notify_one();
                 Err(AcquireError::Deadline)
+            }
+        }
+    }
+
+    /// Like [`acquire`](Self::acquire), but while the app is suspended or has no
+    /// revision the call keeps waiting (until `deadline`) instead of failing: queued
+    /// requests outlive a suspension.
+    pub async fn acquire_waiting(self: &Arc<Self>, deadline: Instant) -> Result<Lease, AcquireError> {
+        loop {
+            let mut generation = self.generation.subscribe();
+            match self.acquire(deadline).await {
+                Err(AcquireError::Suspended | AcquireError::NoRevision) => {
+                    if tokio::time::timeout_at(deadline, generation.changed()).await.is_err() {
+                        return Err(AcquireError::Deadline);
+                    }
+                }
+                other => return other,
             }
         }
     }
@@ -359,7 +404,7 @@ mod tests {
 
     fn route() -> Arc<AppRoute> {
         let config = RouteConfig { auth: AuthMode::Public, request_timeout: Duration::from_secs(60), suspended: false };
-        let route = AppRoute::new(Uuid::nil(), "app".to_owned(), config);
+        let route = AppRoute::new(Uuid::nil(), Uuid::nil(), "app".to_owned(), config);
         route.set_revision(Some(RevisionId(Uuid::from_u128(1))));
         route
     }
@@ -438,6 +483,33 @@ mod tests {
         add(&route, 11, 1);
         let lease = route.acquire(later()).await.unwrap();
         assert_eq!(lease.runner, RunnerId(Uuid::from_u128(11)));
+    }
+
+    #[tokio::test]
+    async fn waiting_calls_outlast_a_suspension_and_give_up_when_the_app_goes() {
+        let route = route();
+        let suspended =
+            RouteConfig { auth: AuthMode::Public, request_timeout: Duration::from_secs(1), suspended: true };
+        route.configure(suspended.clone());
+        let waiting = tokio::spawn({
+            let route = route.clone();
+            async move { route.acquire_waiting(later()).await.map(|l| l.runner) }
+        });
+        tokio::task::yield_now().await;
+        let a = add(&route, 10, 1);
+        route.configure(RouteConfig { suspended: false, ..suspended });
+        assert_eq!(waiting.await.unwrap(), Ok(a), "it is served once the app is resumed");
+
+        let _busy = route.acquire(later()).await;
+        let waiting = tokio::spawn({
+            let route = route.clone();
+            async move { route.acquire_waiting(later()).await.map(|l| l.runner) }
+        });
+        while route.snapshot().queued.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        route.close();
+        assert_eq!(waiting.await.unwrap(), Err(AcquireError::Gone));
     }
 
     #[tokio::test]

@@ -141,9 +141,18 @@ pub struct QueueAttempt {
 }
 
 /// A finished queue request's result: the runner's answer, or the platform's error.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueResult {
     pub status: u16,
     pub content_type: Option<String>,
     pub body: Vec<u8>,
+}
+
+/// One line a runner printed, as it printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLine {
+    pub at: OffsetDateTime,
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+    pub line: String,
 }

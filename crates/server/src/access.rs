@@ -38,6 +38,9 @@ impl Control {
     pub(crate) async fn new_team(&self, caller: &Caller, name: &str) -> Result<CreatedTeamJson, ApiError> {
         Self::require_root(caller)?;
         validate_app_name(name).map_err(|e| invalid(format!("team name: {e}")))?;
+        if name == "queue" {
+            return Err(invalid("team name \"queue\" is reserved: the gateway serves the queue at /queue/".to_owned()));
+        }
         let team = match self.store.create_team(name).await {
             Ok(team) => team,
             Err(StoreError::AlreadyExists(_)) => {

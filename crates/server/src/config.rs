@@ -65,6 +65,16 @@ pub struct ServerArgs {
     /// each time, up to 10 minutes [default: 30]
     #[arg(long, env = "HANGAR_BACKOFF_BASE")]
     pub backoff_base: Option<f64>,
+    /// Largest body a queue request may have (413 above), and largest result kept, in
+    /// bytes [default: 16 MiB]
+    #[arg(long, env = "HANGAR_QUEUE_MAX_PAYLOAD")]
+    pub queue_max_payload: Option<u64>,
+    /// Seconds a completed queue request's result is kept [default: 86400]
+    #[arg(long, env = "HANGAR_QUEUE_RETENTION")]
+    pub queue_retention: Option<f64>,
+    /// Times a queue request may lose its runner before it fails [default: 3]
+    #[arg(long, env = "HANGAR_QUEUE_MAX_ATTEMPTS")]
+    pub queue_max_attempts: Option<u32>,
 }
 
 /// The config file: the same settings as the flags.
@@ -85,6 +95,9 @@ struct FileConfig {
     health_interval: Option<f64>,
     failure_threshold: Option<u32>,
     backoff_base: Option<f64>,
+    queue_max_payload: Option<u64>,
+    queue_retention: Option<f64>,
+    queue_max_attempts: Option<u32>,
     #[serde(default)]
     machine_types: BTreeMap<String, MachineTypeConfig>,
 }
@@ -126,6 +139,9 @@ pub struct Config {
     pub backoff_base: Duration,
     /// Certificate chain and key files for TLS on the gateway.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub queue_max_payload: u64,
+    pub queue_retention: Duration,
+    pub queue_max_attempts: u32,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -190,6 +206,15 @@ impl Config {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
                 _ => bail!("TLS needs both --tls-cert and --tls-key"),
+            },
+            queue_max_payload: match args.queue_max_payload.or(file.queue_max_payload).unwrap_or(16 << 20) {
+                0 => bail!("queue_max_payload must be at least 1 byte"),
+                n => n.min(1 << 32),
+            },
+            queue_retention: seconds("queue_retention", args.queue_retention.or(file.queue_retention), 86400.0)?,
+            queue_max_attempts: match args.queue_max_attempts.or(file.queue_max_attempts).unwrap_or(3) {
+                0 => bail!("queue_max_attempts must be at least 1"),
+                n => n,
             },
         })
     }

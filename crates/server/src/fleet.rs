@@ -155,6 +155,7 @@ impl Fleet {
         }
         let route = AppRoute::new(
             app.team_id,
+            app.id,
             app.name.clone(),
             RouteConfig {
                 auth: app.auth,

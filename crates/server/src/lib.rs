@@ -79,10 +79,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     gateway.metrics.register(&mut registry);
     shared.metrics.register(&mut registry);
+    let output = Arc::new(RunnerOutput(shared.backend.clone()));
     let fleet = Arc::new(fleet::Fleet::new(shared));
-    let control = Arc::new(Control::new(store, config.clone(), layout.clone(), fleet.clone(), registry));
+    let control = Arc::new(Control::new(store.clone(), config.clone(), layout.clone(), fleet.clone(), registry));
     recover(&control).await?;
     start_controllers(&control).await?;
+    let queue = queue::Queue::new(store, gateway.clone(), queue_config(&config), output);
+    queue.start().await.context("cannot resume the queue")?;
+    gateway.set_queue(queue.clone());
 
     let api_listener = TcpListener::bind(config.api_addr)
         .await
@@ -113,6 +117,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     signals.abort();
     api_result.context("API server failed")?;
 
+    // Queue requests in progress stay so and are queued again on the next start.
+    queue.shutdown().await;
     // Background deploys see the cancellation, stop their builds and record the
     // revision as Failed ("interrupted") before the process exits.
     fleet.shutdown().await;
@@ -120,6 +126,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     control.tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn queue_config(config: &Config) -> queue::QueueConfig {
+    queue::QueueConfig {
+        max_payload: usize::try_from(config.queue_max_payload).unwrap_or(usize::MAX),
+        retention: config.queue_retention,
+        max_attempts: config.queue_max_attempts,
+        ..queue::QueueConfig::default()
+    }
+}
+
+/// What runners print, for the logs of the queue requests they work on.
+struct RunnerOutput(Arc<supervisor::LocalProcesses>);
+
+impl queue::RunnerOutput for RunnerOutput {
+    fn subscribe(
+        &self,
+        runner: model::ids::RunnerId,
+    ) -> Option<tokio::sync::broadcast::Receiver<Arc<model::records::OutputLine>>> {
+        supervisor::RunnerBackend::subscribe_output(&*self.0, runner)
+    }
 }
 
 /// The dashboard: one page, embedded in the binary, that signs in with a key and uses

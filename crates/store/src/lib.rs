@@ -19,7 +19,7 @@ use model::records::{App, HistoryEntry, Key, Revision, Team};
 use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
 
-pub use queue::{CancelOutcome, Completion, NewQueueRequest};
+pub use queue::{CancelOutcome, Completion, NewQueueRequest, QueuePayload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -24,6 +24,13 @@ pub struct NewQueueRequest {
     pub start_deadline: Option<OffsetDateTime>,
 }
 
+/// What is sent to a runner for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePayload {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
 /// How a request ends.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -62,7 +69,7 @@ impl Store {
     }
 
     /// A request's headers and body, to send to a runner.
-    pub async fn queue_payload(&self, id: Uuid) -> Result<Option<(Vec<(String, String)>, Vec<u8>)>> {
+    pub async fn queue_payload(&self, id: Uuid) -> Result<Option<QueuePayload>> {
         self.run(move |db| db.queue_payload(id)).await
     }
 
@@ -163,9 +170,9 @@ mod tests {
         let second = store.queue_insert(new_request(app, "2")).await.unwrap();
         assert_eq!(store.queue_position(app, first.seq).await.unwrap(), 0);
         assert_eq!(store.queue_position(app, second.seq).await.unwrap(), 1);
-        let (headers, body) = store.queue_payload(second.id).await.unwrap().unwrap();
-        assert_eq!(headers, vec![("content-type".to_owned(), "application/json".to_owned())]);
-        assert_eq!(body, b"2");
+        let payload = store.queue_payload(second.id).await.unwrap().unwrap();
+        assert_eq!(payload.headers, vec![("content-type".to_owned(), "application/json".to_owned())]);
+        assert_eq!(payload.body, b"2");
 
         let runner = RunnerId(Uuid::new_v4());
         assert!(store.queue_start(first.id, runner).await.unwrap());
@@ -205,10 +212,7 @@ mod tests {
             CancelOutcome::Requested(Some(runner))
         );
         assert!(store.queue_request(running.id).await.unwrap().unwrap().cancel_requested);
-        assert_eq!(
-            store.queue_cancel(waiting.id, cancelled.clone()).await.unwrap(),
-            CancelOutcome::AlreadyCompleted
-        );
+        assert_eq!(store.queue_cancel(waiting.id, cancelled.clone()).await.unwrap(), CancelOutcome::AlreadyCompleted);
         assert_eq!(store.queue_cancel(Uuid::new_v4(), cancelled).await.unwrap(), CancelOutcome::NotFound);
     }
 

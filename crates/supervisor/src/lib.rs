@@ -13,4 +13,7 @@ mod runner;
 
 pub use build::{BuildOutcome, BuildSpec, run_build};
 pub use group::end_leftover;
+/// What [`RunnerBackend::subscribe_output`] hands out. It lives in `model`, so that a crate
+/// that consumes runners' output need not depend on the supervisor.
+pub use model::records::OutputLine;
 pub use runner::{Event, HealthPolicy, LocalProcesses, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};

@@ -6,8 +6,12 @@
 //! happens as [`Event`]s on the channel given at launch, and takes orders through the
 //! [`RunnerHandle`]. It always ends with exactly one [`Event::Exited`], after which no
 //! process of the runner's group is left.
+//!
+//! A runner's output goes to its log and, for whoever asks, to a live tap
+//! ([`RunnerBackend::subscribe_output`]), so that a runner's lines can be attached to
+//! the call it is serving.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,9 +24,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use model::ids::RunnerId;
+use model::records::OutputLine;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::group::{kill_group, signal_group};
@@ -115,7 +120,21 @@ pub trait RunnerBackend: Send + Sync + 'static {
     /// The last `lines` lines of a runner's log (all of it when `None`), oldest first,
     /// starting after byte `offset`; returns the text and the offset to read from next.
     fn read_log(&self, id: RunnerId, offset: u64) -> std::io::Result<(String, u64)>;
+
+    /// A live tap of a runner's output: every line it writes to stdout or stderr from
+    /// now on, in the order each stream wrote them, stamped with the time its log entry
+    /// carries. `None` when the runner is unknown or has ended (once [`Event::Exited`]
+    /// has been sent). The receiver is closed once the runner's output has ended; a
+    /// receiver that falls more than the backend's buffer behind loses the oldest lines
+    /// (`RecvError::Lagged`) rather than slowing the runner down.
+    fn subscribe_output(&self, id: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>>;
 }
+
+/// Lines a tap holds for its slowest receiver before that receiver starts losing them.
+const TAP_CAPACITY: usize = 1024;
+
+/// The live taps of the runners that have not ended yet.
+type Taps = Arc<Mutex<HashMap<RunnerId, broadcast::Sender<Arc<OutputLine>>>>>;
 
 /// Runners as child processes of this server.
 pub struct LocalProcesses {
@@ -124,12 +143,13 @@ pub struct LocalProcesses {
     /// A log is rotated (one older file kept) when it reaches this size.
     log_limit: u64,
     client: Client<HttpConnector, Empty<Bytes>>,
+    taps: Taps,
 }
 
 impl LocalProcesses {
     pub fn new(dir: PathBuf, log_limit: u64) -> LocalProcesses {
         let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
-        LocalProcesses { dir, log_limit, client }
+        LocalProcesses { dir, log_limit, client, taps: Taps::default() }
     }
 
     /// Ends every runner process group an earlier run of the server left behind (found
@@ -168,11 +188,15 @@ impl RunnerBackend for LocalProcesses {
             .spawn()?;
         let pgid = child.id().unwrap_or(0);
         std::fs::write(runner_dir.join("pid"), pgid.to_string())?;
+        // The tap is registered before any line is read, and only once nothing can
+        // fail any more, so that the watch task is always there to remove it.
+        let (tap, _) = broadcast::channel(TAP_CAPACITY);
+        self.taps.lock().unwrap_or_else(|e| e.into_inner()).insert(launch.id, tap.clone());
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(pump(stdout, "stdout", log.clone()));
+            tokio::spawn(pump(stdout, "stdout", log.clone(), tap.clone()));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(pump(stderr, "stderr", log.clone()));
+            tokio::spawn(pump(stderr, "stderr", log.clone(), tap));
         }
         let (orders, order_rx) = mpsc::unbounded_channel();
         let watch = Watch {
@@ -184,6 +208,7 @@ impl RunnerBackend for LocalProcesses {
             client: self.client.clone(),
             events,
             orders: order_rx,
+            taps: self.taps.clone(),
         };
         let id = watch.launch.id;
         tokio::spawn(watch.run(child));
@@ -200,6 +225,10 @@ impl RunnerBackend for LocalProcesses {
         let mut buf = Vec::new();
         file.take(256 * 1024).read_to_end(&mut buf)?;
         Ok((String::from_utf8_lossy(&buf).into_owned(), offset + buf.len() as u64))
+    }
+
+    fn subscribe_output(&self, id: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>> {
+        self.taps.lock().unwrap_or_else(|e| e.into_inner()).get(&id).map(broadcast::Sender::subscribe)
     }
 }
 
@@ -218,6 +247,8 @@ struct Watch {
     client: Client<HttpConnector, Empty<Bytes>>,
     events: mpsc::UnboundedSender<Event>,
     orders: mpsc::UnboundedReceiver<Order>,
+    /// Where this runner's tap is registered; removed when the runner has ended.
+    taps: Taps,
 }
 
 /// A runner in setup is checked soon after it starts, then less and less often up to
@@ -313,6 +344,10 @@ impl Watch {
             (None, Ok(status)) => (false, format!("exited with {status}{}", self.last_output())),
             (None, Err(e)) => (false, format!("could not be waited for: {e}")),
         };
+        // Removed before Exited is reported, so that whoever sees Exited finds no tap.
+        // Receivers already subscribed keep getting the lines still in the pipes; they
+        // see the tap closed once both pumps have drained them.
+        self.taps.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let _ = self.events.send(Event::Exited { id, phase, requested, reason });
     }
 
@@ -337,11 +372,22 @@ impl Watch {
     }
 }
 
-/// Copies a stream of the runner's output into its log, a line at a time.
-async fn pump(stream: impl AsyncRead + Unpin, name: &'static str, log: Arc<Mutex<LogFile>>) {
+/// Copies a stream of the runner's output into its log, a line at a time, and hands
+/// each line to the runner's tap when someone is listening.
+async fn pump(
+    stream: impl AsyncRead + Unpin,
+    name: &'static str,
+    log: Arc<Mutex<LogFile>>,
+    tap: broadcast::Sender<Arc<OutputLine>>,
+) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        log.lock().unwrap_or_else(|e| e.into_inner()).append(name, &line);
+        let at = time::OffsetDateTime::now_utc();
+        log.lock().unwrap_or_else(|e| e.into_inner()).append(at, name, &line);
+        // Nobody listening is the common case: then a line costs nothing more.
+        if tap.receiver_count() > 0 {
+            let _ = tap.send(Arc::new(OutputLine { at, stream: name, line }));
+        }
     }
 }
 
@@ -363,10 +409,9 @@ impl LogFile {
         Ok(LogFile { path, file, written, limit, recent: VecDeque::new() })
     }
 
-    fn append(&mut self, stream: &str, line: &str) {
+    fn append(&mut self, at: time::OffsetDateTime, stream: &str, line: &str) {
         use std::io::Write;
-        let now =
-            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let now = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         let entry = format!("{now} {stream} {line}\n");
         if self.written + entry.len() as u64 > self.limit {
             let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
@@ -395,7 +440,7 @@ mod tests {
         let path = dir.path().join("runner.log");
         let mut log = LogFile::open(path.clone(), 200).unwrap();
         for i in 0..20 {
-            log.append("stdout", &format!("line {i}"));
+            log.append(time::OffsetDateTime::now_utc(), "stdout", &format!("line {i}"));
         }
         let current = std::fs::read_to_string(&path).unwrap();
         let older = std::fs::read_to_string(path.with_extension("log.1")).unwrap();
@@ -410,5 +455,59 @@ mod tests {
             .is_ok()
         );
         assert_eq!(log.recent.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_tap_hands_out_each_line_with_its_stream_until_the_runner_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalProcesses::new(dir.path().join("runners"), 1 << 20);
+        let id = RunnerId::new();
+        // The runner waits for a file before it speaks, so the test can subscribe first.
+        let go = dir.path().join("go");
+        let script =
+            format!("while [ ! -e '{}' ]; do sleep 0.01; done; echo one; echo two >&2; echo three", go.display());
+        let launch = RunnerLaunch {
+            id,
+            command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
+            dir: dir.path().to_owned(),
+            env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+            health_path: "/health".to_owned(),
+            startup_timeout: Duration::from_secs(60),
+            health: HealthPolicy {
+                interval: Duration::from_secs(1),
+                failure_threshold: 3,
+                probe_timeout: Duration::from_secs(1),
+            },
+        };
+        let (events, mut events_rx) = mpsc::unbounded_channel();
+        // Held to the end: a runner whose every handle is gone is killed.
+        let _handle = backend.launch(launch, events).unwrap();
+        assert!(backend.subscribe_output(RunnerId::new()).is_none());
+        let mut tap = backend.subscribe_output(id).unwrap();
+        std::fs::write(&go, "").unwrap();
+
+        let mut lines = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), tap.recv()).await.expect("the tap was not closed") {
+                Ok(line) => lines.push(line),
+                Err(broadcast::error::RecvError::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Each stream keeps its order; the two streams may interleave either way.
+        let of =
+            |stream: &str| lines.iter().filter(|l| l.stream == stream).map(|l| l.line.as_str()).collect::<Vec<_>>();
+        assert_eq!(of("stdout"), ["one", "three"]);
+        assert_eq!(of("stderr"), ["two"]);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        // A line carries the timestamp its log entry has.
+        let log = std::fs::read_to_string(backend.log_path(id)).unwrap();
+        let at = lines[0].at.format(&time::format_description::well_known::Rfc3339).unwrap();
+        let entry = format!("{at} {} {}", lines[0].stream, lines[0].line);
+        assert!(log.lines().any(|l| l == entry), "{entry:?} not in {log:?}");
+
+        let exited = tokio::time::timeout(Duration::from_secs(30), events_rx.recv()).await.unwrap().unwrap();
+        assert!(matches!(exited, Event::Exited { requested: false, .. }), "{exited:?}");
+        assert!(backend.subscribe_output(id).is_none());
     }
 }

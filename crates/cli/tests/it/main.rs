@@ -9,6 +9,7 @@ mod dashboard;
 mod deploy;
 mod gateway;
 mod manifest;
+mod queue;
 mod revisions;
 mod scaling;
 mod switching;

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use super::{Sqlite, corrupt, from_millis, millis, now, uuid};
-use crate::{CancelOutcome, Completion, NewQueueRequest, Result};
+use crate::{CancelOutcome, Completion, NewQueueRequest, QueuePayload, Result};
 
 const COLUMNS: &str = "seq, id, team_id, app_id, route, path, webhook, state, created_at, start_deadline, \
     started_at, completed_at, runner_id, cancel_requested, failed_attempts, result_status, error, error_type, \
@@ -55,7 +55,7 @@ impl Sqlite {
         Ok(n as u64)
     }
 
-    pub(crate) fn queue_payload(&self, id: Uuid) -> Result<Option<(Vec<(String, String)>, Vec<u8>)>> {
+    pub(crate) fn queue_payload(&self, id: Uuid) -> Result<Option<QueuePayload>> {
         let row: Option<(String, Vec<u8>)> = self
             .conn()
             .query_row("SELECT headers, body FROM queue_requests WHERE id = ?1", [id.to_string()], |r| {
@@ -68,7 +68,7 @@ impl Sqlite {
                 .filter_map(|line| line.split_once(": "))
                 .map(|(name, value)| (name.to_owned(), value.to_owned()))
                 .collect();
-            (headers, body)
+            QueuePayload { headers, body }
         }))
     }
 
@@ -106,12 +106,7 @@ impl Sqlite {
         let moved = tx.execute(
             "UPDATE queue_requests SET state = ?2, runner_id = NULL, failed_attempts = failed_attempts + ?3
              WHERE id = ?1 AND state = ?4",
-            params![
-                id.to_string(),
-                QueueState::InQueue.as_str(),
-                i64::from(counts),
-                QueueState::InProgress.as_str()
-            ],
+            params![id.to_string(), QueueState::InQueue.as_str(), i64::from(counts), QueueState::InProgress.as_str()],
         )?;
         tx.commit()?;
         Ok(moved == 1)
@@ -265,7 +260,9 @@ fn request(conn: &Connection, id: Uuid) -> Result<Option<QueueRequest>> {
         return Ok(None);
     };
     request.attempts = conn
-        .prepare("SELECT runner_id, started_at, ended_at, outcome FROM queue_attempts WHERE request_seq = ?1 ORDER BY n")?
+        .prepare(
+            "SELECT runner_id, started_at, ended_at, outcome FROM queue_attempts WHERE request_seq = ?1 ORDER BY n",
+        )?
         .query_map([request.seq], |r| {
             Ok((|| {
                 Ok(QueueAttempt {

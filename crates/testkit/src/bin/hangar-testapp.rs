@@ -1,7 +1,8 @@
 //! `hangar-testapp`: a small HTTP app whose behaviour is controlled by
 //! environment variables, so end-to-end tests and benchmarks can simulate model
 //! servers that set up slowly, fail setup, turn unhealthy, crash, hold memory,
-//! stream, or ignore SIGTERM, without shipping a real model.
+//! stream, ignore SIGTERM, or be cancelled mid-call, without shipping a real
+//! model.
 //!
 //! Environment (the platform sets `PORT`, `HANGAR_APP`, `HANGAR_REVISION`,
 //! `HANGAR_RUNNER_ID`; flags count as set when `1` or `true`):
@@ -11,6 +12,8 @@
 //! - `FAIL_SETUP`: after the setup delay, print `setup failed: simulated
 //!   failure` to stderr and exit with code 3.
 //! - `FAIL_SETUP_IF_EXISTS=PATH`: as `FAIL_SETUP` when that file exists at start.
+//! - `SETUP_UNTIL_EXISTS=PATH`: the health route also answers 503 until that
+//!   file exists, so a test can hold runners in setup and release them.
 //! - `HEALTH_NEVER`: the health route always answers 503.
 //! - `HEALTH_PATH` (default `/health`): the health route's path.
 //! - `UNHEALTHY_AFTER=N`: once N non-health calls have been answered with a
@@ -23,13 +26,26 @@
 //!
 //! Routes: the health route; `GET /env`; `POST /echo` (streams the body back);
 //! `GET /stream?chunks=N&interval_ms=M`; `GET /mem?mb=N`; `GET /exit?code=N`;
-//! anything else answers a JSON description of the call, after `delay_ms`
-//! and with status `status` when those query parameters are given.
+//! `POST` to any path ending in `/cancel`; anything else answers a JSON
+//! description of the call, after `delay_ms` and with status `status` when
+//! those query parameters are given.
 //!
-//! stdout gets `testapp listening on 127.0.0.1:PORT` and one `METHOD /path ->
-//! STATUS` line per request; everything else goes to stderr.
+//! A call's request id is its `x-fal-request-id` header, else its
+//! `x-hangar-request-id`. A `POST .../cancel` marks its request id cancelled
+//! and answers `{"cancelled": "<id>"}` (400 without an id). A generic call
+//! whose id is cancelled while it waits out `delay_ms` stops at once (checked
+//! every 10 ms) and answers 499 `{"detail": "cancelled", "error_type":
+//! "request_cancelled"}`.
+//!
+//! stdout gets `testapp listening on 127.0.0.1:PORT`, `working on <id>` when
+//! a generic call starts (`-` without an id), `cancel requested for <id>`,
+//! `call <id> stopped: cancelled`, and one `METHOD /path -> STATUS` line per
+//! request; everything else goes to stderr. Each line is written (and so
+//! flushed) as a whole, so a platform reading the pipe sees it at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +54,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -48,6 +64,8 @@ const CRASH_EXIT_CODE: i32 = 42;
 /// Exit code of a simulated setup failure (`FAIL_SETUP`).
 const SETUP_FAILED_EXIT_CODE: i32 = 3;
 const MIB: usize = 1 << 20;
+/// How often a delayed call looks whether it has been cancelled.
+const CANCEL_CHECK: Duration = Duration::from_millis(10);
 
 /// Memory taken by `/mem`; global so it is only given back when the process
 /// exits, like a model loaded into memory.
@@ -57,6 +75,7 @@ struct Config {
     port: u16,
     setup: Duration,
     fail_setup: bool,
+    setup_until: Option<PathBuf>,
     health_never: bool,
     health_path: String,
     unhealthy_after: Option<u64>,
@@ -85,6 +104,7 @@ impl Config {
             // runners of one revision while the running ones go on.
             fail_setup: env_flag("FAIL_SETUP")
                 || std::env::var_os("FAIL_SETUP_IF_EXISTS").is_some_and(|p| std::path::Path::new(&p).exists()),
+            setup_until: std::env::var_os("SETUP_UNTIL_EXISTS").filter(|p| !p.is_empty()).map(PathBuf::from),
             health_never: env_flag("HEALTH_NEVER"),
             health_path,
             unhealthy_after: env_parse("UNHEALTHY_AFTER"),
@@ -114,6 +134,13 @@ fn fail(message: &str) -> ! {
     std::process::exit(1)
 }
 
+/// Writes one line to stdout. Stdout is line-buffered even into a pipe, so the
+/// line goes out at once; a closed stdout (the platform gone) is no reason to
+/// fail a call, unlike with `println!`, which would panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 struct App {
     config: Config,
     started: Instant,
@@ -126,6 +153,14 @@ struct App {
     answered: AtomicU64,
     /// Non-health calls answered with a 2xx status, for `UNHEALTHY_AFTER`.
     succeeded: AtomicU64,
+    /// Request ids whose cancellation was asked for.
+    cancelled: Mutex<HashSet<String>>,
+}
+
+impl App {
+    fn is_cancelled(&self, id: &str) -> bool {
+        self.cancelled.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+    }
 }
 
 /// Counts a call as answered even when its handler is dropped (client gone),
@@ -166,10 +201,11 @@ async fn main() {
         arrived: AtomicU64::new(0),
         answered: AtomicU64::new(0),
         succeeded: AtomicU64::new(0),
+        cancelled: Mutex::new(HashSet::new()),
     });
     start_setup(&app.config);
 
-    println!("testapp listening on 127.0.0.1:{port}");
+    say(format_args!("testapp listening on 127.0.0.1:{port}"));
     let router = Router::new().fallback(handle).with_state(app);
     let served = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal(term, int, ignore_sigterm)).await;
     if let Err(e) = served {
@@ -181,6 +217,9 @@ async fn main() {
 /// Reports setup on stderr, as a real app's setup logs would appear, and
 /// carries out `FAIL_SETUP` once the setup time has passed.
 fn start_setup(config: &Config) {
+    if let Some(path) = &config.setup_until {
+        eprintln!("testapp: setting up until {} exists", path.display());
+    }
     if config.setup.is_zero() && !config.fail_setup {
         return;
     }
@@ -233,7 +272,7 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
         }
         response
     };
-    println!("{method} {path} -> {}", response.status().as_u16());
+    say(format_args!("{method} {path} -> {}", response.status().as_u16()));
     response
 }
 
@@ -252,7 +291,8 @@ async fn crash(app: &App, limit: u64) -> ! {
 
 fn health(app: &App) -> Response {
     let config = &app.config;
-    if config.health_never || config.fail_setup || app.started.elapsed() < config.setup {
+    let waiting_for_file = config.setup_until.as_ref().is_some_and(|path| !path.exists());
+    if config.health_never || config.fail_setup || app.started.elapsed() < config.setup || waiting_for_file {
         return (StatusCode::SERVICE_UNAVAILABLE, json_body(json!({"status": "setting up"}))).into_response();
     }
     if config.unhealthy_after.is_some_and(|limit| app.succeeded.load(Ordering::SeqCst) >= limit) {
@@ -272,6 +312,7 @@ async fn route(app: &App, call: u64, req: Request) -> Response {
         (&Method::GET, "/stream") => stream(&query),
         (&Method::GET, "/mem") => hold_memory(&query).await,
         (&Method::GET, "/exit") => exit(&query),
+        (&Method::POST, path) if path.ends_with("/cancel") => cancel(app, req.headers()),
         _ => describe(app, call, &query, req).await,
     }
 }
@@ -345,9 +386,50 @@ fn exit(query: &HashMap<String, String>) -> Response {
     }
 }
 
+/// A call's request id, as the platform forwards it.
+fn request_id(headers: &HeaderMap) -> Option<String> {
+    ["x-fal-request-id", "x-hangar-request-id"]
+        .into_iter()
+        .find_map(|name| headers.get(name)?.to_str().ok().filter(|id| !id.is_empty()).map(str::to_owned))
+}
+
+fn cancel(app: &App, headers: &HeaderMap) -> Response {
+    let Some(id) = request_id(headers) else {
+        return bad_request("no x-fal-request-id or x-hangar-request-id header");
+    };
+    app.cancelled.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone());
+    say(format_args!("cancel requested for {id}"));
+    json_body(json!({"cancelled": id})).into_response()
+}
+
+/// 499, the status (nginx's "client closed request") that tells the platform
+/// the call stopped because it was cancelled.
+fn cancelled_response() -> Response {
+    let status = StatusCode::from_u16(499).expect("499 is within the valid status range");
+    (status, json_body(json!({"detail": "cancelled", "error_type": "request_cancelled"}))).into_response()
+}
+
+/// Waits `delay`, looking every few milliseconds whether the call `id` was
+/// cancelled meanwhile; returns false, at once, if it was.
+async fn wait_unless_cancelled(app: &App, id: Option<&str>, delay: Duration) -> bool {
+    let deadline = Instant::now() + delay;
+    loop {
+        if id.is_some_and(|id| app.is_cancelled(id)) {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        tokio::time::sleep(left.min(CANCEL_CHECK)).await;
+    }
+}
+
 /// The generic call: describes itself so tests can see which runner answered
 /// and what arrived.
 async fn describe(app: &App, call: u64, query: &HashMap<String, String>, req: Request) -> Response {
+    let id = request_id(req.headers());
+    say(format_args!("working on {}", id.as_deref().unwrap_or("-")));
     let delay_ms = match query_param::<u64>(query, "delay_ms") {
         Ok(delay) => delay.unwrap_or(app.config.delay_ms),
         Err(e) => return bad_request(&e),
@@ -360,8 +442,9 @@ async fn describe(app: &App, call: u64, query: &HashMap<String, String>, req: Re
         },
         Err(e) => return bad_request(&e),
     };
-    if delay_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    if delay_ms > 0 && !wait_unless_cancelled(app, id.as_deref(), Duration::from_millis(delay_ms)).await {
+        say(format_args!("call {} stopped: cancelled", id.as_deref().unwrap_or("-")));
+        return cancelled_response();
     }
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();

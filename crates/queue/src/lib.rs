@@ -1,0 +1,215 @@
+//! The durable queue: `POST /queue/{team}/{app}[/path]` accepts a call, stores it, and
+//! answers 202 at once; the call then waits its turn for a runner, like a sync call,
+//! and its result is stored for the caller to fetch. The wire protocol is the one
+//! `fal_client` speaks (see [`http`]), so its code works against hangar unchanged.
+//!
+//! The store is the truth: a request is acknowledged only once it is written, and
+//! every change of state is one transaction, so a crash loses nothing. In memory
+//! there is only one task per unfinished request (see [`worker`]) and the log lines
+//! of the ones running. On start, requests left in progress go back to the queue
+//! and every unfinished request gets its task again.
+//!
+//! Delivery is at least once: a request whose runner is lost before answering is sent
+//! again to another runner, up to a bounded number of attempts, each recorded.
+
+mod http;
+mod webhook;
+mod worker;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::response::Response;
+use gateway::{Gateway, QueueHandler};
+use model::ids::RunnerId;
+use model::records::OutputLine;
+use store::Store;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// How the queue behaves.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Largest request body accepted (413 above) and largest result kept.
+    pub max_payload: usize,
+    /// How long a completed request's result is kept.
+    pub retention: Duration,
+    /// Attempts that may end with the runner lost before the request fails.
+    pub max_attempts: u32,
+    /// Tries to deliver a result to a webhook, and the first pause between them
+    /// (doubling each time).
+    pub webhook_attempts: u32,
+    pub webhook_backoff: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> QueueConfig {
+        QueueConfig {
+            max_payload: 16 << 20,
+            retention: Duration::from_secs(24 * 3600),
+            max_attempts: 3,
+            webhook_attempts: 5,
+            webhook_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Live views of what runners print, so a request's logs can be shown while it runs.
+pub trait RunnerOutput: Send + Sync + 'static {
+    fn subscribe(&self, runner: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>>;
+}
+
+pub struct Queue {
+    store: Store,
+    gateway: Arc<Gateway>,
+    config: QueueConfig,
+    output: Arc<dyn RunnerOutput>,
+    /// The requests this process is working on.
+    live: Mutex<HashMap<Uuid, Arc<Live>>>,
+    /// For webhooks and cancel signals.
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What is known in memory of an unfinished request.
+struct Live {
+    /// Told when the request is cancelled while it waits.
+    cancelled: CancellationToken,
+    /// Bumped on every change a status reader may want to see.
+    changed: watch::Sender<u64>,
+    progress: Mutex<Progress>,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// The runner it is on, and where that runner listens.
+    runner: Option<(RunnerId, std::net::SocketAddr)>,
+    logs: Vec<LogEntry>,
+}
+
+/// A log line of a request, as the status shows it.
+#[derive(Debug, Clone)]
+struct LogEntry {
+    at: time::OffsetDateTime,
+    /// `stdout`, `stderr`, or `hangar` for the platform's own notes.
+    stream: String,
+    line: String,
+}
+
+/// Lines kept per request; a chatty app keeps its last ones.
+const MAX_LOG_LINES: usize = 2000;
+
+impl Live {
+    fn new() -> Arc<Live> {
+        Arc::new(Live {
+            cancelled: CancellationToken::new(),
+            changed: watch::Sender::new(0),
+            progress: Mutex::default(),
+        })
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Adds a line of the platform's own to the request's logs.
+    fn log(&self, stream: &str, line: String) {
+        self.push(LogEntry { at: time::OffsetDateTime::now_utc(), stream: stream.to_owned(), line });
+    }
+
+    fn push(&self, entry: LogEntry) {
+        let mut progress = self.progress();
+        if progress.logs.len() == MAX_LOG_LINES {
+            progress.logs.remove(0);
+        }
+        progress.logs.push(entry);
+    }
+}
+
+impl Queue {
+    pub fn new(store: Store, gateway: Arc<Gateway>, config: QueueConfig, output: Arc<dyn RunnerOutput>) -> Arc<Queue> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Arc::new(Queue {
+            store,
+            gateway,
+            config,
+            output,
+            live: Mutex::default(),
+            client,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Picks up where the last run of the server left off: requests it left in
+    /// progress go back to the queue, every unfinished request is worked on again, and
+    /// undelivered webhooks are sent. Call it once the apps' routes are registered.
+    pub async fn start(self: &Arc<Self>) -> Result<(), store::StoreError> {
+        let requeued = self.store.queue_interrupted("the server stopped during the attempt".to_owned()).await?;
+        if requeued > 0 {
+            tracing::warn!(count = requeued, "queue requests interrupted by a server stop are queued again");
+        }
+        let unfinished = self.store.queue_unfinished().await?;
+        if !unfinished.is_empty() {
+            tracing::info!(count = unfinished.len(), "resuming queue requests");
+        }
+        for request in unfinished {
+            self.spawn_worker(request);
+        }
+        for request in self.store.queue_pending_webhooks().await? {
+            self.spawn_webhook(request.id);
+        }
+        let queue = self.clone();
+        self.tasks.spawn(async move { queue.expire_results().await });
+        Ok(())
+    }
+
+    /// Stops every task. Requests in progress stay so in the store and are queued
+    /// again on the next start.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn live(&self, id: Uuid) -> Option<Arc<Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
+    }
+
+    /// Deletes results older than the retention, now and then.
+    async fn expire_results(self: Arc<Self>) {
+        let every = (self.config.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            let cutoff = time::OffsetDateTime::now_utc() - self.config.retention;
+            match self.store.queue_expire(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(count = n, "expired queue results"),
+                Err(e) => tracing::warn!(error = %e, "cannot expire queue results"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+impl QueueHandler for Queue {
+    fn handle(self: Arc<Self>, request: Request, secure: bool) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+        Box::pin(async move { self.answer(request, secure).await })
+    }
+}
