@@ -339,11 +339,18 @@ impl Queue {
                     }
                     // Woken by a change, or every second to pick up new log lines and
                     // queue positions.
-                    match changes.as_mut() {
-                        Some(rx) => {
-                            let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                    let wait = async {
+                        match changes.as_mut() {
+                            Some(rx) => {
+                                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(250)).await,
                         }
-                        None => tokio::time::sleep(Duration::from_millis(250)).await,
+                    };
+                    tokio::select! {
+                        () = wait => {}
+                        // The server is stopping: end the stream so its connection can close.
+                        () = queue.shutdown.cancelled() => return None,
                     }
                 }
             });

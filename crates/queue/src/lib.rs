@@ -91,6 +91,10 @@ struct Live {
 struct Progress {
     /// The runner it is on, and where that runner listens.
     runner: Option<(RunnerId, std::net::SocketAddr)>,
+    /// The request has gone to the runner, so a cancel must be sent after it.
+    sent: bool,
+    /// A cancel came before the request was sent: it is not sent at all.
+    cancel_requested: bool,
     logs: Vec<LogEntry>,
 }
 
@@ -138,7 +142,15 @@ impl Live {
 }
 
 impl Queue {
-    pub fn new(store: Store, gateway: Arc<Gateway>, config: QueueConfig, output: Arc<dyn RunnerOutput>) -> Arc<Queue> {
+    /// A queue that stops its work when `shutdown` is cancelled (the server's own
+    /// shutdown, so that open status streams end with it).
+    pub fn new(
+        store: Store,
+        gateway: Arc<Gateway>,
+        config: QueueConfig,
+        output: Arc<dyn RunnerOutput>,
+        shutdown: CancellationToken,
+    ) -> Arc<Queue> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -150,7 +162,7 @@ impl Queue {
             output,
             live: Mutex::default(),
             client,
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         })
     }

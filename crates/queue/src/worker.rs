@@ -83,15 +83,21 @@ impl Queue {
                     return self.complete(&request, live, failure(gone, None, String::new())).await;
                 }
             };
+            // The runner is known before the start is stored, so that a cancel that
+            // finds the request started also finds where it runs.
+            live.progress().runner = Some((lease.runner, lease.addr));
             if !self.store.queue_start(request.id, lease.runner).await? {
                 // Cancelled between getting the slot and starting: it never runs.
                 return Ok(());
             }
-            live.progress().runner = Some((lease.runner, lease.addr));
             live.log("hangar", format!("started on runner {}", lease.runner));
             live.touch();
             let attempt = self.attempt(&request, &route, lease, live).await?;
-            live.progress().runner = None;
+            {
+                let mut progress = live.progress();
+                progress.runner = None;
+                progress.sent = false;
+            }
             match attempt {
                 Some(Attempt::Done(completion)) => return self.complete(&request, live, completion).await,
                 // Shutting down: left in progress, queued again on the next start.
@@ -183,6 +189,18 @@ impl Queue {
             );
             Attempt::Done(failure(e, Some("ran past request_timeout".to_owned()), logs_text(live)))
         };
+        {
+            // A cancel that came before the request went out keeps it from going.
+            let mut progress = live.progress();
+            if request.cancel_requested || progress.cancel_requested {
+                let e = ApiError::new(
+                    ErrorCode::RequestCancelled,
+                    format!("request {} was cancelled before it reached the runner", request.id),
+                );
+                return Ok(Some(Attempt::Done(failure(e, Some("cancelled before sending".to_owned()), String::new()))));
+            }
+            progress.sent = true;
+        }
         let sent = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(None),
             sent = self.gateway.send(route, runner, upstream, deadline) => sent,
@@ -266,7 +284,15 @@ impl Queue {
     /// request id header.
     pub(crate) fn signal_cancel(&self, request: &QueueRequest) {
         let Some(live) = self.live(request.id) else { return };
-        let Some((runner, addr)) = live.progress().runner else { return };
+        let (runner, addr) = {
+            let mut progress = live.progress();
+            progress.cancel_requested = true;
+            match (progress.sent, progress.runner) {
+                (true, Some(runner)) => runner,
+                // Not sent yet: the worker sees the flag and does not send it.
+                _ => return,
+            }
+        };
         let path = request.path.split('?').next().unwrap_or("/").trim_end_matches('/');
         let url = format!("http://{addr}{path}/cancel");
         live.log("hangar", format!("cancel asked for; telling runner {runner}"));

@@ -84,7 +84,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let control = Arc::new(Control::new(store.clone(), config.clone(), layout.clone(), fleet.clone(), registry));
     recover(&control).await?;
     start_controllers(&control).await?;
-    let queue = queue::Queue::new(store, gateway.clone(), queue_config(&config), output);
+    let queue =
+        queue::Queue::new(store, gateway.clone(), queue_config(&config), output, control.shutdown.child_token());
     queue.start().await.context("cannot resume the queue")?;
     gateway.set_queue(queue.clone());
 

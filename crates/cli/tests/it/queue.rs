@@ -302,3 +302,64 @@ fn receive_one_post(listener: &std::net::TcpListener) -> Value {
     stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
     serde_json::from_slice(&body).unwrap()
 }
+
+#[test]
+fn queued_requests_wait_through_a_suspension_and_a_graceful_restart() {
+    let mut server = server();
+    let app = testapp_dir("paused", "[scaling]\nmax_concurrency = 1\n[runner]\nmax_multiplexing = 1\n");
+    server.run(&["deploy", app.path_str()]).ok();
+    let http = Http::new();
+    server.run(&["apps", "suspend", "paused"]).ok();
+    let refused = http.send("POST", &queue_url(&server, "paused", "/echo"), Some(&server.root_key), &[], vec![]);
+    assert_eq!((refused.status, refused.json()["error"]["code"].as_str()), (503, Some("suspended")));
+    server.run(&["apps", "resume", "paused"]).ok();
+    let ids: Vec<String> = (0..5)
+        .map(|n| {
+            let submitted = submit(&http, &server, "paused", "/work?delay_ms=400", &json!({ "n": n }));
+            submitted["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    server.run(&["apps", "suspend", "paused"]).ok();
+
+    // A status stream is open while the server stops: it ends, and the server exits.
+    let mut stream = open_stream(&server, &format!("/queue/default/paused/requests/{}/status/stream", ids[4]));
+    let stopping = std::thread::spawn(move || {
+        let status = server.stop();
+        (server, status)
+    });
+    wait_until("the server to stop while a stream is open", || stopping.is_finished().then_some(()));
+    let (mut server, status) = stopping.join().unwrap();
+    assert!(status.success(), "{}", server.output());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut rest).expect("the stream ends with the server");
+
+    server.restart();
+    let waiting = by_id(&http, &server, "paused", &ids[4], "/status");
+    assert_eq!(waiting["status"], "IN_QUEUE", "it waits while the app is suspended: {waiting}");
+    server.run(&["apps", "resume", "paused"]).ok();
+    for id in &ids {
+        let status = wait_until("every request to complete", || {
+            let status = by_id(&http, &server, "paused", id, "/status");
+            (status["status"] == "COMPLETED").then_some(status)
+        });
+        assert_eq!(status["error"], Value::Null, "{status}");
+    }
+}
+
+/// Opens a server-sent-events stream on the gateway and reads until its first event.
+fn open_stream(server: &TestServer, path: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let addr = server.gateway_url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Key {}\r\n\r\n", server.root_key);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data:") {
+        let n = stream.read(&mut buf).expect("the stream sends its first event");
+        assert!(n > 0, "the stream closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stream
+}
