@@ -23,6 +23,7 @@
 //!   exactly N calls succeed.
 //! - `DELAY_MS` (default 0): delay of generic calls without `delay_ms`.
 //! - `IGNORE_SIGTERM`: SIGTERM is ignored (the platform must SIGKILL).
+//! - `QUIET`: no output line per call (for benchmarks).
 //!
 //! Routes: the health route; `GET /env`; `POST /echo` (streams the body back);
 //! `GET /stream?chunks=N&interval_ms=M`; `GET /mem?mb=N`; `GET /exit?code=N`;
@@ -82,6 +83,7 @@ struct Config {
     crash_after: Option<u64>,
     delay_ms: u64,
     ignore_sigterm: bool,
+    quiet: bool,
 }
 
 impl Config {
@@ -111,6 +113,7 @@ impl Config {
             crash_after: env_parse("CRASH_AFTER"),
             delay_ms: env_parse("DELAY_MS").unwrap_or(0),
             ignore_sigterm: env_flag("IGNORE_SIGTERM"),
+            quiet: env_flag("QUIET"),
         }
     }
 }
@@ -272,7 +275,9 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
         }
         response
     };
-    say(format_args!("{method} {path} -> {}", response.status().as_u16()));
+    if !app.config.quiet {
+        say(format_args!("{method} {path} -> {}", response.status().as_u16()));
+    }
     response
 }
 
@@ -429,7 +434,9 @@ async fn wait_unless_cancelled(app: &App, id: Option<&str>, delay: Duration) -> 
 /// and what arrived.
 async fn describe(app: &App, call: u64, query: &HashMap<String, String>, req: Request) -> Response {
     let id = request_id(req.headers());
-    say(format_args!("working on {}", id.as_deref().unwrap_or("-")));
+    if !app.config.quiet {
+        say(format_args!("working on {}", id.as_deref().unwrap_or("-")));
+    }
     let delay_ms = match query_param::<u64>(query, "delay_ms") {
         Ok(delay) => delay.unwrap_or(app.config.delay_ms),
         Err(e) => return bad_request(&e),

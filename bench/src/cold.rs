@@ -1,0 +1,70 @@
+//! P2: what a cold start costs beyond the app's own time to become healthy.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use testkit::TestServer;
+
+use crate::stats::Percentiles;
+
+pub(crate) struct Cold {
+    pub(crate) runs: u32,
+    pub(crate) own: Percentiles,
+    pub(crate) first_byte: Percentiles,
+}
+
+impl Cold {
+    /// First byte of a cold call minus the app's own start, at p50.
+    pub(crate) fn overhead(&self) -> Duration {
+        self.first_byte.p50.saturating_sub(self.own.p50)
+    }
+}
+
+/// First byte of a call to an app with no runner, against the test app's own time
+/// from process start to a passing health check (measured here by starting it by hand,
+/// interleaved with the cold calls so both see the same machine).
+pub(crate) async fn cold_start(server: &TestServer, testapp: &Path, runs: u32) -> anyhow::Result<Cold> {
+    let client = reqwest::Client::new();
+    let (mut own, mut first_byte) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        own.push(own_time_to_healthy(&client, testapp).await?);
+        let name = format!("cold{i}");
+        // Recreate starts no runner: the first call is a cold start. keep_alive 1 lets
+        // the runner go soon, so the runs do not pile up runners.
+        crate::deploy(server, testapp, &name, "[scaling]\nkeep_alive = 1\n", &["--strategy", "recreate"])?;
+        let start = Instant::now();
+        let response = client.get(format!("{}/default/{name}/", server.gateway_url)).send().await?;
+        first_byte.push(start.elapsed());
+        if !response.status().is_success() {
+            bail!("cold call to {name} answered {}", response.status());
+        }
+    }
+    Ok(Cold { runs, own: Percentiles::of(own), first_byte: Percentiles::of(first_byte) })
+}
+
+/// Starts the test app by hand and times it from spawn to its first passing health check.
+pub(crate) async fn own_time_to_healthy(client: &reqwest::Client, testapp: &Path) -> anyhow::Result<Duration> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let start = Instant::now();
+    let mut child = tokio::process::Command::new(testapp)
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}/health");
+    let healthy = loop {
+        if let Ok(r) = client.get(&url).send().await
+            && r.status().is_success()
+        {
+            break start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the test app did not become healthy");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    };
+    child.kill().await?;
+    Ok(healthy)
+}

@@ -1,0 +1,237 @@
+//! BENCHMARKS.md and the JSON the plot is drawn from.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::cold::Cold;
+use crate::listing::Listing;
+use crate::proxies::{CONNECTIONS, FIXED_RATE, Proxies};
+use crate::stats::{ms, ms_f};
+use crate::switching::{RATE, Switching};
+
+pub(crate) struct Results {
+    pub(crate) machine: Machine,
+    pub(crate) p1: Proxies,
+    pub(crate) p2: Cold,
+    pub(crate) p34: Switching,
+    pub(crate) p5: Listing,
+}
+
+/// What the figures were measured on and with.
+pub(crate) struct Machine {
+    date: String,
+    cpu: String,
+    cores: usize,
+    memory: String,
+    kernel: String,
+    rustc: String,
+    nginx: String,
+    oha: String,
+    commit: String,
+}
+
+impl Machine {
+    pub(crate) fn describe(oha: &Path, nginx: &Path) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |text: &str, name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap_or_else(|| "unknown".to_owned())
+        };
+        let memory = field(&meminfo, "MemTotal")
+            .trim_end_matches(" kB")
+            .parse::<u64>()
+            .map(|kb| format!("{:.1} GiB", kb as f64 / (1024.0 * 1024.0)))
+            .unwrap_or_else(|_| "unknown".to_owned());
+        Machine {
+            date: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            cpu: field(&cpuinfo, "model name"),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory,
+            kernel: output(Command::new("uname").arg("-r")),
+            rustc: output(Command::new("rustc").arg("--version")),
+            // nginx prints its version to stderr.
+            nginx: output(Command::new(nginx).arg("-v")).trim_start_matches("nginx version: ").to_owned(),
+            oha: output(Command::new(oha).arg("--version")),
+            commit: output(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+        }
+    }
+}
+
+/// A command's first line of output (stdout, else stderr).
+fn output(command: &mut Command) -> String {
+    match command.output() {
+        Ok(out) => {
+            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned()
+        }
+        Err(_) => "unknown".to_owned(),
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+pub(crate) fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let (direct, nginx, hangar) = (r.p1.get("direct"), r.p1.get("nginx"), r.p1.get("hangar"));
+    let rps_ratio = hangar.max_rps / nginx.max_rps.max(1e-9);
+    let added_p50 = hangar.p50.saturating_sub(direct.p50);
+    let added_p99 = hangar.p99.saturating_sub(direct.p99);
+    let nginx_added_p50 = nginx.p50.saturating_sub(direct.p50);
+    let nginx_added_p99 = nginx.p99.saturating_sub(direct.p99);
+    let mut out = format!(
+        "# Benchmarks\n\n\
+         Reproduce with `bench/run.sh` (release build; it starts hangar, the workspace test app\n\
+         as the runner, and nginx; `oha` drives the load). Written by the last run:\n\n\
+         - date: {date}, commit {commit}\n\
+         - machine: {cpu}, {cores} cores, {memory}, Linux {kernel} (shared with other work, so\n  \
+           read the ratios and differences, taken within one run, rather than absolute times)\n\
+         - {rustc}; nginx {nginx}; {oha}\n\n\
+         ![P1 and P4](docs/benchmarks.png)\n\n\
+         ## P1: a proxy hop\n\n\
+         One runner of the test app (`max_multiplexing = 1024`, quiet) called straight on its port,\n\
+         through nginx ({nginx}, `worker_processes auto`, keep-alive upstream, no access log) and\n\
+         through hangar's gateway. Each figure is the median of {rounds} rounds (the order rotates\n\
+         each round) of {secs} s runs: the most calls per second with {conns} connections, and\n\
+         latency at a fixed {fixed} calls/s (16 connections, oha's latency correction). Load\n\
+         generator, proxies and runner share the {cores} cores.\n\n\
+         | | max calls/s | p50 at {fixed}/s | p99 at {fixed}/s |\n|---|---|---|---|\n",
+        date = m.date,
+        commit = m.commit,
+        cpu = m.cpu,
+        cores = m.cores,
+        memory = m.memory,
+        kernel = m.kernel,
+        rustc = m.rustc,
+        nginx = m.nginx,
+        oha = m.oha,
+        rounds = r.p1.rounds,
+        secs = r.p1.seconds,
+        conns = CONNECTIONS,
+        fixed = FIXED_RATE,
+    );
+    for f in &r.p1.figures {
+        out.push_str(&format!("| {} | {:.0} | {} | {} |\n", f.name, f.max_rps, ms(f.p50), ms(f.p99)));
+    }
+    out.push_str(&format!(
+        "\n| target | figure | |\n|---|---|---|\n\
+         | hangar calls/s ÷ nginx calls/s ≥ 1.0 | **{rps_ratio:.2}** | {} |\n\
+         | hangar p50 − direct p50 ≤ 0.2 ms | **{}** (nginx: {}) | {} |\n\
+         | hangar p99 − direct p99 ≤ 1 ms | **{}** (nginx: {}) | {} |\n",
+        verdict(rps_ratio >= 1.0),
+        ms(added_p50),
+        ms(nginx_added_p50),
+        verdict(added_p50.as_secs_f64() <= 0.0002),
+        ms(added_p99),
+        ms(nginx_added_p99),
+        verdict(added_p99.as_secs_f64() <= 0.001),
+    ));
+
+    let c = &r.p2;
+    out.push_str(&format!(
+        "\n## P2: cold start\n\n\
+         {runs} apps deployed with `--strategy recreate` (so no runner), each called once: the time to\n\
+         the first byte of that call, against the test app's own time from process start to a\n\
+         passing health check, measured by starting it by hand before each cold call.\n\n\
+         | | p50 | p99 |\n|---|---|---|\n\
+         | the test app's own start to healthy | {} | {} |\n\
+         | first byte of a cold call | {} | {} |\n\n\
+         Overhead (p50 first byte − p50 own start): **{}**; target ≤ 25 ms: {}.\n",
+        ms(c.own.p50),
+        ms(c.own.p99),
+        ms(c.first_byte.p50),
+        ms(c.first_byte.p99),
+        ms(c.overhead()),
+        verdict(c.overhead().as_secs_f64() <= 0.025),
+        runs = c.runs,
+    ));
+
+    let s = &r.p34;
+    let rolling_overhead = s.rolling.p50.saturating_sub(s.own_start);
+    out.push_str(&format!(
+        "\n## P3: switching time\n\n\
+         How long `apps set-rev` takes to return, without load, alternating between two revisions.\n\
+         A rolling switch waits for a runner of the target to be set up, so its figure is set\n\
+         against the test app's own start-to-healthy time ({own}, measured by hand in the same loop).\n\n\
+         | | runs | p50 | p99 |\n|---|---|---|---|\n\
+         | recreate | {rn} | {r50} | {r99} |\n\
+         | rolling | {ln} | {l50} | {l99} |\n\n\
+         Recreate p99 ≤ 10 ms: **{r99}**, {rv}. Rolling p50 − own start ≤ 100 ms: **{ro}**, {lv}.\n",
+        own = ms(s.own_start),
+        rn = s.recreate_runs,
+        r50 = ms(s.recreate.p50),
+        r99 = ms(s.recreate.p99),
+        rv = verdict(s.recreate.p99.as_secs_f64() <= 0.010),
+        ln = s.rolling_runs,
+        l50 = ms(s.rolling.p50),
+        l99 = ms(s.rolling.p99),
+        ro = ms(rolling_overhead),
+        lv = verdict(rolling_overhead.as_secs_f64() <= 0.100),
+    ));
+
+    out.push_str(&format!(
+        "\n## P4: calls during operations\n\n\
+         Calls at {RATE}/s (each takes 5 ms in the app; `min_concurrency = 2`, `max_multiplexing = 8`)\n\
+         while operations run one after another. Each operation's window runs from its start until\n\
+         it is done, and at least 1 s. Steady p95 (the 2 s before the first operation): {steady}.\n\
+         Calls sent: {sent}; failed: **{failed}** (target 0: {fv}).\n\n\
+         | operation | calls | p95 | ÷ steady p95 (target ≤ 1.1) |\n|---|---|---|---|\n",
+        steady = ms(s.steady_p95),
+        sent = s.sent,
+        failed = s.failed,
+        fv = verdict(s.failed == 0),
+    ));
+    for (name, n, p95) in &s.during {
+        let ratio = p95.as_secs_f64() / s.steady_p95.as_secs_f64().max(1e-9);
+        out.push_str(&format!("| {name} | {n} | {} | **{ratio:.2}** {} |\n", ms(*p95), verdict(ratio <= 1.1)));
+    }
+
+    let l = &r.p5;
+    out.push_str(&format!(
+        "\n## P5: listing and the CLI\n\n\
+         An app with {n} revisions (one deployed, the rest written with the store's own\n\
+         `insert_revision` while the server was stopped). `GET /v1/apps/many/revisions` to the last\n\
+         byte ({api_runs} runs), and whole `hangar` processes, start to exit ({cli_runs} runs each).\n\n\
+         | | p50 | p99 | target | |\n|---|---|---|---|---|\n\
+         | API: list {n} revisions | {a50} | {a99} | ≤ 20 ms | {av} |\n\
+         | `hangar apps list-rev many --json` ({n} revisions) | {r50} | {r99} | | |\n\
+         | `hangar apps list` | {c50} | {c99} | ≤ 50 ms | {cv} |\n",
+        n = l.revisions,
+        api_runs = l.api_runs,
+        cli_runs = l.cli_runs,
+        a50 = ms(l.api.p50),
+        a99 = ms(l.api.p99),
+        av = verdict(l.api.p50.as_secs_f64() <= 0.020),
+        r50 = ms(l.cli_list_rev.p50),
+        r99 = ms(l.cli_list_rev.p99),
+        c50 = ms(l.cli_list.p50),
+        c99 = ms(l.cli_list.p99),
+        cv = verdict(l.cli_list.p50.as_secs_f64() <= 0.050),
+    ));
+    out
+}
+
+/// The figures as JSON, for the plot.
+pub(crate) fn json(r: &Results) -> Value {
+    json!({
+        "p1": r.p1.figures.iter().map(|f| json!({
+            "name": f.name, "max_rps": f.max_rps, "p50_ms": ms_f(f.p50), "p99_ms": ms_f(f.p99),
+        })).collect::<Vec<_>>(),
+        "p1_fixed_rate": FIXED_RATE,
+        "p4_steady_p95_ms": ms_f(r.p34.steady_p95),
+        "p4": r.p34.during.iter().map(|(name, n, p95)| json!({
+            "name": name, "calls": n, "p95_ms": ms_f(*p95),
+        })).collect::<Vec<_>>(),
+        "p2_overhead_ms": ms_f(r.p2.overhead()),
+        "p5_api_p50_ms": ms_f(r.p5.api.p50),
+    })
+}
