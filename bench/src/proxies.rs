@@ -110,7 +110,7 @@ struct Run {
 fn oha(oha: &Path, url: &str, args: &[&str]) -> anyhow::Result<Run> {
     let out = Command::new(oha)
         .args(args)
-        .args(["--no-tui", "--output-format", "json", url])
+        .args(["--no-tui", "-w", "--output-format", "json", url])
         .output()
         .with_context(|| format!("cannot run {}", oha.display()))?;
     if !out.status.success() {
