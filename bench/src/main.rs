@@ -79,8 +79,12 @@ fn main() -> anyhow::Result<()> {
     let machine = report::Machine::describe(&args.oha, &args.nginx);
 
     let server = TestServer::start_with(&hangar, &["--machine-type", "cpu=64"]);
-    let settings =
-        proxies::Settings { oha: args.oha.clone(), nginx: args.nginx.clone(), rounds: args.rounds, seconds: args.seconds };
+    let settings = proxies::Settings {
+        oha: args.oha.clone(),
+        nginx: args.nginx.clone(),
+        rounds: args.rounds,
+        seconds: args.seconds,
+    };
     eprintln!("P1: direct, nginx and hangar under oha ({} rounds)", args.rounds);
     let p1 = runtime.block_on(proxies::compare(&server, &testapp, &settings))?;
     eprintln!("P2: {} cold starts", args.cold_starts);

@@ -109,7 +109,8 @@ pub(crate) async fn switching(server: &TestServer, testapp: &Path) -> anyhow::Re
     let (mut recreate, mut rolling) = (Vec::new(), Vec::new());
     for i in 0..40 {
         let target = if i % 2 == 0 { &v1 } else { &v2 };
-        let request = api::wire::SetRevRequest { revision: target.clone(), strategy: Some("recreate".into()), auth: None };
+        let request =
+            api::wire::SetRevRequest { revision: target.clone(), strategy: Some("recreate".into()), auth: None };
         let start = Instant::now();
         api.set_rev(app, &request).await?;
         recreate.push(start.elapsed());

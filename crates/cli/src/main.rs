@@ -73,6 +73,11 @@ enum Command {
     },
 }
 
+/// mimalloc: the gateway's hot path allocates a little per call, and glibc's malloc
+/// showed up at about a tenth of the server's time under load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let debug = cli.global.debug;

@@ -6,13 +6,13 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::route::Lease;
+use crate::upstream::UpstreamBody;
 
 pub(crate) struct LeaseBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     /// Held while the body streams; dropped at its end.
     lease: Option<Lease>,
     /// The request timeout, which also bounds how long the body may take.
@@ -22,7 +22,7 @@ pub(crate) struct LeaseBody {
 
 impl LeaseBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         lease: Lease,
         deadline: Pin<Box<Sleep>>,
         on_timeout: Box<dyn FnOnce() + Send + Sync>,

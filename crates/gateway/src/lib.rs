@@ -7,6 +7,7 @@
 mod body;
 mod metrics;
 pub mod route;
+mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,9 +21,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use model::ids::RunnerId;
 use model::revision::AuthMode;
@@ -32,6 +31,7 @@ use uuid::Uuid;
 
 pub use metrics::{CallLabels, Metrics};
 pub use route::{AcquireError, AppRoute, CutOff, Lease, RouteConfig, RouteSnapshot, SlotView};
+pub use upstream::UpstreamBody;
 
 use crate::body::LeaseBody;
 
@@ -79,7 +79,6 @@ pub struct Gateway {
     /// By `team/app`, the way the path spells it, so a call finds its route without
     /// allocating.
     routes: RwLock<HashMap<String, Arc<AppRoute>>>,
-    client: Client<HttpConnector, Body>,
     auth: Arc<dyn Authenticator>,
     queue: OnceLock<Arc<dyn QueueHandler>>,
     default_start_timeout: Duration,
@@ -88,12 +87,8 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(auth: Arc<dyn Authenticator>, default_start_timeout: Duration) -> Arc<Gateway> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
         Arc::new(Gateway {
             routes: RwLock::default(),
-            client,
             auth,
             queue: OnceLock::new(),
             default_start_timeout,
@@ -194,6 +189,42 @@ impl Gateway {
         graceful.shutdown().await;
     }
 
+    /// Serves calls on `listener` with `threads` threads, each with a single-threaded
+    /// runtime of its own that accepts connections and carries their calls to runners,
+    /// the way nginx runs one event loop per worker: a call and the upstream connection
+    /// it uses stay on one thread, so it never waits for a wake-up across threads.
+    /// Resolves when every thread has stopped, after `shutdown` and the calls in flight.
+    pub async fn serve_threads(
+        self: Arc<Self>,
+        listener: std::net::TcpListener,
+        threads: usize,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut done = Vec::new();
+        for n in 0..threads.max(1) {
+            let (listener, gateway, tls, shutdown) =
+                (listener.try_clone()?, self.clone(), tls.clone(), shutdown.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            std::thread::Builder::new().name(format!("gateway-{n}")).spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => gateway.serve(listener, tls, shutdown.cancelled_owned()).await,
+                        Err(e) => tracing::error!(error = %e, "a gateway thread cannot listen"),
+                    }
+                });
+                drop(tx);
+            })?;
+            done.push(rx);
+        }
+        for rx in done {
+            let _ = rx.await;
+        }
+        Ok(())
+    }
+
     /// Checks that the caller's key may call the app, under its auth mode.
     pub async fn authorize(&self, route: &AppRoute, headers: &HeaderMap, auth: AuthMode) -> Result<(), ApiError> {
         if auth == AuthMode::Public {
@@ -224,10 +255,11 @@ impl Gateway {
         &self,
         route: &AppRoute,
         runner: RunnerId,
+        addr: std::net::SocketAddr,
         request: http::Request<Body>,
         deadline: Instant,
-    ) -> Result<http::Response<Incoming>, SendError> {
-        match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        match tokio::time::timeout_at(deadline, upstream::send(addr, request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 tracing::debug!(runner = %runner, error = %e, "call to runner failed");
@@ -255,32 +287,32 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::AUTHORIZATION,
 ];
 
-/// The request to send to a runner at `addr` for a call to `path_and_query` (the part
-/// after `/{team}/{app}`): the caller's headers without the hop-by-hop ones, the
+/// The request to send to the runner at `host` for a call to `path_and_query` (the
+/// part after `/{team}/{app}`): the caller's headers without the hop-by-hop ones, the
 /// platform's key and its start deadline, plus the call's id.
 pub fn upstream_request(
-    addr: std::net::SocketAddr,
+    host: &HeaderValue,
     method: http::Method,
     path_and_query: &str,
     caller_headers: &HeaderMap,
     body: Body,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> Result<http::Request<Body>, ApiError> {
-    let mut upstream = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path_and_query}"))
-        .version(http::Version::HTTP_11);
-    if let Some(headers) = upstream.headers_mut() {
-        for (name, value) in caller_headers {
-            if forwarded(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Ok(value) = HeaderValue::from_str(request_id) {
-            headers.insert(REQUEST_ID_HEADER, value);
+    let uri = http::Uri::try_from(path_and_query)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid path {path_and_query:?}: {e}")))?;
+    let mut upstream = http::Request::new(body);
+    *upstream.method_mut() = method;
+    *upstream.uri_mut() = uri;
+    let headers = upstream.headers_mut();
+    headers.reserve(caller_headers.len() + 2);
+    for (name, value) in caller_headers {
+        if forwarded(name) {
+            headers.append(name.clone(), value.clone());
         }
     }
-    upstream.body(body).map_err(ApiError::internal)
+    headers.insert(header::HOST, host.clone());
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    Ok(upstream)
 }
 
 /// Whether a caller's header goes on to the runner.
@@ -295,18 +327,18 @@ async fn call(gateway: Arc<Gateway>, request: Request, secure: bool) -> Response
             None => ApiError::new(ErrorCode::NotFound, "this gateway has no queue").into_response(),
         };
     }
-    let request_id = Uuid::new_v4().to_string();
+    let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
+    let request_id = HeaderValue::from_bytes(Uuid::new_v4().hyphenated().encode_lower(&mut id).as_bytes())
+        .unwrap_or(HeaderValue::from_static("-"));
     let mut response = match proxy(&gateway, request, &request_id).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
+    response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
     response
 }
 
-async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<Response, ApiError> {
+async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let path = request.uri().path().to_owned();
     let mut segments = path.trim_start_matches('/').splitn(3, '/');
@@ -316,8 +348,8 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
             return Err(ApiError::new(ErrorCode::NotFound, "call an app at /{team}/{app}[/path]"));
         }
     };
-    let rest = format!("/{}", segments.next().unwrap_or(""));
-    let team_and_app = &path[1..team.len() + app.len() + 2];
+    let prefix = team.len() + app.len() + 2;
+    let team_and_app = &path[1..prefix];
     let Some(route) = gateway.route(team_and_app) else {
         return Err(ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")));
     };
@@ -344,13 +376,15 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &str) -> Result<
     let labels = CallLabels { app: team_and_app.to_owned(), revision: lease.revision.to_string(), status: 0 };
 
     let (parts, body) = request.into_parts();
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let upstream =
-        upstream_request(lease.addr, parts.method, &format!("{rest}{query}"), &parts.headers, body, request_id)?;
+    // The runner sees the path after `/{team}/{app}`, and the query.
+    let target = parts.uri.path_and_query().map_or("", |pq| &pq.as_str()[prefix.min(pq.as_str().len())..]);
+    let target: std::borrow::Cow<'_, str> =
+        if target.starts_with('/') { target.into() } else { format!("/{target}").into() };
+    let upstream = upstream_request(&lease.host, parts.method, &target, &parts.headers, body, request_id)?;
 
     let deadline = Instant::now() + config.request_timeout;
     let runner = lease.runner;
-    let response = match gateway.send(&route, runner, upstream, deadline).await {
+    let response = match gateway.send(&route, runner, lease.addr, upstream, deadline).await {
         Ok(response) => response,
         Err(SendError::Lost(cut)) => {
             gateway.metrics.record(&labels, 503, arrived.elapsed());

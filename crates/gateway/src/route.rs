@@ -65,6 +65,8 @@ struct Slot {
     id: RunnerId,
     revision: RevisionId,
     addr: SocketAddr,
+    /// `addr` as a Host header, made once.
+    host: http::HeaderValue,
     max: u32,
     in_flight: u32,
     accepting: bool,
@@ -84,6 +86,8 @@ pub struct Lease {
     pub runner: RunnerId,
     pub revision: RevisionId,
     pub addr: SocketAddr,
+    /// The runner's address as a Host header.
+    pub host: http::HeaderValue,
     armed: bool,
 }
 
@@ -207,6 +211,7 @@ impl AppRoute {
             id,
             revision,
             addr,
+            host: http::HeaderValue::from_str(&addr.to_string()).unwrap_or(http::HeaderValue::from_static("localhost")),
             max: max.max(1),
             in_flight: 0,
             accepting: true,
@@ -346,7 +351,14 @@ impl AppRoute {
             .min_by_key(|s| s.in_flight)?;
         slot.in_flight += 1;
         slot.idle_since = None;
-        Some(Lease { route: self.clone(), runner: slot.id, revision: slot.revision, addr: slot.addr, armed: true })
+        Some(Lease {
+            route: self.clone(),
+            runner: slot.id,
+            revision: slot.revision,
+            addr: slot.addr,
+            host: slot.host.clone(),
+            armed: true,
+        })
     }
 
     fn release(self: &Arc<Self>, id: RunnerId) {

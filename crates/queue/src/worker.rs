@@ -165,12 +165,10 @@ impl Queue {
                 headers.append(name, value);
             }
         }
-        let id = request.id.to_string();
-        if let Ok(value) = HeaderValue::from_str(&id) {
-            headers.insert(FAL_REQUEST_ID_HEADER, value);
-        }
+        let id = HeaderValue::from_str(&request.id.to_string()).unwrap_or(HeaderValue::from_static("-"));
+        headers.insert(FAL_REQUEST_ID_HEADER, id.clone());
         let upstream = match gateway::upstream_request(
-            lease.addr,
+            &lease.host,
             http::Method::POST,
             &request.path,
             &headers,
@@ -203,7 +201,7 @@ impl Queue {
         }
         let sent = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(None),
-            sent = self.gateway.send(route, runner, upstream, deadline) => sent,
+            sent = self.gateway.send(route, runner, lease.addr, upstream, deadline) => sent,
         };
         let response = match sent {
             Ok(response) => response,

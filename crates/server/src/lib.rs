@@ -104,7 +104,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let api_app =
         api::router::router(control.clone()).merge(dashboard()).layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let gateway_server = gateway.clone().serve(gateway_listener, tls, shutdown.clone().cancelled_owned());
+    let gateway_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gateway_server =
+        gateway.clone().serve_threads(gateway_listener.into_std()?, gateway_threads, tls, shutdown.clone());
 
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -114,9 +116,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    let (api_result, ()) = tokio::join!(api_server, gateway_server);
+    let (api_result, gateway_result) = tokio::join!(api_server, gateway_server);
     signals.abort();
     api_result.context("API server failed")?;
+    gateway_result.context("gateway failed")?;
 
     // Queue requests in progress stay so and are queued again on the next start.
     queue.shutdown().await;

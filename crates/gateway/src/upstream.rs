@@ -1,0 +1,170 @@
+//! Connections to runners, kept alive between calls in a pool per thread, and driven
+//! by the task of the call using them.
+//!
+//! A connection is usually a task of its own that the call talks to through channels.
+//! Here a call takes a connection out of the pool and polls it itself, while it waits
+//! for the answer and while the answer's body streams ([`UpstreamBody`]); when the body
+//! has ended the connection goes back to the pool. A call and its connection thus stay
+//! on one task, with no wake-ups between tasks, which is what made the gateway's
+//! per-call cost (see BENCHMARKS.md).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
+
+/// Idle connections kept per runner and thread.
+const IDLE_PER_RUNNER: usize = 256;
+
+thread_local! {
+    /// Idle connections by runner address. Per thread, because a connection belongs to
+    /// the runtime of the thread that opened it.
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Upstream>>> = RefCell::new(HashMap::new());
+}
+
+/// One connection to a runner: the handle to send on and the connection itself.
+pub(crate) struct Upstream {
+    addr: SocketAddr,
+    sender: http1::SendRequest<Body>,
+    connection: Pin<Box<Connection>>,
+    /// The connection has ended; it must not be polled again.
+    ended: bool,
+}
+
+impl Upstream {
+    /// An idle connection to `addr` that is ready for a request, or a new one.
+    async fn checkout(addr: SocketAddr) -> Result<Upstream, UpstreamError> {
+        while let Some(mut idle) = IDLE.with(|idle| idle.borrow_mut().get_mut(&addr).and_then(Vec::pop)) {
+            if idle.ready().await.is_ok() {
+                return Ok(idle);
+            }
+        }
+        let stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        let mut upstream = Upstream { addr, sender, connection: Box::pin(connection), ended: false };
+        upstream.ready().await?;
+        Ok(upstream)
+    }
+
+    /// Waits, driving the connection, until it can take a request.
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        poll_fn(|cx| {
+            self.drive(cx);
+            self.sender.poll_ready(cx)
+        })
+        .await
+    }
+
+    /// Polls the connection once, so it reads and writes what it can.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.ended && self.connection.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+        }
+    }
+
+    /// Back to the pool, if it can serve again.
+    fn give_back(self) {
+        if self.ended || self.sender.is_closed() {
+            return;
+        }
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.entry(self.addr).or_default();
+            if list.len() < IDLE_PER_RUNNER {
+                list.push(self);
+            }
+        });
+    }
+}
+
+/// Why a call got no answer head from its runner.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// Sends `request` to the runner at `addr` and waits for the head of its answer,
+/// driving the connection meanwhile. The body streams from the same connection.
+pub(crate) async fn send(
+    addr: SocketAddr,
+    request: http::Request<Body>,
+) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+    let mut upstream = Upstream::checkout(addr).await?;
+    let mut response = std::pin::pin!(upstream.sender.send_request(request));
+    let response = poll_fn(|cx| {
+        upstream.drive(cx);
+        response.as_mut().poll(cx)
+    })
+    .await?;
+    if http_body::Body::is_end_stream(response.body()) {
+        // Nobody will poll an empty body to its end: the connection is free now.
+        upstream.give_back();
+        return Ok(response.map(|body| UpstreamBody { inner: body, upstream: None }));
+    }
+    Ok(response.map(|body| UpstreamBody { inner: body, upstream: Some(upstream) }))
+}
+
+/// A runner's answer body. Polling it drives the connection; once it has ended, the
+/// connection goes back to the pool. Dropped early, it closes the connection.
+pub struct UpstreamBody {
+    inner: Incoming,
+    upstream: Option<Upstream>,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(upstream) = this.upstream.as_mut() {
+            upstream.drive(cx);
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match frame {
+            Some(Ok(frame)) => {
+                // A reader may stop at the last frame without polling for the end.
+                if this.inner.is_end_stream()
+                    && let Some(upstream) = this.upstream.take()
+                {
+                    upstream.give_back();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.upstream = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                if let Some(upstream) = this.upstream.take() {
+                    upstream.give_back();
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
