@@ -17,17 +17,11 @@ pub(crate) struct LeaseBody {
     lease: Option<Lease>,
     /// The request timeout, which also bounds how long the body may take.
     deadline: Pin<Box<Sleep>>,
-    on_timeout: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl LeaseBody {
-    pub(crate) fn new(
-        inner: UpstreamBody,
-        lease: Lease,
-        deadline: Pin<Box<Sleep>>,
-        on_timeout: Box<dyn FnOnce() + Send + Sync>,
-    ) -> LeaseBody {
-        LeaseBody { inner, lease: Some(lease), deadline, on_timeout: Some(on_timeout) }
+    pub(crate) fn new(inner: UpstreamBody, lease: Lease, deadline: Pin<Box<Sleep>>) -> LeaseBody {
+        LeaseBody { inner, lease: Some(lease), deadline }
     }
 }
 
@@ -49,9 +43,8 @@ impl Body for LeaseBody {
             return Poll::Ready(None);
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
-            this.lease = None;
-            if let Some(on_timeout) = this.on_timeout.take() {
-                on_timeout();
+            if let Some(lease) = this.lease.take() {
+                lease.flag_timed_out();
             }
             return Poll::Ready(Some(Err(BodyError::Timeout)));
         }

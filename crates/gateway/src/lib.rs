@@ -98,6 +98,7 @@ impl Gateway {
 
     pub fn register(&self, team: &str, route: Arc<AppRoute>) {
         let key = format!("{team}/{}", route.app);
+        let _ = route.label.set(Arc::new(key.clone()));
         self.routes.write().unwrap_or_else(|e| e.into_inner()).insert(key, route);
     }
 
@@ -259,13 +260,25 @@ impl Gateway {
         request: http::Request<Body>,
         deadline: Instant,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
-        match tokio::time::timeout_at(deadline, upstream::send(addr, request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
+        let timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+        self.send_until(route, runner, addr, request, timer).await
+    }
+
+    /// [`send`](Self::send), bounded by a timer the caller keeps for the body.
+    async fn send_until(
+        &self,
+        route: &AppRoute,
+        runner: RunnerId,
+        addr: std::net::SocketAddr,
+        request: http::Request<Body>,
+        timer: Pin<&mut tokio::time::Sleep>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        tokio::select! {
+            sent = upstream::send(addr, request) => sent.map_err(|e| {
                 tracing::debug!(runner = %runner, error = %e, "call to runner failed");
-                Err(SendError::Lost(route.cut_reason(runner)))
-            }
-            Err(_) => {
+                SendError::Lost(route.cut_reason(runner))
+            }),
+            () = timer => {
                 route.flag_timed_out(runner);
                 Err(SendError::Timeout)
             }
@@ -373,18 +386,20 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
             ),
         ),
     })?;
-    let labels = CallLabels { app: team_and_app.to_owned(), revision: lease.revision.to_string(), status: 0 };
+    let app_label = route.label.get().cloned().unwrap_or_else(|| Arc::new(team_and_app.to_owned()));
+    let labels = CallLabels { app: app_label, revision: lease.labels.revision_label.clone(), status: 0 };
 
     let (parts, body) = request.into_parts();
     // The runner sees the path after `/{team}/{app}`, and the query.
     let target = parts.uri.path_and_query().map_or("", |pq| &pq.as_str()[prefix.min(pq.as_str().len())..]);
     let target: std::borrow::Cow<'_, str> =
         if target.starts_with('/') { target.into() } else { format!("/{target}").into() };
-    let upstream = upstream_request(&lease.host, parts.method, &target, &parts.headers, body, request_id)?;
+    let upstream = upstream_request(&lease.labels.host, parts.method, &target, &parts.headers, body, request_id)?;
 
-    let deadline = Instant::now() + config.request_timeout;
+    // One timer bounds both the wait for the answer and its body.
+    let mut timer = Box::pin(tokio::time::sleep(config.request_timeout));
     let runner = lease.runner;
-    let response = match gateway.send(&route, runner, lease.addr, upstream, deadline).await {
+    let response = match gateway.send_until(&route, runner, lease.addr, upstream, timer.as_mut()).await {
         Ok(response) => response,
         Err(SendError::Lost(cut)) => {
             gateway.metrics.record(&labels, 503, arrived.elapsed());
@@ -412,24 +427,13 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
         }
     };
     gateway.metrics.record(&labels, response.status().as_u16(), arrived.elapsed());
-    let revision = lease.revision;
-    let timed_out_route = route.clone();
     let (mut parts, incoming) = response.into_parts();
-    let body = LeaseBody::new(
-        incoming,
-        lease,
-        Box::pin(tokio::time::sleep_until(deadline)),
-        Box::new(move || timed_out_route.flag_timed_out(runner)),
-    );
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
     }
-    for (name, value) in [(RUNNER_ID_HEADER, runner.to_string()), (REVISION_HEADER, revision.to_string())] {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            parts.headers.insert(name, value);
-        }
-    }
-    Ok(Response::from_parts(parts, Body::new(body)))
+    parts.headers.insert(RUNNER_ID_HEADER, lease.labels.runner.clone());
+    parts.headers.insert(REVISION_HEADER, lease.labels.revision.clone());
+    Ok(Response::from_parts(parts, Body::new(LeaseBody::new(incoming, lease, timer))))
 }
 
 /// The call's start deadline from its header, else the server's default.

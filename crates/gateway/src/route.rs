@@ -33,6 +33,8 @@ pub struct AppRoute {
     pub team_id: Uuid,
     pub app_id: Uuid,
     pub app: String,
+    /// `team/app`, the app's label in the gateway's metrics; set when registered.
+    pub(crate) label: std::sync::OnceLock<Arc<String>>,
     state: Mutex<RouteState>,
     changed: Notify,
     /// Bumped whenever the app's revision, settings or registration change, for calls
@@ -65,8 +67,8 @@ struct Slot {
     id: RunnerId,
     revision: RevisionId,
     addr: SocketAddr,
-    /// `addr` as a Host header, made once.
-    host: http::HeaderValue,
+    /// Header values and a metrics label made once, not per call.
+    labels: SlotLabels,
     max: u32,
     in_flight: u32,
     accepting: bool,
@@ -86,15 +88,45 @@ pub struct Lease {
     pub runner: RunnerId,
     pub revision: RevisionId,
     pub addr: SocketAddr,
-    /// The runner's address as a Host header.
-    pub host: http::HeaderValue,
+    /// The runner's address as a Host header, and other values made once per runner.
+    pub labels: SlotLabels,
     armed: bool,
+}
+
+impl Lease {
+    /// Records that the call holding this lease ran past the request timeout.
+    pub(crate) fn flag_timed_out(&self) {
+        self.route.flag_timed_out(self.runner);
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.armed {
             self.route.release(self.runner);
+        }
+    }
+}
+
+/// What calls to one runner send and record, made once when the runner is added.
+#[derive(Debug, Clone)]
+pub struct SlotLabels {
+    /// Its address, as the Host header of calls to it.
+    pub host: http::HeaderValue,
+    pub runner: http::HeaderValue,
+    pub revision: http::HeaderValue,
+    /// The revision, as a metrics label.
+    pub revision_label: Arc<String>,
+}
+
+impl SlotLabels {
+    fn new(id: RunnerId, revision: RevisionId, addr: SocketAddr) -> SlotLabels {
+        let value = |s: String| http::HeaderValue::from_str(&s).unwrap_or(http::HeaderValue::from_static("-"));
+        SlotLabels {
+            host: value(addr.to_string()),
+            runner: value(id.to_string()),
+            revision: value(revision.to_string()),
+            revision_label: Arc::new(revision.to_string()),
         }
     }
 }
@@ -145,6 +177,7 @@ impl AppRoute {
             team_id,
             app_id,
             app,
+            label: std::sync::OnceLock::new(),
             state: Mutex::new(RouteState {
                 config,
                 closed: false,
@@ -211,7 +244,7 @@ impl AppRoute {
             id,
             revision,
             addr,
-            host: http::HeaderValue::from_str(&addr.to_string()).unwrap_or(http::HeaderValue::from_static("localhost")),
+            labels: SlotLabels::new(id, revision, addr),
             max: max.max(1),
             in_flight: 0,
             accepting: true,
@@ -356,7 +389,7 @@ impl AppRoute {
             runner: slot.id,
             revision: slot.revision,
             addr: slot.addr,
-            host: slot.host.clone(),
+            labels: slot.labels.clone(),
             armed: true,
         })
     }

@@ -168,7 +168,7 @@ impl Queue {
         let id = HeaderValue::from_str(&request.id.to_string()).unwrap_or(HeaderValue::from_static("-"));
         headers.insert(FAL_REQUEST_ID_HEADER, id.clone());
         let upstream = match gateway::upstream_request(
-            &lease.host,
+            &lease.labels.host,
             http::Method::POST,
             &request.path,
             &headers,
