@@ -18,10 +18,12 @@ pub(crate) const REVISIONS: usize = 10_000;
 
 pub(crate) struct Listing {
     pub(crate) revisions: usize,
-    /// `GET /v1/apps/{app}/revisions`, to the last byte.
+    /// `GET /v1/apps/{app}/revisions` (the newest 100), to the last byte.
     pub(crate) api: Percentiles,
+    /// The same with `?all=true`: every revision.
+    pub(crate) api_all: Percentiles,
     pub(crate) api_runs: usize,
-    /// `hangar apps list-rev APP --json`, process start to exit.
+    /// `hangar apps list-rev APP`, process start to exit.
     pub(crate) cli_list_rev: Percentiles,
     /// `hangar apps list`, process start to exit.
     pub(crate) cli_list: Percentiles,
@@ -49,23 +51,32 @@ pub(crate) async fn listing(hangar: &str, testapp: &Path) -> anyhow::Result<List
 
     let client = reqwest::Client::new();
     let url = format!("{}/v1/apps/many/revisions", server.api_url);
-    let mut api_times = Vec::new();
-    for i in 0..33 {
-        let start = Instant::now();
-        let response = client.get(&url).header("authorization", format!("Key {}", server.root_key)).send().await?;
-        let body = response.bytes().await?;
-        let took = start.elapsed();
-        if i == 0 {
-            let listed: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
-            if listed.len() != REVISIONS {
-                bail!("listed {} revisions, not {REVISIONS}", listed.len());
+    let timed = |url: String, expected: usize| {
+        let client = client.clone();
+        let key = server.root_key.clone();
+        async move {
+            let mut times = Vec::new();
+            for i in 0..33 {
+                let start = Instant::now();
+                let response = client.get(&url).header("authorization", format!("Key {key}")).send().await?;
+                let body = response.bytes().await?;
+                let took = start.elapsed();
+                if i == 0 {
+                    let listed: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+                    if listed.len() != expected {
+                        bail!("{url} listed {} revisions, not {expected}", listed.len());
+                    }
+                }
+                // The first three warm the caches.
+                if i >= 3 {
+                    times.push(took);
+                }
             }
+            anyhow::Ok(times)
         }
-        // The first three warm the caches.
-        if i >= 3 {
-            api_times.push(took);
-        }
-    }
+    };
+    let api_times = timed(url.clone(), 100).await?;
+    let api_all = timed(format!("{url}?all=true"), REVISIONS).await?;
 
     let cli = |args: &[&str]| -> anyhow::Result<Duration> {
         let start = Instant::now();
@@ -79,13 +90,14 @@ pub(crate) async fn listing(hangar: &str, testapp: &Path) -> anyhow::Result<List
     let runs = 20;
     let (mut list_rev, mut list) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        list_rev.push(cli(&["apps", "list-rev", "many", "--json"])?);
+        list_rev.push(cli(&["apps", "list-rev", "many"])?);
         list.push(cli(&["apps", "list"])?);
     }
     Ok(Listing {
         revisions: REVISIONS,
         api_runs: api_times.len(),
         api: Percentiles::of(api_times),
+        api_all: Percentiles::of(api_all),
         cli_list_rev: Percentiles::of(list_rev),
         cli_list: Percentiles::of(list),
         cli_runs: runs,

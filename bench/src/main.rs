@@ -36,7 +36,7 @@ struct Args {
 }
 
 const USAGE: &str = "flags: --hangar PATH --oha PATH --nginx PATH --out FILE.md --json FILE.json \
-                     --rounds N --seconds N --cold-starts N";
+                     --rounds N --seconds N --cold-starts N [--p5-only]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -61,6 +61,21 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = value()?.parse()?,
             "--seconds" => args.seconds = value()?.parse()?,
             "--cold-starts" => args.cold_starts = value()?.parse()?,
+            "--p5-only" => {
+                // For working on listing speed: prints P5 and writes nothing.
+                let hangar = std::fs::canonicalize(&args.hangar)?.display().to_string();
+                let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                let p5 = runtime.block_on(listing::listing(&hangar, &testkit::testapp_bin(&hangar)))?;
+                eprintln!(
+                    "API p50 {} p99 {}; all p50 {}; CLI list-rev p50 {}; list p50 {}",
+                    stats::ms(p5.api.p50),
+                    stats::ms(p5.api.p99),
+                    stats::ms(p5.api_all.p50),
+                    stats::ms(p5.cli_list_rev.p50),
+                    stats::ms(p5.cli_list.p50)
+                );
+                std::process::exit(0);
+            }
             other => bail!("unknown flag {other}; {USAGE}"),
         }
     }

@@ -7,8 +7,9 @@ use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery,
-    ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
+    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
+    RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
+    TeamJson,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,14 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// A successful answer's JSON body.
+async fn decode<T: DeserializeOwned>(response: Response) -> Result<T> {
+    let url = response.url().to_string();
+    let status = response.status().as_u16();
+    let body = response.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+    serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected { url, status, detail: e.to_string() })
+}
+
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -55,7 +64,13 @@ impl Client {
     /// `base` is the API's root URL, e.g. `http://127.0.0.1:8700`; `key` is
     /// `<id>:<secret>`; `team` acts for another team (root keys).
     pub fn new(base: &str, key: Option<String>, team: Option<String>) -> Client {
-        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_owned(), key, team }
+        // Loading the system's root certificates takes a few milliseconds of every CLI
+        // command; a plain-HTTP server needs none.
+        let http = reqwest::Client::builder()
+            .tls_built_in_root_certs(base.starts_with("https://"))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Client { http, base: base.trim_end_matches('/').to_owned(), key, team }
     }
 
     pub fn base_url(&self) -> &str {
@@ -99,11 +114,7 @@ impl Client {
     }
 
     async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
-        let response = self.send(req).await?;
-        let url = response.url().to_string();
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected { url, status, detail: e.to_string() })
+        decode(self.send(req).await?).await
     }
 
     pub async fn health(&self) -> Result<HealthJson> {
@@ -132,8 +143,19 @@ impl Client {
         self.json(req).await
     }
 
+    /// The app's newest revisions (the server's default page).
     pub async fn list_revisions(&self, app: &str) -> Result<Vec<RevisionJson>> {
-        self.json(self.request(Method::GET, &format!("/v1/apps/{}/revisions", seg(app)))).await
+        Ok(self.list_revisions_page(app, &RevisionsQuery::default()).await?.revisions)
+    }
+
+    /// A page of the app's revisions, and how many it has in all.
+    pub async fn list_revisions_page(&self, app: &str, query: &RevisionsQuery) -> Result<RevisionList> {
+        let response =
+            self.send(self.request(Method::GET, &format!("/v1/apps/{}/revisions", seg(app))).query(query)).await?;
+        let total = response.headers().get(crate::wire::TOTAL_COUNT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
+        let revisions: Vec<RevisionJson> = decode(response).await?;
+        let total = total.unwrap_or(revisions.len() as u64);
+        Ok(RevisionList { revisions, total })
     }
 
     pub async fn get_revision(&self, app: &str, revision: &str) -> Result<RevisionJson> {

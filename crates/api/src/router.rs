@@ -21,8 +21,9 @@ use uuid::Uuid;
 use crate::error::{ApiError, ErrorCode};
 use crate::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery,
-    ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
+    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
+    RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
+    TeamJson,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -59,11 +60,13 @@ pub trait ControlPlane: Send + Sync + 'static {
         params: DeployParams,
         archive: Body,
     ) -> impl Future<Output = Result<DeployJson, ApiError>> + Send;
+    /// The app's newest revisions, newest first, with the current one always among them.
     fn list_revisions(
         &self,
         caller: &Caller,
         app: &str,
-    ) -> impl Future<Output = Result<Vec<RevisionJson>, ApiError>> + Send;
+        query: RevisionsQuery,
+    ) -> impl Future<Output = Result<RevisionList, ApiError>> + Send;
     fn get_revision(
         &self,
         caller: &Caller,
@@ -252,8 +255,14 @@ async fn list_revisions<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
     Path(app): Path<String>,
-) -> Result<Json<Vec<RevisionJson>>, ApiError> {
-    c.list_revisions(&caller, &app).await.map(Json)
+    query: Result<Query<RevisionsQuery>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    if query.limit == Some(0) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "limit must be at least 1"));
+    }
+    let list = c.list_revisions(&caller, &app, query).await?;
+    Ok(([(crate::wire::TOTAL_COUNT_HEADER, list.total.to_string())], Json(list.revisions)))
 }
 
 async fn get_revision<C: ControlPlane>(

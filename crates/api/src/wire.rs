@@ -170,6 +170,29 @@ pub struct RunnerJson {
     pub reason: Option<String>,
 }
 
+/// Which revisions a listing shows: the newest `limit` (100 when absent), or `all`.
+/// The current revision is always among them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevisionsQuery {
+    pub limit: Option<u32>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// The newest revisions shown when a listing does not say.
+pub const DEFAULT_REVISION_LIMIT: u32 = 100;
+
+/// The header that tells how many revisions an app has in all, when a listing shows
+/// fewer.
+pub const TOTAL_COUNT_HEADER: &str = "x-total-count";
+
+/// A page of an app's revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionList {
+    pub revisions: Vec<RevisionJson>,
+    pub total: u64,
+}
+
 /// Filters of a runner listing.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RunnersQuery {

@@ -13,7 +13,15 @@ pub(crate) enum AppsCommand {
     /// List the team's apps
     List,
     /// List an app's revisions, newest first
-    ListRev { app: String },
+    ListRev {
+        app: String,
+        /// Show the newest N revisions [default: 100]; the current one is always shown
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "all")]
+        limit: Option<u32>,
+        /// Show every revision
+        #[arg(long)]
+        all: bool,
+    },
     /// Delete a revision that is not current (frees its files)
     DeleteRev {
         app: String,
@@ -125,13 +133,18 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                     .collect(),
             );
         }
-        AppsCommand::ListRev { app } => {
-            let revisions = client.list_revisions(&app).await?;
+        AppsCommand::ListRev { app, limit, all } => {
+            let list = client.list_revisions_page(&app, &api::wire::RevisionsQuery { limit, all }).await?;
+            let revisions = list.revisions;
             if out.is_json() {
                 return json(cx, &revisions);
             }
             if revisions.is_empty() {
                 println!("App {app} has no revisions.");
+            }
+            let shown = revisions.len() as u64;
+            if shown < list.total {
+                eprintln!("Showing {shown} of {} revisions, newest first; --all shows every one.", list.total);
             }
             out.table(
                 &["REVISION", "STATUS", "", "CREATED", "MESSAGE", "MACHINE", "MULTIPLEXING", "FAILURE"],

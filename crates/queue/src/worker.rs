@@ -229,6 +229,15 @@ impl Queue {
             }
         };
         drop(lease);
+        if _stop_tap.0.is_some() {
+            // The runner's last lines may still be on their way from its pipe: wait until
+            // the log has been quiet a moment (at most a fifth of a second).
+            let mut changes = live.changed.subscribe();
+            let cap = Instant::now() + Duration::from_millis(200);
+            while Instant::now() < cap
+                && tokio::time::timeout(Duration::from_millis(20), changes.changed()).await.is_ok_and(|r| r.is_ok())
+            {}
+        }
         let status = parts.status.as_u16();
         let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let outcome = if parts.status.is_success() {

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
-    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    HistoryJson, KeyJson, LogChunk, RevisionJson, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson,
-    ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
+    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DEFAULT_REVISION_LIMIT, DeployJson,
+    DeployParams, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
+    RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
+    TeamJson,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -214,7 +215,7 @@ impl ControlPlane for Control {
         require_manage(caller)?;
         let _guard = self.lock_app(caller.team_id, name).await;
         let app = self.find_app(caller, name).await?;
-        let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
+        let revisions = self.store.list_revisions(app.id, None).await.map_err(internal)?;
         self.fleet.remove(app.id, &caller.team, &app.name).await;
         let _artifacts = self.artifact_lock.lock().await;
         let orphaned = self.store.delete_app(app.id).await.map_err(internal)?;
@@ -233,16 +234,42 @@ impl ControlPlane for Control {
         self.start_deploy(caller, params, archive).await
     }
 
-    async fn list_revisions(&self, caller: &Caller, app: &str) -> Result<Vec<RevisionJson>, ApiError> {
+    async fn list_revisions(
+        &self,
+        caller: &Caller,
+        app: &str,
+        query: RevisionsQuery,
+    ) -> Result<RevisionList, ApiError> {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
-        let revisions = self.store.list_revisions(app.id).await.map_err(internal)?;
-        Ok(revisions
+        let limit = if query.all { None } else { Some(query.limit.unwrap_or(DEFAULT_REVISION_LIMIT)) };
+        let mut revisions = self.store.list_revisions(app.id, limit).await.map_err(internal)?;
+        let total = match limit {
+            Some(limit) if revisions.len() as u64 >= u64::from(limit) => {
+                self.store.count_revisions(app.id).await.map_err(internal)?
+            }
+            _ => revisions.len() as u64,
+        };
+        // The current revision is always shown, even when it is older than the page.
+        if let Some(current) = app.current_revision
+            && !revisions.iter().any(|r| r.id == current)
+            && let Some(revision) = self.store.revision(current).await.map_err(internal)?
+        {
+            revisions.push(revision);
+        }
+        // The app's runners, counted by revision once, not once per revision.
+        let mut live = std::collections::HashMap::new();
+        for runner in self.fleet.runners(app.id).iter().filter(|r| !r.state.is_terminal()) {
+            *live.entry(runner.revision).or_insert(0u32) += 1;
+        }
+        let revisions = revisions
             .iter()
             .map(|r| {
-                RevisionJson::new(r, app.current_revision == Some(r.id), self.fleet.live_runners(app.id, Some(r.id)))
+                let runners = live.get(&r.id).copied().unwrap_or(0);
+                RevisionJson::new(r, app.current_revision == Some(r.id), runners)
             })
-            .collect())
+            .collect();
+        Ok(RevisionList { revisions, total })
     }
 
     async fn get_revision(&self, caller: &Caller, app: &str, revision: &str) -> Result<RevisionJson, ApiError> {

@@ -207,9 +207,14 @@ impl Store {
         self.run(move |db| db.revision(id)).await
     }
 
-    /// The app's revisions, newest first.
-    pub async fn list_revisions(&self, app_id: Uuid) -> Result<Vec<Revision>> {
-        self.run(move |db| db.list_revisions(app_id)).await
+    /// The app's revisions, newest first; only the newest `limit` when given.
+    pub async fn list_revisions(&self, app_id: Uuid, limit: Option<u32>) -> Result<Vec<Revision>> {
+        self.run(move |db| db.list_revisions(app_id, limit)).await
+    }
+
+    /// How many revisions the app has.
+    pub async fn count_revisions(&self, app_id: Uuid) -> Result<u64> {
+        self.run(move |db| db.count_revisions(app_id)).await
     }
 
     /// The app's revisions whose id starts with `prefix` (hyphens included).

@@ -421,15 +421,23 @@ impl Sqlite {
             .transpose()
     }
 
-    pub(crate) fn list_revisions(&self, app_id: Uuid) -> Result<Vec<Revision>> {
+    pub(crate) fn list_revisions(&self, app_id: Uuid, limit: Option<u32>) -> Result<Vec<Revision>> {
         let conn = self.conn();
         // Ids are random; SQLite's rowid breaks ties between revisions made in the same
-        // millisecond in insertion order.
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {REVISION_COLUMNS} FROM revisions WHERE app_id = ?1 ORDER BY created_at DESC, rowid DESC"
+        // millisecond in insertion order. A negative LIMIT is none.
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {REVISION_COLUMNS} FROM revisions WHERE app_id = ?1 ORDER BY created_at DESC, rowid DESC LIMIT ?2"
         ))?;
-        let rows = stmt.query_map([app_id.to_string()], revision_from_row)?;
+        let limit = limit.map_or(-1, i64::from);
+        let rows = stmt.query_map(params![app_id.to_string(), limit], revision_from_row)?;
         rows.map(|r| r?).collect()
+    }
+
+    pub(crate) fn count_revisions(&self, app_id: Uuid) -> Result<u64> {
+        let n: i64 =
+            self.conn()
+                .query_row("SELECT COUNT(*) FROM revisions WHERE app_id = ?1", [app_id.to_string()], |r| r.get(0))?;
+        Ok(n as u64)
     }
 
     pub(crate) fn revisions_by_prefix(&self, app_id: Uuid, prefix: &str) -> Result<Vec<Revision>> {

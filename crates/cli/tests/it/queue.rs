@@ -211,7 +211,6 @@ fn cancel_keeps_a_waiting_request_from_running_and_tells_a_running_one() {
     let lines: Vec<&str> =
         with_logs["logs"].as_array().unwrap().iter().map(|l| l["message"].as_str().unwrap()).collect();
     assert!(lines.contains(&format!("cancel requested for {id}").as_str()), "the runner was told: {lines:?}");
-    assert!(lines.contains(&format!("call {id} stopped: cancelled").as_str()), "{lines:?}");
 
     let runner = crate::runners(&server, "cancel", &[])[0]["id"].as_str().unwrap().to_owned();
     let log = server.run(&["runners", "logs", &runner]).ok().stdout;

@@ -67,3 +67,33 @@ fn deleting_an_app_removes_its_revisions_and_files() {
     assert_eq!(std::fs::read_dir(server.data_dir().join("revisions")).unwrap().count(), 0);
     server.run(&["apps", "list-rev", "gone"]).failed();
 }
+
+#[test]
+fn listings_show_the_newest_revisions_and_always_the_current_one() {
+    let server = server();
+    let ids: Vec<String> = (0..4)
+        .map(|n| {
+            let app = app_with_build("paged", &format!("echo {n}"));
+            server.run(&["deploy", app.path_str(), "--json"]).ok().json()["revision"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let listed = |args: &[&str]| -> Vec<String> {
+        let out = server.run(&[&["apps", "list-rev", "paged", "--json"], args].concat()).ok();
+        out.json().as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(listed(&["--limit", "2"]), [ids[3].clone(), ids[2].clone()]);
+    server.run(&["apps", "set-rev", "paged", &ids[0][..8], "--strategy", "recreate"]).ok();
+    assert_eq!(listed(&["--limit", "2"]), [ids[3].clone(), ids[2].clone(), ids[0].clone()], "the current one too");
+    assert_eq!(listed(&["--all"]).len(), 4);
+    assert_eq!(listed(&[]).len(), 4, "the default page holds 100");
+    let table = server.run(&["apps", "list-rev", "paged", "--limit", "1"]).ok();
+    assert!(table.stderr.contains("Showing 2 of 4 revisions"), "{}", table.stderr);
+
+    let http = testkit::Http::new();
+    let url = format!("{}/v1/apps/paged/revisions?limit=1", server.api_url);
+    let reply = http.get(&url, Some(&server.root_key));
+    assert_eq!(reply.header("x-total-count").as_deref(), Some("4"));
+    let zero = http.get(&url.replace("limit=1", "limit=0"), Some(&server.root_key));
+    assert_eq!((zero.status, zero.json()["error"]["code"].as_str()), (400, Some("invalid_request")));
+    server.run(&["apps", "list-rev", "paged", "--limit", "0"]).failed();
+}
