@@ -222,6 +222,8 @@ pub(crate) fn markdown(r: &Results) -> String {
         c99 = ms(l.cli_list.p99),
         cv = verdict(l.cli_list.p50.as_secs_f64() <= 0.050),
     ));
+    out.push('\n');
+    out.push_str(include_str!("../FIXES.md"));
     out
 }
 

@@ -60,10 +60,7 @@ fn fal_python() -> PathBuf {
 #[test]
 fn fal_client_works_unchanged_against_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = crate::tls::self_signed(dir.path());
     let server = server_with(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     let app = echo_example();
     let manifest = std::fs::read_to_string(app.path().join("hangar.toml")).unwrap();

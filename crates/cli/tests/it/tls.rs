@@ -1,6 +1,18 @@
 //! TLS on the gateway.
 
+use std::path::{Path, PathBuf};
+
 use crate::{server_with, testapp_dir};
+
+/// A self-signed certificate for localhost and 127.0.0.1, and its key, as PEM files in
+/// `dir`; the certificate is its own CA.
+pub(crate) fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
 
 /// Calls `url` with Python's standard library, trusting `ca`; prints status and body.
 fn python_get(url: &str, ca: &std::path::Path) -> testkit::Output {
@@ -14,10 +26,7 @@ fn python_get(url: &str, ca: &std::path::Path) -> testkit::Output {
 #[test]
 fn the_gateway_serves_https_with_the_given_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = crate::tls::self_signed(dir.path());
 
     let server = server_with(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     assert!(server.gateway_url.starts_with("https://"), "{}", server.gateway_url);
