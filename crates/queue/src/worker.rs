@@ -236,7 +236,8 @@ impl Queue {
             let cap = Instant::now() + Duration::from_millis(200);
             while Instant::now() < cap
                 && tokio::time::timeout(Duration::from_millis(20), changes.changed()).await.is_ok_and(|r| r.is_ok())
-            {}
+            {
+            }
         }
         let status = parts.status.as_u16();
         let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
