@@ -176,14 +176,20 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
+impl ApiError {
+    /// The JSON body this error is answered with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
             detail: Some(self.message.clone()),
             error_type: Some(self.code.as_str().to_owned()),
-            error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message },
-        };
-        (self.code.status(), axum::Json(body)).into_response()
+            error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message.clone() },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.code.status(), axum::Json(self.body())).into_response()
     }
 }
 

@@ -23,7 +23,6 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use gateway::AppRoute;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -224,7 +223,9 @@ impl Queue {
                     self.store.queue_result(request.id).await.map_err(ApiError::internal)?.unwrap_or_default();
                 Some(crate::worker::parse_logs(&logs))
             }
-            (true, _) => Some(self.live(request.id).map(|live| live.progress().logs.clone()).unwrap_or_default()),
+            (true, _) => Some(
+                self.live(request.id).map(|live| live.progress().logs.iter().cloned().collect()).unwrap_or_default(),
+            ),
         };
         if let Some(logs) = logs {
             status["logs"] = logs.iter().map(log_json).collect();
@@ -407,11 +408,6 @@ fn percent_decode(value: &str) -> String {
         .ok()
         .and_then(|u| u.query_pairs().next().map(|(_, v)| v.into_owned()))
         .unwrap_or_else(|| value.to_owned())
-}
-
-/// Bytes of a JSON value, for stored results the platform writes itself.
-pub(crate) fn json_bytes(value: &Value) -> Bytes {
-    Bytes::from(value.to_string())
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ struct Progress {
     sent: bool,
     /// A cancel came before the request was sent: it is not sent at all.
     cancel_requested: bool,
-    logs: Vec<LogEntry>,
+    logs: std::collections::VecDeque<LogEntry>,
 }
 
 /// A log line of a request, as the status shows it.
@@ -135,9 +135,9 @@ impl Live {
     fn push(&self, entry: LogEntry) {
         let mut progress = self.progress();
         if progress.logs.len() == MAX_LOG_LINES {
-            progress.logs.remove(0);
+            progress.logs.pop_front();
         }
-        progress.logs.push(entry);
+        progress.logs.push_back(entry);
     }
 }
 

@@ -348,14 +348,10 @@ fn lost_reason(runner: model::ids::RunnerId, cut: Option<CutOff>) -> String {
 /// A completion that is the platform's error rather than the app's answer.
 pub(crate) fn failure(error: ApiError, attempt_outcome: Option<String>, logs: String) -> Completion {
     let status = error.code.status().as_u16();
-    let body = crate::http::json_bytes(&serde_json::json!({
-        "error": { "code": error.code.as_str(), "message": error.message },
-        "detail": error.message,
-        "error_type": error.code.as_str(),
-    }));
+    let body = serde_json::to_vec(&error.body()).unwrap_or_default();
     Completion {
         outcome: QueueOutcome { status, error: Some(error.message), error_type: Some(error.code.as_str().to_owned()) },
-        result: QueueResult { status, content_type: Some("application/json".to_owned()), body: body.to_vec() },
+        result: QueueResult { status, content_type: Some("application/json".to_owned()), body },
         logs,
         attempt_outcome,
     }
