@@ -27,9 +27,12 @@ fn the_example_answers_through_the_gateway_naming_runner_and_revision() {
     let listed = runners(&server, "echo", &[]);
     assert!(listed.iter().any(|r| r["id"] == runner.as_str()), "{listed:?}");
 
-    let metrics = http.get(&format!("{}/metrics", server.api_url), None).text();
+    // The runner turns idle a moment after its call is answered.
+    let metrics = wait_until("the runner to be idle in the metrics", || {
+        let metrics = http.get(&format!("{}/metrics", server.api_url), None).text();
+        metrics.contains("hangar_runners{app=\"default/echo\",state=\"idle\"} 1").then_some(metrics)
+    });
     assert!(metrics.contains("hangar_calls_total{app=\"default/echo\""), "{metrics}");
-    assert!(metrics.contains("hangar_runners{app=\"default/echo\",state=\"idle\"} 1"), "{metrics}");
     assert!(metrics.contains("hangar_call_duration_seconds_bucket"), "{metrics}");
 }
 
