@@ -1,6 +1,8 @@
 //! P1: one runner of the test app, called three ways (straight to its port, through
 //! nginx as a reverse proxy, through hangar's gateway), loaded by `oha`: the most calls
-//! per second each way, and latency at a fixed 1,000 calls per second.
+//! per second each way, and latency at a fixed 1,000 calls per second. During the
+//! throughput runs it also reads the proxy's CPU time from `/proc`, per call: a figure
+//! the other work on a shared machine moves far less than calls per second.
 //!
 //! The three are measured in rounds, the order rotating each round, and each figure is
 //! the median over the rounds, so that a noisy moment on this shared machine does not
@@ -30,6 +32,9 @@ pub(crate) struct Settings {
 pub(crate) struct Figures {
     pub(crate) name: &'static str,
     pub(crate) max_rps: f64,
+    /// User and system CPU time of the proxy's processes per call, in the throughput runs
+    /// (none for direct calls).
+    pub(crate) cpu_per_call: Option<Cpu>,
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
 }
@@ -39,6 +44,19 @@ pub(crate) struct Proxies {
     pub(crate) seconds: u32,
     /// Direct, nginx, hangar, in that order.
     pub(crate) figures: Vec<Figures>,
+}
+
+/// CPU time per call, split as the kernel accounts it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cpu {
+    pub(crate) user: Duration,
+    pub(crate) system: Duration,
+}
+
+impl Cpu {
+    pub(crate) fn total(&self) -> Duration {
+        self.user + self.system
+    }
 }
 
 impl Proxies {
@@ -60,48 +78,89 @@ pub(crate) async fn compare(server: &TestServer, testapp: &Path, settings: &Sett
     let env: serde_json::Value = reqwest::get(format!("{via_gateway}env")).await?.json().await?;
     let port: u16 = env["PORT"].as_str().context("the runner has no PORT")?.parse()?;
     let nginx = Nginx::start(&settings.nginx, port)?;
-    let targets = [
-        ("direct", format!("http://127.0.0.1:{port}/")),
-        ("nginx", format!("http://{}/", nginx.addr)),
-        ("hangar", via_gateway),
-    ];
-    // Warm every path.
-    for (_, url) in &targets {
+    let urls = [format!("http://127.0.0.1:{port}/"), format!("http://{}/", nginx.addr), via_gateway];
+    // Warm every path (which also has nginx's workers running by the time they are listed).
+    for url in &urls {
         oha(&settings.oha, url, &["-n", "2000", "-c", "8"])?;
     }
-    let mut samples: Vec<(Vec<f64>, Vec<Duration>, Vec<Duration>)> = vec![Default::default(); targets.len()];
+    let hangar_pid = server.pid().context("the server is not running")?;
+    let [direct, via_nginx, via_hangar] = urls;
+    let targets =
+        [("direct", direct, vec![]), ("nginx", via_nginx, nginx.pids()), ("hangar", via_hangar, vec![hangar_pid])];
+    let mut samples: Vec<Samples> = vec![Default::default(); targets.len()];
     let secs = format!("{}s", settings.seconds);
     for round in 0..settings.rounds as usize {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
-            let url = &targets[i].1;
+            let (_, url, pids) = &targets[i];
+            let before = cpu_ticks(pids)?;
             let max = oha(&settings.oha, url, &["-z", &secs, "-c", &CONNECTIONS.to_string()])?;
+            let after = cpu_ticks(pids)?;
             let fixed = oha(
                 &settings.oha,
                 url,
                 &["-z", &secs, "-c", "16", "-q", &FIXED_RATE.to_string(), "--latency-correction"],
             )?;
-            samples[i].0.push(max.rps);
-            samples[i].1.push(fixed.p50);
-            samples[i].2.push(fixed.p99);
+            samples[i].rps.push(max.rps);
+            if !pids.is_empty() {
+                samples[i].cpu.push(per_call(before, after, max.calls));
+            }
+            samples[i].p50.push(fixed.p50);
+            samples[i].p99.push(fixed.p99);
         }
     }
     drop(nginx);
     let figures = targets
         .iter()
         .zip(samples)
-        .map(|((name, _), (rps, p50, p99))| Figures {
+        .map(|((name, _, _), s)| Figures {
             name,
-            max_rps: median_f64(rps),
-            p50: median(p50),
-            p99: median(p99),
+            max_rps: median_f64(s.rps),
+            cpu_per_call: (!s.cpu.is_empty()).then(|| Cpu {
+                user: median(s.cpu.iter().map(|c| c.user).collect()),
+                system: median(s.cpu.iter().map(|c| c.system).collect()),
+            }),
+            p50: median(s.p50),
+            p99: median(s.p99),
         })
         .collect();
     Ok(Proxies { rounds: settings.rounds, seconds: settings.seconds, figures })
 }
 
+#[derive(Clone, Default)]
+struct Samples {
+    rps: Vec<f64>,
+    cpu: Vec<Cpu>,
+    p50: Vec<Duration>,
+    p99: Vec<Duration>,
+}
+
+/// User and system clock ticks used so far by the processes `pids`, from `/proc`.
+fn cpu_ticks(pids: &[u32]) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // utime and stime are the 14th and 15th of the line, so the 12th and 13th here.
+        let rest = stat.rsplit_once(')').context("a malformed /proc stat line")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field =
+            |i: usize| -> anyhow::Result<u64> { Ok(fields.get(i).context("a short /proc stat line")?.parse()?) };
+        total.0 += field(11)?;
+        total.1 += field(12)?;
+    }
+    Ok(total)
+}
+
+fn per_call(before: (u64, u64), after: (u64, u64), calls: u64) -> Cpu {
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let each = |ticks: u64| Duration::from_secs_f64(ticks as f64 / ticks_per_second / calls.max(1) as f64);
+    Cpu { user: each(after.0 - before.0), system: each(after.1 - before.1) }
+}
+
 struct Run {
     rps: f64,
+    calls: u64,
     p50: Duration,
     p99: Duration,
 }
@@ -124,8 +183,12 @@ fn oha(oha: &Path, url: &str, args: &[&str]) -> anyhow::Result<Run> {
         bail!("{url}: only {:.4} of the calls succeeded: {}", rate, json["statusCodeDistribution"]);
     }
     let seconds = |v: &serde_json::Value| Duration::from_secs_f64(v.as_f64().unwrap_or(0.0));
+    let calls = json["statusCodeDistribution"]
+        .as_object()
+        .map_or(0, |codes| codes.values().filter_map(serde_json::Value::as_u64).sum());
     Ok(Run {
         rps: summary["requestsPerSec"].as_f64().unwrap_or(0.0),
+        calls,
         p50: seconds(&json["latencyPercentiles"]["p50"]),
         p99: seconds(&json["latencyPercentiles"]["p99"]),
     })
@@ -195,6 +258,13 @@ impl Nginx {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(nginx)
+    }
+
+    /// The master process and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default();
+        std::iter::once(master).chain(children.split_whitespace().filter_map(|p| p.parse().ok())).collect()
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -76,6 +77,10 @@ fn output(command: &mut Command) -> String {
     }
 }
 
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
@@ -84,6 +89,12 @@ pub(crate) fn markdown(r: &Results) -> String {
     let m = &r.machine;
     let (direct, nginx, hangar) = (r.p1.get("direct"), r.p1.get("nginx"), r.p1.get("hangar"));
     let rps_ratio = hangar.max_rps / nginx.max_rps.max(1e-9);
+    let cpu_ratio = match (hangar.cpu_per_call, nginx.cpu_per_call) {
+        (Some(h), Some(n)) => {
+            format!("hangar ÷ nginx {:.2}", h.total().as_secs_f64() / n.total().as_secs_f64().max(1e-12))
+        }
+        _ => "not measured".to_owned(),
+    };
     let added_p50 = hangar.p50.saturating_sub(direct.p50);
     let added_p99 = hangar.p99.saturating_sub(direct.p99);
     let nginx_added_p50 = nginx.p50.saturating_sub(direct.p50);
@@ -104,7 +115,9 @@ pub(crate) fn markdown(r: &Results) -> String {
          each round) of {secs} s runs: the most calls per second with {conns} connections, and\n\
          latency at a fixed {fixed} calls/s (16 connections, oha's latency correction). Load\n\
          generator, proxies and runner share the {cores} cores.\n\n\
-         | | max calls/s | p50 at {fixed}/s | p99 at {fixed}/s |\n|---|---|---|---|\n",
+         The proxy's CPU time per call (user + system, from `/proc` during the throughput runs)\n\
+         is also shown: unlike calls per second it hardly moves with the other work on the machine.\n\n\
+         | | max calls/s | proxy CPU per call (user + system) | p50 at {fixed}/s | p99 at {fixed}/s |\n|---|---|---|---|---|\n",
         date = m.date,
         commit = m.commit,
         cpu = m.cpu,
@@ -120,11 +133,14 @@ pub(crate) fn markdown(r: &Results) -> String {
         fixed = FIXED_RATE,
     );
     for f in &r.p1.figures {
-        out.push_str(&format!("| {} | {:.0} | {} | {} |\n", f.name, f.max_rps, ms(f.p50), ms(f.p99)));
+        let cpu = f.cpu_per_call.map_or("—".to_owned(), |c| {
+            format!("{:.1} µs ({:.1} + {:.1})", micros(c.total()), micros(c.user), micros(c.system))
+        });
+        out.push_str(&format!("| {} | {:.0} | {cpu} | {} | {} |\n", f.name, f.max_rps, ms(f.p50), ms(f.p99)));
     }
     out.push_str(&format!(
         "\n| target | figure | |\n|---|---|---|\n\
-         | hangar calls/s ÷ nginx calls/s ≥ 1.0 | **{rps_ratio:.2}** | {} |\n\
+         | hangar calls/s ÷ nginx calls/s ≥ 1.0 | **{rps_ratio:.2}** (CPU per call: {cpu_ratio}) | {} |\n\
          | hangar p50 − direct p50 ≤ 0.2 ms | **{}** (nginx: {}) | {} |\n\
          | hangar p99 − direct p99 ≤ 1 ms | **{}** (nginx: {}) | {} |\n",
         verdict(rps_ratio >= 1.0),
@@ -232,6 +248,7 @@ pub(crate) fn json(r: &Results) -> Value {
     json!({
         "p1": r.p1.figures.iter().map(|f| json!({
             "name": f.name, "max_rps": f.max_rps, "p50_ms": ms_f(f.p50), "p99_ms": ms_f(f.p99),
+            "cpu_us_per_call": f.cpu_per_call.map(|c| micros(c.total())),
         })).collect::<Vec<_>>(),
         "p1_fixed_rate": FIXED_RATE,
         "p4_steady_p95_ms": ms_f(r.p34.steady_p95),

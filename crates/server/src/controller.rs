@@ -670,6 +670,7 @@ impl Controller {
         env.push(("HANGAR_REVISION".to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));
         let config = &self.shared.config;
+        let memory_limit_mb = config.machine_types.get(&self.app_machine_type(index)).and_then(|m| m.memory_limit_mb);
         RunnerLaunch {
             id: runner.id,
             command: manifest.command.clone(),
@@ -682,6 +683,7 @@ impl Controller {
                 failure_threshold: config.failure_threshold,
                 probe_timeout: config.health_interval.min(Duration::from_secs(10)),
             },
+            memory_limit: memory_limit_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
         }
     }
 

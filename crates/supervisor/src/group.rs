@@ -37,3 +37,36 @@ pub fn end_leftover(pid_file: &Path, dir: &Path) -> bool {
     kill_group(pid);
     true
 }
+
+/// The resident memory, in bytes, of the process `pid` and every process descended from
+/// it, read from `/proc`. Processes that end while they are being read count as nothing.
+pub(crate) fn resident_memory(pid: u32) -> u64 {
+    use nix::unistd::{SysconfVar, sysconf};
+    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |p| p as u64);
+    let mut total = 0;
+    let mut pending = vec![pid];
+    // A process cannot be its own descendant, but pids are reused: the bound keeps a
+    // race with a reused pid from looping.
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = pending.pop() {
+        if pid == 0 || !seen.insert(pid) || seen.len() > 10_000 {
+            continue;
+        }
+        // The fields after the command name, which is in parentheses and may hold
+        // spaces: rss (in pages) is the 24th field of the line, so the 22nd here.
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Some((_, rest)) = stat.rsplit_once(')')
+            && let Some(pages) = rest.split_whitespace().nth(21).and_then(|v| v.parse::<u64>().ok())
+        {
+            total += pages * page;
+        }
+        // Children are listed under the thread that started them.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                pending.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+    }
+    total
+}

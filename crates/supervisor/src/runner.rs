@@ -56,6 +56,9 @@ pub struct RunnerLaunch {
     pub health_path: String,
     pub startup_timeout: Duration,
     pub health: HealthPolicy,
+    /// The most resident memory, in bytes, that the runner's processes may use together
+    /// (its machine type's limit). A runner found over it is killed.
+    pub memory_limit: Option<u64>,
 }
 
 /// Where a runner was in its life when its process ended.
@@ -257,6 +260,11 @@ struct Watch {
 const SETUP_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const FIRST_SETUP_PROBE: Duration = Duration::from_millis(2);
 
+/// How often a runner with a memory limit has its memory measured.
+const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+const MIB: u64 = 1024 * 1024;
+
 impl Watch {
     async fn run(mut self, mut child: tokio::process::Child) {
         let id = self.launch.id;
@@ -269,6 +277,7 @@ impl Watch {
         let mut ending: Option<(bool, String)> = None;
         let mut kill_at: Option<Instant> = None;
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut next_memory_check = Instant::now() + MEMORY_CHECK_INTERVAL;
 
         let status = loop {
             tokio::select! {
@@ -296,6 +305,19 @@ impl Watch {
                     kill_at = None;
                     if let Some((_, reason)) = &mut ending {
                         reason.push_str("; killed after the grace period");
+                    }
+                }
+                () = tokio::time::sleep_until(next_memory_check), if ending.is_none() && self.launch.memory_limit.is_some() => {
+                    next_memory_check = Instant::now() + MEMORY_CHECK_INTERVAL;
+                    let limit = self.launch.memory_limit.unwrap_or(u64::MAX);
+                    let used = crate::group::resident_memory(child.id().unwrap_or(0));
+                    if used > limit {
+                        kill_group(self.pgid);
+                        ending = Some((false, format!(
+                            "used {} MiB of memory, over its machine type's limit of {} MiB",
+                            used / MIB,
+                            limit / MIB
+                        )));
                     }
                 }
                 () = tokio::time::sleep_until(next_probe), if ending.is_none() => {
@@ -466,19 +488,7 @@ mod tests {
         let go = dir.path().join("go");
         let script =
             format!("while [ ! -e '{}' ]; do sleep 0.01; done; echo one; echo two >&2; echo three", go.display());
-        let launch = RunnerLaunch {
-            id,
-            command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
-            dir: dir.path().to_owned(),
-            env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
-            health_path: "/health".to_owned(),
-            startup_timeout: Duration::from_secs(60),
-            health: HealthPolicy {
-                interval: Duration::from_secs(1),
-                failure_threshold: 3,
-                probe_timeout: Duration::from_secs(1),
-            },
-        };
+        let launch = shell_runner(id, dir.path(), script);
         let (events, mut events_rx) = mpsc::unbounded_channel();
         // Held to the end: a runner whose every handle is gone is killed.
         let _handle = backend.launch(launch, events).unwrap();
@@ -509,5 +519,43 @@ mod tests {
         let exited = tokio::time::timeout(Duration::from_secs(30), events_rx.recv()).await.unwrap().unwrap();
         assert!(matches!(exited, Event::Exited { requested: false, .. }), "{exited:?}");
         assert!(backend.subscribe_output(id).is_none());
+    }
+
+    /// A runner that runs `script` with `/bin/sh` in `dir`.
+    fn shell_runner(id: RunnerId, dir: &Path, script: String) -> RunnerLaunch {
+        RunnerLaunch {
+            id,
+            command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
+            dir: dir.to_owned(),
+            env: vec![("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".to_owned()))],
+            health_path: "/health".to_owned(),
+            startup_timeout: Duration::from_secs(60),
+            health: HealthPolicy {
+                interval: Duration::from_secs(1),
+                failure_threshold: 3,
+                probe_timeout: Duration::from_secs(1),
+            },
+            memory_limit: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_runner_whose_processes_use_more_than_its_memory_limit_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalProcesses::new(dir.path().join("runners"), 1 << 20);
+        let id = RunnerId::new();
+        // The memory is held by a child of the runner's first process, and it keeps
+        // growing, so the limit must count descendants to stop it.
+        let script = "python3 -c 'import time\nheld = []\nwhile True:\n    held.append(b\"x\" * (8 << 20))\n    \
+                      time.sleep(0.01)'; echo done"
+            .to_owned();
+        let launch = RunnerLaunch { memory_limit: Some(64 * MIB), ..shell_runner(id, dir.path(), script) };
+        let (events, mut events_rx) = mpsc::unbounded_channel();
+        let _handle = backend.launch(launch, events).unwrap();
+        let exited = tokio::time::timeout(Duration::from_secs(60), events_rx.recv()).await.unwrap().unwrap();
+        let Event::Exited { requested: false, reason, .. } = exited else { panic!("{exited:?}") };
+        assert!(reason.contains("over its machine type's limit of 64 MiB"), "{reason}");
+        let log = std::fs::read_to_string(backend.log_path(id)).unwrap();
+        assert!(!log.contains("done"), "the whole group was killed, not just the child: {log}");
     }
 }

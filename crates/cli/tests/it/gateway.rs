@@ -270,3 +270,36 @@ fn a_runner_that_fails_its_health_checks_is_replaced() {
         runners(&server, "flaky", &[]).iter().any(|r| r["state"] == "idle" && r["id"] != first.as_str()).then_some(())
     });
 }
+
+#[test]
+fn a_runner_over_its_machine_types_memory_limit_is_killed_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hangar.toml");
+    std::fs::write(&config, "[machine_types.small]\ncapacity = 4\nmemory_limit_mb = 128\n").unwrap();
+    let server = server_with(&["--config", config.to_str().unwrap()]);
+    let app = testapp_dir("hungry", "[runner]\nmachine_type = \"small\"\n[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let http = Http::new();
+    let reply = http.get(&app_url(&server, "hungry", "/mem?mb=16"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let first = reply.header("x-hangar-runner-id").unwrap();
+
+    // Far over the limit: the runner is killed, whether or not it answered first.
+    let reply = http.get(&app_url(&server, "hungry", "/mem?mb=400"), None);
+    assert!(matches!(reply.status, 200 | 503), "{} {}", reply.status, reply.text());
+    let ended = wait_until("the runner to be ended for its memory", || {
+        runners(&server, "hungry", &["--state", "terminated", "--since", "1h"])
+            .into_iter()
+            .find(|r| r["id"] == first.as_str())
+    });
+    let reason = ended["reason"].as_str().unwrap();
+    assert!(reason.contains("over its machine type's limit of 128 MiB"), "{ended}");
+
+    // The app is not taken down: another runner takes its place and serves.
+    wait_until("a new runner", || {
+        runners(&server, "hungry", &[]).iter().any(|r| r["state"] == "idle" && r["id"] != first.as_str()).then_some(())
+    });
+    let reply = http.get(&app_url(&server, "hungry", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_ne!(reply.header("x-hangar-runner-id").as_deref(), Some(first.as_str()));
+}
