@@ -667,7 +667,7 @@ impl Controller {
         env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(secrets.iter().cloned());
         env.push(("HANGAR_APP".to_owned(), self.app.name.clone()));
-        env.push(("HANGAR_REVISION".to_owned(), runner.revision.to_string()));
+        env.push((supervisor::REVISION_VAR.to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));
         let config = &self.shared.config;
         let memory_limit_mb = config.machine_types.get(&self.app_machine_type(index)).and_then(|m| m.memory_limit_mb);

@@ -376,7 +376,7 @@ impl DeployJob {
             .collect();
         env.extend(self.manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.push(("HANGAR_APP".to_owned(), self.app.name.clone()));
-        env.push(("HANGAR_REVISION".to_owned(), self.revision.id.to_string()));
+        env.push((supervisor::REVISION_VAR.to_owned(), self.revision.id.to_string()));
         env
     }
 

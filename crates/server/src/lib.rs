@@ -56,7 +56,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Runner processes an earlier run left behind (it crashed, or was killed) are
     // ended before anything else starts; their logs go with them.
     let backend = Arc::new(supervisor::LocalProcesses::new(layout.runners(), RUNNER_LOG_BYTES));
-    let reaped = backend.reap_leftovers(layout.root());
+    let reaped = backend.reap_leftovers(layout.root()) + supervisor::end_strays(&layout.revisions());
     if reaped > 0 {
         tracing::warn!(count = reaped, "ended runner processes left behind by an earlier run");
     }

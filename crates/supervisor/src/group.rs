@@ -38,6 +38,56 @@ pub fn end_leftover(pid_file: &Path, dir: &Path) -> bool {
     true
 }
 
+/// The variable that names the revision in the environment of every process the
+/// supervisor starts for it (builds and runners).
+pub const REVISION_VAR: &str = "HANGAR_REVISION";
+
+/// Ends every process left from an earlier run of the server that started it for one of
+/// the revisions under `revisions` (a directory per revision id), found by the
+/// [`REVISION_VAR`] in its environment, with its whole process group. This finds what
+/// pid files cannot: a process started in the moment before the server that started
+/// it was killed, before its pid file was written. Revision ids are unique, so no
+/// process of another server, or anything else, is touched. Call it before starting
+/// anything. Returns how many were ended.
+pub fn end_strays(revisions: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(revisions) else { return 0 };
+    let ours: std::collections::HashSet<String> =
+        entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+    if ours.is_empty() {
+        return 0;
+    }
+    let Ok(processes) = std::fs::read_dir("/proc") else { return 0 };
+    let me = std::process::id();
+    let mut ended = 0;
+    for pid in processes.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        // Other users' processes cannot be read, and are not ours anyway.
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let revision = environ
+            .split(|b| *b == 0)
+            .find_map(|var| var.strip_prefix(REVISION_VAR.as_bytes())?.strip_prefix(b"="))
+            .and_then(|id| std::str::from_utf8(id).ok());
+        if !revision.is_some_and(|id| ours.contains(id)) {
+            continue;
+        }
+        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+            // The process group is the third field after the command name.
+            stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse::<u32>().ok()
+        });
+        tracing::warn!(pid, revision, "ending a process left behind by an earlier server run");
+        if let Some(pgid) = pgid.filter(|g| *g != nix::unistd::getpgrp().as_raw() as u32) {
+            kill_group(pgid);
+        }
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        ended += 1;
+    }
+    ended
+}
+
 /// The resident memory, in bytes, of the process `pid` and every process descended from
 /// it, read from `/proc`. Processes that end while they are being read count as nothing.
 pub(crate) fn resident_memory(pid: u32) -> u64 {
@@ -69,4 +119,33 @@ pub(crate) fn resident_memory(pid: u32) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strays_of_this_servers_revisions_are_ended_and_others_left_alone() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (uuid_like(1), uuid_like(2));
+        std::fs::create_dir_all(dir.path().join(&ours)).unwrap();
+        let start = |revision: &str| {
+            std::process::Command::new("sleep").arg("60").env(REVISION_VAR, revision).process_group(0).spawn().unwrap()
+        };
+        let (mut stray, mut other) = (start(&ours), start(&theirs));
+
+        assert_eq!(end_strays(dir.path()), 1);
+        let status = stray.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+        assert!(other.try_wait().unwrap().is_none(), "a process of another revision was touched");
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
+
+    /// A made-up revision id, unique to this test run.
+    fn uuid_like(n: u32) -> String {
+        format!("{:08x}-test-{n}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos())
+    }
 }

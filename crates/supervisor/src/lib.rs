@@ -12,7 +12,7 @@ mod group;
 mod runner;
 
 pub use build::{BuildOutcome, BuildSpec, run_build};
-pub use group::end_leftover;
+pub use group::{REVISION_VAR, end_leftover, end_strays};
 /// What [`RunnerBackend::subscribe_output`] hands out. It lives in `model`, so that a crate
 /// that consumes runners' output need not depend on the supervisor.
 pub use model::records::OutputLine;

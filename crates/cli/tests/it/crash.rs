@@ -63,3 +63,35 @@ fn sigterm_mid_deploy_stops_the_build_and_exits_cleanly() {
     assert_eq!(revs[0]["status"], "failed");
     assert_eq!(revs[0]["failure"], "interrupted");
 }
+
+#[test]
+fn a_process_started_for_a_revision_just_before_a_crash_is_ended_without_its_pid_file() {
+    // A server killed between starting a runner and writing its pid file leaves a
+    // process no pid file names; the restart finds it by the revision in its
+    // environment. Made here by hand: a process of a real revision, with no pid file,
+    // that has left the data dir.
+    let mut server = server();
+    let app = crate::testapp_dir("strays", "");
+    let revision =
+        server.run(&["deploy", app.path_str(), "--json"]).ok().json()["revision"].as_str().unwrap().to_owned();
+    let mut stray = std::process::Command::new("sleep")
+        .arg("600")
+        .current_dir("/")
+        .env("HANGAR_REVISION", &revision)
+        .spawn()
+        .unwrap();
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("600")
+        .env("HANGAR_REVISION", "a-revision-of-another-server")
+        .spawn()
+        .unwrap();
+
+    server.kill();
+    server.restart();
+    let ended = wait_until("the stray to be ended", || stray.try_wait().unwrap());
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&ended), Some(9));
+    assert!(bystander.try_wait().unwrap().is_none(), "a process of another server was touched");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+    assert!(server.output().contains("ending a process left behind"), "{}", server.output());
+}

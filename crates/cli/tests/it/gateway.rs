@@ -303,3 +303,34 @@ fn a_runner_over_its_machine_types_memory_limit_is_killed_and_replaced() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_ne!(reply.header("x-hangar-runner-id").as_deref(), Some(first.as_str()));
 }
+
+#[test]
+fn a_runner_that_hangs_is_given_up_and_replaced() {
+    let server = server();
+    let http = Http::new();
+    let app = testapp_dir("frozen", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let victim = http.get(&app_url(&server, "frozen", "/"), None).json();
+    let (pid, first) = (victim["pid"].as_i64().unwrap() as i32, victim["runner"].as_str().unwrap().to_owned());
+    // Stopped, the process neither answers nor exits: health checks time out.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let ended = wait_until("the hung runner to be given up", || {
+        runners(&server, "frozen", &["--state", "terminated", "--since", "1m"])
+            .into_iter()
+            .find(|r| r["id"] == first.as_str())
+    });
+    assert!(ended["reason"].as_str().unwrap().contains("health checks in a row failed"), "{ended}");
+    assert!(!process_alive(pid), "the hung process was ended");
+    wait_until("a new runner", || {
+        runners(&server, "frozen", &[]).iter().any(|r| r["state"] == "idle" && r["id"] != first.as_str()).then_some(())
+    });
+    let reply = http.get(&app_url(&server, "frozen", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_ne!(reply.json()["runner"], first.as_str());
+}
+
+/// Whether `pid` is a process that has not ended (a zombie has).
+fn process_alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+}
