@@ -262,10 +262,11 @@ fn spawn_traffic(
             let query = format!("delay_ms={}&n={}", rng.u64(0..200), rng.u64(..));
             counter("queue submits");
             let submitted = client.post(format!("{gateway}/queue/default/{APP}/work?{query}")).body("{}").send().await;
-            let Ok(reply) = submitted else { continue };
-            if reply.status().as_u16() != 202 {
+            // Refused, or sent to a server that is gone: not accepted.
+            let Some(reply) = submitted.ok().filter(|r| r.status().as_u16() == 202) else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
-            }
+            };
             let Ok(json) = reply.json::<Value>().await else { continue };
             let Some(id) = json["request_id"].as_str() else { continue };
             let accepted = Accepted { id: id.to_owned(), query };

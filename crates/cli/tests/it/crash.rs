@@ -95,3 +95,21 @@ fn a_process_started_for_a_revision_just_before_a_crash_is_ended_without_its_pid
     bystander.wait().unwrap();
     assert!(server.output().contains("ending a process left behind"), "{}", server.output());
 }
+
+#[test]
+fn a_few_crash_trials_come_back_clean() {
+    // The crash trials (`reliability/run.sh crash`) run 50; a few here keep them honest
+    // between runs. The program is built with the workspace's binaries.
+    let trials = std::path::Path::new(crate::BIN).with_file_name("hangar-crash-trials");
+    assert!(trials.exists(), "{} is missing: build the workspace's binaries", trials.display());
+    let out = testkit::run_command(std::process::Command::new(&trials).args([
+        "--hangar",
+        crate::BIN,
+        "--trials",
+        "3",
+        "--seed",
+        "1",
+    ]));
+    assert!(out.success(), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("3 of 3 trials clean"), "{}", out.stdout);
+}
