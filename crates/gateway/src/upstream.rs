@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -27,11 +28,40 @@ type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
 
 /// Idle connections kept per runner and thread.
 const IDLE_PER_RUNNER: usize = 256;
+/// An idle connection unused for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a thread's pool is swept of connections that ended or timed out, at most.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 thread_local! {
     /// Idle connections by runner address. Per thread, because a connection belongs to
     /// the runtime of the thread that opened it.
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<Upstream>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<Pool> = RefCell::new(Pool { by_addr: HashMap::new(), swept: Instant::now() });
+}
+
+struct Pool {
+    by_addr: HashMap<SocketAddr, Vec<Upstream>>,
+    swept: Instant,
+}
+
+impl Pool {
+    /// Closes the idle connections whose runner has closed them (it stopped, or timed
+    /// them out) and those unused for [`IDLE_TIMEOUT`], and forgets runners with none
+    /// left. Runners come and go with every rollout and scale-down; without this their
+    /// connections would stay open, one file each, for as long as the server runs.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        // Polled once without anyone to wake: a connection whose peer has gone ends.
+        let mut cx = Context::from_waker(Waker::noop());
+        self.by_addr.retain(|_, list| {
+            list.retain_mut(|c| {
+                c.drive(&mut cx);
+                !c.ended && !c.sender.is_closed() && now.duration_since(c.idle_since) < IDLE_TIMEOUT
+            });
+            !list.is_empty()
+        });
+        self.swept = now;
+    }
 }
 
 /// One connection to a runner: the handle to send on and the connection itself.
@@ -41,12 +71,14 @@ pub(crate) struct Upstream {
     connection: Pin<Box<Connection>>,
     /// The connection has ended; it must not be polled again.
     ended: bool,
+    /// When it last went back to the pool.
+    idle_since: Instant,
 }
 
 impl Upstream {
     /// An idle connection to `addr` that is ready for a request, or a new one.
     async fn checkout(addr: SocketAddr) -> Result<Upstream, UpstreamError> {
-        while let Some(mut idle) = IDLE.with(|idle| idle.borrow_mut().get_mut(&addr).and_then(Vec::pop)) {
+        while let Some(mut idle) = IDLE.with(|pool| pool.borrow_mut().by_addr.get_mut(&addr).and_then(Vec::pop)) {
             if idle.ready().await.is_ok() {
                 return Ok(idle);
             }
@@ -54,7 +86,8 @@ impl Upstream {
         let stream = TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        let mut upstream = Upstream { addr, sender, connection: Box::pin(connection), ended: false };
+        let mut upstream =
+            Upstream { addr, sender, connection: Box::pin(connection), ended: false, idle_since: Instant::now() };
         upstream.ready().await?;
         Ok(upstream)
     }
@@ -76,15 +109,19 @@ impl Upstream {
     }
 
     /// Back to the pool, if it can serve again.
-    fn give_back(self) {
+    fn give_back(mut self) {
         if self.ended || self.sender.is_closed() {
             return;
         }
-        IDLE.with(|idle| {
-            let mut idle = idle.borrow_mut();
-            let list = idle.entry(self.addr).or_default();
+        self.idle_since = Instant::now();
+        IDLE.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let list = pool.by_addr.entry(self.addr).or_default();
             if list.len() < IDLE_PER_RUNNER {
                 list.push(self);
+            }
+            if pool.swept.elapsed() >= SWEEP_EVERY {
+                pool.sweep();
             }
         });
     }

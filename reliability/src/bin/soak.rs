@@ -87,7 +87,8 @@ fn main() -> anyhow::Result<()> {
                 server.run(&["apps", "rollout", APP]).ok();
                 "rollout".to_owned()
             } else {
-                let target = &revision_ids[(operations as usize / 2) % 2];
+                // The second deploy is current at first: the first set-rev goes back.
+                let target = &revision_ids[(operations as usize / 2 + 1) % 2];
                 server.run(&["apps", "set-rev", APP, target]).ok();
                 format!("set-rev {}", &target[..8])
             };

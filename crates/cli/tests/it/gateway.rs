@@ -334,3 +334,30 @@ fn process_alive(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
 }
+
+#[test]
+fn connections_to_runners_that_were_replaced_are_closed() {
+    let server = server();
+    let http = Http::new();
+    let app = testapp_dir("turnover", "[scaling]\nmin_concurrency = 1\nmax_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let url = app_url(&server, "turnover", "/");
+    let pid = server.pid().unwrap();
+    let open_files = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert_eq!(http.get(&url, None).status, 200);
+    let before = open_files();
+
+    // Every rollout replaces the runner: a new address, and the old one's pooled
+    // connections are of no use any more.
+    for _ in 0..10 {
+        server.run(&["apps", "rollout", "turnover"]).ok();
+        assert_eq!(http.get(&url, None).status, 200);
+    }
+    // Calls keep going; the gateway's pools drop what the stopped runners closed.
+    let after = wait_until("the server's open files to come back down", || {
+        assert_eq!(http.get(&url, None).status, 200);
+        let now = open_files();
+        (now <= before + 4).then_some(now)
+    });
+    assert!(after <= before + 4, "{before} open files before, {after} after");
+}
