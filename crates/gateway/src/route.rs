@@ -374,14 +374,19 @@ impl AppRoute {
         }
     }
 
-    /// The free slot with the fewest calls on a runner of the current revision.
+    /// A free slot on a runner of the current revision: on the busiest runner that still
+    /// has one, the longest-serving of those on a tie. Packing calls onto as few runners
+    /// as they fit lets the others go idle, so that the autoscaler can stop them once
+    /// load falls; spreading calls evenly would keep every runner just busy enough to
+    /// live forever.
     fn take_slot(self: &Arc<Self>, state: &mut RouteState) -> Option<Lease> {
         let revision = state.revision?;
-        let slot = state
+        let (_, slot) = state
             .runners
             .iter_mut()
-            .filter(|s| s.accepting && s.revision == revision && s.in_flight < s.max)
-            .min_by_key(|s| s.in_flight)?;
+            .enumerate()
+            .filter(|(_, s)| s.accepting && s.revision == revision && s.in_flight < s.max)
+            .max_by_key(|(order, s)| (s.in_flight, std::cmp::Reverse(*order)))?;
         slot.in_flight += 1;
         slot.idle_since = None;
         Some(Lease {
@@ -465,23 +470,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fewest_in_flight_first_and_slots_are_bounded() {
+    async fn calls_fill_the_busiest_runner_first_and_slots_are_bounded() {
         let route = route();
-        let a = add(&route, 10, 2);
-        let b = add(&route, 11, 2);
-        let first = route.acquire(later()).await.unwrap();
-        let second = route.acquire(later()).await.unwrap();
-        assert_ne!(first.runner, second.runner, "the second call goes to the emptier runner");
-        let _third = route.acquire(later()).await.unwrap();
-        let _fourth = route.acquire(later()).await.unwrap();
+        let a = add(&route, 10, 3);
+        let b = add(&route, 11, 3);
+        let mut leases = Vec::new();
+        for _ in 0..4 {
+            leases.push(route.acquire(later()).await.unwrap());
+        }
+        let on: Vec<RunnerId> = leases.iter().map(|l| l.runner).collect();
+        assert_eq!(on, [a, a, a, b], "the longest-serving runner fills first; a full one takes no more");
+        leases.remove(0);
+        leases.push(route.acquire(later()).await.unwrap());
+        assert_eq!(leases[3].runner, a, "of two runners with room, the busier takes the call");
+        leases.push(route.acquire(later()).await.unwrap());
+        leases.push(route.acquire(later()).await.unwrap());
         let snapshot = route.snapshot();
-        assert_eq!(snapshot.runner(a).unwrap().in_flight, 2);
-        assert_eq!(snapshot.runner(b).unwrap().in_flight, 2);
+        assert_eq!(snapshot.runner(a).unwrap().in_flight, 3);
+        assert_eq!(snapshot.runner(b).unwrap().in_flight, 3);
         let err = route.acquire(Instant::now() + Duration::from_millis(20)).await.err();
         assert_eq!(err, Some(AcquireError::Deadline), "no slot is free");
         assert!(route.snapshot().queued.is_empty(), "a call that gave up leaves the queue");
-        drop(first);
-        assert_eq!(route.snapshot().in_flight(), 3);
+        leases.pop();
+        assert_eq!(route.snapshot().in_flight(), 5);
     }
 
     #[tokio::test]

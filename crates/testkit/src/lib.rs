@@ -154,6 +154,16 @@ impl Drop for TestServer {
     /// Stops the server gracefully, so that it stops its runners too; a server that
     /// does not exit in time is killed.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what the server said, which is otherwise lost with its
+            // temporary directory.
+            let output = self.output();
+            let lines: Vec<&str> = output.lines().collect();
+            eprintln!("--- the server's last log lines ---");
+            for line in &lines[lines.len().saturating_sub(200)..] {
+                eprintln!("{line}");
+            }
+        }
         let Some(mut child) = self.child.take() else { return };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -141,10 +141,12 @@ fn a_forced_rollout_in_the_middle_of_queue_traffic_fails_no_request() {
         testapp_dir("rolled", "[scaling]\nmin_concurrency = 2\nmax_concurrency = 3\n[runner]\nmax_multiplexing = 4\n");
     server.run(&["deploy", app.path_str()]).ok();
     let http = Http::new();
+    // Calls of a second each, so that on a loaded machine the first are still running
+    // when the rollout comes, however long submitting them took.
     let mut submitted: Vec<Value> =
-        (0..40).map(|n| submit(&http, &server, "rolled", &format!("/work?delay_ms=300&n={n}"), &json!({}))).collect();
+        (0..40).map(|n| submit(&http, &server, "rolled", &format!("/work?delay_ms=1000&n={n}"), &json!({}))).collect();
     wait_until("requests to be running", || {
-        (status(&http, &server, &submitted[0])["status"] == "IN_PROGRESS").then_some(())
+        submitted.iter().any(|r| status(&http, &server, r)["status"] == "IN_PROGRESS").then_some(())
     });
     server.run(&["apps", "rollout", "rolled", "--force"]).ok();
     submitted
@@ -156,7 +158,8 @@ fn a_forced_rollout_in_the_middle_of_queue_traffic_fails_no_request() {
         assert_eq!(status["error"], Value::Null, "request {n} failed: {status}");
         let reply = result(&http, &server, request);
         assert_eq!(reply.status, 200, "{}", reply.text());
-        assert_eq!(reply.json()["query"], format!("delay_ms=300&n={n}"));
+        let delay = if n < 40 { 1000 } else { 300 };
+        assert_eq!(reply.json()["query"], format!("delay_ms={delay}&n={n}"));
         let attempts = status["attempts"].as_array().unwrap();
         if attempts.len() > 1 {
             retried += 1;

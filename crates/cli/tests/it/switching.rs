@@ -35,7 +35,10 @@ fn no_call_fails_through_deploys_set_revs_and_scale_down() {
     server.run(&["apps", "scale", "live", "--min-concurrency", "3"]).ok();
     wait_until("three runners", || (runners(&server, "live", &[]).len() == 3).then_some(()));
     server.run(&["apps", "scale", "live", "--min-concurrency", "1", "--keep-alive", "1"]).ok();
-    wait_until("the scale-down", || (runners(&server, "live", &[]).len() == 1).then_some(()));
+    // Calls pack onto the fewest runners they fit, so the spare ones go idle and stop even
+    // while the prober runs. How many the calls need depends on how loaded the machine
+    // is; on a quiet one, one runner takes them all.
+    wait_until("the scale-down", || (runners(&server, "live", &[]).len() < 3).then_some(()));
 
     let report = prober.finish();
     assert!(
