@@ -5,5 +5,7 @@
 
 pub mod client;
 pub mod error;
+mod extract;
+mod openapi;
 pub mod router;
 pub mod wire;
