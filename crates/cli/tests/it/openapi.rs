@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use testkit::{Http, Reply, TestServer};
 
-use crate::{runtime, server, testapp_dir};
+use crate::{app_with_build, runtime, server, testapp_dir};
 
 fn url(server: &TestServer, path: &str) -> String {
     format!("{}{path}", server.api_url)
@@ -174,6 +174,48 @@ fn a_team_header_that_is_not_ascii_is_refused_with_400() {
 }
 
 #[test]
+fn key_descriptions_are_limited_in_characters_not_bytes() {
+    let server = server();
+    let client = server.client();
+    let runtime = runtime();
+    // 500 characters of two bytes each: within the limit the document states.
+    let longest = "é".repeat(500);
+    let key = runtime.block_on(client.create_key("api", Some(longest.clone()))).expect("500 characters are taken");
+    let listed = runtime.block_on(client.list_keys()).unwrap();
+    let listed = listed.iter().find(|k| k.id == key.id).expect("the new key is listed");
+    assert_eq!(listed.description.as_deref(), Some(longest.as_str()));
+    let err = runtime.block_on(client.create_key("api", Some("é".repeat(501)))).unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(400), Some("invalid_request")), "{err}");
+    assert!(err.to_string().contains("longer than 500 characters"), "{err}");
+}
+
+#[test]
+fn a_build_log_offset_past_the_end_reads_nothing() {
+    let server = server();
+    let app = app_with_build("logged", "echo building");
+    server.run(&["deploy", app.path_str()]).ok();
+    let revision = crate::revisions(&server, "logged")[0]["id"].as_str().unwrap().to_owned();
+    let http = Http::new();
+    let log = |offset: &str| {
+        http.get(
+            &url(&server, &format!("/v1/apps/logged/revisions/{revision}/log?offset={offset}")),
+            Some(&server.root_key),
+        )
+    };
+    let start = log("0").json();
+    assert!(start["data"].as_str().unwrap().contains("building"), "{start}");
+    // Offsets a file cannot seek to (past i64::MAX) once answered 500.
+    for offset in [i64::MAX as u64 - 1, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+        let reply = log(&offset.to_string());
+        assert_eq!(reply.status, 200, "offset {offset}: {}", reply.text());
+        assert_eq!(reply.json(), json!({"data": "", "next_offset": offset}), "offset {offset}");
+    }
+    // Past u64, it is no offset at all.
+    let message = api_error(&log("18446744073709551616"), 400, "invalid_request");
+    assert!(message.contains("offset"), "{message}");
+}
+
+#[test]
 fn scale_takes_whole_numbers_written_with_a_zero_fraction() {
     let server = server();
     let app = testapp_dir("scaled", "");
@@ -204,4 +246,15 @@ fn scale_takes_whole_numbers_written_with_a_zero_fraction() {
         let message = api_error(&scale(body), 400, "invalid_request");
         assert!(message.contains(named), "{body}: {message}");
     }
+}
+
+#[test]
+fn runner_state_filters_take_spaces_around_commas_only() {
+    let server = server();
+    let http = Http::new();
+    let runners = |state: &str| http.get(&url(&server, &format!("/v1/runners?state={state}")), Some(&server.root_key));
+    let reply = runners("idle%20,%20running");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let message = api_error(&runners("idle,%09running"), 400, "invalid_request");
+    assert!(message.contains("unknown runner state"), "{message}");
 }
