@@ -2,6 +2,8 @@
 //! requests against it found: malformed requests answered with the JSON error body and
 //! a 4xx, never a plain-text rejection or a 500.
 
+use std::process::Stdio;
+
 use serde_json::{Value, json};
 use testkit::{Http, Reply, TestServer};
 
@@ -257,4 +259,20 @@ fn runner_state_filters_take_spaces_around_commas_only() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let message = api_error(&runners("idle,%09running"), 400, "invalid_request");
     assert!(message.contains("unknown runner state"), "{message}");
+}
+
+/// `hangar keys list | head -1`: once the reader has gone, the CLI ends quietly
+/// instead of panicking on the broken pipe. The pipe's read end is closed before the
+/// command starts, so that its first write fails every time.
+#[test]
+fn the_cli_ends_quietly_when_its_reader_has_gone() {
+    let server = server();
+    for args in [&["keys", "list"][..], &["apps", "list", "--json"], &["completion", "bash"]] {
+        let (reader, writer) = nix::unistd::pipe().expect("a pipe");
+        drop(reader);
+        let out = server.cli().args(args).stdout(Stdio::from(writer)).stderr(Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "hangar {args:?} (stderr: {stderr})");
+        assert!(stderr.is_empty(), "hangar {args:?} said: {stderr}");
+    }
 }
