@@ -1,13 +1,38 @@
-//! The OpenAPI document of the control API, and the regression tests of what checking
-//! requests against it found: malformed requests answered with the JSON error body and
-//! a 4xx, never a plain-text rejection or a 500.
+//! The OpenAPI document of the control API, schemathesis run against it, and the
+//! regression tests of what that run found: malformed requests answered with the JSON
+//! error body and a 4xx, never a plain-text rejection or a 500.
 
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use serde_json::{Value, json};
 use testkit::{Http, Reply, TestServer};
 
 use crate::{app_with_build, runtime, server, testapp_dir};
+
+/// The seed of the schemathesis run, so that every run tries the same cases. Another
+/// seed tries others (`HANGAR_SCHEMATHESIS_SEED`), which is how to look for more.
+const SEED: &str = "1";
+
+/// `tests/openapi`: schemathesis's settings and hooks.
+fn openapi_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openapi")
+}
+
+/// The schemathesis of the virtualenv `scripts/test.sh` makes.
+fn schemathesis() -> PathBuf {
+    let bin = std::env::var_os("HANGAR_SCHEMATHESIS").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/schemathesis-venv/bin/schemathesis")
+    });
+    assert!(
+        bin.exists(),
+        "{} is missing: scripts/test.sh makes it (python3 -m venv target/schemathesis-venv && \
+         target/schemathesis-venv/bin/pip install -r tests/openapi/requirements.txt)",
+        bin.display()
+    );
+    bin
+}
 
 fn url(server: &TestServer, path: &str) -> String {
     format!("{}{path}", server.api_url)
@@ -77,6 +102,50 @@ fn the_document_describes_every_operation_and_needs_no_key() {
         assert!(operations.iter().any(|o| o == expected), "{expected} is not documented: {operations:?}");
     }
     assert_eq!(operations.len(), 30, "{operations:#?}");
+}
+
+/// schemathesis generates requests from the document, valid and invalid ones, and checks
+/// every answer: no 5xx, statuses, content types, headers and bodies as documented,
+/// invalid requests refused, valid ones taken, authentication enforced, 405 with
+/// `Allow` for other methods. Any failure fails the test.
+#[test]
+fn schemathesis_finds_no_failure_in_the_api() {
+    let server = server();
+    // Something for the listings to show, so that their answers are checked too.
+    let app = testapp_dir("fixture", "");
+    server.run(&["deploy", app.path_str()]).ok();
+    server.run(&["secrets", "set", "GREETING=hello"]).ok();
+    let key = server.run(&["keys", "create", "--scope", "admin", "--desc", "schemathesis", "--json"]).ok().json();
+    let home = tempfile::tempdir().unwrap();
+    let seed = std::env::var("HANGAR_SCHEMATHESIS_SEED").unwrap_or_else(|_| SEED.to_owned());
+    let started = Instant::now();
+    let out = testkit::run_command(
+        Command::new(schemathesis())
+            .arg("--config-file")
+            .arg(openapi_dir().join("schemathesis.toml"))
+            .arg("--no-color")
+            .args(["run", &url(&server, "/v1/openapi.json"), "--seed", &seed])
+            .arg("--header")
+            .arg(format!("Authorization: Key {}", key["key"].as_str().unwrap()))
+            // schemathesis and hypothesis keep files in the working directory.
+            .current_dir(home.path())
+            .env("HOME", home.path())
+            .env("SCHEMATHESIS_HOOKS", openapi_dir().join("hooks.py"))
+            .env("HANGAR_OPENAPI_KEY_ID", key["id"].as_str().unwrap())
+            .stdin(Stdio::null()),
+    );
+    let report = format!("{}\n{}", out.stdout, out.stderr);
+    assert!(out.success(), "schemathesis found failures (seed {seed}):\n{report}");
+    // "Selected: 29/29", "Tested: 29", "1229 generated, 1229 passed, 34 skipped"
+    let figure = |label: &str| {
+        let line = report.lines().find_map(|l| l.trim().strip_prefix(label)).unwrap_or_default();
+        line.trim().to_owned()
+    };
+    let operations = figure("Tested:");
+    assert_eq!(figure("Selected:"), format!("{operations}/{operations}"), "not every operation was tested:\n{report}");
+    let cases = report.lines().find(|l| l.contains(" generated, ")).unwrap_or_default().trim();
+    assert!(cases.contains(" passed") && !cases.contains("fail"), "{report}");
+    eprintln!("schemathesis, seed {seed}: {operations} operations, {cases}, in {:.1?}", started.elapsed());
 }
 
 #[test]
