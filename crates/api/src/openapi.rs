@@ -15,7 +15,6 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Required};
 
 use crate::error::ErrorBody;
-use crate::router::TEAM_HEADER;
 
 /// The name of the security scheme of the API key.
 const KEY_SCHEME: &str = "api_key";
@@ -54,6 +53,7 @@ pub(crate) fn require_key(api: &mut OpenApi) {
     for item in api.paths.paths.values_mut() {
         for operation in operations(item) {
             operation.security = Some(vec![SecurityRequirement::new(KEY_SCHEME, Vec::<String>::new())]);
+            // `TEAM_HEADER`, spelled as people write it (header names ignore case).
             let team = ParameterBuilder::new()
                 .name("X-Hangar-Team")
                 .parameter_in(ParameterIn::Header)
@@ -61,7 +61,6 @@ pub(crate) fn require_key(api: &mut OpenApi) {
                 .description(Some("Act for this team instead of the key's own (root keys only)."))
                 .schema(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some(NAME_PATTERN))))
                 .build();
-            debug_assert!(TEAM_HEADER.eq_ignore_ascii_case("X-Hangar-Team"));
             operation.parameters.get_or_insert_with(Vec::new).push(team);
         }
     }
@@ -247,5 +246,33 @@ impl utoipa::PartialSchema for Archive {
 impl utoipa::ToSchema for Archive {
     fn name() -> std::borrow::Cow<'static, str> {
         std::borrow::Cow::Borrowed("Archive")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn unsigned_integers_get_their_whole_range_and_keep_stated_bounds() {
+        let mut schema = json!({"properties": {
+            "a": {"type": "integer", "format": "u-int32", "minimum": 0},
+            "b": {"type": ["integer", "null"], "format": "u-int64", "minimum": 1, "maximum": 1000},
+            "c": {"type": "array", "items": {"type": "integer", "format": "u-int64"}},
+            "d": {"type": "integer", "format": "int32"},
+        }});
+        state_unsigned_ranges(&mut schema);
+        assert_eq!(
+            schema,
+            json!({"properties": {
+                "a": {"type": "integer", "format": "uint32", "minimum": 0, "maximum": 4294967295_u64},
+                "b": {"type": ["integer", "null"], "format": "uint64", "minimum": 1, "maximum": 1000},
+                "c": {"type": "array", "items": {"type": "integer", "format": "uint64", "minimum": 0,
+                      "maximum": 18446744073709551615_u64}},
+                "d": {"type": "integer", "format": "int32"},
+            }})
+        );
     }
 }
