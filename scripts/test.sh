@@ -19,18 +19,24 @@ need_deb chromium chromium
 need_deb node nodejs
 need_deb npm npm
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
-# The queue is tested with the unmodified fal-client package from PyPI, in a
-# virtualenv of its own.
-fal_venv=target/fal-venv
-if ! "$fal_venv/bin/python" -c "import fal_client" >/dev/null 2>&1; then
-  python3 -m venv "$fal_venv" 2>/dev/null || {
+need_venv() { # need_venv DIR REQUIREMENTS: a virtualenv in DIR with REQUIREMENTS installed
+  local venv=$1 requirements=$2
+  # A venv made from these very requirements is kept; a changed file makes it anew.
+  cmp -s "$requirements" "$venv/requirements.txt" && return
+  rm -rf "$venv"
+  python3 -m venv "$venv" 2>/dev/null || {
     [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-    rm -rf "$fal_venv"
-    python3 -m venv "$fal_venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
   }
-  "$fal_venv/bin/pip" install --quiet --disable-pip-version-check -r tests/fal/requirements.txt
-fi
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$venv/requirements.txt"
+}
+# The queue is tested with the unmodified fal-client package from PyPI, and the control
+# API with schemathesis (from its OpenAPI document), each in a virtualenv of its own.
+need_venv target/fal-venv tests/fal/requirements.txt
+need_venv target/schemathesis-venv tests/openapi/requirements.txt
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

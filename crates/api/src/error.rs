@@ -17,6 +17,8 @@ pub enum ErrorCode {
     RevisionNotFound,
     AmbiguousRevision,
     InvalidRequest,
+    MethodNotAllowed,
+    UnsupportedMediaType,
     InvalidManifest,
     InvalidArchive,
     ArchiveTooLarge,
@@ -50,6 +52,8 @@ impl ErrorCode {
             ErrorCode::RevisionNotFound => StatusCode::NOT_FOUND,
             ErrorCode::AmbiguousRevision => StatusCode::BAD_REQUEST,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::InvalidManifest => StatusCode::BAD_REQUEST,
             ErrorCode::InvalidArchive => StatusCode::BAD_REQUEST,
             ErrorCode::ArchiveTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -83,6 +87,8 @@ impl ErrorCode {
             ErrorCode::RevisionNotFound => "revision_not_found",
             ErrorCode::AmbiguousRevision => "ambiguous_revision",
             ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::InvalidManifest => "invalid_manifest",
             ErrorCode::InvalidArchive => "invalid_archive",
             ErrorCode::ArchiveTooLarge => "archive_too_large",
@@ -115,6 +121,8 @@ impl ErrorCode {
         ErrorCode::RevisionNotFound,
         ErrorCode::AmbiguousRevision,
         ErrorCode::InvalidRequest,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::UnsupportedMediaType,
         ErrorCode::InvalidManifest,
         ErrorCode::InvalidArchive,
         ErrorCode::ArchiveTooLarge,
@@ -161,19 +169,35 @@ impl ApiError {
 
 /// The JSON error body. `detail` and `error_type` repeat the message and the code under
 /// the names `fal_client` reads, so its exceptions carry them.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+    /// The message again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub detail: Option<String>,
+    /// The code again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error_type: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// What went wrong: a stable code for programs and a message for people.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ErrorDetail {
+    /// One of the API's error codes; each has exactly one HTTP status.
+    #[schema(schema_with = error_code_schema)]
     pub code: String,
+    /// What was wrong, naming the value or the thing concerned.
     pub message: String,
+}
+
+/// The `code` of an error body: a string from the table above.
+fn error_code_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(ErrorCode::ALL.iter().map(|c| c.as_str())))
+        .build()
 }
 
 impl ApiError {

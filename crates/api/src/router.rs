@@ -6,19 +6,22 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Extension, Json};
 use model::revision::KeyScope;
 use serde::Deserialize;
+use utoipa::{IntoParams, OpenApi as _};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
+use crate::openapi;
 use crate::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
     HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
@@ -160,52 +163,108 @@ pub trait ControlPlane: Send + Sync + 'static {
     ) -> impl Future<Output = Result<LogChunk, ApiError>> + Send;
 }
 
-/// Builds the control API router.
+/// Builds the control API router, and the OpenAPI document that describes it from the
+/// handlers' own descriptions, served at `GET /v1/openapi.json`.
 pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
-    let v1 = Router::new()
-        .route("/apps", get(list_apps::<C>))
-        .route("/apps/{app}", get(get_app::<C>).delete(delete_app::<C>))
-        .route("/apps/{app}/revisions", get(list_revisions::<C>))
-        .route("/apps/{app}/revisions/{rev}", get(get_revision::<C>).delete(delete_revision::<C>))
-        .route("/apps/{app}/revisions/{rev}/log", get(revision_log::<C>))
-        .route("/apps/{app}/history", get(history::<C>))
-        .route("/deploys", axum::routing::post(deploy::<C>))
-        .route("/apps/{app}/scale", axum::routing::post(scale::<C>))
-        .route("/apps/{app}/set-rev", axum::routing::post(set_rev::<C>))
-        .route("/apps/{app}/rollout", axum::routing::post(rollout::<C>))
-        .route("/apps/{app}/suspend", axum::routing::post(suspend::<C>))
-        .route("/apps/{app}/resume", axum::routing::post(resume::<C>))
-        .route("/apps/{app}/runners", get(app_runners::<C>))
-        .route("/runners", get(runners::<C>))
-        .route("/teams", get(list_teams::<C>).post(create_team::<C>))
-        .route("/keys", get(list_keys::<C>).post(create_key::<C>))
-        .route("/keys/{id}", axum::routing::delete(revoke_key::<C>))
-        .route("/secrets", get(list_secrets::<C>).put(set_secrets::<C>))
-        .route("/secrets/{name}", axum::routing::delete(unset_secret::<C>))
-        .route("/runners/{id}/stop", axum::routing::post(stop_runner::<C>))
-        .route("/runners/{id}/kill", axum::routing::post(kill_runner::<C>))
-        .route("/runners/{id}/log", get(runner_log::<C>))
-        .route_layer(middleware::from_fn_with_state(control.clone(), authenticate::<C>));
-    Router::new()
-        .route("/healthz", get(|| async { Json(HealthJson { status: "ok".to_owned() }) }))
-        .route("/metrics", get(metrics::<C>))
-        .nest("/v1", v1)
+    let mut v1 = OpenApiRouter::default()
+        .routes(routes!(list_apps))
+        .routes(routes!(get_app, delete_app))
+        .routes(routes!(list_revisions))
+        .routes(routes!(get_revision, delete_revision))
+        .routes(routes!(revision_log))
+        .routes(routes!(history))
+        .routes(routes!(deploy))
+        .routes(routes!(scale))
+        .routes(routes!(set_rev))
+        .routes(routes!(rollout))
+        .routes(routes!(suspend))
+        .routes(routes!(resume))
+        .routes(routes!(app_runners))
+        .routes(routes!(runners))
+        .routes(routes!(list_teams, create_team))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(list_secrets, set_secrets))
+        .routes(routes!(unset_secret))
+        .routes(routes!(stop_runner))
+        .routes(routes!(kill_runner))
+        .routes(routes!(runner_log));
+    // Exactly the routes that the key is checked on are documented as needing it.
+    openapi::require_key(v1.get_openapi_mut());
+    let v1 = v1.route_layer(middleware::from_fn_with_state(control.clone(), authenticate::<C>));
+    let (router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .merge(v1)
+        .split_for_parts();
+    let document = OpenApiJson(Bytes::from(openapi::finish(document).to_string()));
+    router
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such API route") })
+        // axum adds the `Allow` header that lists the methods the route takes.
         .method_not_allowed_fallback(|| async {
-            ApiError::new(ErrorCode::InvalidRequest, "this route does not take that method")
+            ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method; see the Allow header")
         })
+        .layer(Extension(document))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .with_state(control)
 }
 
+/// The OpenAPI document, serialized once when the router is built.
+#[derive(Clone)]
+struct OpenApiJson(Bytes);
+
+/// Whether the server is up.
+#[utoipa::path(get, path = "/healthz", tag = "server", responses((status = OK, body = HealthJson)))]
+async fn healthz() -> Json<HealthJson> {
+    Json(HealthJson { status: "ok".to_owned() })
+}
+
+/// The server's metrics, in the Prometheus text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "server",
+    responses((status = OK, description = "Prometheus text exposition", content_type = "text/plain", body = String))
+)]
 async fn metrics<C: ControlPlane>(State(c): State<Arc<C>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics()).into_response()
 }
 
+/// This document: the control API in OpenAPI 3.1. It needs no key.
+#[utoipa::path(
+    get, path = "/v1/openapi.json", tag = "server",
+    responses((status = OK, description = "The OpenAPI document", body = Object))
+)]
+async fn openapi_json(Extension(OpenApiJson(document)): Extension<OpenApiJson>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
+}
+
 async fn authenticate<C: ControlPlane>(State(control): State<Arc<C>>, mut request: Request, next: Next) -> Response {
     let headers = request.headers();
-    let authorization = header_str(headers, header::AUTHORIZATION.as_str());
-    let team = header_str(headers, TEAM_HEADER);
+    let authorization = match headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(value)) => Some(value.to_owned()),
+        Some(Err(_)) => {
+            return ApiError::new(
+                ErrorCode::Unauthorized,
+                "the Authorization header holds characters other than visible ASCII: \
+                 expected 'Key <id>:<secret>'",
+            )
+            .into_response();
+        }
+    };
+    // A team header that is not text cannot name a team. It is refused, but only once
+    // the key has been checked, so that a caller without a valid key learns nothing more.
+    let (team, bad_team) = match headers.get(TEAM_HEADER).map(|v| v.to_str()) {
+        None => (None, false),
+        Some(Ok(value)) => (Some(value.to_owned()), false),
+        Some(Err(_)) => (None, true),
+    };
     match control.authenticate(authorization.as_deref(), team.as_deref()).await {
+        Ok(_) if bad_team => ApiError::new(
+            ErrorCode::InvalidRequest,
+            "the X-Hangar-Team header holds characters other than visible ASCII, so it names no team",
+        )
+        .into_response(),
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -214,10 +273,73 @@ async fn authenticate<C: ControlPlane>(State(control): State<Arc<C>>, mut reques
     }
 }
 
-fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// The path of an app.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct AppPath {
+    /// The app's name.
+    #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    app: String,
 }
 
+/// The path of a revision of an app.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct RevisionPath {
+    /// The app's name.
+    #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    app: String,
+    /// The revision's id, or a prefix of it that only it has.
+    #[param(pattern = r"^[0-9a-fA-F-]{1,36}$")]
+    rev: String,
+}
+
+/// The path of a runner.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct RunnerPath {
+    /// The runner's id, or a prefix of it that only it has.
+    #[param(pattern = r"^[0-9a-fA-F-]{1,36}$")]
+    id: String,
+}
+
+/// The path of a key.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct KeyPath {
+    /// The key's id (the part of the key before the ':').
+    id: String,
+}
+
+/// The path of a secret.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct SecretPath {
+    /// The secret's name.
+    #[param(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    name: String,
+}
+
+/// Where to read a log from.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogQuery {
+    /// The byte offset to read from: 0, or the `next_offset` of the previous chunk.
+    #[serde(default)]
+    offset: u64,
+}
+
+/// How to stop a runner.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StopQuery {
+    /// Start the runner's replacement before draining it.
+    #[serde(default)]
+    replace: bool,
+}
+
+/// The team's apps.
+#[utoipa::path(get, path = "/v1/apps", tag = "apps", responses((status = OK, body = Vec<AppJson>)))]
 async fn list_apps<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
@@ -225,132 +347,188 @@ async fn list_apps<C: ControlPlane>(
     c.list_apps(&caller).await.map(Json)
 }
 
+/// One app.
+#[utoipa::path(get, path = "/v1/apps/{app}", tag = "apps", params(AppPath), responses((status = OK, body = AppJson)))]
 async fn get_app<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    PathParams(path): PathParams<AppPath>,
 ) -> Result<Json<AppJson>, ApiError> {
-    c.get_app(&caller, &app).await.map(Json)
+    c.get_app(&caller, &path.app).await.map(Json)
 }
 
+/// Deletes an app: its runners, revisions and history.
+#[utoipa::path(
+    delete, path = "/v1/apps/{app}", tag = "apps", params(AppPath),
+    responses((status = NO_CONTENT, description = "The app is gone"))
+)]
 async fn delete_app<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    PathParams(path): PathParams<AppPath>,
 ) -> Result<StatusCode, ApiError> {
-    c.delete_app(&caller, &app).await.map(|()| StatusCode::NO_CONTENT)
+    c.delete_app(&caller, &path.app).await.map(|()| StatusCode::NO_CONTENT)
 }
 
+/// Uploads an app archive and starts a deploy. The answer comes once the revision
+/// exists; the build goes on in the background (follow its log).
+#[utoipa::path(
+    post, path = "/v1/deploys", tag = "apps", params(DeployParams),
+    request_body(content = inline(openapi::Archive), content_type = "application/gzip",
+        description = "A gzipped tar of the app's directory, with `hangar.toml` at its root"),
+    responses((status = ACCEPTED, description = "The revision is being deployed", body = DeployJson))
+)]
 async fn deploy<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    params: Result<Query<DeployParams>, QueryRejection>,
+    QueryParams(params): QueryParams<DeployParams>,
     body: Body,
 ) -> Result<(StatusCode, Json<DeployJson>), ApiError> {
-    let Query(params) = params.map_err(bad_query)?;
     c.deploy(&caller, params, body).await.map(|d| (StatusCode::ACCEPTED, Json(d)))
 }
 
+/// The app's revisions, newest first; the current one is always among them.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/revisions", tag = "apps", params(AppPath, RevisionsQuery),
+    responses((status = OK, body = Vec<RevisionJson>,
+        headers(("X-Total-Count" = u64, description = "How many revisions the app has in all"))))
+)]
 async fn list_revisions<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-    query: Result<Query<RevisionsQuery>, QueryRejection>,
+    PathParams(path): PathParams<AppPath>,
+    QueryParams(query): QueryParams<RevisionsQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
     if query.limit == Some(0) {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "limit must be at least 1"));
     }
-    let list = c.list_revisions(&caller, &app, query).await?;
+    let list = c.list_revisions(&caller, &path.app, query).await?;
     Ok(([(crate::wire::TOTAL_COUNT_HEADER, list.total.to_string())], Json(list.revisions)))
 }
 
+/// One revision.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/revisions/{rev}", tag = "apps", params(RevisionPath),
+    responses((status = OK, body = RevisionJson))
+)]
 async fn get_revision<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path((app, rev)): Path<(String, String)>,
+    PathParams(path): PathParams<RevisionPath>,
 ) -> Result<Json<RevisionJson>, ApiError> {
-    c.get_revision(&caller, &app, &rev).await.map(Json)
+    c.get_revision(&caller, &path.app, &path.rev).await.map(Json)
 }
 
-#[derive(Debug, Deserialize)]
-struct LogQuery {
-    #[serde(default)]
-    offset: u64,
-}
-
+/// A piece of a revision's build log.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/revisions/{rev}/log", tag = "apps", params(RevisionPath, LogQuery),
+    responses((status = OK, body = LogChunk))
+)]
 async fn revision_log<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path((app, rev)): Path<(String, String)>,
-    query: Result<Query<LogQuery>, QueryRejection>,
+    PathParams(path): PathParams<RevisionPath>,
+    QueryParams(query): QueryParams<LogQuery>,
 ) -> Result<Json<LogChunk>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
-    c.revision_log(&caller, &app, &rev, query.offset).await.map(Json)
+    c.revision_log(&caller, &path.app, &path.rev, query.offset).await.map(Json)
 }
 
+/// Deletes a revision that is not the current one.
+#[utoipa::path(
+    delete, path = "/v1/apps/{app}/revisions/{rev}", tag = "apps", params(RevisionPath),
+    responses((status = OK, description = "The deleted revision", body = RevisionJson))
+)]
 async fn delete_revision<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path((app, rev)): Path<(String, String)>,
+    PathParams(path): PathParams<RevisionPath>,
 ) -> Result<Json<RevisionJson>, ApiError> {
-    c.delete_revision(&caller, &app, &rev).await.map(Json)
+    c.delete_revision(&caller, &path.app, &path.rev).await.map(Json)
 }
 
+/// The app's history: deploys, switches, scaling and more.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/history", tag = "apps", params(AppPath),
+    responses((status = OK, body = Vec<HistoryJson>))
+)]
 async fn history<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    PathParams(path): PathParams<AppPath>,
 ) -> Result<Json<Vec<HistoryJson>>, ApiError> {
-    c.history(&caller, &app).await.map(Json)
+    c.history(&caller, &path.app).await.map(Json)
 }
 
+/// Changes an app's scaling values at once, without restarting its runners.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/scale", tag = "apps", params(AppPath), request_body = ScaleRequest,
+    responses((status = OK, body = ScaleJson))
+)]
 async fn scale<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-    request: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
+    PathParams(path): PathParams<AppPath>,
+    JsonBody(request): JsonBody<ScaleRequest>,
 ) -> Result<Json<ScaleJson>, ApiError> {
-    let Json(request) = request.map_err(bad_json)?;
-    c.scale(&caller, &app, request).await.map(Json)
+    c.scale(&caller, &path.app, request).await.map(Json)
 }
 
+/// Makes another Deployed revision the current one (rollback or roll forward).
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/set-rev", tag = "apps", params(AppPath), request_body = SetRevRequest,
+    responses((status = OK, body = AppJson))
+)]
 async fn set_rev<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-    request: Result<Json<SetRevRequest>, axum::extract::rejection::JsonRejection>,
+    PathParams(path): PathParams<AppPath>,
+    JsonBody(request): JsonBody<SetRevRequest>,
 ) -> Result<Json<AppJson>, ApiError> {
-    let Json(request) = request.map_err(bad_json)?;
-    c.set_rev(&caller, &app, request).await.map(Json)
+    c.set_rev(&caller, &path.app, request).await.map(Json)
 }
 
+/// Replaces every runner of the app, on the same revision.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/rollout", tag = "apps", params(AppPath), request_body = RolloutRequest,
+    responses((status = OK, body = RolloutJson))
+)]
 async fn rollout<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-    request: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
+    PathParams(path): PathParams<AppPath>,
+    JsonBody(request): JsonBody<RolloutRequest>,
 ) -> Result<Json<RolloutJson>, ApiError> {
-    let Json(request) = request.map_err(bad_json)?;
-    c.rollout(&caller, &app, request).await.map(Json)
+    c.rollout(&caller, &path.app, request).await.map(Json)
 }
 
+/// Suspends an app: its runners stop and calls are refused until it is resumed.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/suspend", tag = "apps", params(AppPath),
+    responses((status = OK, body = AppJson))
+)]
 async fn suspend<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    PathParams(path): PathParams<AppPath>,
 ) -> Result<Json<AppJson>, ApiError> {
-    c.suspend(&caller, &app, true).await.map(Json)
+    c.suspend(&caller, &path.app, true).await.map(Json)
 }
 
+/// Resumes a suspended app.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/resume", tag = "apps", params(AppPath),
+    responses((status = OK, body = AppJson))
+)]
 async fn resume<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
+    PathParams(path): PathParams<AppPath>,
 ) -> Result<Json<AppJson>, ApiError> {
-    c.suspend(&caller, &app, false).await.map(Json)
+    c.suspend(&caller, &path.app, false).await.map(Json)
 }
 
+/// Every team (root key only).
+#[utoipa::path(get, path = "/v1/teams", tag = "access", responses((status = OK, body = Vec<TeamJson>)))]
 async fn list_teams<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
@@ -358,15 +536,21 @@ async fn list_teams<C: ControlPlane>(
     c.list_teams(&caller).await.map(Json)
 }
 
+/// Creates a team and its first admin key (root key only).
+#[utoipa::path(
+    post, path = "/v1/teams", tag = "access", request_body = CreateTeamRequest,
+    responses((status = CREATED, body = CreatedTeamJson))
+)]
 async fn create_team<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    request: Result<Json<CreateTeamRequest>, axum::extract::rejection::JsonRejection>,
+    JsonBody(request): JsonBody<CreateTeamRequest>,
 ) -> Result<(StatusCode, Json<CreatedTeamJson>), ApiError> {
-    let Json(request) = request.map_err(bad_json)?;
     c.create_team(&caller, request).await.map(|t| (StatusCode::CREATED, Json(t)))
 }
 
+/// The team's keys, revoked ones too; never their secrets.
+#[utoipa::path(get, path = "/v1/keys", tag = "access", responses((status = OK, body = Vec<KeyJson>)))]
 async fn list_keys<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
@@ -374,23 +558,34 @@ async fn list_keys<C: ControlPlane>(
     c.list_keys(&caller).await.map(Json)
 }
 
+/// Creates a key for the team; its secret is in this answer only.
+#[utoipa::path(
+    post, path = "/v1/keys", tag = "access", request_body = CreateKeyRequest,
+    responses((status = CREATED, body = CreatedKeyJson))
+)]
 async fn create_key<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    request: Result<Json<CreateKeyRequest>, axum::extract::rejection::JsonRejection>,
+    JsonBody(request): JsonBody<CreateKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedKeyJson>), ApiError> {
-    let Json(request) = request.map_err(bad_json)?;
     c.create_key(&caller, request).await.map(|k| (StatusCode::CREATED, Json(k)))
 }
 
+/// Revokes a key: it is refused from now on.
+#[utoipa::path(
+    delete, path = "/v1/keys/{id}", tag = "access", params(KeyPath),
+    responses((status = OK, description = "The revoked key", body = KeyJson))
+)]
 async fn revoke_key<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    PathParams(path): PathParams<KeyPath>,
 ) -> Result<Json<KeyJson>, ApiError> {
-    c.revoke_key(&caller, &id).await.map(Json)
+    c.revoke_key(&caller, &path.id).await.map(Json)
 }
 
+/// The team's secrets: names and times, never values.
+#[utoipa::path(get, path = "/v1/secrets", tag = "access", responses((status = OK, body = Vec<SecretJson>)))]
 async fn list_secrets<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
@@ -398,80 +593,96 @@ async fn list_secrets<C: ControlPlane>(
     c.list_secrets(&caller).await.map(Json)
 }
 
+/// Sets secrets, all or none; runners started from now on get them.
+#[utoipa::path(
+    put, path = "/v1/secrets", tag = "access", request_body = SetSecretsRequest,
+    responses((status = OK, description = "The secrets set", body = Vec<SecretJson>))
+)]
 async fn set_secrets<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    request: Result<Json<SetSecretsRequest>, axum::extract::rejection::JsonRejection>,
+    JsonBody(request): JsonBody<SetSecretsRequest>,
 ) -> Result<Json<Vec<SecretJson>>, ApiError> {
-    let Json(request) = request.map_err(bad_json)?;
     c.set_secrets(&caller, request).await.map(Json)
 }
 
+/// Removes a secret.
+#[utoipa::path(
+    delete, path = "/v1/secrets/{name}", tag = "access", params(SecretPath),
+    responses((status = NO_CONTENT, description = "The secret is gone"))
+)]
 async fn unset_secret<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
+    PathParams(path): PathParams<SecretPath>,
 ) -> Result<StatusCode, ApiError> {
-    c.unset_secret(&caller, &name).await.map(|()| StatusCode::NO_CONTENT)
+    c.unset_secret(&caller, &path.name).await.map(|()| StatusCode::NO_CONTENT)
 }
 
-fn bad_json(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRequest, format!("bad request body: {}", rejection.body_text()))
-}
-
+/// The app's runners.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/runners", tag = "runners", params(AppPath, RunnersQuery),
+    responses((status = OK, body = Vec<RunnerJson>))
+)]
 async fn app_runners<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(app): Path<String>,
-    query: Result<Query<RunnersQuery>, QueryRejection>,
+    PathParams(path): PathParams<AppPath>,
+    QueryParams(query): QueryParams<RunnersQuery>,
 ) -> Result<Json<Vec<RunnerJson>>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
-    c.list_runners(&caller, Some(&app), query).await.map(Json)
+    c.list_runners(&caller, Some(&path.app), query).await.map(Json)
 }
 
+/// The runners of every app of the team.
+#[utoipa::path(
+    get, path = "/v1/runners", tag = "runners", params(RunnersQuery),
+    responses((status = OK, body = Vec<RunnerJson>))
+)]
 async fn runners<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    query: Result<Query<RunnersQuery>, QueryRejection>,
+    QueryParams(query): QueryParams<RunnersQuery>,
 ) -> Result<Json<Vec<RunnerJson>>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
     c.list_runners(&caller, None, query).await.map(Json)
 }
 
-#[derive(Debug, Deserialize)]
-struct StopQuery {
-    #[serde(default)]
-    replace: bool,
-}
-
+/// Drains and stops a runner.
+#[utoipa::path(
+    post, path = "/v1/runners/{id}/stop", tag = "runners", params(RunnerPath, StopQuery),
+    responses((status = OK, body = RunnerJson))
+)]
 async fn stop_runner<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-    query: Result<Query<StopQuery>, QueryRejection>,
+    PathParams(path): PathParams<RunnerPath>,
+    QueryParams(query): QueryParams<StopQuery>,
 ) -> Result<Json<RunnerJson>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
-    c.stop_runner(&caller, &id, query.replace).await.map(Json)
+    c.stop_runner(&caller, &path.id, query.replace).await.map(Json)
 }
 
+/// Kills a runner at once, without draining it.
+#[utoipa::path(
+    post, path = "/v1/runners/{id}/kill", tag = "runners", params(RunnerPath),
+    responses((status = OK, body = RunnerJson))
+)]
 async fn kill_runner<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    PathParams(path): PathParams<RunnerPath>,
 ) -> Result<Json<RunnerJson>, ApiError> {
-    c.kill_runner(&caller, &id).await.map(Json)
+    c.kill_runner(&caller, &path.id).await.map(Json)
 }
 
+/// A piece of a runner's log (what it printed).
+#[utoipa::path(
+    get, path = "/v1/runners/{id}/log", tag = "runners", params(RunnerPath, LogQuery),
+    responses((status = OK, body = LogChunk))
+)]
 async fn runner_log<C: ControlPlane>(
     State(c): State<Arc<C>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-    query: Result<Query<LogQuery>, QueryRejection>,
+    PathParams(path): PathParams<RunnerPath>,
+    QueryParams(query): QueryParams<LogQuery>,
 ) -> Result<Json<LogChunk>, ApiError> {
-    let Query(query) = query.map_err(bad_query)?;
-    c.runner_log(&caller, &id, query.offset).await.map(Json)
-}
-
-fn bad_query(rejection: QueryRejection) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRequest, format!("bad query string: {}", rejection.body_text()))
+    c.runner_log(&caller, &path.id, query.offset).await.map(Json)
 }

@@ -6,13 +6,24 @@ use model::records::{App, HistoryEntry, Revision};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use utoipa::{IntoParams, ToSchema};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+// The request types' limits below are the ones the server enforces, so that the OpenAPI
+// document tells a client exactly which values are taken (an unsigned integer's range is
+// added to the document for every field). `315360000` is `model::manifest::MAX_SECONDS`
+// (ten years), which an attribute cannot name.
+
+/// An app, with its scaling values and runner settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct AppJson {
     pub name: String,
     pub team: String,
+    /// The current revision's id; null until a deploy succeeds.
     pub revision: Option<String>,
+    /// Who may call the app: private, public or shared.
+    #[schema(schema_with = crate::openapi::auth_mode)]
     pub auth: String,
+    /// Live (not ended) runners.
     pub runners: u32,
     pub keep_alive: u64,
     pub min_concurrency: u32,
@@ -26,14 +37,19 @@ pub struct AppJson {
     pub machine_type: String,
     pub termination_grace_period: u64,
     pub suspended: bool,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A revision of an app: its code, manifest and where it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct RevisionJson {
     pub id: String,
+    /// deploying, deployed, failed or suspended.
+    #[schema(schema_with = crate::openapi::revision_status)]
     pub status: String,
     pub current: bool,
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub message: Option<String>,
     pub max_multiplexing: u32,
@@ -44,8 +60,10 @@ pub struct RevisionJson {
     pub failure: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// One entry of an app's history: who did what, when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct HistoryJson {
+    #[schema(format = DateTime)]
     pub at: String,
     pub action: String,
     pub key_id: Option<String>,
@@ -53,10 +71,11 @@ pub struct HistoryJson {
 }
 
 /// The answer to a deploy: the revision made, and where it stands.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct DeployJson {
     pub app: String,
     pub revision: String,
+    #[schema(schema_with = crate::openapi::revision_status)]
     pub status: String,
     /// Things the user should know about how the deploy was carried out.
     #[serde(default)]
@@ -65,27 +84,40 @@ pub struct DeployJson {
     pub failure: Option<String>,
 }
 
-/// A piece of a revision's build log, from `offset` on.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A piece of a log, from `offset` on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct LogChunk {
+    /// The log's bytes from the offset asked for (invalid UTF-8 replaced).
     pub data: String,
+    /// The offset to ask for next.
     pub next_offset: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// The answer of `/healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct HealthJson {
+    #[schema(schema_with = crate::openapi::health_status)]
     pub status: String,
 }
 
 /// Query parameters of a deploy upload.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeployParams {
     /// Overrides the manifest's `name`.
+    #[param(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", nullable = false)]
     pub app_name: Option<String>,
+    /// Who may call the app: private, public or shared (default: the manifest's, else private).
+    #[param(schema_with = crate::openapi::auth_mode)]
     pub auth: Option<String>,
+    /// How the new revision replaces the current one: rolling (default) or recreate.
+    #[param(schema_with = crate::openapi::strategy)]
     pub strategy: Option<String>,
+    /// Set the scaling values to the manifest's, even those changed since with `scale`.
     #[serde(default)]
     pub reset_scale: bool,
+    /// A note kept with the revision.
+    #[param(nullable = false)]
     pub message: Option<String>,
 }
 
@@ -150,13 +182,15 @@ impl From<&HistoryEntry> for HistoryJson {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A runner: one process serving one revision of an app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct RunnerJson {
     pub id: String,
     pub app: String,
     pub revision: String,
     pub machine_type: String,
     /// pending | setup | idle | running | draining | terminating | terminated | crash_backoff
+    #[schema(schema_with = crate::openapi::runner_state)]
     pub state: String,
     pub in_flight: u32,
     /// Seconds until an idle runner is stopped by keep_alive, when it would be.
@@ -165,16 +199,23 @@ pub struct RunnerJson {
     pub uptime: u64,
     /// Scheduled to be replaced.
     pub replacing: bool,
+    #[schema(format = DateTime)]
     pub started_at: String,
+    #[schema(format = DateTime)]
     pub ended_at: Option<String>,
+    /// Why the runner ended or is ending.
     pub reason: Option<String>,
 }
 
 /// Which revisions a listing shows: the newest `limit` (100 when absent), or `all`.
 /// The current revision is always among them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RevisionsQuery {
+    /// Show the newest this many revisions (default 100).
+    #[param(minimum = 1, nullable = false)]
     pub limit: Option<u32>,
+    /// Show every revision.
     #[serde(default)]
     pub all: bool,
 }
@@ -194,31 +235,134 @@ pub struct RevisionList {
 }
 
 /// Filters of a runner listing.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RunnersQuery {
     /// Comma-separated states to show (default: every state but terminated).
+    #[param(schema_with = crate::openapi::runner_states)]
     pub state: Option<String>,
     /// Also show runners that ended up to this many seconds ago.
+    #[param(nullable = false)]
     pub since: Option<u64>,
 }
 
-/// New scaling values for an app; absent fields stay as they are.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// New scaling values for an app; absent fields stay as they are. At least one value
+/// must be given, and `min_concurrency` must not exceed `max_concurrency`. A whole number
+/// may be written with a zero fraction (`30.0`): JSON knows one kind of number, and JSON
+/// Schema's `integer` is any number without a fraction.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleRequest {
+    /// Seconds an idle runner is kept.
+    #[serde(default, deserialize_with = "whole_number::option")]
+    #[schema(maximum = 315360000)]
     pub keep_alive: Option<u64>,
+    #[serde(default, deserialize_with = "whole_number::option")]
     pub min_concurrency: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number::option")]
     pub max_concurrency: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number::option")]
     pub concurrency_buffer: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number::option")]
+    #[schema(maximum = 1000)]
     pub concurrency_buffer_perc: Option<u32>,
+    /// Seconds.
+    #[serde(default, deserialize_with = "whole_number::option")]
+    #[schema(maximum = 315360000)]
     pub scaling_delay: Option<u64>,
+    /// Seconds.
+    #[serde(default, deserialize_with = "whole_number::option")]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub request_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "whole_number::option")]
+    #[schema(minimum = 1)]
     pub max_multiplexing: Option<u32>,
+    /// Seconds.
+    #[serde(default, deserialize_with = "whole_number::option")]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub startup_timeout: Option<u64>,
+    /// One of the machine types this server defines.
     pub machine_type: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// Reading whole numbers from JSON: `30`, and `30.0` too, which is the same JSON number.
+/// A fraction, a negative number or one past the type's range is refused, naming the
+/// value.
+mod whole_number {
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, Unexpected, Visitor};
+
+    /// A JSON number without a fraction, at least 0 and below 2^64.
+    struct WholeNumber(u64);
+
+    impl<'de> Deserialize<'de> for WholeNumber {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<WholeNumber, D::Error> {
+            deserializer.deserialize_any(WholeNumberVisitor).map(WholeNumber)
+        }
+    }
+
+    struct WholeNumberVisitor;
+
+    impl Visitor<'_> for WholeNumberVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number, at least 0")
+        }
+
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+            Ok(value)
+        }
+
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+            u64::try_from(value).map_err(|_| E::invalid_value(Unexpected::Signed(value), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<u64, E> {
+            // 2^64 is the first whole f64 past u64::MAX; every whole f64 below it converts
+            // exactly.
+            if value.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&value) {
+                Ok(value as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(value), &self))
+            }
+        }
+    }
+
+    /// An optional whole number of type `T` (`null` is absent).
+    pub(super) fn option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + Bounded,
+    {
+        match Option::<WholeNumber>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(WholeNumber(n)) => T::try_from(n).map(Some).map_err(|_| {
+                de::Error::invalid_value(
+                    Unexpected::Unsigned(n),
+                    &format!("a whole number at most {}", T::MAX).as_str(),
+                )
+            }),
+        }
+    }
+
+    /// The largest value of an unsigned type, for the message that refuses a larger one.
+    pub(super) trait Bounded {
+        const MAX: u64;
+    }
+
+    impl Bounded for u32 {
+        const MAX: u64 = u32::MAX as u64;
+    }
+
+    impl Bounded for u64 {
+        const MAX: u64 = u64::MAX;
+    }
+}
+
+/// The answer to a scale: the app as it is now, and what changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ScaleJson {
     pub app: AppJson,
     /// The names of the values that changed.
@@ -247,18 +391,22 @@ impl RunnerJson {
 }
 
 /// Switch an app to another revision.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRevRequest {
     /// Revision id or a unique prefix of it.
+    #[schema(pattern = r"^[0-9a-fA-F-]{1,36}$")]
     pub revision: String,
     /// rolling (default) or recreate
+    #[schema(schema_with = crate::openapi::nullable_strategy)]
     pub strategy: Option<String>,
+    /// private, public or shared (default: unchanged)
+    #[schema(schema_with = crate::openapi::nullable_auth_mode)]
     pub auth: Option<String>,
 }
 
 /// Restart every runner of an app.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutRequest {
     /// Kill the runners at once instead of draining them.
@@ -266,7 +414,8 @@ pub struct RolloutRequest {
     pub force: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// The answer to a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct RolloutJson {
     pub app: String,
     pub revision: String,
@@ -275,60 +424,84 @@ pub struct RolloutJson {
     pub force: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A team: the owner of apps, keys and secrets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct TeamJson {
     pub name: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A new team (root key only). Its name follows the rules of app names; `queue` is
+/// reserved.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTeamRequest {
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
 }
 
 /// A new team and its first admin key, shown this once.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct CreatedTeamJson {
     pub team: TeamJson,
     pub key: CreatedKeyJson,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// An API key, without its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct KeyJson {
     pub id: String,
+    /// root, admin or api.
+    #[schema(schema_with = crate::openapi::key_scope)]
     pub scope: String,
     pub description: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub revoked_at: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// The longest key description taken, in characters.
+pub const MAX_KEY_DESCRIPTION_CHARS: usize = 500;
+
+/// A new key for the caller's team.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
     /// admin or api
+    #[schema(schema_with = crate::openapi::new_key_scope)]
     pub scope: String,
+    /// At most 500 characters.
+    #[schema(max_length = 500)]
     pub description: Option<String>,
 }
 
 /// A new key: `key` is `<id>:<secret>` and is never shown again.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct CreatedKeyJson {
     pub id: String,
     pub key: String,
+    #[schema(schema_with = crate::openapi::key_scope)]
     pub scope: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A secret's name and times; its value is never shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct SecretJson {
     pub name: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// Secrets to set, by name. Names are environment variable names (`PORT` and `HANGAR_*`
+/// are reserved); a value is at most 64 KiB of UTF-8.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecretsRequest {
+    #[schema(schema_with = crate::openapi::secret_values)]
     pub values: std::collections::BTreeMap<String, String>,
 }
 
@@ -347,5 +520,35 @@ impl From<&model::records::Key> for KeyJson {
 impl From<&model::records::Team> for TeamJson {
     fn from(t: &model::records::Team) -> TeamJson {
         TeamJson { name: t.name.clone(), created_at: rfc3339(t.created_at) }
+    }
+}
+
+/// The longest secret value taken, in bytes of UTF-8.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scale(json: &str) -> Result<ScaleRequest, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn scale_values_are_whole_numbers_with_or_without_a_zero_fraction() {
+        let request = scale(r#"{"keep_alive": 30.0, "min_concurrency": 2, "max_concurrency": null}"#).unwrap();
+        assert_eq!((request.keep_alive, request.min_concurrency, request.max_concurrency), (Some(30), Some(2), None));
+        assert_eq!(scale(r#"{"min_concurrency": 4294967295.0}"#).unwrap().min_concurrency, Some(u32::MAX));
+        assert_eq!(scale("{}").unwrap(), ScaleRequest::default());
+        for (json, named) in [
+            (r#"{"keep_alive": 30.5}"#, "floating point `30.5`"),
+            (r#"{"keep_alive": -1}"#, "integer `-1`"),
+            (r#"{"keep_alive": "30"}"#, "string \"30\""),
+            (r#"{"keep_alive": 1.8446744073709552e19}"#, "floating point"),
+            (r#"{"min_concurrency": 4294967296}"#, "at most 4294967295"),
+        ] {
+            let error = scale(json).unwrap_err();
+            assert!(error.contains(named), "{json}: {error}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Subcommand;
 
 use crate::context::Context;
-use crate::output::{success, when};
+use crate::output::{out, success, when};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum TeamsCommand {
@@ -54,8 +54,8 @@ pub(crate) async fn teams(cx: &Context, command: TeamsCommand) -> anyhow::Result
             if cx.out.is_json() {
                 cx.out.json(&created)?;
             } else {
-                println!("{}", success(format!("Created team {name}")));
-                println!("Its admin key (shown only now): {}", created.key.key);
+                out!("{}", success(format!("Created team {name}")));
+                out!("Its admin key (shown only now): {}", created.key.key);
             }
         }
         TeamsCommand::List => {
@@ -80,8 +80,8 @@ pub(crate) async fn keys(cx: &Context, command: KeysCommand) -> anyhow::Result<E
             if cx.out.is_json() {
                 cx.out.json(&created)?;
             } else {
-                println!("{}", success(format!("Created {scope} key {}", created.id)));
-                println!("Key (shown only now): {}", created.key);
+                out!("{}", success(format!("Created {scope} key {}", created.id)));
+                out!("Key (shown only now): {}", created.key);
             }
         }
         KeysCommand::List => {
@@ -110,7 +110,7 @@ pub(crate) async fn keys(cx: &Context, command: KeysCommand) -> anyhow::Result<E
             if cx.out.is_json() {
                 cx.out.json(&key)?;
             } else {
-                println!("{}", success(format!("Revoked key {}", key.id)));
+                out!("{}", success(format!("Revoked key {}", key.id)));
             }
         }
     }
@@ -126,8 +126,8 @@ pub(crate) async fn secrets(cx: &Context, command: SecretsCommand) -> anyhow::Re
             if cx.out.is_json() {
                 cx.out.json(&set)?;
             } else {
-                println!("{}", success(format!("Set {}", names.join(", "))));
-                println!("Running runners keep the old values; `hangar apps rollout APP` gives them the new ones.");
+                out!("{}", success(format!("Set {}", names.join(", "))));
+                out!("Running runners keep the old values; `hangar apps rollout APP` gives them the new ones.");
             }
         }
         SecretsCommand::List => {
@@ -146,7 +146,7 @@ pub(crate) async fn secrets(cx: &Context, command: SecretsCommand) -> anyhow::Re
             if cx.out.is_json() {
                 cx.out.json(&serde_json::json!({ "name": name, "unset": true }))?;
             } else {
-                println!("{}", success(format!("Unset {name}")));
+                out!("{}", success(format!("Unset {name}")));
             }
         }
     }

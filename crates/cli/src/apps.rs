@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 
 use crate::context::Context;
-use crate::output::{current_badge, short, status_badge, success, when};
+use crate::output::{current_badge, out, short, status_badge, success, when};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AppsCommand {
@@ -113,7 +113,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 return json(cx, &apps);
             }
             if apps.is_empty() {
-                println!("No apps yet. Deploy one with `hangar deploy PATH`.");
+                out!("No apps yet. Deploy one with `hangar deploy PATH`.");
             }
             out.table(
                 &["APP", "REVISION", "AUTH", "RUNNERS", "MIN", "MAX", "KEEP ALIVE", "MACHINE"],
@@ -140,7 +140,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 return json(cx, &revisions);
             }
             if revisions.is_empty() {
-                println!("App {app} has no revisions.");
+                out!("App {app} has no revisions.");
             }
             let shown = revisions.len() as u64;
             if shown < list.total {
@@ -170,14 +170,14 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             if out.is_json() {
                 return json(cx, &deleted);
             }
-            println!("{}", success(format!("Deleted revision {} of {app}", deleted.id)));
+            out!("{}", success(format!("Deleted revision {} of {app}", deleted.id)));
         }
         AppsCommand::Delete { app } => {
             client.delete_app(&app).await?;
             if out.is_json() {
                 return json(cx, &serde_json::json!({ "app": app, "deleted": true }));
             }
-            println!("{}", success(format!("Deleted app {app} and all its revisions")));
+            out!("{}", success(format!("Deleted app {app} and all its revisions")));
         }
         AppsCommand::History { app } => {
             let entries = client.history(&app).await?;
@@ -202,7 +202,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 return json(cx, &updated);
             }
             let revision = updated.revision.unwrap_or_default();
-            println!(
+            out!(
                 "{}",
                 success(format!("{app} now serves revision {revision} ({})", strategy.as_deref().unwrap_or("rolling")))
             );
@@ -214,9 +214,9 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             }
             let n = rollout.runners.len();
             if force {
-                println!("{}", success(format!("Killed {n} runners of {app}; new ones start as calls arrive")));
+                out!("{}", success(format!("Killed {n} runners of {app}; new ones start as calls arrive")));
             } else {
-                println!(
+                out!(
                     "{}",
                     success(format!(
                         "Replacing {n} runners of {app}; each keeps serving until its replacement is set up"
@@ -229,7 +229,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             if out.is_json() {
                 return json(cx, &updated);
             }
-            println!(
+            out!(
                 "{}",
                 success(format!(
                     "Suspended {app}: its runners stop and calls get 503 until `hangar apps resume {app}`"
@@ -241,7 +241,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             if out.is_json() {
                 return json(cx, &updated);
             }
-            println!("{}", success(format!("Resumed {app}")));
+            out!("{}", success(format!("Resumed {app}")));
         }
         AppsCommand::Scale(args) => return scale(cx, args).await,
     }
@@ -274,9 +274,9 @@ async fn scale(cx: &Context, args: ScaleArgs) -> anyhow::Result<ExitCode> {
         return json(cx, &result);
     }
     if result.changed.is_empty() {
-        println!("Nothing changed: {} already has these values", args.app);
+        out!("Nothing changed: {} already has these values", args.app);
     } else {
-        println!("{}", success(format!("{}: changed {}", args.app, result.changed.join(", "))));
+        out!("{}", success(format!("{}: changed {}", args.app, result.changed.join(", "))));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -106,7 +106,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Completion { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "hangar", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hangar", &mut script);
+            output::write_stdout(&script);
             return Ok(ExitCode::SUCCESS);
         }
         client_command => client_command,

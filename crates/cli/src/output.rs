@@ -1,10 +1,22 @@
 //! Printing for people (tables, colours on a terminal) and for scripts (stable JSON).
+//!
+//! Everything goes to stdout through [`out!`] and [`write_stdout`], which end the
+//! command quietly when the reader has gone (`hangar keys list | head -1`), as Unix
+//! tools do, instead of panicking the way `println!` does.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use comfy_table::{Table, presets};
 use console::Style;
 use serde::Serialize;
+
+/// Prints a line to stdout, like `println!`, through [`write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format!("{}\n", format_args!($($arg)*)).as_bytes())
+    };
+}
+pub(crate) use out;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
@@ -30,7 +42,7 @@ impl Printer {
     }
 
     pub(crate) fn json<T: Serialize>(&self, value: &T) -> anyhow::Result<()> {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        out!("{}", serde_json::to_string_pretty(value)?);
         Ok(())
     }
 
@@ -47,7 +59,7 @@ impl Printer {
             table.add_row(row);
         }
         for line in table.to_string().lines() {
-            println!("{}", line.trim_end());
+            out!("{}", line.trim_end());
         }
     }
 
@@ -56,8 +68,23 @@ impl Printer {
         if self.is_json() {
             eprintln!("{line}");
         } else {
-            println!("{line}");
+            out!("{line}");
         }
+    }
+}
+
+/// Writes `bytes` to stdout. When the reader has gone (a closed pipe), the command has
+/// no one left to answer: it exits at once with success and says nothing, so that
+/// `hangar apps list --json | head -c1` neither panics nor prints an error. Any other
+/// failure to write ends the command with an error message.
+pub(crate) fn write_stdout(bytes: &[u8]) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
     }
 }
 

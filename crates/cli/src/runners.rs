@@ -9,7 +9,7 @@ use clap::Subcommand;
 use console::Style;
 
 use crate::context::Context;
-use crate::output::{short, success};
+use crate::output::{out, short, success, write_stdout};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum RunnersCommand {
@@ -69,7 +69,7 @@ pub(crate) async fn list(cx: &Context, app: Option<&str>, filter: &Filter) -> an
         return Ok(ExitCode::SUCCESS);
     }
     if runners.is_empty() {
-        println!("No runners.");
+        out!("No runners.");
     }
     cx.out.table(
         &["RUNNER", "APP", "REVISION", "MACHINE", "STATE", "IN FLIGHT", "EXPIRES IN", "UPTIME", ""],
@@ -112,7 +112,7 @@ fn done(cx: &Context, runner: &RunnerJson, what: &str) -> anyhow::Result<ExitCod
     if cx.out.is_json() {
         cx.out.json(runner)?;
     } else {
-        println!("{}", success(format!("Runner {} of {} {what}", runner.id, runner.app)));
+        out!("{}", success(format!("Runner {} of {} {what}", runner.id, runner.app)));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -131,7 +131,7 @@ async fn logs(cx: &Context, id: &str, follow: bool, lines: Option<usize>) -> any
     let all: Vec<&str> = text.lines().collect();
     let from = lines.map_or(0, |n| all.len().saturating_sub(n));
     for line in &all[from..] {
-        println!("{line}");
+        out!("{line}");
     }
     if !follow {
         return Ok(ExitCode::SUCCESS);
@@ -147,7 +147,7 @@ async fn logs(cx: &Context, id: &str, follow: bool, lines: Option<usize>) -> any
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        print!("{}", chunk.data);
+        write_stdout(chunk.data.as_bytes());
         offset = chunk.next_offset;
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use api::error::{ApiError, ErrorCode};
 use api::router::Caller;
-use api::wire::{CreatedKeyJson, CreatedTeamJson, KeyJson, SecretJson, TeamJson, rfc3339};
+use api::wire::{CreatedKeyJson, CreatedTeamJson, KeyJson, MAX_KEY_DESCRIPTION_CHARS, SecretJson, TeamJson, rfc3339};
 use model::manifest::{validate_app_name, validate_env_name};
 use model::records::Key;
 use model::revision::KeyScope;
@@ -15,7 +15,7 @@ use crate::auth;
 use crate::control::{Control, internal};
 
 /// The longest secret value accepted.
-const MAX_SECRET_BYTES: usize = 64 * 1024;
+const MAX_SECRET_BYTES: usize = api::wire::MAX_SECRET_BYTES;
 
 fn forbidden(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::Forbidden, message)
@@ -86,8 +86,15 @@ impl Control {
             Some(scope @ (KeyScope::Admin | KeyScope::Api)) => scope,
             _ => return Err(invalid(format!("scope {scope:?} is not one of: admin, api"))),
         };
-        if description.as_ref().is_some_and(|d| d.len() > 500) {
-            return Err(invalid("the description is longer than 500 characters"));
+        // Characters, not bytes: the limit is the one the OpenAPI document states
+        // (`maxLength`), and a description in any script gets the same room.
+        if let Some(d) = &description
+            && d.chars().count() > MAX_KEY_DESCRIPTION_CHARS
+        {
+            return Err(invalid(format!(
+                "the description is longer than {MAX_KEY_DESCRIPTION_CHARS} characters ({})",
+                d.chars().count()
+            )));
         }
         let key = self.make_key(caller.team_id, scope, description).await?;
         tracing::info!(team = %caller.team, key_id = %key.id, scope = scope.as_str(), by = %caller.key_id, "key created");

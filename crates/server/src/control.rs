@@ -416,16 +416,21 @@ impl ControlPlane for Control {
     }
 }
 
-/// Reads at most 64 KiB of a log from `offset`.
+/// Reads at most 64 KiB of a log from `offset`. An offset at or past the end (any `u64`)
+/// reads nothing: the log may grow there yet.
 async fn read_log_chunk(path: &std::path::Path, offset: u64) -> Result<LogChunk, ApiError> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let nothing = LogChunk { data: String::new(), next_offset: offset };
     let mut file = match tokio::fs::File::open(path).await {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(LogChunk { data: String::new(), next_offset: offset });
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(nothing),
         Err(e) => return Err(ApiError::internal(format!("cannot open {}: {e}", path.display()))),
     };
+    let len = file.metadata().await.map_err(ApiError::internal)?.len();
+    // Seeking past i64::MAX fails, so an offset past the end is answered without seeking.
+    if offset >= len {
+        return Ok(nothing);
+    }
     file.seek(std::io::SeekFrom::Start(offset)).await.map_err(ApiError::internal)?;
     let mut buf = Vec::new();
     file.take(64 * 1024).read_to_end(&mut buf).await.map_err(ApiError::internal)?;

@@ -25,9 +25,11 @@ impl Control {
     ) -> Result<Vec<RunnerJson>, ApiError> {
         let states = match &query.state {
             Some(list) => Some(
+                // Spaces around the commas are fine; other white space is not (the
+                // OpenAPI document states the list's pattern).
                 list.split(',')
                     .map(|s| {
-                        RunnerState::parse(s.trim()).ok_or_else(|| {
+                        RunnerState::parse(s.trim_matches(' ')).ok_or_else(|| {
                             ApiError::new(
                                 ErrorCode::InvalidRequest,
                                 format!(

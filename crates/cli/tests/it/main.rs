@@ -9,6 +9,7 @@ mod dashboard;
 mod deploy;
 mod gateway;
 mod manifest;
+mod openapi;
 mod queue;
 mod revisions;
 mod scaling;
