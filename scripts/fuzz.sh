@@ -6,8 +6,9 @@
 # without a sanitizer (which needs nightly). Each run starts from the seeds in
 # fuzz/seeds/TARGET plus whatever earlier runs added to the corpus kept in
 # the target directory, so the repository is never modified. Exits non-zero
-# if any target crashes, after printing the path of the crashing input;
-# reproduce it with `cargo fuzz run --sanitizer none TARGET PATH` in fuzz/.
+# if any target crashes (a panic, a failed check, or an input that takes over
+# 10 s), after printing the panic and the path of the crashing input, which
+# `cargo +stable fuzz run --sanitizer none TARGET PATH` in fuzz/ reruns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -22,6 +23,12 @@ case $seconds in
     exit 2
     ;;
 esac
+for target in "${targets[@]}"; do
+  if [ ! -d "fuzz/seeds/$target" ]; then
+    echo "fuzz: no target $target (there are: $(ls fuzz/seeds | tr '\n' ' '))" >&2
+    exit 2
+  fi
+done
 
 if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13\.'; then
   # A debug build of cargo-fuzz takes a third of the time of a release one
@@ -63,9 +70,12 @@ for target in "${targets[@]}"; do
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     echo "fuzz: $target: ${runs:-?} runs, no crash"
   else
-    tail -n 40 "$log" >&2
+    # The panic and libFuzzer's report, without the stack frames.
+    report=$(sed -n '/panicked at\|ERROR: libFuzzer/,/Test unit written/p' "$log" | grep -v '^ *[0-9]*: \|^ *at ' | head -n 40)
+    if [ -n "$report" ]; then echo "$report" >&2; else tail -n 40 "$log" >&2; fi
     input=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)
     echo "fuzz: $target FAILED; crashing input: ${input:-none written, see $log}" >&2
+    [ -z "$input" ] || echo "fuzz: rerun it with: (cd fuzz && cargo +stable fuzz run --sanitizer none $target $input)" >&2
     failed+=("$target")
   fi
 done
