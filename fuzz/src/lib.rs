@@ -175,9 +175,9 @@ pub struct EntrySpec {
 /// A path built from components.
 #[derive(Debug, Arbitrary, Clone)]
 pub struct PathSpec {
-    /// Whether the path starts with '/' (one time in sixteen, so that
-    /// most archives get past their first entries) and ends with '/' (one
-    /// time in sixteen too).
+    /// The path starts with '/' when the low four bits are all set, and
+    /// ends with '/' when the high four are: one time in sixteen each, so
+    /// that most archives get past their first entries.
     pub flags: u8,
     /// The components, joined with '/'.
     pub parts: Vec<Part>,
