@@ -42,10 +42,15 @@ for component in rustfmt clippy; do
 done
 
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests run the `hangar` binary and the test app (`hangar-testapp`, a
 # binary of testkit), which a test run alone does not build.
 cargo build --workspace --bins --locked
+# A short run of each fuzz target (fuzz/, on top of its seed corpus), so that a
+# change that makes the manifest parser or the archive unpacker panic, or break
+# one of their promises, on inputs near the seeds fails here.
+scripts/fuzz.sh 15
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked
 else

@@ -5,10 +5,12 @@
 //! directory. Because uploaded archives are untrusted, [`unpack`] refuses
 //! anything that could write to, or point at, a path outside the destination
 //! directory, as well as device files and archives that exceed the server's
-//! size limits.
+//! size limits. [`pack`] needs the `pack` feature, which is on by default.
 
+#[cfg(feature = "pack")]
 mod pack;
 mod unpack;
 
+#[cfg(feature = "pack")]
 pub use pack::{PackError, Packed, pack};
 pub use unpack::{Limits, UnpackError, Unpacked, unpack};

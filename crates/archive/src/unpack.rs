@@ -4,6 +4,7 @@ use std::cell::Cell;
 use std::ffi::OsString;
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
@@ -15,11 +16,23 @@ use tar::EntryType;
 /// Linux applies (MAXSYMLINKS) before failing with ELOOP.
 const MAX_SYMLINK_EXPANSIONS: u32 = 40;
 
-/// How many bytes of tar structure (the header block, padding and any GNU
-/// long-name or pax extension records) each entry may add to the
-/// decompressed stream on top of its file data. It is generous, because it
-/// only exists to bound the work a gzip bomb can cause.
+/// How many bytes of tar structure (the header block, padding, any GNU
+/// long-name or pax extension records, and data that directory and link
+/// entries carry but that is skipped) each entry may add to the
+/// decompressed stream besides its file data. It is generous, because it
+/// only exists to bound the work and memory a gzip bomb can cause.
 const PER_ENTRY_OVERHEAD: u64 = 64 * 1024;
+
+/// The most bytes one path component may have (NAME_MAX on Linux).
+const MAX_NAME_BYTES: usize = 255;
+
+/// The most bytes a path may have (PATH_MAX on Linux, less the NUL that
+/// ends it in a system call). A symlink's target has the same limit.
+const MAX_PATH_BYTES: usize = 4095;
+
+/// How many characters of a name an error message shows before cutting it
+/// short.
+const MAX_NAME_SHOWN: usize = 100;
 
 /// The server's limits on what one archive may unpack to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +129,25 @@ pub enum UnpackError {
         /// The limit that was exceeded.
         limit: u64,
     },
-    /// The archive is not a gzip'd tar, is truncated, or is malformed.
+    /// An entry's path, or a link's target, is longer than the filesystem
+    /// allows: a component has more than 255 bytes, or the whole is longer
+    /// than `max` bytes (the system's limit of 4095, less the length of the
+    /// app directory's own path for entry paths and hard link targets).
+    #[error(
+        "archive entry {} has {what} longer than the filesystem allows (at most 255 bytes per component and {max} in all)",
+        abbreviated(.path)
+    )]
+    NameTooLong {
+        /// The entry's path in the archive.
+        path: String,
+        /// What is too long: "a path" or "a link target".
+        what: &'static str,
+        /// The most bytes allowed for the whole.
+        max: usize,
+    },
+    /// The archive is not a gzip'd tar, is truncated, or is malformed, for
+    /// example an entry's name has a NUL byte. The message has control
+    /// characters escaped.
     #[error("corrupt archive: {0}")]
     Corrupt(String),
     /// Writing an entry to disk failed.
@@ -146,27 +177,37 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
     // Bounding the decompressed stream, and not only the file data written,
     // matters because the tar crate reads data it skips (for directories and
     // links) and long-name records (into memory) without limit, so a small
-    // gzip bomb could otherwise cost unbounded time or memory.
-    let stream_limit = limits
-        .max_unpacked_bytes
-        .saturating_add(limits.max_entries.saturating_add(1).saturating_mul(PER_ENTRY_OVERHEAD));
-    let tripped = Rc::new(Cell::new(false));
-    let reader =
-        LimitedReader { inner: GzDecoder::new(archive), remaining: stream_limit, tripped: Rc::clone(&tripped) };
+    // gzip bomb could otherwise cost unbounded time or memory. Each entry
+    // gets its own allowance for what is not file data, rather than the
+    // archive one for all its entries, so that a single entry cannot spend
+    // the allowance of a million.
+    let budget = Rc::new(StreamBudget { remaining: Cell::new(PER_ENTRY_OVERHEAD), tripped: Cell::new(false) });
+    let reader = LimitedReader { inner: GzDecoder::new(archive), budget: Rc::clone(&budget) };
     let stream_error = |err: io::Error| {
-        if tripped.get() {
+        if budget.tripped.get() {
             UnpackError::TooLarge { limit: limits.max_unpacked_bytes }
         } else {
-            UnpackError::Corrupt(format!("not a valid gzip'd tar ({err})"))
+            UnpackError::Corrupt(format!("not a valid gzip'd tar ({})", printable(&err.to_string())))
         }
     };
 
     let mut archive = tar::Archive::new(reader);
-    let mut state = State { dest, limits, unpacked: Unpacked { files: 0, bytes: 0 }, symlinks: Vec::new(), entries: 0 };
+    let mut state = State {
+        dest,
+        limits,
+        max_path: MAX_PATH_BYTES.saturating_sub(dest.as_os_str().len() + 1),
+        budget: &budget,
+        unpacked: Unpacked { files: 0, bytes: 0 },
+        symlinks: Vec::new(),
+        entries: 0,
+    };
     let mut buf = vec![0u8; 64 * 1024];
 
     for entry in archive.entries().map_err(&stream_error)? {
         let mut entry = entry.map_err(&stream_error)?;
+        // What the tar crate reads from here to the next entry: this
+        // entry's data if it is skipped, its padding, and the next header.
+        budget.allow(PER_ENTRY_OVERHEAD);
         state.entries += 1;
         if state.entries > limits.max_entries {
             return Err(UnpackError::TooManyEntries { limit: limits.max_entries });
@@ -184,7 +225,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
         }
 
         let path = entry.path().map_err(&stream_error)?.into_owned();
-        let components = relative_components(&path, &name)?;
+        let components = relative_components(&path, &name, state.max_path)?;
         if components.is_empty() {
             continue;
         }
@@ -196,13 +237,16 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                 state.directory(&components, &name)?;
             }
             EntryType::Regular | EntryType::Continuous => {
-                let mode =
-                    entry.header().mode().map_err(|err| UnpackError::Corrupt(format!("entry {name:?}: {err}")))?;
+                let mode = entry
+                    .header()
+                    .mode()
+                    .map_err(|err| UnpackError::Corrupt(format!("entry {name:?}: {}", printable(&err.to_string()))))?;
                 state.file(&components, &name, mode, &mut entry, &mut buf, &stream_error)?;
             }
             EntryType::Directory => state.directory(&components, &name)?,
             EntryType::Symlink => {
                 let target = link_target(&entry, &name, &stream_error)?;
+                check_symlink_target(&target, &name)?;
                 state.symlink(components, name, target)?;
             }
             EntryType::Link => {
@@ -237,6 +281,9 @@ struct Symlink {
 struct State<'a> {
     dest: &'a Path,
     limits: &'a Limits,
+    /// The longest path, relative to `dest`, that the system can open.
+    max_path: usize,
+    budget: &'a StreamBudget,
     unpacked: Unpacked,
     symlinks: Vec<Symlink>,
     entries: u64,
@@ -269,6 +316,9 @@ impl State<'_> {
 
         // The bytes are counted as they are written rather than trusted from
         // the header, so that the limit holds whatever the archive claims.
+        // The stream may yield no more than the limit leaves, so an entry
+        // that claims more fails with `TooLarge` as it reaches it.
+        self.budget.allow(limit.saturating_sub(self.unpacked.bytes));
         loop {
             let n = match entry.read(buf) {
                 Ok(0) => break,
@@ -282,6 +332,8 @@ impl State<'_> {
             }
             file.write_all(&buf[..n]).map_err(io_err)?;
         }
+        // The padding after the data and the next header.
+        self.budget.allow(PER_ENTRY_OVERHEAD);
         self.unpacked.files += 1;
         Ok(())
     }
@@ -298,6 +350,9 @@ impl State<'_> {
     fn hard_link(&mut self, components: &[OsString], name: &str, target: &Path) -> Result<(), UnpackError> {
         let escapes =
             || UnpackError::HardLinkEscapes { path: name.to_owned(), target: target.to_string_lossy().into_owned() };
+        if has_nul(target) {
+            return Err(nul_in_name(name, "link target"));
+        }
         let mut target_components = Vec::new();
         for component in target.components() {
             match component {
@@ -308,6 +363,7 @@ impl State<'_> {
                 }
             }
         }
+        check_length(&target_components, name, "a link target", self.max_path)?;
         let not_a_file = || {
             UnpackError::Corrupt(format!(
                 "entry {name:?} is a hard link to {:?}, which is not a regular file earlier in the archive",
@@ -343,6 +399,14 @@ impl State<'_> {
             }
         }
 
+        // GNU tar writes a file named twice when it was created as the file
+        // and then a hard link to itself. Removing the path to make room
+        // for the link, as below, would lose the file, and linking it to
+        // itself would change nothing anyway.
+        if target_components == components {
+            return Ok(());
+        }
+
         let path = prepare_leaf(self.dest, components, name)?;
         fs::hard_link(&source, &path).map_err(|source| UnpackError::Io { path: name.to_owned(), source })?;
         self.unpacked.files += 1;
@@ -351,8 +415,15 @@ impl State<'_> {
 }
 
 /// Splits an entry's path into its normal components, refusing absolute
-/// paths and `..`. An empty result means the entry names `dest` itself.
-fn relative_components(path: &Path, name: &str) -> Result<Vec<OsString>, UnpackError> {
+/// paths, `..`, NUL bytes and paths longer than `max_path` bytes (or with a
+/// component longer than the system allows) once normalised. An empty
+/// result means the entry names `dest` itself.
+fn relative_components(path: &Path, name: &str, max_path: usize) -> Result<Vec<OsString>, UnpackError> {
+    // The system cannot take a NUL in a path, and a name cut at the NUL
+    // would not be the name the archive gives.
+    if has_nul(path) {
+        return Err(nul_in_name(name, "name"));
+    }
     let mut components = Vec::new();
     for component in path.components() {
         match component {
@@ -364,7 +435,48 @@ fn relative_components(path: &Path, name: &str) -> Result<Vec<OsString>, UnpackE
             Component::ParentDir => return Err(UnpackError::ParentDir(name.to_owned())),
         }
     }
+    check_length(&components, name, "a path", max_path)?;
     Ok(components)
+}
+
+/// Refuses a path whose components, joined with '/', are longer than `max`
+/// bytes, or one of which is longer than a file name may be.
+fn check_length(components: &[OsString], name: &str, what: &'static str, max: usize) -> Result<(), UnpackError> {
+    let too_long = || UnpackError::NameTooLong { path: name.to_owned(), what, max };
+    if components.iter().any(|c| c.len() > MAX_NAME_BYTES) {
+        return Err(too_long());
+    }
+    let joined = components.iter().map(|c| c.len()).sum::<usize>() + components.len().saturating_sub(1);
+    if joined > max {
+        return Err(too_long());
+    }
+    Ok(())
+}
+
+/// Refuses a symlink target that the system would not store, or that could
+/// never resolve: a NUL byte, more than 4095 bytes, or a component longer
+/// than a file name may be. Where it points is checked later.
+fn check_symlink_target(target: &Path, name: &str) -> Result<(), UnpackError> {
+    if has_nul(target) {
+        return Err(nul_in_name(name, "link target"));
+    }
+    let too_long = || UnpackError::NameTooLong { path: name.to_owned(), what: "a link target", max: MAX_PATH_BYTES };
+    if target.as_os_str().len() > MAX_PATH_BYTES {
+        return Err(too_long());
+    }
+    if target.components().any(|c| c.as_os_str().len() > MAX_NAME_BYTES) {
+        return Err(too_long());
+    }
+    Ok(())
+}
+
+fn has_nul(path: &Path) -> bool {
+    path.as_os_str().as_bytes().contains(&0)
+}
+
+/// The error for a NUL byte in an entry's name or link target.
+fn nul_in_name(name: &str, what: &str) -> UnpackError {
+    UnpackError::Corrupt(format!("entry {name:?} has a NUL byte in its {what}"))
 }
 
 /// Returns a link entry's target, which every symlink and hard link must
@@ -478,6 +590,13 @@ fn resolve(dest: &Path, stack: &mut Vec<OsString>, target: &Path, budget: &mut u
             Component::Normal(part) => {
                 stack.push(part.to_owned());
                 let here = stack.iter().fold(dest.to_path_buf(), |p, c| p.join(c));
+                // Every entry's path is short enough for the system to open,
+                // and nothing is created through a symlink, so nothing
+                // exists at a longer path: it is missing, like below. (The
+                // system would refuse to look it up at all.)
+                if here.as_os_str().len() > MAX_PATH_BYTES {
+                    continue;
+                }
                 match fs::symlink_metadata(&here) {
                     Ok(meta) if meta.file_type().is_symlink() => {
                         if *budget == 0 {
@@ -509,6 +628,30 @@ fn display(components: &[OsString]) -> String {
     components.iter().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("/")
 }
 
+/// Escapes control characters and other characters that are not printable,
+/// the way `{:?}` does but without quoting, so that text from an archive
+/// (such as the tar crate's messages, which quote entry names) cannot drive
+/// the terminal an error message is printed on.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' | '\'' | '\\' => out.push(c),
+            _ => out.extend(c.escape_debug()),
+        }
+    }
+    out
+}
+
+/// An entry's name quoted for an error message and, if it is long, cut
+/// short with its length in bytes.
+fn abbreviated(name: &str) -> String {
+    match name.char_indices().nth(MAX_NAME_SHOWN) {
+        Some((end, _)) => format!("{:?}... ({} bytes)", &name[..end], name.len()),
+        None => format!("{name:?}"),
+    }
+}
+
 /// A human-readable name for an entry type that [`unpack`] refuses.
 fn kind_name(kind: EntryType) -> &'static str {
     match kind {
@@ -521,13 +664,27 @@ fn kind_name(kind: EntryType) -> &'static str {
     }
 }
 
-/// Reads at most `remaining` bytes from `inner`, then fails and records
-/// that it did in `tripped`, so the caller can report the failure as
+/// How many more bytes [`unpack`] lets the tar crate read from the
+/// decompressed stream, which it sets as it goes, and whether a read went
+/// past that.
+struct StreamBudget {
+    remaining: Cell<u64>,
+    tripped: Cell<bool>,
+}
+
+impl StreamBudget {
+    /// Lets exactly `bytes` more bytes be read, whatever was left before.
+    fn allow(&self, bytes: u64) {
+        self.remaining.set(bytes);
+    }
+}
+
+/// Reads from `inner` no more than the budget allows, then fails and records
+/// that it did in the budget, so the caller can report the failure as
 /// [`UnpackError::TooLarge`] even though the tar crate wraps the error.
 struct LimitedReader<R> {
     inner: R,
-    remaining: u64,
-    tripped: Rc<Cell<bool>>,
+    budget: Rc<StreamBudget>,
 }
 
 impl<R: Read> Read for LimitedReader<R> {
@@ -535,7 +692,8 @@ impl<R: Read> Read for LimitedReader<R> {
         if buf.is_empty() {
             return Ok(0);
         }
-        if self.remaining == 0 {
+        let remaining = self.budget.remaining.get();
+        if remaining == 0 {
             // A read of zero bytes from the decompressor means a clean end
             // of stream, which is not over the limit; only data beyond the
             // limit is.
@@ -543,12 +701,12 @@ impl<R: Read> Read for LimitedReader<R> {
             if self.inner.read(&mut probe)? == 0 {
                 return Ok(0);
             }
-            self.tripped.set(true);
+            self.budget.tripped.set(true);
             return Err(io::Error::other("the decompressed archive exceeds the server's limit"));
         }
-        let max = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(buf.len());
+        let max = usize::try_from(remaining).unwrap_or(usize::MAX).min(buf.len());
         let n = self.inner.read(&mut buf[..max])?;
-        self.remaining -= n as u64;
+        self.budget.remaining.set(remaining - n as u64);
         Ok(n)
     }
 }

@@ -1,9 +1,10 @@
 //! Hostile archives must be refused with the right error, and must not
 //! write anything outside the destination directory.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use archive::{Limits, UnpackError, unpack};
@@ -67,19 +68,45 @@ impl RawTar {
         RawTar { builder: Some(tar::Builder::new(Vec::new())) }
     }
 
-    fn entry(mut self, name: &str, kind: EntryType, link: &str, data: &[u8], mode: u32) -> Self {
+    fn entry(self, name: &str, kind: EntryType, link: &str, data: &[u8], mode: u32) -> Self {
+        self.entry_with(name.as_bytes(), kind, link.as_bytes(), data, mode, |_| {})
+    }
+
+    /// Appends an entry whose header `edit` may change after it is filled
+    /// in, before its checksum is computed.
+    fn entry_with(
+        mut self,
+        name: &[u8],
+        kind: EntryType,
+        link: &[u8],
+        data: &[u8],
+        mode: u32,
+        edit: impl FnOnce(&mut Header),
+    ) -> Self {
         let mut header = Header::new_gnu();
         let old = header.as_old_mut();
         assert!(name.len() < old.name.len() && link.len() < old.linkname.len());
-        old.name[..name.len()].copy_from_slice(name.as_bytes());
-        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        old.name[..name.len()].copy_from_slice(name);
+        old.linkname[..link.len()].copy_from_slice(link);
         header.set_entry_type(kind);
         header.set_size(data.len() as u64);
         header.set_mode(mode);
         header.set_mtime(0);
+        edit(&mut header);
         header.set_cksum();
         self.builder.as_mut().unwrap().append(&header, data).unwrap();
         self
+    }
+
+    /// Appends an entry whose name and link target, of any length and
+    /// content, are stored in GNU long-name and long-link records.
+    fn long_entry(self, name: &[u8], kind: EntryType, link: &[u8], data: &[u8]) -> Self {
+        let mut tar =
+            self.entry_with(b"././@LongLink", EntryType::GNULongName, b"", &nul_terminated(name), 0o644, |_| {});
+        if !link.is_empty() {
+            tar = tar.entry_with(b"././@LongLink", EntryType::GNULongLink, b"", &nul_terminated(link), 0o644, |_| {});
+        }
+        tar.entry_with(b"placeholder", kind, b"placeholder", data, 0o644, |_| {})
     }
 
     fn file(self, name: &str, data: &[u8]) -> Self {
@@ -105,6 +132,26 @@ impl RawTar {
     fn gz(self) -> Vec<u8> {
         gzip(&self.tar())
     }
+}
+
+fn nul_terminated(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out
+}
+
+/// One pax extension record, `<length> <key>=<value>\n`, where the length
+/// counts the whole record including its own digits.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let rest = key.len() + value.len() + 3;
+    let mut len = rest + 1;
+    while len != rest + len.to_string().len() {
+        len = rest + len.to_string().len();
+    }
+    let mut record = format!("{len} {key}=").into_bytes();
+    record.extend_from_slice(value);
+    record.push(b'\n');
+    record
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -374,6 +421,17 @@ fn data_hidden_in_non_file_entries_is_limited() {
     let err = sandbox.unpack(&archive, &limits).unwrap_err();
     assert!(matches!(err, UnpackError::TooLarge { limit: 1000 }), "{err:?}");
     sandbox.assert_nothing_outside();
+
+    // Each entry has its own allowance for such data, so even with the
+    // server's limit of a million entries one entry cannot make it read
+    // far.
+    let limits = Limits { max_unpacked_bytes: 1000, max_entries: 1_000_000 };
+    let sandbox = Sandbox::new();
+    let read = Cell::new(0);
+    let err = unpack(CountingReader { data: &archive, read: &read }, &sandbox.dest, &limits).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { limit: 1000 }), "{err:?}");
+    assert!(read.get() < archive.len() / 16, "read {} of {} compressed bytes", read.get(), archive.len());
+    sandbox.assert_nothing_outside();
 }
 
 #[test]
@@ -449,4 +507,209 @@ fn later_file_replaces_earlier_file() {
     let archive = RawTar::new().file("f", b"one").file("f/g", b"two").gz();
     let err = sandbox.unpack(&archive, &LIMITS).unwrap_err();
     assert!(matches!(&err, UnpackError::Conflict { path, existing } if path == "f/g" && existing == "f"), "{err:?}");
+}
+
+/// Asserts that an error message has no control characters, which could
+/// drive the terminal it is printed on.
+fn assert_printable(err: &UnpackError) {
+    let message = err.to_string();
+    assert!(!message.chars().any(char::is_control), "{message:?}");
+}
+
+#[test]
+fn control_characters_in_names_are_escaped_in_errors() {
+    // The tar crate's messages about malformed header fields quote the
+    // entry's name, and the field, as they are.
+    let name = b"\x1b[2J\x1b]0;owned\x07";
+    // Each of these header fields is made a non-number with control
+    // characters in it; the checksum is fixed up after the others.
+    for (field, range) in [("mode", 100..108), ("size", 124..136), ("cksum", 148..156)] {
+        let mut tar = RawTar::new().entry_with(name, EntryType::Regular, b"", b"x", 0o644, |_| {}).tar();
+        tar[range.clone()].fill(0);
+        tar[range.start..range.start + 7].copy_from_slice(b"\x1b[31m\x07\x08");
+        if field != "cksum" {
+            let mut header = Header::new_old();
+            header.as_mut_bytes().copy_from_slice(&tar[..512]);
+            header.set_cksum();
+            tar[..512].copy_from_slice(header.as_bytes());
+        }
+        let sandbox = Sandbox::new();
+        let err = sandbox.unpack(&gzip(&tar), &LIMITS).unwrap_err();
+        assert!(matches!(err, UnpackError::Corrupt(_)), "{field}: {err:?}");
+        assert_printable(&err);
+        assert!(err.to_string().contains(r"\u{1b}[31m"), "{field}: {err}");
+        sandbox.assert_nothing_outside();
+    }
+
+    // Names are quoted with their control characters escaped in every
+    // other error.
+    let sandbox = Sandbox::new();
+    let err = sandbox.unpack(&RawTar::new().file("../\x1b[2J", b"x").gz(), &LIMITS).unwrap_err();
+    assert_eq!(err.to_string(), r#"archive entry "../\u{1b}[2J" leaves the app directory (contains "..")"#);
+    let err = sandbox.unpack(&RawTar::new().symlink("l\r", "/\x1b[2J").gz(), &LIMITS).unwrap_err();
+    assert_eq!(err.to_string(), r#"archive entry "l\r" is a symlink to "/\u{1b}[2J", outside the app directory"#);
+}
+
+#[test]
+fn overlong_names_are_refused() {
+    // The whole path may be at most 4095 bytes once joined to the app
+    // directory's own path.
+    let sandbox = Sandbox::new();
+    let max = 4095 - sandbox.dest.as_os_str().len() - 1;
+    struct Case {
+        name: Vec<u8>,
+        kind: EntryType,
+        link: Vec<u8>,
+        what: &'static str,
+        max: usize,
+    }
+    let long_path = ["dir"; 1100].join("/").into_bytes();
+    let cases = [
+        Case { name: vec![b'n'; 256], kind: EntryType::Regular, link: vec![], what: "a path", max },
+        Case {
+            name: format!("d/{}/f", "n".repeat(300)).into_bytes(),
+            kind: EntryType::Directory,
+            link: vec![],
+            what: "a path",
+            max,
+        },
+        Case { name: long_path.clone(), kind: EntryType::Regular, link: vec![], what: "a path", max },
+        Case {
+            name: b"link".to_vec(),
+            kind: EntryType::Symlink,
+            link: vec![b't'; 4096],
+            what: "a link target",
+            max: 4095,
+        },
+        Case {
+            name: b"link".to_vec(),
+            kind: EntryType::Symlink,
+            link: vec![b't'; 256],
+            what: "a link target",
+            max: 4095,
+        },
+        Case { name: b"hard".to_vec(), kind: EntryType::Link, link: long_path, what: "a link target", max },
+    ];
+    for Case { name, kind, link, what, max } in cases {
+        let sandbox = Sandbox::new();
+        let archive = RawTar::new().long_entry(&name, kind, &link, b"").gz();
+        let err = sandbox.unpack(&archive, &LIMITS).unwrap_err();
+        let expected = String::from_utf8(name.clone()).unwrap();
+        assert!(
+            matches!(&err, UnpackError::NameTooLong { path, what: w, max: m } if *path == expected && *w == what && *m == max),
+            "{err:?}"
+        );
+        assert_printable(&err);
+        assert!(names(&sandbox.dest).is_empty());
+        sandbox.assert_nothing_outside();
+    }
+
+    // The message names the entry, cut short.
+    let err = sandbox.unpack(&RawTar::new().long_entry(&[b'n'; 300], EntryType::Regular, b"", b"").gz(), &LIMITS);
+    let shown = "n".repeat(100);
+    assert_eq!(
+        err.unwrap_err().to_string(),
+        format!(
+            "archive entry \"{shown}\"... (300 bytes) has a path longer than the filesystem allows \
+             (at most 255 bytes per component and {max} in all)"
+        )
+    );
+
+    // Right up to the limits is fine.
+    let sandbox = Sandbox::new();
+    let longest = "n".repeat(255);
+    let archive = RawTar::new()
+        .long_entry(longest.as_bytes(), EntryType::Regular, b"", b"x")
+        .long_entry(b"link", EntryType::Symlink, longest.as_bytes(), b"")
+        .long_entry(b"hard", EntryType::Link, longest.as_bytes(), b"")
+        .gz();
+    let unpacked = sandbox.unpack(&archive, &LIMITS).unwrap();
+    assert_eq!(unpacked.files, 3);
+    assert_eq!(fs::read(sandbox.dest.join("link")).unwrap(), b"x");
+    assert_eq!(fs::read(sandbox.dest.join("hard")).unwrap(), b"x");
+}
+
+#[test]
+fn nul_bytes_in_names_are_corrupt() {
+    // The classic header ends names at the first NUL, but GNU long-name
+    // records and pax headers can carry one inside a name.
+    let cases = [
+        RawTar::new().long_entry(b"a\0b", EntryType::Regular, b"", b"x"),
+        RawTar::new().long_entry(b"a\0", EntryType::Directory, b"", b""),
+        RawTar::new().long_entry(b"link", EntryType::Symlink, b"a\0/b", b""),
+        RawTar::new().file("a", b"x").long_entry(b"hard", EntryType::Link, b"a\0", b""),
+        RawTar::new()
+            .entry_with(b"pax", EntryType::XHeader, b"", &pax_record("path", b"p\0q"), 0o644, |_| {})
+            .file("f", b"x"),
+    ];
+    for (i, tar) in cases.into_iter().enumerate() {
+        let sandbox = Sandbox::new();
+        let err = sandbox.unpack(&tar.gz(), &LIMITS).unwrap_err();
+        assert!(matches!(&err, UnpackError::Corrupt(m) if m.contains("NUL byte")), "case {i}: {err:?}");
+        assert_printable(&err);
+        assert!(names(&sandbox.dest).iter().all(|n| n == "a"), "case {i}");
+        sandbox.assert_nothing_outside();
+    }
+    let err = Sandbox::new().unpack(&RawTar::new().long_entry(b"a\0b", EntryType::Regular, b"", b"").gz(), &LIMITS);
+    assert_eq!(err.unwrap_err().to_string(), r#"corrupt archive: entry "a\0b" has a NUL byte in its name"#);
+}
+
+#[test]
+fn hard_link_to_itself_keeps_the_file() {
+    // GNU tar writes this for a file that is named twice when archiving.
+    for (name, target) in [("f", "f"), ("d/f", "d/./f"), ("./d/f", "d//f")] {
+        let sandbox = Sandbox::new();
+        let archive = RawTar::new().dir("d").file("f", b"data").file("d/f", b"data").hard_link(name, target).gz();
+        let unpacked = sandbox.unpack(&archive, &LIMITS).unwrap();
+        assert_eq!(unpacked.files, 2, "{name} -> {target}");
+        assert_eq!(fs::read(sandbox.dest.join("f")).unwrap(), b"data");
+        assert_eq!(fs::read(sandbox.dest.join("d/f")).unwrap(), b"data");
+        sandbox.assert_nothing_outside();
+    }
+}
+
+/// A reader that counts the bytes read from it and hands out at most 512
+/// at a time, so that the count shows how far a reader above it got.
+struct CountingReader<'a> {
+    data: &'a [u8],
+    read: &'a Cell<usize>,
+}
+
+impl Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(512).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        self.read.set(self.read.get() + n);
+        Ok(n)
+    }
+}
+
+#[test]
+fn decompression_bomb_stops_at_the_limit() {
+    // 64 MiB of zeros in one file compress to about 64 KiB.
+    let mut header = Header::new_gnu();
+    header.set_path("bomb").unwrap();
+    header.set_size(64 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+    encoder.write_all(header.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    encoder.write_all(&[0u8; 1024]).unwrap();
+    let bomb = encoder.finish().unwrap();
+
+    let limits = Limits { max_unpacked_bytes: 1 << 20, max_entries: 1000 };
+    let sandbox = Sandbox::new();
+    let read = Cell::new(0);
+    let err = unpack(CountingReader { data: &bomb, read: &read }, &sandbox.dest, &limits).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { limit } if limit == 1 << 20), "{err:?}");
+    assert!(fs::metadata(sandbox.dest.join("bomb")).unwrap().len() <= 1 << 20);
+    // It stopped soon after the first MiB, having read a small part of
+    // the compressed archive.
+    assert!(read.get() < bomb.len() / 16, "read {} of {} compressed bytes", read.get(), bomb.len());
+    sandbox.assert_nothing_outside();
 }

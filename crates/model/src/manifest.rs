@@ -1184,4 +1184,31 @@ mod tests {
             hangar.toml:3: invalid TOML: oops"#]]
         .assert_eq(&errors.to_string());
     }
+
+    /// Renders what [`Manifest::parse`] says about each source, one per
+    /// line, without the dedenting that [`check`] does (trailing spaces
+    /// matter to some of these inputs).
+    fn render_raw(sources: &[&str]) -> String {
+        sources
+            .iter()
+            .map(|source| match Manifest::parse(source, None) {
+                Ok(_) => format!("{source:?} => ok"),
+                Err(errors) => format!("{source:?} => {errors}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn malformed_keys_are_errors_not_panics() {
+        // toml_edit 0.23 panicked ("descend_path") on these, found by the
+        // manifest fuzz target; each must be an ordinary syntax error.
+        expect![[r#"
+            "==v\n.= " => hangar.toml:1: invalid TOML: extra `=`, expected nothing
+            "==v\n.=" => hangar.toml:1: invalid TOML: extra `=`, expected nothing
+            "==v\n.=1" => hangar.toml:1: invalid TOML: extra `=`, expected nothing
+            "[a]\n==v\n.= " => hangar.toml:2: invalid TOML: extra `=`, expected nothing
+            "==\n.b.c=1" => hangar.toml:1: invalid TOML: extra `=`, expected nothing"#]]
+        .assert_eq(&render_raw(&["==v\n.= ", "==v\n.=", "==v\n.=1", "[a]\n==v\n.= ", "==\n.b.c=1"]));
+    }
 }
