@@ -22,73 +22,65 @@ mod switching;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use testkit::{AppDir, TestServer};
 
+/// Measures hangar against a runner called directly and through nginx, cold starts,
+/// switching revisions under load and listing many revisions; writes BENCHMARKS.md.
+#[derive(Parser)]
+#[command(name = "hangar-bench")]
 struct Args {
+    /// The `hangar` binary (the test app is taken from beside it).
+    #[arg(long, default_value = "target/release/hangar")]
     hangar: String,
+    /// The `oha` load generator.
+    #[arg(long, default_value = "oha")]
     oha: PathBuf,
+    /// The `nginx` binary, run as a reverse proxy to the same runner.
+    #[arg(long, default_value = "nginx")]
     nginx: PathBuf,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
+    /// Where to write the figures for the plot.
+    #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
+    /// Rounds of each throughput measurement.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Seconds of each round.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
+    /// How many cold starts to time.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     cold_starts: u32,
+    /// Only time the listings (P5), print the figures and write nothing.
+    #[arg(long)]
+    p5_only: bool,
 }
 
-const USAGE: &str = "flags: --hangar PATH --oha PATH --nginx PATH --out FILE.md --json FILE.json \
-                     --rounds N --seconds N --cold-starts N [--p5-only]";
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        hangar: "target/release/hangar".to_owned(),
-        oha: PathBuf::from("oha"),
-        nginx: PathBuf::from("nginx"),
-        out: PathBuf::from("BENCHMARKS.md"),
-        json: PathBuf::from("target/bench/results.json"),
-        rounds: 3,
-        seconds: 5,
-        cold_starts: 30,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value; {USAGE}"));
-        match flag.as_str() {
-            "--hangar" => args.hangar = value()?,
-            "--oha" => args.oha = PathBuf::from(value()?),
-            "--nginx" => args.nginx = PathBuf::from(value()?),
-            "--out" => args.out = PathBuf::from(value()?),
-            "--json" => args.json = PathBuf::from(value()?),
-            "--rounds" => args.rounds = value()?.parse()?,
-            "--seconds" => args.seconds = value()?.parse()?,
-            "--cold-starts" => args.cold_starts = value()?.parse()?,
-            "--p5-only" => {
-                // For working on listing speed: prints P5 and writes nothing.
-                let hangar = std::fs::canonicalize(&args.hangar)?.display().to_string();
-                let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-                let p5 = runtime.block_on(listing::listing(&hangar, &testkit::testapp_bin(&hangar)))?;
-                eprintln!(
-                    "API p50 {} p99 {}; all p50 {}; CLI list-rev p50 {}; list p50 {}",
-                    stats::ms(p5.api.p50),
-                    stats::ms(p5.api.p99),
-                    stats::ms(p5.api_all.p50),
-                    stats::ms(p5.cli_list_rev.p50),
-                    stats::ms(p5.cli_list.p50)
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown flag {other}; {USAGE}"),
-        }
-    }
-    if args.rounds == 0 || args.seconds == 0 || args.cold_starts == 0 {
-        bail!("--rounds, --seconds and --cold-starts must be at least 1");
-    }
-    Ok(args)
+/// Times the listings alone, for working on their speed.
+fn p5_only(hangar: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let p5 = runtime.block_on(listing::listing(hangar, &testkit::testapp_bin(hangar)))?;
+    eprintln!(
+        "API p50 {} p99 {}; all p50 {}; CLI list-rev p50 {}; list p50 {}",
+        stats::ms(p5.api.p50),
+        stats::ms(p5.api.p99),
+        stats::ms(p5.api_all.p50),
+        stats::ms(p5.cli_list_rev.p50),
+        stats::ms(p5.cli_list.p50)
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = Args::parse();
     let hangar = std::fs::canonicalize(&args.hangar).with_context(|| format!("no hangar binary at {}", args.hangar))?;
     let hangar = hangar.to_str().context("path is not UTF-8")?.to_owned();
+    if args.p5_only {
+        return p5_only(&hangar);
+    }
     let testapp = testkit::testapp_bin(&hangar);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let machine = report::Machine::describe(&args.oha, &args.nginx);
