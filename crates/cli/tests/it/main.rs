@@ -47,6 +47,21 @@ fn testapp_dir(name: &str, extra: &str) -> AppDir {
     AppDir::new(&format!("name = \"{name}\"\ncommand = [{:?}]\n{extra}", testapp()))
 }
 
+/// `bin` of the virtualenv `target/VENV` that `scripts/test.sh` makes from `requirements`,
+/// or the path in the environment variable `var` when it is set.
+fn venv_bin(var: &str, venv: &str, bin: &str, requirements: &str) -> std::path::PathBuf {
+    let path = std::env::var_os(var).map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../target/{venv}/bin/{bin}"))
+    });
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test.sh makes it (python3 -m venv target/{venv} && \
+         target/{venv}/bin/pip install -r {requirements})",
+        path.display()
+    );
+    path
+}
+
 /// A copy of `examples/echo-python` in a temp dir, so a test can change it.
 fn echo_example() -> AppDir {
     let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/echo-python");

@@ -22,16 +22,7 @@ fn openapi_dir() -> PathBuf {
 
 /// The schemathesis of the virtualenv `scripts/test.sh` makes.
 fn schemathesis() -> PathBuf {
-    let bin = std::env::var_os("HANGAR_SCHEMATHESIS").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/schemathesis-venv/bin/schemathesis")
-    });
-    assert!(
-        bin.exists(),
-        "{} is missing: scripts/test.sh makes it (python3 -m venv target/schemathesis-venv && \
-         target/schemathesis-venv/bin/pip install -r tests/openapi/requirements.txt)",
-        bin.display()
-    );
-    bin
+    crate::venv_bin("HANGAR_SCHEMATHESIS", "schemathesis-venv", "schemathesis", "tests/openapi/requirements.txt")
 }
 
 fn url(server: &TestServer, path: &str) -> String {
@@ -185,26 +176,23 @@ fn malformed_paths_queries_and_bodies_get_the_json_error_body() {
 #[test]
 fn a_json_body_over_2_mib_is_refused_with_413() {
     let server = server();
+    let create_key = |body: Vec<u8>| {
+        Http::new().send(
+            "POST",
+            &url(&server, "/v1/keys"),
+            Some(&server.root_key),
+            &[("content-type", "application/json")],
+            body,
+        )
+    };
     let description = "x".repeat(3 << 20);
     let body = serde_json::to_vec(&json!({"scope": "api", "description": description})).unwrap();
-    let reply = Http::new().send(
-        "POST",
-        &url(&server, "/v1/keys"),
-        Some(&server.root_key),
-        &[("content-type", "application/json")],
-        body,
-    );
+    let reply = create_key(body);
     let message = api_error(&reply, 413, "payload_too_large");
     assert!(message.contains("2 MiB"), "{message}");
     // Just under the limit is read (and then refused for what it says).
     let body = serde_json::to_vec(&json!({"scope": "api", "description": "x".repeat((2 << 20) - 100)})).unwrap();
-    let reply = Http::new().send(
-        "POST",
-        &url(&server, "/v1/keys"),
-        Some(&server.root_key),
-        &[("content-type", "application/json")],
-        body,
-    );
+    let reply = create_key(body);
     let message = api_error(&reply, 400, "invalid_request");
     assert!(message.contains("longer than 500 characters"), "{message}");
 }

@@ -45,16 +45,7 @@ fn result(http: &Http, server: &TestServer, submitted: &Value) -> Reply {
 
 /// The python of the virtualenv `scripts/test.sh` makes with fal-client in it.
 fn fal_python() -> PathBuf {
-    let python = std::env::var_os("HANGAR_FAL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fal-venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} is missing: scripts/test.sh makes it (python3 -m venv target/fal-venv && \
-         target/fal-venv/bin/pip install -r tests/fal/requirements.txt)",
-        python.display()
-    );
-    python
+    crate::venv_bin("HANGAR_FAL_PYTHON", "fal-venv", "python", "tests/fal/requirements.txt")
 }
 
 #[test]
