@@ -15,6 +15,10 @@ need_deb() { # need_deb COMMAND PACKAGE
 # The example apps and test apps are Python (standard library only) and shell; the
 # dashboard's browser tests drive Debian's Chromium with playwright-core from npm.
 need_deb python3 python3
+# Runners and builds run in bubblewrap sandboxes, dropping to their team's uid with
+# util-linux's setpriv.
+need_deb bwrap bubblewrap
+need_deb setpriv util-linux
 need_deb chromium chromium
 need_deb node nodejs
 need_deb npm npm

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
-    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
+    AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
     HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
     TeamJson,
@@ -127,6 +127,12 @@ impl Client {
 
     pub async fn get_app(&self, app: &str) -> Result<AppJson> {
         self.json(self.request(Method::GET, &format!("/v1/apps/{}", seg(app)))).await
+    }
+
+    /// The app's cache directory; with `clear`, emptied first.
+    pub async fn app_cache(&self, app: &str, clear: bool) -> Result<CacheJson> {
+        let method = if clear { Method::DELETE } else { Method::GET };
+        self.json(self.request(method, &format!("/v1/apps/{}/cache", seg(app)))).await
     }
 
     pub async fn delete_app(&self, app: &str) -> Result<()> {

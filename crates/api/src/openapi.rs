@@ -202,6 +202,10 @@ pub(crate) fn health_status() -> Schema {
     choice(["ok"], false)
 }
 
+pub(crate) fn sandbox_mode() -> Schema {
+    choice(["bwrap", "none"], false)
+}
+
 /// A comma-separated list of runner states, with spaces around the commas allowed.
 pub(crate) fn runner_states() -> Schema {
     let one = RunnerState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("|");

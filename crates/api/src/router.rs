@@ -23,7 +23,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
 use crate::openapi;
 use crate::wire::{
-    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
+    AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
     HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
     TeamJson,
@@ -47,6 +47,8 @@ pub struct Caller {
 pub trait ControlPlane: Send + Sync + 'static {
     /// Prometheus text exposition of the server's metrics.
     fn metrics(&self) -> String;
+    /// How deployed code is confined: `bwrap`, or `none`.
+    fn sandbox(&self) -> &'static str;
     /// Checks the `Authorization` header and resolves the team the request acts for.
     fn authenticate(
         &self,
@@ -56,6 +58,13 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn list_apps(&self, caller: &Caller) -> impl Future<Output = Result<Vec<AppJson>, ApiError>> + Send;
     fn get_app(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
     fn delete_app(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// The size of the app's cache directory, or, with `clear`, empties it.
+    fn app_cache(
+        &self,
+        caller: &Caller,
+        app: &str,
+        clear: bool,
+    ) -> impl Future<Output = Result<CacheJson, ApiError>> + Send;
     /// Receives an uploaded archive and starts a deploy; answers once the revision exists.
     fn deploy(
         &self,
@@ -169,6 +178,7 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
     let mut v1 = OpenApiRouter::default()
         .routes(routes!(list_apps))
         .routes(routes!(get_app, delete_app))
+        .routes(routes!(get_cache, clear_cache))
         .routes(routes!(list_revisions))
         .routes(routes!(get_revision, delete_revision))
         .routes(routes!(revision_log))
@@ -216,8 +226,11 @@ struct OpenApiJson(Bytes);
 
 /// Whether the server is up.
 #[utoipa::path(get, path = "/healthz", tag = "server", responses((status = OK, body = HealthJson)))]
-async fn healthz() -> Json<HealthJson> {
-    Json(HealthJson { status: "ok".to_owned() })
+async fn healthz<C: ControlPlane>(State(c): State<Arc<C>>) -> Json<HealthJson> {
+    let sandbox = c.sandbox();
+    let warning =
+        (sandbox == "none").then(|| "deployed code runs unconfined, as the server's user (--sandbox none)".to_owned());
+    Json(HealthJson { status: "ok".to_owned(), sandbox: sandbox.to_owned(), warning })
 }
 
 /// The server's metrics, in the Prometheus text format.
@@ -355,6 +368,27 @@ async fn get_app<C: ControlPlane>(
     PathParams(path): PathParams<AppPath>,
 ) -> Result<Json<AppJson>, ApiError> {
     c.get_app(&caller, &path.app).await.map(Json)
+}
+
+/// The app's cache directory: how many files and bytes it holds.
+#[utoipa::path(get, path = "/v1/apps/{app}/cache", tag = "apps", params(AppPath), responses((status = OK, body = CacheJson)))]
+async fn get_cache<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+) -> Result<Json<CacheJson>, ApiError> {
+    c.app_cache(&caller, &path.app, false).await.map(Json)
+}
+
+/// Empties the app's cache directory (runners that run keep running; new ones start
+/// with it empty).
+#[utoipa::path(delete, path = "/v1/apps/{app}/cache", tag = "apps", params(AppPath), responses((status = OK, body = CacheJson)))]
+async fn clear_cache<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+) -> Result<Json<CacheJson>, ApiError> {
+    c.app_cache(&caller, &path.app, true).await.map(Json)
 }
 
 /// Deletes an app: its runners, revisions and history.

@@ -93,11 +93,30 @@ pub struct LogChunk {
     pub next_offset: u64,
 }
 
+/// An app's cache directory (`HANGAR_CACHE_DIR` in its runners).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct CacheJson {
+    pub app: String,
+    /// Files in it (after a clear: the files removed).
+    pub files: u64,
+    /// Their size in bytes (after a clear: the bytes freed).
+    pub bytes: u64,
+    /// Whether it was emptied.
+    pub cleared: bool,
+}
+
 /// The answer of `/healthz`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct HealthJson {
     #[schema(schema_with = crate::openapi::health_status)]
     pub status: String,
+    /// How deployed code is confined.
+    #[schema(schema_with = crate::openapi::sandbox_mode)]
+    pub sandbox: String,
+    /// Set when something about the server needs its operator's attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub warning: Option<String>,
 }
 
 /// Query parameters of a deploy upload.

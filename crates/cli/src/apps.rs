@@ -29,8 +29,15 @@ pub(crate) enum AppsCommand {
         #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         revision: String,
     },
-    /// Delete an app with all its revisions and history
+    /// Delete an app with all its revisions, history and cache
     Delete { app: String },
+    /// Show the size of an app's cache (HANGAR_CACHE_DIR, kept across runners and revisions)
+    Cache {
+        app: String,
+        /// Empty it (running runners keep running)
+        #[arg(long)]
+        clear: bool,
+    },
     /// Show every change made to an app, newest first
     History { app: String },
     /// List an app's runners
@@ -171,6 +178,18 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 return json(cx, &deleted);
             }
             out!("{}", success(format!("Deleted revision {} of {app}", deleted.id)));
+        }
+        AppsCommand::Cache { app, clear } => {
+            let cache = client.app_cache(&app, clear).await?;
+            if out.is_json() {
+                return json(cx, &cache);
+            }
+            let size = format!("{} files, {} bytes", cache.files, cache.bytes);
+            if clear {
+                out!("{}", success(format!("Cleared the cache of {app} ({size} removed)")));
+            } else {
+                out!("Cache of {app}: {size}");
+            }
         }
         AppsCommand::Delete { app } => {
             client.delete_app(&app).await?;

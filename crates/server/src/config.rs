@@ -75,6 +75,14 @@ pub struct ServerArgs {
     /// Times a queue request may lose its runner before it fails [default: 3]
     #[arg(long, env = "HANGAR_QUEUE_MAX_ATTEMPTS")]
     pub queue_max_attempts: Option<u32>,
+    /// How deployed code runs: bwrap (a sandbox per runner and build) or none (as the
+    /// server's user, unconfined) [default: bwrap]
+    #[arg(long, env = "HANGAR_SANDBOX")]
+    pub sandbox: Option<String>,
+    /// A host path that sandboxed code may read, at the same place (an interpreter
+    /// outside /usr, for example); repeatable or comma-separated
+    #[arg(long = "sandbox-ro-path", env = "HANGAR_SANDBOX_RO_PATHS", value_delimiter = ',')]
+    pub sandbox_ro_paths: Vec<PathBuf>,
 }
 
 /// The config file: the same settings as the flags.
@@ -98,6 +106,9 @@ struct FileConfig {
     queue_max_payload: Option<u64>,
     queue_retention: Option<f64>,
     queue_max_attempts: Option<u32>,
+    sandbox: Option<String>,
+    #[serde(default)]
+    sandbox_ro_paths: Vec<PathBuf>,
     #[serde(default)]
     machine_types: BTreeMap<String, MachineTypeConfig>,
 }
@@ -142,6 +153,9 @@ pub struct Config {
     pub queue_max_payload: u64,
     pub queue_retention: Duration,
     pub queue_max_attempts: u32,
+    pub sandbox: supervisor::SandboxMode,
+    /// Host paths sandboxed code may read.
+    pub sandbox_ro_paths: Vec<PathBuf>,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -215,6 +229,18 @@ impl Config {
             queue_max_attempts: match args.queue_max_attempts.or(file.queue_max_attempts).unwrap_or(3) {
                 0 => bail!("queue_max_attempts must be at least 1"),
                 n => n,
+            },
+            sandbox: args
+                .sandbox
+                .as_deref()
+                .or(file.sandbox.as_deref())
+                .unwrap_or("bwrap")
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            sandbox_ro_paths: if args.sandbox_ro_paths.is_empty() {
+                file.sandbox_ro_paths
+            } else {
+                args.sandbox_ro_paths.clone()
             },
         })
     }

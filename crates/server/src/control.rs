@@ -158,6 +158,13 @@ fn require_manage(caller: &Caller) -> Result<(), ApiError> {
 }
 
 impl ControlPlane for Control {
+    fn sandbox(&self) -> &'static str {
+        match self.config.sandbox {
+            supervisor::SandboxMode::Bwrap => "bwrap",
+            supervisor::SandboxMode::None => "none",
+        }
+    }
+
     fn metrics(&self) -> String {
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -225,8 +232,23 @@ impl ControlPlane for Control {
         for artifact in &orphaned {
             self.free_artifact(artifact).await;
         }
+        remove_dir_logged(&self.layout.app_cache(app.id)).await;
         tracing::info!(team = %caller.team, app = %name, key = %caller.key_id, "app deleted");
         Ok(())
+    }
+
+    async fn app_cache(&self, caller: &Caller, name: &str, clear: bool) -> Result<api::wire::CacheJson, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, name).await?;
+        let dir = self.layout.app_cache(app.id);
+        let (files, bytes) = tokio::task::spawn_blocking(move || crate::layout::measure_dir(&dir, clear))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?;
+        if clear {
+            tracing::info!(team = %caller.team, app = %name, files, bytes, key = %caller.key_id, "app cache cleared");
+        }
+        Ok(api::wire::CacheJson { app: app.name, files, bytes, cleared: clear })
     }
 
     async fn deploy(&self, caller: &Caller, params: DeployParams, archive: Body) -> Result<DeployJson, ApiError> {

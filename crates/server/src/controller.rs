@@ -629,7 +629,13 @@ impl Controller {
             }
             self.runners[index].capacity = Some(machine_type);
             let launch = self.launch_spec(index, secrets);
-            match self.shared.backend.launch(launch, self.events_tx.clone()) {
+            let cache = launch.confinement.cache.clone();
+            let prepared = match &cache {
+                Some(dir) => self.shared.backend.sandbox().prepare_dir(dir, launch.confinement.uid),
+                None => Ok(()),
+            };
+            let launched = prepared.and_then(|()| self.shared.backend.launch(launch, self.events_tx.clone()));
+            match launched {
                 Ok(handle) => {
                     let runner = &mut self.runners[index];
                     runner.handle = Some(handle);
@@ -674,7 +680,13 @@ impl Controller {
         RunnerLaunch {
             id: runner.id,
             command: manifest.command.clone(),
-            dir: self.shared.layout.revision_code(runner.revision),
+            confinement: supervisor::Confinement {
+                uid: supervisor::team_uid(self.app.team_id.as_bytes()),
+                code: self.shared.layout.revision_code(runner.revision),
+                code_writable: false,
+                cache: Some(self.shared.layout.app_cache(self.app.id)),
+                home_cache: None,
+            },
             env,
             health_path: manifest.health_path.clone(),
             startup_timeout: Duration::from_secs(startup_timeout),

@@ -348,9 +348,22 @@ impl DeployJob {
             return Ok(BuildOutcome::Succeeded { elapsed: std::time::Duration::ZERO });
         };
         tokio::fs::write(&log_path, format!("$ {}\n", command.join(" "))).await?;
+        let sandbox = self.fleet.shared.backend.sandbox();
+        let confinement = supervisor::Confinement {
+            uid: supervisor::team_uid(self.app.team_id.as_bytes()),
+            code: self.layout.revision_code(id),
+            code_writable: true,
+            cache: None,
+            home_cache: Some(self.layout.build_cache(self.app.team_id)),
+        };
+        if let Some(cache) = &confinement.home_cache {
+            sandbox.prepare_dir(cache, confinement.uid)?;
+        }
+        sandbox.hand_over(&confinement.code, confinement.uid)?;
         let spec = BuildSpec {
             command,
-            dir: &self.layout.revision_code(id),
+            sandbox,
+            confinement,
             env: self.build_env(),
             log: &log_path,
             pid_file: &self.layout.build_pid(id),

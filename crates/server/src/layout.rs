@@ -11,6 +11,8 @@
 //! revisions/<id>/build.pid       the build's process group while it runs
 //! runners/<id>/runner.log        a runner's output (rotated), kept while it is listed
 //! runners/<id>/pid               its process group while it runs
+//! caches/<app id>/               an app's cache (HANGAR_CACHE_DIR), kept across runners
+//! build-caches/<team id>/        a team's build cache (HOME/.cache of its builds)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -67,6 +69,18 @@ impl Layout {
         self.root.join("runners")
     }
 
+    /// An app's cache: writable by its runners, kept across runners, rollouts and
+    /// revisions, removed with the app.
+    pub(crate) fn app_cache(&self, app: uuid::Uuid) -> PathBuf {
+        self.root.join("caches").join(app.to_string())
+    }
+
+    /// A team's build cache, the `HOME/.cache` of its builds: downloads are reused
+    /// across deploys, and never shared with another team.
+    pub(crate) fn build_cache(&self, team: uuid::Uuid) -> PathBuf {
+        self.root.join("build-caches").join(team.to_string())
+    }
+
     pub(crate) fn revision(&self, id: RevisionId) -> PathBuf {
         self.revisions().join(id.to_string())
     }
@@ -82,4 +96,35 @@ impl Layout {
     pub(crate) fn build_pid(&self, id: RevisionId) -> PathBuf {
         self.revision(id).join("build.pid")
     }
+}
+
+/// The files under `dir` and their size in bytes, symlinks counted as files and not
+/// followed; with `clear`, each is removed as it is counted (`dir` itself stays). A
+/// missing `dir` holds nothing.
+pub(crate) fn measure_dir(dir: &Path, clear: bool) -> std::io::Result<(u64, u64)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e),
+    };
+    let (mut files, mut bytes) = (0, 0);
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.path().symlink_metadata()?;
+        if meta.is_dir() {
+            let (f, b) = measure_dir(&entry.path(), clear)?;
+            files += f;
+            bytes += b;
+            if clear {
+                std::fs::remove_dir(entry.path())?;
+            }
+        } else {
+            files += 1;
+            bytes += meta.len();
+            if clear {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    Ok((files, bytes))
 }

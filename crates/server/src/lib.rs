@@ -46,6 +46,21 @@ pub fn init_logging(format: LogFormat) {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Settings that can be wrong are checked before anything is touched.
     let tls = config.tls.as_ref().map(|(cert, key)| tls_config(cert, key)).transpose()?;
+    let sandbox = match config.sandbox {
+        supervisor::SandboxMode::Bwrap => {
+            let sandbox = supervisor::Sandbox::bwrap(config.sandbox_ro_paths.clone())
+                .map_err(|e| anyhow::anyhow!("cannot sandbox deployed code: {e}"))?;
+            tracing::info!(
+                read_only_paths = ?config.sandbox_ro_paths,
+                "sandbox: bwrap (every runner and build in its own namespaces, as its team's uid)"
+            );
+            sandbox
+        }
+        supervisor::SandboxMode::None => {
+            tracing::warn!("sandbox: none -- deployed code runs unconfined as the server's user and can read its keys");
+            supervisor::Sandbox::none()
+        }
+    };
     let layout = Layout::new(config.data_dir.clone());
     prepare_data_dir(&layout)?;
     let store = Store::open_sqlite(&layout.database())
@@ -55,7 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Runner processes an earlier run left behind (it crashed, or was killed) are
     // ended before anything else starts; their logs go with them.
-    let backend = Arc::new(supervisor::LocalProcesses::new(layout.runners(), RUNNER_LOG_BYTES));
+    let backend = Arc::new(supervisor::LocalProcesses::new(layout.runners(), RUNNER_LOG_BYTES, Arc::new(sandbox)));
     let reaped = backend.reap_leftovers(layout.root()) + supervisor::end_strays(&layout.revisions());
     if reaped > 0 {
         tracing::warn!(count = reaped, "ended runner processes left behind by an earlier run");

@@ -4,17 +4,19 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::group::kill_group;
+use crate::sandbox::{Confinement, Sandbox};
 
 /// What to run, where, and where its output goes.
 #[derive(Debug)]
 pub struct BuildSpec<'a> {
     pub command: &'a [String],
-    /// The revision's directory; the command runs here and may write into it.
-    pub dir: &'a Path,
+    pub sandbox: &'a Sandbox,
+    /// The revision's directory (writable: the command runs there and may change it),
+    /// the uid, and the team's build cache.
+    pub confinement: Confinement,
     /// The complete environment of the command (nothing is inherited).
     pub env: Vec<(String, String)>,
     /// Stdout and stderr are appended here.
@@ -41,20 +43,20 @@ pub enum BuildOutcome {
 /// Runs the build to completion, its timeout, or `cancel`. Whatever the outcome, no
 /// process of the build's group is left running afterwards.
 pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::io::Result<BuildOutcome> {
-    let Some((program, args)) = spec.command.split_first() else {
+    let Some(program) = spec.command.first() else {
         return Ok(BuildOutcome::Failed { reason: "the build command is empty".to_owned() });
     };
     let log = std::fs::OpenOptions::new().create(true).append(true).open(spec.log)?;
-    let mut command = Command::new(program);
+    let mut wrapped = spec.sandbox.wrap(spec.command, &spec.confinement)?;
+    // Nothing needs the sandbox's pid (ending bwrap's group ends the sandbox), but the
+    // pipe stays open until the end, so that bwrap's write to it does not fail.
+    let _info = wrapped.info.take();
+    let mut command = spec.sandbox.command(&wrapped, &spec.confinement.code);
     command
-        .args(args)
-        .current_dir(spec.dir)
-        .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0)
         .kill_on_drop(true);
     let started = Instant::now();
     let mut child = match command.spawn() {
@@ -63,6 +65,7 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
             return Ok(BuildOutcome::Failed { reason: format!("build command {program:?} could not be started: {e}") });
         }
     };
+    wrapped.keep.clear();
     let pgid = child.id().unwrap_or(0);
     std::fs::write(spec.pid_file, pgid.to_string())?;
     let outcome = tokio::select! {
@@ -97,7 +100,14 @@ mod tests {
     async fn build(dir: &Path, command: &[String], timeout: Duration) -> BuildOutcome {
         let spec = BuildSpec {
             command,
-            dir,
+            sandbox: &Sandbox::none(),
+            confinement: Confinement {
+                uid: 0,
+                code: dir.to_owned(),
+                code_writable: true,
+                cache: None,
+                home_cache: None,
+            },
             env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned()), ("GREETING".to_owned(), "hi".to_owned())],
             log: &dir.join("build.log"),
             pid_file: &dir.join("build.pid"),

@@ -20,6 +20,64 @@ pub(crate) fn signal_group(pgid: u32, signal: Signal) {
     }
 }
 
+/// Reads the pid of a sandbox's first process from bwrap's info pipe, on the blocking
+/// pool: `None` if bwrap ended without telling it.
+pub(crate) fn read_child_pid(info: std::os::fd::OwnedFd) -> tokio::task::JoinHandle<Option<u32>> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::from(info);
+        let mut text = String::new();
+        let mut buf = [0u8; 512];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if let Some(pid) = crate::sandbox::parse_child_pid(&text).filter(|_| text.contains('}')) {
+                        return Some(pid);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The children of `pid`, from `/proc`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).collect::<Vec<_>>())
+        .collect()
+}
+
+/// Sends `signal` to every child of `pid` (in a sandbox: the processes its reaper
+/// looks after, which are the app's).
+pub(crate) fn signal_children(pid: u32, signal: Signal) {
+    for child in children(pid) {
+        if let Ok(child) = i32::try_from(child) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(child), signal);
+        }
+    }
+}
+
+/// Ends a sandbox by killing its first process, the init of its pid namespace: the
+/// kernel then kills every process in the namespace, however it forked or whichever
+/// session it made. `pgid` is the group the sandbox was started in; a pid that no
+/// longer belongs to it (reused by the system) is left alone.
+pub(crate) fn kill_sandbox(first: u32, pgid: u32) {
+    let group = std::fs::read_to_string(format!("/proc/{first}/stat")).ok().and_then(|stat| {
+        // The process group is the third field after the command name.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse::<u32>().ok()
+    });
+    if group == Some(pgid)
+        && let Ok(first) = i32::try_from(first)
+    {
+        let _ = nix::sys::signal::kill(Pid::from_raw(first), Signal::SIGKILL);
+    }
+}
+
 /// Ends the process group recorded in `pid_file` by an earlier run of the server, if
 /// it still runs, and removes the file. The group is only killed if its leader's
 /// working directory is inside `dir`, so a pid that the system has since given to an

@@ -10,6 +10,7 @@
 mod build;
 mod group;
 mod runner;
+mod sandbox;
 
 pub use build::{BuildOutcome, BuildSpec, run_build};
 pub use group::{REVISION_VAR, end_leftover, end_strays};
@@ -17,3 +18,4 @@ pub use group::{REVISION_VAR, end_leftover, end_strays};
 /// that consumes runners' output need not depend on the supervisor.
 pub use model::records::OutputLine;
 pub use runner::{Event, HealthPolicy, LocalProcesses, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};
+pub use sandbox::{CACHE_DIR, CODE_DIR, Confinement, Sandbox, SandboxMode, team_uid};

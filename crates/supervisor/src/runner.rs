@@ -26,11 +26,11 @@ use hyper_util::rt::TokioExecutor;
 use model::ids::RunnerId;
 use model::records::OutputLine;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::group::{kill_group, signal_group};
+use crate::sandbox::{Confinement, Sandbox};
 
 /// How a runner's health is watched once it is up.
 #[derive(Debug, Clone)]
@@ -48,8 +48,8 @@ pub struct HealthPolicy {
 pub struct RunnerLaunch {
     pub id: RunnerId,
     pub command: Vec<String>,
-    /// The revision's directory; the runner's working directory.
-    pub dir: PathBuf,
+    /// What it may see: its revision's code (its working directory), its cache, its uid.
+    pub confinement: Confinement,
     /// The runner's environment, apart from `PORT`, which the backend chooses. Nothing
     /// of the server's own environment is inherited.
     pub env: Vec<(String, String)>,
@@ -147,12 +147,17 @@ pub struct LocalProcesses {
     log_limit: u64,
     client: Client<HttpConnector, Empty<Bytes>>,
     taps: Taps,
+    sandbox: Arc<Sandbox>,
 }
 
 impl LocalProcesses {
-    pub fn new(dir: PathBuf, log_limit: u64) -> LocalProcesses {
+    pub fn new(dir: PathBuf, log_limit: u64, sandbox: Arc<Sandbox>) -> LocalProcesses {
         let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
-        LocalProcesses { dir, log_limit, client, taps: Taps::default() }
+        LocalProcesses { dir, log_limit, client, taps: Taps::default(), sandbox }
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// Ends every runner process group an earlier run of the server left behind (found
@@ -170,25 +175,24 @@ impl LocalProcesses {
 
 impl RunnerBackend for LocalProcesses {
     fn launch(&self, launch: RunnerLaunch, events: mpsc::UnboundedSender<Event>) -> std::io::Result<RunnerHandle> {
-        let Some((program, args)) = launch.command.split_first() else {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the command is empty"));
-        };
         let runner_dir = self.dir.join(launch.id.to_string());
         std::fs::create_dir_all(&runner_dir)?;
         let log = Arc::new(Mutex::new(LogFile::open(self.log_path(launch.id), self.log_limit)?));
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut child = Command::new(program)
-            .args(args)
-            .current_dir(&launch.dir)
-            .env_clear()
+        let mut wrapped = self.sandbox.wrap(&launch.command, &launch.confinement)?;
+        let mut child = self
+            .sandbox
+            .command(&wrapped, &launch.confinement.code)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .spawn()?;
+        // The child has its copies; the parent's must go, so that reads see the end.
+        wrapped.keep.clear();
+        let sandbox_pid = wrapped.info.take().map(crate::group::read_child_pid);
         let pgid = child.id().unwrap_or(0);
         std::fs::write(runner_dir.join("pid"), pgid.to_string())?;
         // The tap is registered before any line is read, and only once nothing can
@@ -212,6 +216,8 @@ impl RunnerBackend for LocalProcesses {
             events,
             orders: order_rx,
             taps: self.taps.clone(),
+            sandbox_pid,
+            first: None,
         };
         let id = watch.launch.id;
         tokio::spawn(watch.run(child));
@@ -252,6 +258,10 @@ struct Watch {
     orders: mpsc::UnboundedReceiver<Order>,
     /// Where this runner's tap is registered; removed when the runner has ended.
     taps: Taps,
+    /// In a sandbox: the pid of its first process (bwrap's reaper in the sandbox's pid
+    /// namespace), once bwrap has told it.
+    sandbox_pid: Option<tokio::task::JoinHandle<Option<u32>>>,
+    first: Option<u32>,
 }
 
 /// A runner in setup is checked soon after it starts, then less and less often up to
@@ -279,29 +289,34 @@ impl Watch {
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
         let mut next_memory_check = Instant::now() + MEMORY_CHECK_INTERVAL;
 
+        let mut pending = self.sandbox_pid.take();
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status,
+                pid = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                    pending = None;
+                    self.first = pid.ok().flatten();
+                }
                 order = self.orders.recv(), if ending.as_ref().is_none_or(|(requested, _)| !requested) => {
                     match order {
                         Some(Order::Stop { grace }) => {
-                            signal_group(self.pgid, nix::sys::signal::Signal::SIGTERM);
+                            self.terminate(&mut pending).await;
                             kill_at = Some(Instant::now() + grace);
                             ending = Some((true, format!("stopped (SIGTERM, {grace:?} grace)")));
                         }
                         Some(Order::Kill) => {
-                            kill_group(self.pgid);
+                            self.kill_all();
                             ending = Some((true, "killed".to_owned()));
                         }
                         // Every handle is gone: nobody can stop it any more, so stop it now.
                         None => {
-                            kill_group(self.pgid);
+                            self.kill_all();
                             ending = Some((true, "killed (no owner left)".to_owned()));
                         }
                     }
                 }
                 () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                    kill_group(self.pgid);
+                    self.kill_all();
                     kill_at = None;
                     if let Some((_, reason)) = &mut ending {
                         reason.push_str("; killed after the grace period");
@@ -312,7 +327,7 @@ impl Watch {
                     let limit = self.launch.memory_limit.unwrap_or(u64::MAX);
                     let used = crate::group::resident_memory(child.id().unwrap_or(0));
                     if used > limit {
-                        kill_group(self.pgid);
+                        self.kill_all();
                         ending = Some((false, format!(
                             "used {} MiB of memory, over its machine type's limit of {} MiB",
                             used / MIB,
@@ -329,7 +344,7 @@ impl Watch {
                             next_probe = Instant::now() + self.launch.health.interval;
                         }
                         Phase::Setup if Instant::now() >= setup_deadline => {
-                            kill_group(self.pgid);
+                            self.kill_all();
                             ending = Some((false, format!(
                                 "health check of {} did not pass within the startup timeout of {:?}",
                                 self.launch.health_path, self.launch.startup_timeout
@@ -348,7 +363,7 @@ impl Watch {
                             if failures >= self.launch.health.failure_threshold {
                                 let reason = format!("{failures} health checks in a row failed");
                                 let _ = self.events.send(Event::Unhealthy { id, reason: reason.clone() });
-                                kill_group(self.pgid);
+                                self.kill_all();
                                 ending = Some((false, reason));
                             } else {
                                 next_probe = Instant::now() + self.launch.health.interval;
@@ -358,8 +373,13 @@ impl Watch {
                 }
             }
         };
-        // Whatever the leader did, nothing of its group may outlive it.
-        kill_group(self.pgid);
+        // Whatever the leader did, nothing of its group or its sandbox may outlive it.
+        if let Some(pid) = pending.take()
+            && let Ok(Ok(pid)) = tokio::time::timeout(Duration::from_secs(1), pid).await
+        {
+            self.first = pid;
+        }
+        self.kill_all();
         let _ = std::fs::remove_file(&self.pid_file);
         let (requested, reason) = match (ending, status) {
             (Some(ending), _) => ending,
@@ -371,6 +391,26 @@ impl Watch {
         // see the tap closed once both pumps have drained them.
         self.taps.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let _ = self.events.send(Event::Exited { id, phase, requested, reason });
+    }
+
+    /// SIGTERM to the runner: to its process group, or, in a sandbox, to the processes
+    /// its first one looks after (the app's, not bwrap's, which would end at once).
+    async fn terminate(&mut self, pending: &mut Option<tokio::task::JoinHandle<Option<u32>>>) {
+        if let Some(pid) = pending.take() {
+            self.first = pid.await.ok().flatten();
+        }
+        match self.first {
+            Some(first) => crate::group::signal_children(first, nix::sys::signal::Signal::SIGTERM),
+            None => signal_group(self.pgid, nix::sys::signal::Signal::SIGTERM),
+        }
+    }
+
+    /// SIGKILL to every process of the runner, in and out of its sandbox.
+    fn kill_all(&self) {
+        kill_group(self.pgid);
+        if let Some(first) = self.first {
+            crate::group::kill_sandbox(first, self.pgid);
+        }
     }
 
     async fn probe(&self) -> bool {
@@ -482,7 +522,7 @@ mod tests {
     #[tokio::test]
     async fn a_tap_hands_out_each_line_with_its_stream_until_the_runner_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = LocalProcesses::new(dir.path().join("runners"), 1 << 20);
+        let backend = LocalProcesses::new(dir.path().join("runners"), 1 << 20, Arc::new(Sandbox::none()));
         let id = RunnerId::new();
         // The runner waits for a file before it speaks, so the test can subscribe first.
         let go = dir.path().join("go");
@@ -526,7 +566,13 @@ mod tests {
         RunnerLaunch {
             id,
             command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
-            dir: dir.to_owned(),
+            confinement: Confinement {
+                uid: 0,
+                code: dir.to_owned(),
+                code_writable: false,
+                cache: None,
+                home_cache: None,
+            },
             env: vec![("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".to_owned()))],
             health_path: "/health".to_owned(),
             startup_timeout: Duration::from_secs(60),
@@ -542,7 +588,7 @@ mod tests {
     #[tokio::test]
     async fn a_runner_whose_processes_use_more_than_its_memory_limit_is_killed() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = LocalProcesses::new(dir.path().join("runners"), 1 << 20);
+        let backend = LocalProcesses::new(dir.path().join("runners"), 1 << 20, Arc::new(Sandbox::none()));
         let id = RunnerId::new();
         // The memory is held by a child of the runner's first process, and it keeps
         // growing, so the limit must count descendants to stop it.

@@ -56,6 +56,12 @@ impl TestServer {
         self.dir.path().join("data")
     }
 
+    /// A directory that the server's sandboxed runners can read (at the same path): the
+    /// place for files a test uses to steer its test app.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
     /// Everything the server has written to stdout and stderr, across restarts.
     pub fn output(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
@@ -69,11 +75,18 @@ impl TestServer {
         let endpoints = self.data_dir().join("server.json");
         let _ = std::fs::remove_file(&endpoints);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        std::fs::create_dir_all(self.shared_dir())?;
+        // Sandboxed runners see the test app (built beside the server) and the shared dir.
+        let binaries = self.bin.parent().context("the server binary has no directory")?;
         let child = Command::new(&self.bin)
             .arg("server")
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--api-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
+            .arg("--sandbox-ro-path")
+            .arg(binaries)
+            .arg("--sandbox-ro-path")
+            .arg(self.shared_dir())
             .args(&self.extra_args)
             .env("HANGAR_LOG", "info")
             .env("NO_COLOR", "1")
@@ -248,6 +261,28 @@ fn http_ok(url: &str) -> bool {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response.starts_with("HTTP/1.1 200")
+}
+
+/// The pid, on this machine, of the test app process that gave `reply` (its `pid` and
+/// `runner`). In a sandbox the app has a pid namespace of its own and sees its own pid
+/// as a small number; the process is found by its runner id and that pid.
+pub fn host_pid(reply: &serde_json::Value) -> i32 {
+    let (Some(inner), Some(runner)) = (reply["pid"].as_i64(), reply["runner"].as_str()) else {
+        panic!("not a test app's reply: {reply}");
+    };
+    let needle = format!("HANGAR_RUNNER_ID={runner}");
+    let found = std::fs::read_dir("/proc").into_iter().flatten().flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+        let environ = std::fs::read(entry.path().join("environ")).ok()?;
+        if !environ.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
+            return None;
+        }
+        // `NSpid:` lists the pid in each pid namespace, this machine's first.
+        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        (nspid.split_whitespace().last()?.parse::<i64>().ok()? == inner).then_some(pid)
+    });
+    found.unwrap_or_else(|| panic!("no process of runner {runner} has pid {inner}"))
 }
 
 /// The controllable test app (`hangar-testapp`), built next to the `hangar` binary

@@ -128,9 +128,7 @@ fn bodies_stream_both_ways() {
 fn a_killed_runner_is_replaced_and_failing_starts_back_off_without_touching_serving_runners() {
     let server = server();
     let http = Http::new();
-    let flag = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    let flag_path = flag.to_str().unwrap().to_owned();
-    std::fs::remove_file(&flag_path).unwrap();
+    let flag_path = server.shared_dir().join("broken").to_str().unwrap().to_owned();
     let app = testapp_dir(
         "sturdy",
         &format!("env = {{ FAIL_SETUP_IF_EXISTS = {flag_path:?} }}\n[scaling]\nmin_concurrency = 2\n"),
@@ -147,7 +145,7 @@ fn a_killed_runner_is_replaced_and_failing_starts_back_off_without_touching_serv
     // From now on new runners of this revision fail to set up.
     std::fs::write(&flag_path, "broken").unwrap();
     let victim = http.get(&app_url(&server, "sturdy", "/"), None).json();
-    let pid = victim["pid"].as_i64().unwrap() as i32;
+    let pid = testkit::host_pid(&victim);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     // A call sent in the moment between the kill and the server noticing it can still
     // be routed to the dead runner (and get 503 runner_lost); what is tested here is
@@ -209,8 +207,8 @@ fn after_a_server_crash_no_runner_of_the_old_run_survives_and_apps_serve_again()
     let http = Http::new();
     let app = testapp_dir("phoenix", "[scaling]\nmin_concurrency = 1\n");
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
-    let pid = http.get(&app_url(&server, "phoenix", "/"), None).json()["pid"].as_i64().unwrap();
-    let alive = |pid: i64| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let pid = testkit::host_pid(&http.get(&app_url(&server, "phoenix", "/"), None).json());
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
 
     server.kill();
     assert!(alive(pid), "the runner outlives a SIGKILLed server (until the restart)");
@@ -218,7 +216,7 @@ fn after_a_server_crash_no_runner_of_the_old_run_survives_and_apps_serve_again()
     wait_until("the old runner to be ended", || (!alive(pid)).then_some(()));
     let reply = http.get(&app_url(&server, "phoenix", "/"), None);
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_ne!(reply.json()["pid"].as_i64().unwrap(), pid);
+    assert_ne!(testkit::host_pid(&reply.json()), pid);
 }
 
 #[test]
@@ -228,7 +226,7 @@ fn graceful_shutdown_stops_every_runner() {
     let app = testapp_dir("tidy", "[scaling]\nmin_concurrency = 2\n");
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
     wait_until("two runners", || (runners(&server, "tidy", &[]).len() == 2).then_some(()));
-    let pid = http.get(&app_url(&server, "tidy", "/"), None).json()["pid"].as_i64().unwrap();
+    let pid = testkit::host_pid(&http.get(&app_url(&server, "tidy", "/"), None).json());
     let status = server.stop();
     assert!(status.success());
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -311,7 +309,7 @@ fn a_runner_that_hangs_is_given_up_and_replaced() {
     let app = testapp_dir("frozen", "[scaling]\nmin_concurrency = 1\n");
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
     let victim = http.get(&app_url(&server, "frozen", "/"), None).json();
-    let (pid, first) = (victim["pid"].as_i64().unwrap() as i32, victim["runner"].as_str().unwrap().to_owned());
+    let (pid, first) = (testkit::host_pid(&victim), victim["runner"].as_str().unwrap().to_owned());
     // Stopped, the process neither answers nor exits: health checks time out.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
     let ended = wait_until("the hung runner to be given up", || {

@@ -12,6 +12,7 @@ mod manifest;
 mod openapi;
 mod queue;
 mod revisions;
+mod sandbox;
 mod scaling;
 mod switching;
 mod tls;

@@ -81,8 +81,7 @@ fn fal_client_works_unchanged_against_the_gateway() {
 #[test]
 fn a_thousand_queued_requests_survive_a_sigkill_of_the_server() {
     let mut server = server();
-    let gate = tempfile::tempdir().unwrap();
-    let open = gate.path().join("open");
+    let open = server.shared_dir().join("open");
     std::fs::write(&open, "").unwrap();
     // Runners stay in setup while the gate file is missing.
     let app = testapp_dir(

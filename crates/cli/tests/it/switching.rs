@@ -148,8 +148,7 @@ fn set_rev_refuses_what_cannot_become_current_and_changes_nothing() {
 #[test]
 fn rolling_set_rev_to_a_revision_that_no_longer_comes_up_leaves_the_alias() {
     let server = server();
-    let flag = tempfile::tempdir().unwrap();
-    let flag_path = flag.path().join("broken");
+    let flag_path = server.shared_dir().join("broken");
     let old = deploy(
         &server,
         "fickle",

@@ -1,0 +1,268 @@
+//! Deployed code is untrusted: every runner and build runs in a sandbox (bubblewrap, a
+//! uid per team) and can reach nothing of the server or of other teams.
+
+use serde_json::Value;
+use testkit::{AppDir, Http, TestServer, wait_until};
+
+use crate::{runners, server, testapp_dir};
+
+/// An app that tries what hostile code would, and says how each try went: `"ok"`, or
+/// the name of the Python exception it got.
+const HOSTILE: &str = r#"
+import json, os, socket, subprocess
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except Exception as e:
+        return type(e).__name__
+
+def read(path):
+    with open(path, "rb") as f:
+        f.read(1)
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+def cached():
+    with open(os.path.join(os.environ["HANGAR_CACHE_DIR"], "weights.bin")) as f:
+        return f.read()
+
+def connect(port):
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        path, _, arg = self.path.partition("?")
+        if path == "/probe":
+            targets = json.loads(os.environ.get("TARGETS", "[]"))
+            body = {
+                "uid": os.getuid(),
+                "cwd": os.getcwd(),
+                "read": {t: attempt(lambda t=t: read(t)) for t in targets},
+                "list": {t: attempt(lambda t=t: os.listdir(t)) for t in targets},
+                "write_code": attempt(lambda: write("hacked.txt", "x")),
+                "signal_server": attempt(lambda: os.kill(int(os.environ["SERVER_PID"]), 0)),
+                "tmp": attempt(lambda: write("/tmp/scratch", "x")),
+                "home": attempt(lambda: write(os.path.join(os.environ["HOME"], "scratch"), "x")),
+            }
+        elif path == "/cache/write":
+            write(os.path.join(os.environ["HANGAR_CACHE_DIR"], "weights.bin"), os.environ["HANGAR_REVISION"])
+            body = {}
+        elif path == "/cache/read":
+            body = {"read": attempt(cached)}
+            if body["read"] == "ok":
+                body["content"] = cached()
+        elif path == "/connect":
+            body = {"connect": attempt(lambda: connect(int(arg)))}
+        elif path == "/spawn":
+            subprocess.Popen(["setsid", "sleep", "1000"])
+            body = {}
+        else:
+            body = {"runner": os.environ.get("HANGAR_RUNNER_ID"), "pid": os.getpid()}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// The hostile app as `name`, with `extra` manifest lines after `command`.
+fn hostile(name: &str, extra: &str) -> AppDir {
+    let app = AppDir::new(&format!(
+        "name = \"{name}\"\ncommand = [\"python3\", \"hostile.py\"]\nhealth_path = \"/\"\n{extra}"
+    ));
+    app.write("hostile.py", HOSTILE);
+    app
+}
+
+fn get(http: &Http, server: &TestServer, team: &str, app: &str, path: &str) -> Value {
+    let reply = http.get(&format!("{}/{team}/{app}{path}", server.gateway_url), None);
+    assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+    reply.json()
+}
+
+/// Processes on this machine whose environment names `runner`.
+fn processes_of(runner: &str) -> Vec<u32> {
+    let needle = format!("HANGAR_RUNNER_ID={runner}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// Processes whose command line is `setsid sleep 1000`'s `sleep 1000`.
+fn sleepers() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x001000\x00"))
+        .collect()
+}
+
+#[test]
+fn a_hostile_app_of_another_team_reads_no_key_no_database_and_no_other_code() {
+    let server = server();
+    let http = Http::new();
+    let data = server.data_dir();
+    // The default team's app, with a revision and a cache of its own.
+    let victim = testapp_dir("victim", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", victim.path_str(), "--auth", "public"]).ok();
+    let victim_rev = crate::revisions(&server, "victim")[0]["id"].as_str().unwrap().to_owned();
+    let caches: Vec<String> =
+        std::fs::read_dir(data.join("caches")).unwrap().flatten().map(|e| e.path().display().to_string()).collect();
+    assert_eq!(caches.len(), 1, "the victim's cache dir exists: {caches:?}");
+
+    server.run(&["teams", "create", "evil"]).ok();
+    let mut targets: Vec<String> = ["admin.key", "secret.key", "hangar.db"]
+        .iter()
+        .flat_map(|f| [data.join(f).display().to_string(), format!("../../../{f}")])
+        .collect();
+    let victim_code = data.join("revisions").join(&victim_rev).join("app");
+    targets.push(victim_code.join("hangar.toml").display().to_string());
+    targets.push(victim_code.display().to_string());
+    targets.push(data.join("revisions").display().to_string());
+    targets.push(data.join("runners").display().to_string());
+    targets.extend(caches.iter().cloned());
+    let env = serde_json::json!({ "TARGETS": serde_json::to_string(&targets).unwrap(),
+                                  "SERVER_PID": server.pid().unwrap().to_string() });
+    let env = env.as_object().unwrap().iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ");
+    let app = hostile("prowler", &format!("env = {{ {env} }}\n"));
+    server.run(&["--team", "evil", "deploy", app.path_str(), "--auth", "public"]).ok();
+
+    let probe = get(&http, &server, "evil", "prowler", "/probe");
+    assert_ne!(probe["uid"], 0, "{probe}");
+    assert_eq!(probe["cwd"], "/app");
+    for target in &targets {
+        assert_ne!(probe["read"][target], "ok", "read {target}: {probe}");
+        assert_ne!(probe["list"][target], "ok", "listed {target}: {probe}");
+    }
+    assert_ne!(probe["write_code"], "ok", "{probe}");
+    assert_eq!(probe["signal_server"], "ProcessLookupError", "{probe}");
+    // What is its own to write it may write.
+    assert_eq!((&probe["tmp"], &probe["home"]), (&Value::from("ok"), &Value::from("ok")), "{probe}");
+    assert!(
+        std::fs::read_dir(data.join("revisions")).unwrap().flatten().all(|r| !r.path().join("app/hacked.txt").exists())
+    );
+    // The victim still serves.
+    assert!(get(&http, &server, "default", "victim", "/")["runner"].is_string());
+}
+
+#[test]
+fn the_cache_dir_is_kept_across_revisions_of_an_app_and_not_shared_with_another() {
+    let server = server();
+    let http = Http::new();
+    server.run(&["deploy", hostile("keeper", "").path_str(), "--auth", "public"]).ok();
+    get(&http, &server, "default", "keeper", "/cache/write");
+    let first = crate::revisions(&server, "keeper")[0]["id"].as_str().unwrap().to_owned();
+
+    // A second revision, with other code, reads what the first wrote.
+    let second = hostile("keeper", "env = { VERSION = \"2\" }\n");
+    server.run(&["deploy", second.path_str()]).ok();
+    let read = get(&http, &server, "default", "keeper", "/cache/read");
+    assert_eq!(read, serde_json::json!({ "read": "ok", "content": first }));
+
+    // Another app has a cache of its own, empty.
+    server.run(&["deploy", hostile("stranger", "").path_str(), "--auth", "public"]).ok();
+    let read = get(&http, &server, "default", "stranger", "/cache/read");
+    assert_eq!(read["read"], "FileNotFoundError", "{read}");
+
+    // Clearing empties it; deleting the app removes it.
+    server.run(&["apps", "cache", "keeper", "--clear"]).ok();
+    let read = get(&http, &server, "default", "keeper", "/cache/read");
+    assert_eq!(read["read"], "FileNotFoundError", "{read}");
+    let before = std::fs::read_dir(server.data_dir().join("caches")).unwrap().count();
+    server.run(&["apps", "delete", "stranger"]).ok();
+    assert_eq!(std::fs::read_dir(server.data_dir().join("caches")).unwrap().count(), before - 1);
+}
+
+#[test]
+fn a_grandchild_that_left_its_session_ends_with_its_runner() {
+    let mut server = server();
+    let http = Http::new();
+    server.run(&["deploy", hostile("forker", "[scaling]\nmin_concurrency = 1\n").path_str(), "--auth", "public"]).ok();
+    let spawn = |server: &TestServer| {
+        let before = sleepers().len();
+        let runner = get(&http, server, "default", "forker", "/")["runner"].as_str().unwrap().to_owned();
+        get(&http, server, "default", "forker", "/spawn");
+        wait_until("the grandchild to run", || (sleepers().len() > before).then_some(()));
+        runner
+    };
+
+    // runners stop
+    let runner = spawn(&server);
+    server.run(&["runners", "stop", &runner[..8]]).ok();
+    wait_until("the runner's processes to end", || processes_of(&runner).is_empty().then_some(()));
+    assert!(sleepers().is_empty(), "the grandchild outlived `runners stop`");
+
+    // apps rollout --force
+    let runner = spawn(&server);
+    server.run(&["apps", "rollout", "forker", "--force"]).ok();
+    wait_until("the runner's processes to end", || processes_of(&runner).is_empty().then_some(()));
+    assert!(sleepers().is_empty(), "the grandchild outlived a forced rollout");
+
+    // kill -9 of the server, then a restart
+    let runner = spawn(&server);
+    server.kill();
+    server.restart();
+    wait_until("the old runner's processes to end", || processes_of(&runner).is_empty().then_some(()));
+    wait_until("no grandchild left", || sleepers().is_empty().then_some(()));
+    assert!(!runners(&server, "forker", &[]).iter().any(|r| r["id"] == runner.as_str()));
+}
+
+#[test]
+fn the_server_says_when_deployed_code_runs_unconfined() {
+    let server = crate::server_with(&["--sandbox", "none"]);
+    let health = Http::new().get(&format!("{}/healthz", server.api_url), None).json();
+    assert_eq!(health["sandbox"], "none");
+    assert!(health["warning"].as_str().unwrap().contains("unconfined"), "{health}");
+    assert!(server.output().contains("sandbox: none"), "{}", server.output());
+
+    let sandboxed = crate::server();
+    let health = Http::new().get(&format!("{}/healthz", sandboxed.api_url), None).json();
+    assert_eq!(health, serde_json::json!({ "status": "ok", "sandbox": "bwrap" }));
+}
+
+/// A server that cannot sandbox refuses to start (fail closed) and says what to do.
+#[test]
+fn a_server_that_cannot_sandbox_refuses_to_start_and_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |env_path: &str, extra: &[&str]| {
+        std::process::Command::new(crate::BIN)
+            .args(["server", "--api-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .env("PATH", env_path)
+            .env("HOME", dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // No bwrap on the PATH.
+    let out = start(dir.path().to_str().unwrap(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("bwrap is not installed") && stderr.contains("--sandbox none"), "{stderr}");
+    assert!(!dir.path().join("data/server.json").exists());
+    // A path for the sandbox that is not absolute, and an unknown mode.
+    let path = std::env::var("PATH").unwrap();
+    let out = start(&path, &["--sandbox-ro-path", "relative/dir"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be an absolute path"), "{out:?}");
+    let out = start(&path, &["--sandbox", "chroot"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not one of: bwrap, none"), "{out:?}");
+}

@@ -1,0 +1,487 @@
+//! The sandbox every runner and build runs in, built on bubblewrap (`bwrap`, the
+//! sandbox Flatpak uses) and util-linux's `setpriv`: no namespace code of our own.
+//!
+//! The server runs `bwrap` as root, so that it can mount what the sandbox needs from
+//! anywhere in the data dir; inside, `setpriv` drops to the team's own uid with no
+//! capabilities, an empty bounding set and `no_new_privs` before the app's command
+//! runs. The sandbox has its own pid, IPC, UTS and mount namespaces, and, unless it is
+//! told to share the server's, its own network namespace (see [`crate::netns`]):
+//!
+//! ```text
+//! /usr /etc /bin /lib* /sbin   the system, read-only
+//! <extra paths>                read-only, where the server's settings name them
+//! /app                         the revision's code: read-only for runners, writable for builds
+//! /cache                       the app's cache (HANGAR_CACHE_DIR), writable, kept across runners
+//! /home/hangar                 HOME, private, gone with the sandbox (builds: .cache is the team's)
+//! /tmp                         private, gone with the sandbox
+//! /proc /dev                   its own
+//! ```
+//!
+//! Nothing else of the machine or the data dir is there: no keys, no database, no
+//! other revision, cache or log.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// Whether processes run sandboxed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// bubblewrap namespaces and a uid per team.
+    Bwrap,
+    /// No sandbox: deployed code runs as the server's user, with its rights.
+    None,
+}
+
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SandboxMode, String> {
+        match s {
+            "bwrap" => Ok(SandboxMode::Bwrap),
+            "none" => Ok(SandboxMode::None),
+            other => Err(format!("sandbox {other:?} is not one of: bwrap, none")),
+        }
+    }
+}
+
+/// Where things are inside the sandbox.
+pub const CODE_DIR: &str = "/app";
+pub const CACHE_DIR: &str = "/cache";
+pub(crate) const HOME_DIR: &str = "/home/hangar";
+
+/// Sandboxed processes run as `UID_BASE + n` for a team-specific `n` below `UID_RANGE`:
+/// above the ranges that distributions give people and `/etc/subuid`'s first users, and
+/// below 2^21, the largest uid an ustar archive can record (so that tools that pack
+/// what they built keep working).
+pub(crate) const UID_BASE: u32 = 2_000_000;
+pub(crate) const UID_RANGE: u32 = 65_536;
+
+/// The uid (and gid) a team's builds and runners run as.
+pub fn team_uid(team: &[u8; 16]) -> u32 {
+    // The team id is a random UUID: any four of its bytes are evenly spread.
+    UID_BASE + u32::from_le_bytes([team[12], team[13], team[14], team[15]]) % UID_RANGE
+}
+
+/// How processes are confined on this server.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    mode: SandboxMode,
+    /// The system directories, as mounts of the host's.
+    system: Vec<Mount>,
+    /// Host paths the server's settings make visible read-only at the same place.
+    extra: Vec<PathBuf>,
+    /// The tools, found on the server's PATH when the sandbox was set up.
+    bwrap: PathBuf,
+    setpriv: PathBuf,
+}
+
+/// How a host directory appears in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mount {
+    ReadOnly(PathBuf),
+    /// A symlink to `target` at `at` (`/bin -> usr/bin` on merged-/usr systems).
+    Symlink {
+        at: PathBuf,
+        target: PathBuf,
+    },
+}
+
+/// What one sandboxed process may see and use.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    /// The uid and gid it runs as.
+    pub uid: u32,
+    /// The code, at [`CODE_DIR`], its working directory.
+    pub code: PathBuf,
+    pub code_writable: bool,
+    /// Writable at [`CACHE_DIR`].
+    pub cache: Option<PathBuf>,
+    /// Writable at `HOME/.cache` (a build's cache of downloads).
+    pub home_cache: Option<PathBuf>,
+}
+
+/// A command ready to run, sandboxed or not.
+#[derive(Debug)]
+pub(crate) struct Wrapped {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    /// Descriptors the child must keep across exec; the parent closes them once the
+    /// child has started.
+    pub keep: Vec<OwnedFd>,
+    /// Where bwrap tells the pid of the sandbox's first process (`{"child-pid": N}`).
+    pub info: Option<OwnedFd>,
+}
+
+impl Wrapped {
+    /// The raw numbers of [`Wrapped::keep`], for the child to clear their close-on-exec flag.
+    pub(crate) fn keep_raw(&self) -> Vec<RawFd> {
+        self.keep.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+}
+
+impl Sandbox {
+    /// No sandbox.
+    pub fn none() -> Sandbox {
+        Sandbox {
+            mode: SandboxMode::None,
+            system: Vec::new(),
+            extra: Vec::new(),
+            bwrap: PathBuf::new(),
+            setpriv: PathBuf::new(),
+        }
+    }
+
+    /// The bubblewrap sandbox, after checking that it works here: the tools are there,
+    /// the server may use them, and a sandboxed process really starts. The error says
+    /// how to make it work, or how to turn it off.
+    pub fn bwrap(extra: Vec<PathBuf>) -> Result<Sandbox, String> {
+        for path in &extra {
+            if !path.is_absolute() || !path.exists() {
+                return Err(format!("sandbox path {} must be an absolute path that exists", path.display()));
+            }
+        }
+        const INSTALL: &str = "(Debian: apt-get install bubblewrap util-linux), or start the server with \
+                               --sandbox none to run deployed code unconfined";
+        let find = |tool: &str, package: &str| {
+            find_program(tool)
+                .ok_or_else(|| format!("{tool} is not installed (it comes with {package}); install it {INSTALL}"))
+        };
+        let sandbox = Sandbox {
+            mode: SandboxMode::Bwrap,
+            system: system_mounts(Path::new("/")),
+            extra,
+            bwrap: find("bwrap", "bubblewrap")?,
+            setpriv: find("setpriv", "util-linux")?,
+        };
+        sandbox.check()?;
+        Ok(sandbox)
+    }
+
+    pub fn mode(&self) -> SandboxMode {
+        self.mode
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.mode == SandboxMode::Bwrap
+    }
+
+    /// Makes `dir` (and its parents) a directory that a sandboxed process of `uid` may
+    /// write and nobody else but the server may read.
+    pub fn prepare_dir(&self, dir: &Path, uid: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        if self.is_on() {
+            std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    }
+
+    /// Gives everything under `dir` to `uid`, so that its build may change it.
+    pub fn hand_over(&self, dir: &Path, uid: u32) -> std::io::Result<()> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(dir, Some(uid), Some(uid))?;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                self.hand_over(&entry.path(), uid)?;
+            } else {
+                std::os::unix::fs::lchown(entry.path(), Some(uid), Some(uid))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The program and arguments that run `command` confined as `confinement` says.
+    pub(crate) fn wrap(&self, command: &[String], confinement: &Confinement) -> std::io::Result<Wrapped> {
+        let Some((program, args)) = command.split_first() else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the command is empty"));
+        };
+        if !self.is_on() {
+            let args = args.iter().map(OsString::from).collect();
+            return Ok(Wrapped { program: program.into(), args, keep: Vec::new(), info: None });
+        }
+        let (info_read, info_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let args = self.bwrap_args(command, confinement, Some(info_write.as_raw_fd()));
+        Ok(Wrapped { program: self.bwrap.clone().into(), args, keep: vec![info_write], info: Some(info_read) })
+    }
+
+    /// A command that runs `wrapped`, in `cwd` (outside the sandbox), with a cleared
+    /// environment; the caller adds the environment and its stdio.
+    pub(crate) fn command(&self, wrapped: &Wrapped, cwd: &Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&wrapped.program);
+        command.args(&wrapped.args).current_dir(cwd).env_clear().process_group(0);
+        let keep = wrapped.keep_raw();
+        if !keep.is_empty() {
+            // The one place that needs `unsafe`: the standard library has no other way
+            // to hand a child a descriptor beyond stdio.
+            #[allow(unsafe_code)]
+            // SAFETY: between fork and exec only `fcntl` runs, which is async-signal-safe,
+            // on descriptors the parent keeps open until the child has started; nothing
+            // allocates.
+            unsafe {
+                command.pre_exec(move || {
+                    for fd in &keep {
+                        if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command
+    }
+
+    /// bwrap's arguments for `command` under `confinement`.
+    fn bwrap_args(&self, command: &[String], confinement: &Confinement, info_fd: Option<RawFd>) -> Vec<OsString> {
+        let mut args = Args::default();
+        args.flags(&["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent"]);
+        args.pair("--hostname", "hangar");
+        for mount in &self.system {
+            match mount {
+                Mount::ReadOnly(path) => args.triple("--ro-bind", path, path),
+                Mount::Symlink { at, target } => args.triple("--symlink", target, at),
+            }
+        }
+        args.flags(&["--proc", "/proc", "--dev", "/dev"]);
+        args.flags(&["--perms", "1777", "--tmpfs", "/tmp"]);
+        args.flags(&["--perms", "1777", "--tmpfs", HOME_DIR]);
+        // After the tmpfs mounts, so that a path under /tmp is not hidden by them; with
+        // directories above it that the sandbox's uid may pass through (bwrap would
+        // give them the modes they have outside, which may shut it out).
+        for path in &self.extra {
+            let mut above: Vec<&Path> = path.ancestors().skip(1).filter(|p| p.parent().is_some()).collect();
+            above.reverse();
+            for dir in above {
+                args.flags(&["--perms", "0755"]);
+                args.pair("--dir", dir);
+            }
+            args.triple("--ro-bind", path, path);
+        }
+        let bind = if confinement.code_writable { "--bind" } else { "--ro-bind" };
+        args.triple(bind, &confinement.code, CODE_DIR);
+        if let Some(cache) = &confinement.cache {
+            args.triple("--bind", cache, CACHE_DIR);
+        }
+        if let Some(cache) = &confinement.home_cache {
+            args.triple("--bind", cache, format!("{HOME_DIR}/.cache"));
+        }
+        args.pair("--chdir", CODE_DIR);
+        for (name, value) in [("HOME", HOME_DIR), ("TMPDIR", "/tmp"), ("USER", "hangar"), ("LOGNAME", "hangar")] {
+            args.triple("--setenv", name, value);
+        }
+        if confinement.cache.is_some() {
+            args.triple("--setenv", "HANGAR_CACHE_DIR", CACHE_DIR);
+        }
+        if let Some(fd) = info_fd {
+            args.pair("--info-fd", fd.to_string());
+        }
+        let uid = confinement.uid.to_string();
+        args.0.push("--".into());
+        args.0.push(self.setpriv.clone().into());
+        args.flags(&["--reuid", &uid, "--regid", &uid, "--clear-groups"]);
+        args.flags(&["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]);
+        args.0.extend(command.iter().map(OsString::from));
+        args.0
+    }
+
+    /// Starts a sandboxed process that must see what a runner sees and not more.
+    fn check(&self) -> Result<(), String> {
+        const HOW: &str = "install bubblewrap and util-linux (Debian: apt-get install bubblewrap util-linux), \
+                           or start the server with --sandbox none to run deployed code unconfined";
+        if !nix::unistd::geteuid().is_root() {
+            return Err(format!(
+                "the sandbox needs the server to run as root, to give deployed code a uid of its own; {HOW}"
+            ));
+        }
+        let probe = tempfile_dir().map_err(|e| format!("cannot make a directory to test the sandbox: {e}"))?;
+        let confinement =
+            Confinement { uid: UID_BASE, code: probe.clone(), code_writable: false, cache: None, home_cache: None };
+        // As a runner: not root, and its code read-only.
+        let script = "test \"$(id -u)\" != 0 && test -r hangar-probe && ! touch hangar-probe 2>/dev/null";
+        let command = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+        let _ = std::fs::write(probe.join("hangar-probe"), "");
+        let output = std::process::Command::new(&self.bwrap)
+            .args(self.bwrap_args(&command, &confinement, None))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(std::process::Stdio::null())
+            .output();
+        let _ = std::fs::remove_dir_all(&probe);
+        match output {
+            Err(e) => Err(format!("bwrap could not be started ({e}); {HOW}")),
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "a test sandbox failed ({}): {}; {HOW}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+}
+
+/// The program `name` on the server's PATH.
+fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// A fresh directory for the start-up check, readable by the sandbox's uid.
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("hangar-sandbox-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The system directories under `root` as the sandbox mounts them: `/usr` and `/etc`
+/// read-only, and `/bin`, `/sbin` and the `/lib` directories as they are there
+/// (symlinks into `/usr` on merged-/usr systems, else read-only too).
+fn system_mounts(root: &Path) -> Vec<Mount> {
+    let mut mounts = Vec::new();
+    for name in ["usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let host = root.join(name);
+        let at = Path::new("/").join(name);
+        match std::fs::symlink_metadata(&host) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&host) {
+                    mounts.push(Mount::Symlink { at, target });
+                }
+            }
+            Ok(meta) if meta.is_dir() => mounts.push(Mount::ReadOnly(at)),
+            _ => {}
+        }
+    }
+    mounts
+}
+
+/// An argument list being built.
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn flags(&mut self, flags: &[&str]) {
+        self.0.extend(flags.iter().map(OsString::from));
+    }
+
+    fn pair(&mut self, flag: &str, value: impl Into<OsString>) {
+        self.0.push(flag.into());
+        self.0.push(value.into());
+    }
+
+    fn triple(&mut self, flag: &str, a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi::OsStr>) {
+        self.0.push(flag.into());
+        self.0.push(a.as_ref().to_owned());
+        self.0.push(b.as_ref().to_owned());
+    }
+}
+
+/// The pid of the sandbox's first process, from what bwrap writes to its info fd:
+/// `{ "child-pid": 1234, … }`.
+pub(crate) fn parse_child_pid(info: &str) -> Option<u32> {
+    let rest = info.split_once("\"child-pid\"")?.1.trim_start().strip_prefix(':')?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|pid| *pid > 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_pids_are_read_from_what_bwrap_writes() {
+        let cases: &[(&str, Option<u32>)] = &[
+            ("{\n    \"child-pid\": 4242\n}\n", Some(4242)),
+            ("{\"child-pid\":17,\"cgroup-namespace\":4026531835}", Some(17)),
+            ("{\"child-pid\": 1}", None),
+            ("{\"child-pid\": \"x\"}", None),
+            ("{\"pid\": 12}", None),
+            ("", None),
+        ];
+        for (info, want) in cases {
+            assert_eq!(parse_child_pid(info), *want, "{info:?}");
+        }
+    }
+
+    #[test]
+    fn team_uids_stay_inside_their_range() {
+        let cases: &[([u8; 16], u32)] = &[
+            ([0; 16], UID_BASE),
+            ([0xff; 16], UID_BASE + UID_RANGE - 1),
+            ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], UID_BASE + 1),
+            ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], UID_BASE),
+        ];
+        for (team, want) in cases {
+            assert_eq!(team_uid(team), *want, "{team:?}");
+        }
+        const { assert!(UID_BASE + UID_RANGE < 1 << 21) };
+    }
+
+    #[test]
+    fn system_directories_are_mounted_as_they_are() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::create_dir_all(root.path().join("lib64")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.path().join("bin")).unwrap();
+        assert_eq!(
+            system_mounts(root.path()),
+            [
+                Mount::ReadOnly("/usr".into()),
+                Mount::ReadOnly("/etc".into()),
+                Mount::Symlink { at: "/bin".into(), target: "usr/bin".into() },
+                Mount::ReadOnly("/lib64".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_runner_gets_its_code_read_only_and_a_build_writable() {
+        let sandbox = Sandbox {
+            mode: SandboxMode::Bwrap,
+            system: vec![Mount::ReadOnly("/usr".into())],
+            extra: vec!["/opt/tools".into()],
+            bwrap: "/usr/bin/bwrap".into(),
+            setpriv: "/usr/bin/setpriv".into(),
+        };
+        let runner = Confinement {
+            uid: 2_000_007,
+            code: "/data/revisions/r1/app".into(),
+            code_writable: false,
+            cache: Some("/data/caches/a1".into()),
+            home_cache: None,
+        };
+        let args = sandbox.bwrap_args(&["python3".to_owned(), "server.py".to_owned()], &runner, Some(5));
+        let text: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        let has = |window: &[&str]| text.windows(window.len()).any(|w| w == window);
+        assert!(has(&["--ro-bind", "/data/revisions/r1/app", CODE_DIR]), "{text:?}");
+        assert!(has(&["--bind", "/data/caches/a1", CACHE_DIR]));
+        assert!(has(&["--setenv", "HANGAR_CACHE_DIR", CACHE_DIR]));
+        assert!(has(&["--ro-bind", "/opt/tools", "/opt/tools"]));
+        assert!(has(&["--info-fd", "5"]));
+        assert!(has(&["--reuid", "2000007", "--regid", "2000007"]));
+        assert!(text.ends_with(&["--no-new-privs", "--", "python3", "server.py"]));
+        assert!(!text.iter().any(|a| a.starts_with("/data/")
+            && !a.starts_with("/data/revisions/r1/app")
+            && !a.starts_with("/data/caches/a1")));
+
+        let build = Confinement {
+            code_writable: true,
+            cache: None,
+            home_cache: Some("/data/build-caches/t1".into()),
+            ..runner
+        };
+        let args = sandbox.bwrap_args(&["make".to_owned()], &build, None);
+        let text: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        let has = |window: &[&str]| text.windows(window.len()).any(|w| w == window);
+        assert!(has(&["--bind", "/data/revisions/r1/app", CODE_DIR]));
+        assert!(has(&["--bind", "/data/build-caches/t1", "/home/hangar/.cache"]));
+        assert!(!text.contains(&"HANGAR_CACHE_DIR"));
+    }
+}
