@@ -19,6 +19,8 @@ need_deb python3 python3
 # util-linux's setpriv.
 need_deb bwrap bubblewrap
 need_deb setpriv util-linux
+# Each sandbox has a network namespace of its own; slirp4netns gives it its way out.
+need_deb slirp4netns slirp4netns
 need_deb chromium chromium
 need_deb node nodejs
 need_deb npm npm

@@ -256,7 +256,7 @@ impl Gateway {
         &self,
         route: &AppRoute,
         runner: RunnerId,
-        addr: std::net::SocketAddr,
+        addr: &netns::Endpoint,
         request: http::Request<Body>,
         deadline: Instant,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
@@ -269,7 +269,7 @@ impl Gateway {
         &self,
         route: &AppRoute,
         runner: RunnerId,
-        addr: std::net::SocketAddr,
+        addr: &netns::Endpoint,
         request: http::Request<Body>,
         timer: Pin<&mut tokio::time::Sleep>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
@@ -284,6 +284,16 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Sends `request` straight to the runner at `endpoint`, outside any slot (a cancel
+/// notice, say), and answers the status of its reply.
+pub async fn notify_runner(
+    endpoint: &netns::Endpoint,
+    request: http::Request<Body>,
+) -> Result<http::StatusCode, String> {
+    let response = upstream::send(endpoint, request).await.map_err(|e| e.to_string())?;
+    Ok(response.status())
 }
 
 /// Headers that belong to one hop and are never forwarded.
@@ -399,7 +409,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
     // One timer bounds both the wait for the answer and its body.
     let mut timer = Box::pin(tokio::time::sleep(config.request_timeout));
     let runner = lease.runner;
-    let response = match gateway.send_until(&route, runner, lease.addr, upstream, timer.as_mut()).await {
+    let response = match gateway.send_until(&route, runner, &lease.addr, upstream, timer.as_mut()).await {
         Ok(response) => response,
         Err(SendError::Lost(cut)) => {
             gateway.metrics.record(&labels, 503, arrived.elapsed());

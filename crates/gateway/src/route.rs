@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use model::ids::{RevisionId, RunnerId};
 use model::revision::AuthMode;
+use netns::Endpoint;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -66,7 +67,7 @@ struct RouteState {
 struct Slot {
     id: RunnerId,
     revision: RevisionId,
-    addr: SocketAddr,
+    addr: Endpoint,
     /// Header values and a metrics label made once, not per call.
     labels: SlotLabels,
     max: u32,
@@ -87,7 +88,7 @@ pub struct Lease {
     route: Arc<AppRoute>,
     pub runner: RunnerId,
     pub revision: RevisionId,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     /// The runner's address as a Host header, and other values made once per runner.
     pub labels: SlotLabels,
     armed: bool,
@@ -237,14 +238,14 @@ impl AppRoute {
     }
 
     /// Adds a set-up runner that takes up to `max` calls at once.
-    pub fn add_runner(self: &Arc<Self>, id: RunnerId, revision: RevisionId, addr: SocketAddr, max: u32) {
+    pub fn add_runner(self: &Arc<Self>, id: RunnerId, revision: RevisionId, addr: Endpoint, max: u32) {
         let mut state = self.state();
         state.runners.retain(|s| s.id != id);
         state.runners.push(Slot {
             id,
             revision,
+            labels: SlotLabels::new(id, revision, addr.addr),
             addr,
-            labels: SlotLabels::new(id, revision, addr),
             max: max.max(1),
             in_flight: 0,
             accepting: true,
@@ -393,7 +394,7 @@ impl AppRoute {
             route: self.clone(),
             runner: slot.id,
             revision: slot.revision,
-            addr: slot.addr,
+            addr: slot.addr.clone(),
             labels: slot.labels.clone(),
             armed: true,
         })
@@ -461,7 +462,12 @@ mod tests {
 
     fn add(route: &Arc<AppRoute>, n: u128, max: u32) -> RunnerId {
         let id = RunnerId(Uuid::from_u128(n));
-        route.add_runner(id, RevisionId(Uuid::from_u128(1)), SocketAddr::from(([127, 0, 0, 1], 1)), max);
+        route.add_runner(
+            id,
+            RevisionId(Uuid::from_u128(1)),
+            Endpoint::host(SocketAddr::from(([127, 0, 0, 1], 1))),
+            max,
+        );
         id
     }
 

@@ -11,7 +11,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use netns::Endpoint;
 use tokio::net::TcpStream;
 
 type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
@@ -34,13 +34,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 thread_local! {
-    /// Idle connections by runner address. Per thread, because a connection belongs to
+    /// Idle connections by runner endpoint. Per thread, because a connection belongs to
     /// the runtime of the thread that opened it.
     static IDLE: RefCell<Pool> = RefCell::new(Pool { by_addr: HashMap::new(), swept: Instant::now() });
 }
 
 struct Pool {
-    by_addr: HashMap<SocketAddr, Vec<Upstream>>,
+    by_addr: HashMap<Endpoint, Vec<Upstream>>,
     swept: Instant,
 }
 
@@ -66,7 +66,7 @@ impl Pool {
 
 /// One connection to a runner: the handle to send on and the connection itself.
 pub(crate) struct Upstream {
-    addr: SocketAddr,
+    addr: Endpoint,
     sender: http1::SendRequest<Body>,
     connection: Pin<Box<Connection>>,
     /// The connection has ended; it must not be polled again.
@@ -77,17 +77,22 @@ pub(crate) struct Upstream {
 
 impl Upstream {
     /// An idle connection to `addr` that is ready for a request, or a new one.
-    async fn checkout(addr: SocketAddr) -> Result<Upstream, UpstreamError> {
-        while let Some(mut idle) = IDLE.with(|pool| pool.borrow_mut().by_addr.get_mut(&addr).and_then(Vec::pop)) {
+    async fn checkout(addr: &Endpoint) -> Result<Upstream, UpstreamError> {
+        while let Some(mut idle) = IDLE.with(|pool| pool.borrow_mut().by_addr.get_mut(addr).and_then(Vec::pop)) {
             if idle.ready().await.is_ok() {
                 return Ok(idle);
             }
         }
-        let stream = TcpStream::connect(addr).await?;
+        let stream = addr.connect().await?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        let mut upstream =
-            Upstream { addr, sender, connection: Box::pin(connection), ended: false, idle_since: Instant::now() };
+        let mut upstream = Upstream {
+            addr: addr.clone(),
+            sender,
+            connection: Box::pin(connection),
+            ended: false,
+            idle_since: Instant::now(),
+        };
         upstream.ready().await?;
         Ok(upstream)
     }
@@ -116,7 +121,7 @@ impl Upstream {
         self.idle_since = Instant::now();
         IDLE.with(|pool| {
             let mut pool = pool.borrow_mut();
-            let list = pool.by_addr.entry(self.addr).or_default();
+            let list = pool.by_addr.entry(self.addr.clone()).or_default();
             if list.len() < IDLE_PER_RUNNER {
                 list.push(self);
             }
@@ -139,7 +144,7 @@ pub(crate) enum UpstreamError {
 /// Sends `request` to the runner at `addr` and waits for the head of its answer,
 /// driving the connection meanwhile. The body streams from the same connection.
 pub(crate) async fn send(
-    addr: SocketAddr,
+    addr: &Endpoint,
     request: http::Request<Body>,
 ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
     let mut upstream = Upstream::checkout(addr).await?;

@@ -90,7 +90,7 @@ struct Live {
 #[derive(Default)]
 struct Progress {
     /// The runner it is on, and where that runner listens.
-    runner: Option<(RunnerId, std::net::SocketAddr)>,
+    runner: Option<(RunnerId, netns::Endpoint)>,
     /// The request has gone to the runner, so a cancel must be sent after it.
     sent: bool,
     /// A cancel came before the request was sent: it is not sent at all.

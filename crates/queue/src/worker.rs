@@ -85,7 +85,7 @@ impl Queue {
             };
             // The runner is known before the start is stored, so that a cancel that
             // finds the request started also finds where it runs.
-            live.progress().runner = Some((lease.runner, lease.addr));
+            live.progress().runner = Some((lease.runner, lease.addr.clone()));
             if !self.store.queue_start(request.id, lease.runner).await? {
                 // Cancelled between getting the slot and starting: it never runs.
                 return Ok(());
@@ -201,7 +201,7 @@ impl Queue {
         }
         let sent = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(None),
-            sent = self.gateway.send(route, runner, lease.addr, upstream, deadline) => sent,
+            sent = self.gateway.send(route, runner, &lease.addr, upstream, deadline) => sent,
         };
         let response = match sent {
             Ok(response) => response,
@@ -295,28 +295,31 @@ impl Queue {
         let (runner, addr) = {
             let mut progress = live.progress();
             progress.cancel_requested = true;
-            match (progress.sent, progress.runner) {
+            match (progress.sent, progress.runner.clone()) {
                 (true, Some(runner)) => runner,
                 // Not sent yet: the worker sees the flag and does not send it.
                 _ => return,
             }
         };
         let path = request.path.split('?').next().unwrap_or("/").trim_end_matches('/');
-        let url = format!("http://{addr}{path}/cancel");
+        let uri = format!("{path}/cancel");
         live.log("hangar", format!("cancel asked for; telling runner {runner}"));
         live.touch();
-        let client = self.client.clone();
         let id = request.id;
         self.tasks.spawn(async move {
-            let sent = client
-                .post(&url)
+            let notice = http::Request::post(uri)
+                .header(http::header::HOST, addr.addr.to_string())
                 .header(FAL_REQUEST_ID_HEADER, id.to_string())
                 .header(gateway::REQUEST_ID_HEADER, id.to_string())
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await;
+                .body(axum::body::Body::empty());
+            let sent = match notice {
+                Ok(notice) => tokio::time::timeout(Duration::from_secs(10), gateway::notify_runner(&addr, notice))
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within 10 s".to_owned())),
+                Err(e) => Err(e.to_string()),
+            };
             let note = match sent {
-                Ok(response) => format!("runner {runner} answered the cancel with {}", response.status().as_u16()),
+                Ok(status) => format!("runner {runner} answered the cancel with {}", status.as_u16()),
                 Err(e) => format!("runner {runner} could not be told of the cancel: {e}"),
             };
             tracing::debug!(request = %id, "{note}");

@@ -349,7 +349,7 @@ impl Controller {
             && let Some(runner) = self.runners.iter().find(|r| r.id == id)
             && let Some(handle) = &runner.handle
         {
-            self.route.add_runner(id, revision.id, handle.addr, revision.runner.max_multiplexing);
+            self.route.add_runner(id, revision.id, handle.addr.clone(), revision.runner.max_multiplexing);
         }
         tracing::info!(app = %self.app.name, revision = %revision.id, "revision is current");
         let _ = reply.send(Ok(()));
@@ -367,7 +367,7 @@ impl Controller {
                 // Routing is done here rather than by `apply`: only a runner of the
                 // current revision (or the one a rolling switch waits for) gets calls.
                 let revision = runner.revision;
-                let addr = runner.handle.as_ref().map(|h| h.addr);
+                let addr = runner.handle.as_ref().map(|h| h.addr.clone());
                 let max = match &self.current {
                     Some((rev, _)) if *rev == revision => self.app.runner.max_multiplexing,
                     _ => runner.manifest.runner.max_multiplexing,

@@ -48,9 +48,6 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
     };
     let log = std::fs::OpenOptions::new().create(true).append(true).open(spec.log)?;
     let mut wrapped = spec.sandbox.wrap(spec.command, &spec.confinement)?;
-    // Nothing needs the sandbox's pid (ending bwrap's group ends the sandbox), but the
-    // pipe stays open until the end, so that bwrap's write to it does not fail.
-    let _info = wrapped.info.take();
     let mut command = spec.sandbox.command(&wrapped, &spec.confinement.code);
     command
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -68,6 +65,23 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
     wrapped.keep.clear();
     let pgid = child.id().unwrap_or(0);
     std::fs::write(spec.pid_file, pgid.to_string())?;
+    // In a sandbox, the build starts once its network is up (package installs need it).
+    let _network = match (wrapped.info.take(), wrapped.block.take()) {
+        (Some(info), Some(block)) => match crate::group::read_child_pid(info).await.ok().flatten() {
+            Some(pid) => match spec.sandbox.connect_network(pid, pgid, block).await {
+                Ok(network) => Some(network),
+                Err(e) => {
+                    kill_group(pgid);
+                    let _ = child.wait().await;
+                    let _ = std::fs::remove_file(spec.pid_file);
+                    return Ok(BuildOutcome::Failed { reason: format!("the build's sandbox got no network: {e}") });
+                }
+            },
+            // bwrap ended before it started the sandbox; waiting says how.
+            None => None,
+        },
+        _ => None,
+    };
     let outcome = tokio::select! {
         status = child.wait() => {
             let status = status?;

@@ -20,11 +20,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use model::ids::RunnerId;
 use model::records::OutputLine;
+use netns::Endpoint;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
@@ -97,8 +96,9 @@ enum Order {
 #[derive(Debug, Clone)]
 pub struct RunnerHandle {
     pub id: RunnerId,
-    /// Where the runner serves HTTP.
-    pub addr: SocketAddr,
+    /// Where the runner serves HTTP (in a sandbox: on the loopback of its own network
+    /// namespace, which only the server can reach).
+    pub addr: Endpoint,
     orders: mpsc::UnboundedSender<Order>,
 }
 
@@ -145,15 +145,13 @@ pub struct LocalProcesses {
     dir: PathBuf,
     /// A log is rotated (one older file kept) when it reaches this size.
     log_limit: u64,
-    client: Client<HttpConnector, Empty<Bytes>>,
     taps: Taps,
     sandbox: Arc<Sandbox>,
 }
 
 impl LocalProcesses {
     pub fn new(dir: PathBuf, log_limit: u64, sandbox: Arc<Sandbox>) -> LocalProcesses {
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
-        LocalProcesses { dir, log_limit, client, taps: Taps::default(), sandbox }
+        LocalProcesses { dir, log_limit, taps: Taps::default(), sandbox }
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -179,7 +177,8 @@ impl RunnerBackend for LocalProcesses {
         std::fs::create_dir_all(&runner_dir)?;
         let log = Arc::new(Mutex::new(LogFile::open(self.log_path(launch.id), self.log_limit)?));
         let port = free_port()?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let loopback = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = if self.sandbox.is_on() { Endpoint::isolated(loopback) } else { Endpoint::host(loopback) };
         let mut wrapped = self.sandbox.wrap(&launch.command, &launch.confinement)?;
         let mut child = self
             .sandbox
@@ -192,8 +191,29 @@ impl RunnerBackend for LocalProcesses {
             .spawn()?;
         // The child has its copies; the parent's must go, so that reads see the end.
         wrapped.keep.clear();
-        let sandbox_pid = wrapped.info.take().map(crate::group::read_child_pid);
         let pgid = child.id().unwrap_or(0);
+        // In a sandbox: once bwrap has said which process is the sandbox's first, its
+        // network namespace is known and gets its way out; then the command starts.
+        let sandbox_pid = match (wrapped.info.take(), wrapped.block.take()) {
+            (Some(info), Some(block)) => {
+                let (sandbox, addr) = (self.sandbox.clone(), addr.clone());
+                Some(tokio::spawn(async move {
+                    let pid = crate::group::read_child_pid(info).await.ok().flatten();
+                    let Some(pid) = pid else { return (None, None) };
+                    if !addr.enter(pid) {
+                        return (Some(pid), None);
+                    }
+                    match sandbox.connect_network(pid, pgid, block).await {
+                        Ok(network) => (Some(pid), Some(network)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a runner's sandbox got no network");
+                            (Some(pid), None)
+                        }
+                    }
+                }))
+            }
+            _ => None,
+        };
         std::fs::write(runner_dir.join("pid"), pgid.to_string())?;
         // The tap is registered before any line is read, and only once nothing can
         // fail any more, so that the watch task is always there to remove it.
@@ -208,16 +228,16 @@ impl RunnerBackend for LocalProcesses {
         let (orders, order_rx) = mpsc::unbounded_channel();
         let watch = Watch {
             launch,
-            addr,
+            addr: addr.clone(),
             pgid,
             pid_file: runner_dir.join("pid"),
             log,
-            client: self.client.clone(),
             events,
             orders: order_rx,
             taps: self.taps.clone(),
             sandbox_pid,
             first: None,
+            network: None,
         };
         let id = watch.launch.id;
         tokio::spawn(watch.run(child));
@@ -249,19 +269,20 @@ fn free_port() -> std::io::Result<u16> {
 /// The task that owns one runner's process.
 struct Watch {
     launch: RunnerLaunch,
-    addr: SocketAddr,
+    addr: Endpoint,
     pgid: u32,
     pid_file: PathBuf,
     log: Arc<Mutex<LogFile>>,
-    client: Client<HttpConnector, Empty<Bytes>>,
     events: mpsc::UnboundedSender<Event>,
     orders: mpsc::UnboundedReceiver<Order>,
     /// Where this runner's tap is registered; removed when the runner has ended.
     taps: Taps,
     /// In a sandbox: the pid of its first process (bwrap's reaper in the sandbox's pid
     /// namespace), once bwrap has told it.
-    sandbox_pid: Option<tokio::task::JoinHandle<Option<u32>>>,
+    sandbox_pid: Option<tokio::task::JoinHandle<(Option<u32>, Option<crate::sandbox::Network>)>>,
     first: Option<u32>,
+    /// slirp4netns, the sandbox's way out, while the runner lives.
+    network: Option<crate::sandbox::Network>,
 }
 
 /// A runner in setup is checked soon after it starts, then less and less often up to
@@ -293,9 +314,9 @@ impl Watch {
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status,
-                pid = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                started = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
                     pending = None;
-                    self.first = pid.ok().flatten();
+                    (self.first, self.network) = started.unwrap_or((None, None));
                 }
                 order = self.orders.recv(), if ending.as_ref().is_none_or(|(requested, _)| !requested) => {
                     match order {
@@ -374,12 +395,14 @@ impl Watch {
             }
         };
         // Whatever the leader did, nothing of its group or its sandbox may outlive it.
-        if let Some(pid) = pending.take()
-            && let Ok(Ok(pid)) = tokio::time::timeout(Duration::from_secs(1), pid).await
+        if let Some(started) = pending.take()
+            && let Ok(Ok(started)) = tokio::time::timeout(Duration::from_secs(1), started).await
         {
-            self.first = pid;
+            (self.first, self.network) = started;
         }
         self.kill_all();
+        // Dropping it ends slirp4netns (it is killed, and its exit pipe closes).
+        self.network = None;
         let _ = std::fs::remove_file(&self.pid_file);
         let (requested, reason) = match (ending, status) {
             (Some(ending), _) => ending,
@@ -395,9 +418,12 @@ impl Watch {
 
     /// SIGTERM to the runner: to its process group, or, in a sandbox, to the processes
     /// its first one looks after (the app's, not bwrap's, which would end at once).
-    async fn terminate(&mut self, pending: &mut Option<tokio::task::JoinHandle<Option<u32>>>) {
-        if let Some(pid) = pending.take() {
-            self.first = pid.await.ok().flatten();
+    async fn terminate(
+        &mut self,
+        pending: &mut Option<tokio::task::JoinHandle<(Option<u32>, Option<crate::sandbox::Network>)>>,
+    ) {
+        if let Some(started) = pending.take() {
+            (self.first, self.network) = started.await.unwrap_or((None, None));
         }
         match self.first {
             Some(first) => crate::group::signal_children(first, nix::sys::signal::Signal::SIGTERM),
@@ -414,13 +440,23 @@ impl Watch {
     }
 
     async fn probe(&self) -> bool {
-        let uri = format!("http://{}{}", self.addr, self.launch.health_path);
-        let Ok(uri) = uri.parse::<hyper::Uri>() else { return false };
-        let request = self.client.get(uri);
         matches!(
-            tokio::time::timeout(self.launch.health.probe_timeout, request).await,
-            Ok(Ok(response)) if response.status() == hyper::StatusCode::OK
+            tokio::time::timeout(self.launch.health.probe_timeout, self.check_health()).await,
+            Ok(Ok(status)) if status == hyper::StatusCode::OK
         )
+    }
+
+    /// One health check, over a connection of its own.
+    async fn check_health(&self) -> Result<hyper::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
+        let stream = self.addr.connect().await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let connection = tokio::spawn(connection);
+        let request = hyper::Request::get(self.launch.health_path.as_str())
+            .header(hyper::header::HOST, self.addr.addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await;
+        connection.abort();
+        Ok(response?.status())
     }
 
     /// The runner's last lines of output, to explain why it ended.

@@ -74,6 +74,7 @@ pub struct Sandbox {
     /// The tools, found on the server's PATH when the sandbox was set up.
     bwrap: PathBuf,
     setpriv: PathBuf,
+    slirp4netns: PathBuf,
 }
 
 /// How a host directory appears in the sandbox.
@@ -111,6 +112,8 @@ pub(crate) struct Wrapped {
     pub keep: Vec<OwnedFd>,
     /// Where bwrap tells the pid of the sandbox's first process (`{"child-pid": N}`).
     pub info: Option<OwnedFd>,
+    /// Writing a byte here lets the sandboxed command start (once its network is up).
+    pub block: Option<OwnedFd>,
 }
 
 impl Wrapped {
@@ -129,6 +132,7 @@ impl Sandbox {
             extra: Vec::new(),
             bwrap: PathBuf::new(),
             setpriv: PathBuf::new(),
+            slirp4netns: PathBuf::new(),
         }
     }
 
@@ -141,7 +145,7 @@ impl Sandbox {
                 return Err(format!("sandbox path {} must be an absolute path that exists", path.display()));
             }
         }
-        const INSTALL: &str = "(Debian: apt-get install bubblewrap util-linux), or start the server with \
+        const INSTALL: &str = "(Debian: apt-get install bubblewrap util-linux slirp4netns), or start the server with \
                                --sandbox none to run deployed code unconfined";
         let find = |tool: &str, package: &str| {
             find_program(tool)
@@ -153,6 +157,7 @@ impl Sandbox {
             extra,
             bwrap: find("bwrap", "bubblewrap")?,
             setpriv: find("setpriv", "util-linux")?,
+            slirp4netns: find("slirp4netns", "slirp4netns")?,
         };
         sandbox.check()?;
         Ok(sandbox)
@@ -202,11 +207,24 @@ impl Sandbox {
         };
         if !self.is_on() {
             let args = args.iter().map(OsString::from).collect();
-            return Ok(Wrapped { program: program.into(), args, keep: Vec::new(), info: None });
+            return Ok(Wrapped { program: program.into(), args, keep: Vec::new(), info: None, block: None });
         }
-        let (info_read, info_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let args = self.bwrap_args(command, confinement, Some(info_write.as_raw_fd()));
-        Ok(Wrapped { program: self.bwrap.clone().into(), args, keep: vec![info_write], info: Some(info_read) })
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC);
+        let (info_read, info_write) = pipe()?;
+        let (block_read, block_write) = pipe()?;
+        // The sandbox's resolver is slirp4netns's, which forwards to the machine's.
+        let (resolv_read, resolv_write) = pipe()?;
+        nix::unistd::write(&resolv_write, format!("nameserver {SLIRP_DNS}\n").as_bytes())?;
+        drop(resolv_write);
+        let fds = Fds { info: info_write.as_raw_fd(), block: block_read.as_raw_fd(), resolv: resolv_read.as_raw_fd() };
+        let args = self.bwrap_args(command, confinement, Some(fds));
+        Ok(Wrapped {
+            program: self.bwrap.clone().into(),
+            args,
+            keep: vec![info_write, block_read, resolv_read],
+            info: Some(info_read),
+            block: Some(block_write),
+        })
     }
 
     /// A command that runs `wrapped`, in `cwd` (outside the sandbox), with a cleared
@@ -214,7 +232,91 @@ impl Sandbox {
     pub(crate) fn command(&self, wrapped: &Wrapped, cwd: &Path) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&wrapped.program);
         command.args(&wrapped.args).current_dir(cwd).env_clear().process_group(0);
-        let keep = wrapped.keep_raw();
+        keep_across_exec(&mut command, wrapped.keep_raw());
+        command
+    }
+
+    /// Gives the sandbox started as `wrapped` (whose first process is `pid`) its network:
+    /// slirp4netns, in the sandbox's process group `pgid`, connects the sandbox's
+    /// namespace to the outside through a user-mode TCP/IP stack that refuses the
+    /// machine's loopback, so that outbound connections work and no local service (nor
+    /// another runner) can be reached. Then lets the sandboxed command start. The
+    /// returned process must live as long as the sandbox.
+    pub(crate) async fn connect_network(&self, pid: u32, pgid: u32, block: OwnedFd) -> std::io::Result<Network> {
+        // slirp4netns configures the namespace it is pointed at: never the server's own.
+        let namespace = |path: String| std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        if namespace(format!("/proc/{pid}/ns/net"))? == namespace("/proc/self/ns/net".to_owned())? {
+            return Err(std::io::Error::other("the sandbox has no network namespace of its own"));
+        }
+        // bwrap brings the sandbox's loopback up itself, and fails if it is up already:
+        // slirp4netns, which brings it up too, starts only after that.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !loopback_is_up(pid) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(std::io::Error::other("the sandbox's loopback did not come up"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC);
+        let (ready_read, ready_write) = pipe()?;
+        // slirp4netns ends when this pipe closes: with the runner, or with the server.
+        let (exit_read, exit_write) = pipe()?;
+        let mut command = tokio::process::Command::new(&self.slirp4netns);
+        command
+            .args(["--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp"])
+            .arg(format!("--ready-fd={}", ready_write.as_raw_fd()))
+            .arg(format!("--exit-fd={}", exit_read.as_raw_fd()))
+            .arg(pid.to_string())
+            .arg("tap0")
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(i32::try_from(pgid).unwrap_or(0))
+            .kill_on_drop(true);
+        keep_across_exec(&mut command, vec![ready_write.as_raw_fd(), exit_read.as_raw_fd()]);
+        let child = command.spawn()?;
+        drop((ready_write, exit_read));
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            nix::unistd::read(&ready_read, &mut byte)
+        });
+        match ready.await {
+            Ok(Ok(1)) => {}
+            _ => return Err(std::io::Error::other("slirp4netns did not set up the sandbox's network")),
+        }
+        nix::unistd::write(&block, b"go")?;
+        Ok(Network { _process: child, _exit: exit_write })
+    }
+}
+
+/// A sandbox's way out: slirp4netns, which ends when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Network {
+    _process: tokio::process::Child,
+    _exit: OwnedFd,
+}
+
+/// Whether the loopback of process `pid`'s network namespace has its address, which
+/// bwrap gives it as it sets the sandbox up.
+fn loopback_is_up(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).is_ok_and(|trie| trie.contains("127.0.0.1"))
+}
+
+/// The descriptors bwrap is told of.
+#[derive(Debug, Clone, Copy)]
+struct Fds {
+    info: RawFd,
+    block: RawFd,
+    resolv: RawFd,
+}
+
+/// The address of slirp4netns's DNS forwarder, as the sandbox sees it.
+const SLIRP_DNS: &str = "10.0.2.3";
+
+/// Lets the child started by `command` keep `keep` across exec.
+fn keep_across_exec(command: &mut tokio::process::Command, keep: Vec<RawFd>) {
+    {
         if !keep.is_empty() {
             // The one place that needs `unsafe`: the standard library has no other way
             // to hand a child a descriptor beyond stdio.
@@ -233,13 +335,15 @@ impl Sandbox {
                 });
             }
         }
-        command
     }
+}
 
+impl Sandbox {
     /// bwrap's arguments for `command` under `confinement`.
-    fn bwrap_args(&self, command: &[String], confinement: &Confinement, info_fd: Option<RawFd>) -> Vec<OsString> {
+    fn bwrap_args(&self, command: &[String], confinement: &Confinement, fds: Option<Fds>) -> Vec<OsString> {
         let mut args = Args::default();
-        args.flags(&["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent"]);
+        args.flags(&["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--unshare-net"]);
+        args.flags(&["--die-with-parent"]);
         args.pair("--hostname", "hangar");
         for mount in &self.system {
             match mount {
@@ -277,8 +381,11 @@ impl Sandbox {
         if confinement.cache.is_some() {
             args.triple("--setenv", "HANGAR_CACHE_DIR", CACHE_DIR);
         }
-        if let Some(fd) = info_fd {
-            args.pair("--info-fd", fd.to_string());
+        if let Some(fds) = fds {
+            args.pair("--ro-bind-data", fds.resolv.to_string());
+            args.0.push("/etc/resolv.conf".into());
+            args.pair("--info-fd", fds.info.to_string());
+            args.pair("--block-fd", fds.block.to_string());
         }
         let uid = confinement.uid.to_string();
         args.0.push("--".into());
@@ -449,6 +556,7 @@ mod tests {
             extra: vec!["/opt/tools".into()],
             bwrap: "/usr/bin/bwrap".into(),
             setpriv: "/usr/bin/setpriv".into(),
+            slirp4netns: "/usr/bin/slirp4netns".into(),
         };
         let runner = Confinement {
             uid: 2_000_007,
@@ -457,14 +565,19 @@ mod tests {
             cache: Some("/data/caches/a1".into()),
             home_cache: None,
         };
-        let args = sandbox.bwrap_args(&["python3".to_owned(), "server.py".to_owned()], &runner, Some(5));
+        let args = sandbox.bwrap_args(
+            &["python3".to_owned(), "server.py".to_owned()],
+            &runner,
+            Some(Fds { info: 5, block: 6, resolv: 7 }),
+        );
         let text: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         let has = |window: &[&str]| text.windows(window.len()).any(|w| w == window);
         assert!(has(&["--ro-bind", "/data/revisions/r1/app", CODE_DIR]), "{text:?}");
         assert!(has(&["--bind", "/data/caches/a1", CACHE_DIR]));
         assert!(has(&["--setenv", "HANGAR_CACHE_DIR", CACHE_DIR]));
         assert!(has(&["--ro-bind", "/opt/tools", "/opt/tools"]));
-        assert!(has(&["--info-fd", "5"]));
+        assert!(has(&["--info-fd", "5"]) && has(&["--block-fd", "6"]));
+        assert!(has(&["--ro-bind-data", "7", "/etc/resolv.conf"]) && has(&["--unshare-net"]));
         assert!(has(&["--reuid", "2000007", "--regid", "2000007"]));
         assert!(text.ends_with(&["--no-new-privs", "--", "python3", "server.py"]));
         assert!(!text.iter().any(|a| a.starts_with("/data/")

@@ -211,7 +211,6 @@ fn after_a_server_crash_no_runner_of_the_old_run_survives_and_apps_serve_again()
     let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
 
     server.kill();
-    assert!(alive(pid), "the runner outlives a SIGKILLed server (until the restart)");
     server.restart();
     wait_until("the old runner to be ended", || (!alive(pid)).then_some(()));
     let reply = http.get(&app_url(&server, "phoenix", "/"), None);

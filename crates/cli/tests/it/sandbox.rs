@@ -32,7 +32,19 @@ def cached():
         return f.read()
 
 def connect(port):
-    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    # Whoever answers there says which runner it is.
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return json.loads(reply.split(b"\r\n\r\n", 1)[1])["runner"]
+
+def reach(port):
+    try:
+        return {"connect": "ok", "runner": connect(port)}
+    except Exception as e:
+        return {"connect": type(e).__name__}
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -57,12 +69,12 @@ class Handler(BaseHTTPRequestHandler):
             if body["read"] == "ok":
                 body["content"] = cached()
         elif path == "/connect":
-            body = {"connect": attempt(lambda: connect(int(arg)))}
+            body = reach(int(arg))
         elif path == "/spawn":
             subprocess.Popen(["setsid", "sleep", "1000"])
             body = {}
         else:
-            body = {"runner": os.environ.get("HANGAR_RUNNER_ID"), "pid": os.getpid()}
+            body = {"runner": os.environ.get("HANGAR_RUNNER_ID"), "pid": os.getpid(), "port": int(os.environ["PORT"])}
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -223,6 +235,34 @@ fn a_grandchild_that_left_its_session_ends_with_its_runner() {
     wait_until("the old runner's processes to end", || processes_of(&runner).is_empty().then_some(()));
     wait_until("no grandchild left", || sleepers().is_empty().then_some(()));
     assert!(!runners(&server, "forker", &[]).iter().any(|r| r["id"] == runner.as_str()));
+}
+
+#[test]
+fn a_runner_of_one_team_cannot_connect_to_a_runner_of_another() {
+    let server = server();
+    let http = Http::new();
+    server.run(&["deploy", hostile("target", "[scaling]\nmin_concurrency = 1\n").path_str(), "--auth", "public"]).ok();
+    server.run(&["teams", "create", "intruder"]).ok();
+    server.run(&["--team", "intruder", "deploy", hostile("scanner", "").path_str(), "--auth", "public"]).ok();
+
+    let target = get(&http, &server, "default", "target", "/");
+    let port = target["port"].as_u64().unwrap();
+    // The port is the target's: it reaches itself there.
+    let own = get(&http, &server, "default", "target", &format!("/connect?{port}"));
+    assert_eq!((&own["connect"], &own["runner"]), (&Value::from("ok"), &target["runner"]), "{own}");
+    // The scanner reaches no runner there, or only itself, should it listen on the same
+    // port number in its own namespace.
+    let scanner = get(&http, &server, "intruder", "scanner", "/")["runner"].clone();
+    let other = get(&http, &server, "intruder", "scanner", &format!("/connect?{port}"));
+    assert!(other["connect"] == "ConnectionRefusedError" || other["runner"] == scanner, "{other}");
+    // Nor anything of the server: its API and gateway listen on this machine's loopback.
+    for url in [&server.api_url, &server.gateway_url] {
+        let port = url.rsplit(':').next().unwrap();
+        let reply = get(&http, &server, "intruder", "scanner", &format!("/connect?{port}"));
+        assert!(reply["connect"] == "ConnectionRefusedError" || reply["runner"] == scanner, "{url}: {reply}");
+    }
+    // The target still serves through the gateway, the only way in.
+    assert_eq!(get(&http, &server, "default", "target", "/")["port"], port);
 }
 
 #[test]
