@@ -42,7 +42,14 @@ pub(crate) fn read_child_pid(info: std::os::fd::OwnedFd) -> tokio::task::JoinHan
     })
 }
 
-/// The children of `pid`, from `/proc`.
+/// The process group of `pid`, from `/proc`.
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The process group is the third field after the command name.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse::<u32>().ok()
+}
+
+/// The children of `pid`, from `/proc`: each is listed under the thread that started it.
 fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
@@ -67,11 +74,7 @@ pub(crate) fn signal_children(pid: u32, signal: Signal) {
 /// session it made. `pgid` is the group the sandbox was started in; a pid that no
 /// longer belongs to it (reused by the system) is left alone.
 pub(crate) fn kill_sandbox(first: u32, pgid: u32) {
-    let group = std::fs::read_to_string(format!("/proc/{first}/stat")).ok().and_then(|stat| {
-        // The process group is the third field after the command name.
-        stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse::<u32>().ok()
-    });
-    if group == Some(pgid)
+    if process_group(first) == Some(pgid)
         && let Ok(first) = i32::try_from(first)
     {
         let _ = nix::sys::signal::kill(Pid::from_raw(first), Signal::SIGKILL);
@@ -130,10 +133,7 @@ pub fn end_strays(revisions: &Path) -> usize {
         if !revision.is_some_and(|id| ours.contains(id)) {
             continue;
         }
-        let pgid = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
-            // The process group is the third field after the command name.
-            stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse::<u32>().ok()
-        });
+        let pgid = process_group(pid);
         tracing::warn!(pid, revision, "ending a process left behind by an earlier server run");
         if let Some(pgid) = pgid.filter(|g| *g != nix::unistd::getpgrp().as_raw() as u32) {
             kill_group(pgid);
@@ -168,13 +168,7 @@ pub(crate) fn resident_memory(pid: u32) -> u64 {
         {
             total += pages * page;
         }
-        // Children are listed under the thread that started them.
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
-        for task in tasks.flatten() {
-            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                pending.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
-            }
-        }
+        pending.extend(children(pid));
     }
     total
 }
