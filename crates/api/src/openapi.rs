@@ -206,6 +206,10 @@ pub(crate) fn sandbox_mode() -> Schema {
     choice(["bwrap", "none"], false)
 }
 
+pub(crate) fn limits_mode() -> Schema {
+    choice(["cgroup-v1", "cgroup-v2", "none"], false)
+}
+
 /// A comma-separated list of runner states, with spaces around the commas allowed.
 pub(crate) fn runner_states() -> Schema {
     let one = RunnerState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("|");

@@ -49,6 +49,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// How deployed code is confined: `bwrap`, or `none`.
     fn sandbox(&self) -> &'static str;
+    /// How runners' limits are enforced: `cgroup-v1`, `cgroup-v2`, or `none`.
+    fn limits(&self) -> &'static str;
     /// Checks the `Authorization` header and resolves the team the request acts for.
     fn authenticate(
         &self,
@@ -230,7 +232,7 @@ async fn healthz<C: ControlPlane>(State(c): State<Arc<C>>) -> Json<HealthJson> {
     let sandbox = c.sandbox();
     let warning =
         (sandbox == "none").then(|| "deployed code runs unconfined, as the server's user (--sandbox none)".to_owned());
-    Json(HealthJson { status: "ok".to_owned(), sandbox: sandbox.to_owned(), warning })
+    Json(HealthJson { status: "ok".to_owned(), sandbox: sandbox.to_owned(), limits: c.limits().to_owned(), warning })
 }
 
 /// The server's metrics, in the Prometheus text format.

@@ -113,6 +113,10 @@ pub struct HealthJson {
     /// How deployed code is confined.
     #[schema(schema_with = crate::openapi::sandbox_mode)]
     pub sandbox: String,
+    /// How runners' limits are enforced: by cgroups (`cgroup-v1`, `cgroup-v2`), or, with
+    /// `none`, by measuring their memory (no limit on processes or CPU).
+    #[schema(schema_with = crate::openapi::limits_mode)]
+    pub limits: String,
     /// Set when something about the server needs its operator's attention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]

@@ -38,6 +38,10 @@ pub struct ServerArgs {
     /// Seconds a revision's build command may run [default: 1800]
     #[arg(long, env = "HANGAR_BUILD_TIMEOUT")]
     pub build_timeout: Option<u64>,
+    /// Bytes of a build's output its log keeps; past that the log says where it was
+    /// cut [default: 10 MiB]
+    #[arg(long, env = "HANGAR_BUILD_LOG_LIMIT")]
+    pub build_log_limit: Option<u64>,
     /// A machine type as NAME=CAPACITY (runners of it this server may run at once),
     /// repeatable or comma-separated [default: cpu=<number of CPUs>]
     #[arg(long = "machine-type", env = "HANGAR_MACHINE_TYPES", value_delimiter = ',')]
@@ -96,6 +100,7 @@ struct FileConfig {
     max_upload_bytes: Option<u64>,
     max_unpacked_bytes: Option<u64>,
     build_timeout: Option<u64>,
+    build_log_limit: Option<u64>,
     log_format: Option<String>,
     start_timeout: Option<f64>,
     tls_cert: Option<PathBuf>,
@@ -118,13 +123,58 @@ struct FileConfig {
 struct MachineTypeConfig {
     capacity: u32,
     memory_limit_mb: Option<u64>,
+    cpus: Option<f64>,
+    pids_limit: Option<u64>,
 }
 
-/// A kind of machine runners can ask for, and how many runners of it fit on this server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A kind of machine runners can ask for, how many runners of it fit on this server,
+/// and what each of them may use.
+#[derive(Debug, Clone, PartialEq)]
 pub struct MachineType {
     pub capacity: u32,
     pub memory_limit_mb: Option<u64>,
+    /// CPUs' worth of time a runner may use (`1.5`); no limit when `None`.
+    pub cpus: Option<f64>,
+    /// Processes and threads a runner may have together.
+    pub pids_limit: u64,
+}
+
+impl MachineType {
+    /// `capacity` runners at once, with no limits but the default one on processes.
+    pub fn with_capacity(capacity: u32) -> MachineType {
+        MachineType { capacity, memory_limit_mb: None, cpus: None, pids_limit: supervisor::DEFAULT_PIDS_LIMIT }
+    }
+
+    /// What a runner of this type may use, for its cgroup.
+    pub fn limits(&self) -> supervisor::Limits {
+        supervisor::Limits {
+            memory: self.memory_limit_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            pids: Some(self.pids_limit),
+            cpus: self.cpus,
+        }
+    }
+}
+
+/// The fewest processes a runner may be limited to: the sandbox itself takes a few.
+const MIN_PIDS_LIMIT: u64 = 16;
+
+fn machine_type(name: &str, m: MachineTypeConfig) -> anyhow::Result<MachineType> {
+    if let Some(cpus) = m.cpus
+        && !(cpus.is_finite() && (0.01..=100_000.0).contains(&cpus))
+    {
+        bail!("machine type {name:?}: cpus must be a number of CPUs of at least 0.01, got {cpus}");
+    }
+    if let Some(n) = m.pids_limit
+        && n < MIN_PIDS_LIMIT
+    {
+        bail!("machine type {name:?}: pids_limit must be at least {MIN_PIDS_LIMIT}, got {n}");
+    }
+    Ok(MachineType {
+        capacity: m.capacity,
+        memory_limit_mb: m.memory_limit_mb,
+        cpus: m.cpus,
+        pids_limit: m.pids_limit.unwrap_or(supervisor::DEFAULT_PIDS_LIMIT),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +192,7 @@ pub struct Config {
     pub max_upload_bytes: u64,
     pub max_unpacked_bytes: u64,
     pub build_timeout: Duration,
+    pub build_log_limit: u64,
     pub machine_types: BTreeMap<String, MachineType>,
     pub log_format: LogFormat,
     pub start_timeout: Duration,
@@ -181,18 +232,18 @@ impl Config {
         {
             bail!("database URL {url:?} is not supported: this server only has the embedded SQLite store");
         }
-        let mut machine_types: BTreeMap<String, MachineType> = file
-            .machine_types
-            .into_iter()
-            .map(|(name, m)| (name, MachineType { capacity: m.capacity, memory_limit_mb: m.memory_limit_mb }))
-            .collect();
+        let mut machine_types = BTreeMap::new();
+        for (name, m) in file.machine_types {
+            let machine = machine_type(&name, m)?;
+            machine_types.insert(name, machine);
+        }
         for spec in &args.machine_types {
             let (name, capacity) = parse_machine_type(spec)?;
-            machine_types.insert(name, MachineType { capacity, memory_limit_mb: None });
+            machine_types.insert(name, MachineType::with_capacity(capacity));
         }
         if !machine_types.contains_key("cpu") {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-            machine_types.insert("cpu".to_owned(), MachineType { capacity: cpus.max(1) * 4, memory_limit_mb: None });
+            machine_types.insert("cpu".to_owned(), MachineType::with_capacity(cpus.max(1) * 4));
         }
         for name in machine_types.keys() {
             model::manifest::validate_app_name(name)
@@ -210,6 +261,10 @@ impl Config {
             max_upload_bytes: args.max_upload_bytes.or(file.max_upload_bytes).unwrap_or(1 << 30),
             max_unpacked_bytes: args.max_unpacked_bytes.or(file.max_unpacked_bytes).unwrap_or(4 << 30),
             build_timeout: Duration::from_secs(args.build_timeout.or(file.build_timeout).unwrap_or(1800)),
+            build_log_limit: match args.build_log_limit.or(file.build_log_limit).unwrap_or(10 << 20) {
+                0 => bail!("build_log_limit must be at least 1 byte"),
+                n => n,
+            },
             machine_types,
             log_format,
             start_timeout: seconds("start_timeout", args.start_timeout.or(file.start_timeout), 300.0)?,
@@ -269,4 +324,38 @@ fn parse_machine_type(spec: &str) -> anyhow::Result<(String, u32)> {
         .parse::<u32>()
         .with_context(|| format!("machine type {spec:?}: capacity {capacity:?} is not a whole number"))?;
     Ok((name.trim().to_owned(), capacity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_types_limits_are_checked_and_given_to_its_runners() {
+        let cases: [(&str, Result<supervisor::Limits, &str>); 6] = [
+            (
+                "capacity = 2",
+                Ok(supervisor::Limits { memory: None, pids: Some(supervisor::DEFAULT_PIDS_LIMIT), cpus: None }),
+            ),
+            (
+                "capacity = 2\nmemory_limit_mb = 512\ncpus = 1.5\npids_limit = 100",
+                Ok(supervisor::Limits { memory: Some(512 << 20), pids: Some(100), cpus: Some(1.5) }),
+            ),
+            ("capacity = 2\ncpus = 0", Err("cpus must be a number of CPUs of at least 0.01, got 0")),
+            ("capacity = 2\ncpus = -1.0", Err("cpus must be a number of CPUs of at least 0.01, got -1")),
+            ("capacity = 2\ncpus = nan", Err("cpus must be a number of CPUs of at least 0.01, got NaN")),
+            ("capacity = 2\npids_limit = 3", Err("pids_limit must be at least 16, got 3")),
+        ];
+        for (toml_text, want) in cases {
+            let parsed: MachineTypeConfig = toml::from_str(toml_text).unwrap();
+            let got = machine_type("small", parsed).map(|m| m.limits()).map_err(|e| e.to_string());
+            match want {
+                Ok(limits) => assert_eq!(got.as_ref(), Ok(&limits), "{toml_text}"),
+                Err(message) => {
+                    let error = got.unwrap_err();
+                    assert!(error.starts_with("machine type \"small\": ") && error.ends_with(message), "{error}");
+                }
+            }
+        }
+    }
 }

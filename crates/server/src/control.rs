@@ -165,6 +165,14 @@ impl ControlPlane for Control {
         }
     }
 
+    fn limits(&self) -> &'static str {
+        match self.fleet.shared.backend.sandbox().cgroups().map(supervisor::Cgroups::version) {
+            Some(supervisor::CgroupVersion::V1) => "cgroup-v1",
+            Some(supervisor::CgroupVersion::V2) => "cgroup-v2",
+            None => "none",
+        }
+    }
+
     fn metrics(&self) -> String {
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {

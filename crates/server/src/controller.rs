@@ -676,7 +676,11 @@ impl Controller {
         env.push((supervisor::REVISION_VAR.to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));
         let config = &self.shared.config;
-        let memory_limit_mb = config.machine_types.get(&self.app_machine_type(index)).and_then(|m| m.memory_limit_mb);
+        let limits = config
+            .machine_types
+            .get(&self.app_machine_type(index))
+            .map(crate::config::MachineType::limits)
+            .unwrap_or_default();
         RunnerLaunch {
             id: runner.id,
             command: manifest.command.clone(),
@@ -695,7 +699,7 @@ impl Controller {
                 failure_threshold: config.failure_threshold,
                 probe_timeout: config.health_interval.min(Duration::from_secs(10)),
             },
-            memory_limit: memory_limit_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            limits,
         }
     }
 

@@ -366,6 +366,8 @@ impl DeployJob {
             confinement,
             env: self.build_env(),
             log: &log_path,
+            log_limit: self.config.build_log_limit,
+            name: id.to_string(),
             pid_file: &self.layout.build_pid(id),
             timeout: self.config.build_timeout,
         };

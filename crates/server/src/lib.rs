@@ -61,6 +61,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             supervisor::Sandbox::none()
         }
     };
+    let sandbox = match supervisor::Cgroups::detect() {
+        Ok(cgroups) => {
+            tracing::info!(
+                version = cgroups.version().name(),
+                "limits: cgroups (each runner's memory, processes and CPU as its machine type says, each build's processes)"
+            );
+            sandbox.with_cgroups(cgroups)
+        }
+        Err(reason) => {
+            tracing::warn!(
+                %reason,
+                "limits: no cgroups -- memory limits are checked by measuring runners every 250 ms, and there is no \
+                 limit on processes or CPU"
+            );
+            sandbox
+        }
+    };
     let layout = Layout::new(config.data_dir.clone());
     prepare_data_dir(&layout)?;
     let store = Store::open_sqlite(&layout.database())

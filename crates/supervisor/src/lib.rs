@@ -8,11 +8,13 @@
 //! and end what it left behind when it starts again.
 
 mod build;
+mod cgroup;
 mod group;
 mod runner;
 mod sandbox;
 
 pub use build::{BuildOutcome, BuildSpec, run_build};
+pub use cgroup::{Cgroups, DEFAULT_PIDS_LIMIT, Limits, Version as CgroupVersion};
 pub use group::{REVISION_VAR, end_leftover, end_strays};
 /// What [`RunnerBackend::subscribe_output`] hands out. It lives in `model`, so that a crate
 /// that consumes runners' output need not depend on the supervisor.

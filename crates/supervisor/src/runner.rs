@@ -28,6 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use crate::cgroup::{Group, Limits};
 use crate::group::{kill_group, signal_group};
 use crate::sandbox::{Confinement, Sandbox};
 
@@ -55,9 +56,10 @@ pub struct RunnerLaunch {
     pub health_path: String,
     pub startup_timeout: Duration,
     pub health: HealthPolicy,
-    /// The most resident memory, in bytes, that the runner's processes may use together
-    /// (its machine type's limit). A runner found over it is killed.
-    pub memory_limit: Option<u64>,
+    /// What its processes may use together (its machine type's limits). Enforced by the
+    /// kernel where the server has cgroups; otherwise the memory limit is checked by
+    /// measuring, and a runner found over it is killed.
+    pub limits: Limits,
 }
 
 /// Where a runner was in its life when its process ended.
@@ -160,10 +162,20 @@ impl LocalProcesses {
 
     /// Ends every runner process group an earlier run of the server left behind (found
     /// by the pid files under the runners directory), if its working directory is
-    /// inside `within`. Returns how many were ended.
+    /// inside `within`, and whatever is left in those runners' cgroups. Returns how many
+    /// were ended.
     pub fn reap_leftovers(&self, within: &Path) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
-        entries.flatten().filter(|e| crate::group::end_leftover(&e.path().join("pid"), within)).count()
+        let cgroups = self.sandbox.cgroups();
+        entries
+            .flatten()
+            .filter(|e| {
+                let ended = crate::group::end_leftover(&e.path().join("pid"), within);
+                let name = group_name(&e.file_name().to_string_lossy());
+                let in_cgroup = cgroups.is_some_and(|c| c.end_leftover(&name) > 0);
+                ended || in_cgroup
+            })
+            .count()
     }
 
     fn log_path(&self, id: RunnerId) -> PathBuf {
@@ -180,15 +192,25 @@ impl RunnerBackend for LocalProcesses {
         let loopback = SocketAddr::from(([127, 0, 0, 1], port));
         let addr = if self.sandbox.is_on() { Endpoint::isolated(loopback) } else { Endpoint::host(loopback) };
         let mut wrapped = self.sandbox.wrap(&launch.command, &launch.confinement)?;
-        let mut child = self
+        let group = self.sandbox.group(&group_name(&launch.id.to_string()), &launch.limits)?;
+        let child = self
             .sandbox
-            .command(&wrapped, &launch.confinement.code)
+            .command(&wrapped, &launch.confinement.code, group.as_ref())
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()?;
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(group) = group {
+                    tokio::spawn(group.remove(Duration::from_secs(1)));
+                }
+                return Err(e);
+            }
+        };
         // The child has its copies; the parent's must go, so that reads see the end.
         wrapped.keep.clear();
         let pgid = child.id().unwrap_or(0);
@@ -238,6 +260,7 @@ impl RunnerBackend for LocalProcesses {
             sandbox_pid,
             first: None,
             network: None,
+            group,
         };
         let id = watch.launch.id;
         tokio::spawn(watch.run(child));
@@ -283,6 +306,13 @@ struct Watch {
     first: Option<u32>,
     /// slirp4netns, the sandbox's way out, while the runner lives.
     network: Option<crate::sandbox::Network>,
+    /// Its cgroup, where the server has cgroups.
+    group: Option<Group>,
+}
+
+/// The cgroup of runner `id`.
+fn group_name(id: &str) -> String {
+    format!("hangar-runner-{id}")
 }
 
 /// A runner in setup is checked soon after it starts, then less and less often up to
@@ -291,8 +321,9 @@ struct Watch {
 const SETUP_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const FIRST_SETUP_PROBE: Duration = Duration::from_millis(2);
 
-/// How often a runner with a memory limit has its memory measured.
-const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a runner's limits are checked: its cgroup's counters read, or, without
+/// one, its memory measured.
+const LIMITS_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 const MIB: u64 = 1024 * 1024;
 
@@ -308,7 +339,8 @@ impl Watch {
         let mut ending: Option<(bool, String)> = None;
         let mut kill_at: Option<Instant> = None;
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        let mut next_memory_check = Instant::now() + MEMORY_CHECK_INTERVAL;
+        let mut next_limits_check = Instant::now() + LIMITS_CHECK_INTERVAL;
+        let checks_limits = self.group.is_some() || self.launch.limits.memory.is_some();
 
         let mut pending = self.sandbox_pid.take();
         let status = loop {
@@ -343,17 +375,11 @@ impl Watch {
                         reason.push_str("; killed after the grace period");
                     }
                 }
-                () = tokio::time::sleep_until(next_memory_check), if ending.is_none() && self.launch.memory_limit.is_some() => {
-                    next_memory_check = Instant::now() + MEMORY_CHECK_INTERVAL;
-                    let limit = self.launch.memory_limit.unwrap_or(u64::MAX);
-                    let used = crate::group::resident_memory(child.id().unwrap_or(0));
-                    if used > limit {
+                () = tokio::time::sleep_until(next_limits_check), if ending.is_none() && checks_limits => {
+                    next_limits_check = Instant::now() + LIMITS_CHECK_INTERVAL;
+                    if let Some(reason) = self.over_limits(child.id()) {
                         self.kill_all();
-                        ending = Some((false, format!(
-                            "used {} MiB of memory, over its machine type's limit of {} MiB",
-                            used / MIB,
-                            limit / MIB
-                        )));
+                        ending = Some((false, reason));
                     }
                 }
                 () = tokio::time::sleep_until(next_probe), if ending.is_none() => {
@@ -404,6 +430,11 @@ impl Watch {
         // Dropping it ends slirp4netns (it is killed, and its exit pipe closes).
         self.network = None;
         let _ = std::fs::remove_file(&self.pid_file);
+        // A runner the kernel's OOM killer ended before a check saw it still gets the reason.
+        let ending = ending.or_else(|| self.over_limits(None).map(|reason| (false, reason)));
+        if let Some(group) = self.group.take() {
+            group.remove(Duration::from_secs(5)).await;
+        }
         let (requested, reason) = match (ending, status) {
             (Some(ending), _) => ending,
             (None, Ok(status)) => (false, format!("exited with {status}{}", self.last_output())),
@@ -431,12 +462,45 @@ impl Watch {
         }
     }
 
-    /// SIGKILL to every process of the runner, in and out of its sandbox.
+    /// SIGKILL to every process of the runner, in and out of its sandbox and its cgroup.
     fn kill_all(&self) {
         kill_group(self.pgid);
         if let Some(first) = self.first {
             crate::group::kill_sandbox(first, self.pgid);
         }
+        if let Some(group) = &self.group {
+            group.kill_all();
+        }
+    }
+
+    /// Why the runner must end because of its limits, if it must: the kernel killed one
+    /// of its processes for memory, or refused it a fork at its limit of processes, or
+    /// (without a cgroup) its processes, measured from `pid` down, use too much memory.
+    fn over_limits(&self, pid: Option<u32>) -> Option<String> {
+        let limits = &self.launch.limits;
+        match &self.group {
+            Some(group) => {
+                if group.oom_kills() > 0 {
+                    let limit = limits.memory.unwrap_or(0) / MIB;
+                    return Some(format!(
+                        "over its machine type's limit of {limit} MiB of memory (the kernel's OOM killer ended a process)"
+                    ));
+                }
+                if group.forks_refused() > 0 {
+                    let limit = limits.pids.map_or_else(|| "its".to_owned(), |n| n.to_string());
+                    return Some(format!("reached the limit of {limit} processes and threads (a fork bomb?)"));
+                }
+                if group.limits_memory() {
+                    return None;
+                }
+            }
+            None if pid.is_none() => return None,
+            None => {}
+        }
+        let limit = limits.memory?;
+        let used = crate::group::resident_memory(pid?);
+        (used > limit)
+            .then(|| format!("used {} MiB of memory, over its machine type's limit of {} MiB", used / MIB, limit / MIB))
     }
 
     async fn probe(&self) -> bool {
@@ -617,7 +681,7 @@ mod tests {
                 failure_threshold: 3,
                 probe_timeout: Duration::from_secs(1),
             },
-            memory_limit: None,
+            limits: Limits::default(),
         }
     }
 
@@ -631,7 +695,8 @@ mod tests {
         let script = "python3 -c 'import time\nheld = []\nwhile True:\n    held.append(b\"x\" * (8 << 20))\n    \
                       time.sleep(0.01)'; echo done"
             .to_owned();
-        let launch = RunnerLaunch { memory_limit: Some(64 * MIB), ..shell_runner(id, dir.path(), script) };
+        let limits = Limits { memory: Some(64 * MIB), ..Limits::default() };
+        let launch = RunnerLaunch { limits, ..shell_runner(id, dir.path(), script) };
         let (events, mut events_rx) = mpsc::unbounded_channel();
         let _handle = backend.launch(launch, events).unwrap();
         let exited = tokio::time::timeout(Duration::from_secs(60), events_rx.recv()).await.unwrap().unwrap();

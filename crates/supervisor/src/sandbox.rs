@@ -23,6 +23,9 @@
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cgroup::{Cgroups, Group, Limits};
 
 /// Whether processes run sandboxed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,9 @@ pub struct Sandbox {
     bwrap: PathBuf,
     setpriv: PathBuf,
     slirp4netns: PathBuf,
+    /// Where runners and builds get their kernel-enforced limits, where this server
+    /// may make cgroups.
+    cgroups: Option<Arc<Cgroups>>,
 }
 
 /// How a host directory appears in the sandbox.
@@ -133,6 +139,7 @@ impl Sandbox {
             bwrap: PathBuf::new(),
             setpriv: PathBuf::new(),
             slirp4netns: PathBuf::new(),
+            cgroups: None,
         }
     }
 
@@ -158,9 +165,27 @@ impl Sandbox {
             bwrap: find("bwrap", "bubblewrap")?,
             setpriv: find("setpriv", "util-linux")?,
             slirp4netns: find("slirp4netns", "slirp4netns")?,
+            cgroups: None,
         };
         sandbox.check()?;
         Ok(sandbox)
+    }
+
+    /// Limits runners and builds through `cgroups` from now on.
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> Sandbox {
+        self.cgroups = Some(Arc::new(cgroups));
+        self
+    }
+
+    /// The cgroup hierarchy limits are kept with, if any.
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_deref()
+    }
+
+    /// A cgroup named `name` with `limits`, for a process about to start; `None` where
+    /// this server has no cgroups to use.
+    pub(crate) fn group(&self, name: &str, limits: &Limits) -> std::io::Result<Option<Group>> {
+        self.cgroups.as_ref().map(|c| c.create(name, limits)).transpose()
     }
 
     pub fn mode(&self) -> SandboxMode {
@@ -228,11 +253,12 @@ impl Sandbox {
     }
 
     /// A command that runs `wrapped`, in `cwd` (outside the sandbox), with a cleared
-    /// environment; the caller adds the environment and its stdio.
-    pub(crate) fn command(&self, wrapped: &Wrapped, cwd: &Path) -> tokio::process::Command {
+    /// environment, in `group` from before it starts; the caller adds the environment
+    /// and its stdio.
+    pub(crate) fn command(&self, wrapped: &Wrapped, cwd: &Path, group: Option<&Group>) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&wrapped.program);
         command.args(&wrapped.args).current_dir(cwd).env_clear().process_group(0);
-        keep_across_exec(&mut command, wrapped.keep_raw());
+        prepare_child(&mut command, wrapped.keep_raw(), group.map(Group::join_fds).unwrap_or_default());
         command
     }
 
@@ -274,7 +300,7 @@ impl Sandbox {
             .stderr(std::process::Stdio::null())
             .process_group(i32::try_from(pgid).unwrap_or(0))
             .kill_on_drop(true);
-        keep_across_exec(&mut command, vec![ready_write.as_raw_fd(), exit_read.as_raw_fd()]);
+        prepare_child(&mut command, vec![ready_write.as_raw_fd(), exit_read.as_raw_fd()], Vec::new());
         let child = command.spawn()?;
         drop((ready_write, exit_read));
         let ready = tokio::task::spawn_blocking(move || {
@@ -314,27 +340,32 @@ struct Fds {
 /// The address of slirp4netns's DNS forwarder, as the sandbox sees it.
 const SLIRP_DNS: &str = "10.0.2.3";
 
-/// Lets the child started by `command` keep `keep` across exec.
-fn keep_across_exec(command: &mut tokio::process::Command, keep: Vec<RawFd>) {
-    {
-        if !keep.is_empty() {
-            // The one place that needs `unsafe`: the standard library has no other way
-            // to hand a child a descriptor beyond stdio.
-            #[allow(unsafe_code)]
-            // SAFETY: between fork and exec only `fcntl` runs, which is async-signal-safe,
-            // on descriptors the parent keeps open until the child has started; nothing
-            // allocates.
-            unsafe {
-                command.pre_exec(move || {
-                    for fd in &keep {
-                        if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
+/// Lets the child started by `command` keep `keep` across exec, and has it join the
+/// cgroup whose `cgroup.procs` descriptors are `join` before it runs anything.
+fn prepare_child(command: &mut tokio::process::Command, keep: Vec<RawFd>, join: Vec<RawFd>) {
+    if keep.is_empty() && join.is_empty() {
+        return;
+    }
+    // The one place that needs `unsafe`: the standard library has no other way to hand
+    // a child a descriptor beyond stdio, or to run anything between fork and exec.
+    #[allow(unsafe_code)]
+    // SAFETY: between fork and exec only `write` and `fcntl` run, which are
+    // async-signal-safe, on descriptors the parent keeps open until the child has
+    // started; nothing allocates.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in &join {
+                if nix::libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-        }
+            for fd in &keep {
+                if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 
@@ -557,6 +588,7 @@ mod tests {
             bwrap: "/usr/bin/bwrap".into(),
             setpriv: "/usr/bin/setpriv".into(),
             slirp4netns: "/usr/bin/slirp4netns".into(),
+            cgroups: None,
         };
         let runner = Confinement {
             uid: 2_000_007,

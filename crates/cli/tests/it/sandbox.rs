@@ -9,7 +9,7 @@ use crate::{runners, server, testapp_dir};
 /// An app that tries what hostile code would, and says how each try went: `"ok"`, or
 /// the name of the Python exception it got.
 const HOSTILE: &str = r#"
-import json, os, socket, subprocess
+import json, os, socket, subprocess, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def attempt(action):
@@ -39,6 +39,29 @@ def connect(port):
         while chunk := s.recv(65536):
             reply += chunk
     return json.loads(reply.split(b"\r\n\r\n", 1)[1])["runner"]
+
+def hog():
+    # Grows by 8 MiB every few milliseconds, each page written, until something stops it.
+    held = []
+    while True:
+        held.append(b"x" * (8 << 20))
+        time.sleep(0.005)
+
+FORK_BOMB = """
+import os, time
+while True:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.01)
+"""
+
+def busy(seconds):
+    # The share of one CPU this process gets while it spins for `seconds`.
+    wall, cpu = time.monotonic(), time.process_time()
+    while time.monotonic() - wall < seconds:
+        pass
+    return (time.process_time() - cpu) / (time.monotonic() - wall)
 
 def reach(port):
     try:
@@ -73,6 +96,14 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/spawn":
             subprocess.Popen(["setsid", "sleep", "1000"])
             body = {}
+        elif path == "/hog":
+            threading.Thread(target=hog, daemon=True).start()
+            body = {}
+        elif path == "/forkbomb":
+            subprocess.Popen(["python3", "-c", FORK_BOMB])
+            body = {}
+        elif path == "/busy":
+            body = {"share": busy(float(arg))}
         else:
             body = {"runner": os.environ.get("HANGAR_RUNNER_ID"), "pid": os.getpid(), "port": int(os.environ["PORT"])}
         data = json.dumps(body).encode()
@@ -265,6 +296,74 @@ fn a_runner_of_one_team_cannot_connect_to_a_runner_of_another() {
     assert_eq!(get(&http, &server, "default", "target", "/")["port"], port);
 }
 
+/// A server whose machine type `small` has tight limits.
+fn server_with_small_machines(limits: &str) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hangar.toml");
+    std::fs::write(&config, format!("[machine_types.small]\ncapacity = 4\n{limits}")).unwrap();
+    (crate::server_with(&["--config", config.to_str().unwrap()]), dir)
+}
+
+/// The runner of `app` that is serving now, once there is one other than `not`.
+fn serving_runner(server: &TestServer, app: &str, not: Option<&str>) -> String {
+    wait_until("a serving runner", || {
+        runners(server, app, &[])
+            .into_iter()
+            .find(|r| r["state"] == "idle" && Some(r["id"].as_str().unwrap()) != not)
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+    })
+}
+
+/// Why `runner` of `app` ended, once it has.
+fn end_reason(server: &TestServer, app: &str, runner: &str) -> String {
+    let ended = wait_until("the runner to end", || {
+        runners(server, app, &["--state", "terminated", "--since", "1h"]).into_iter().find(|r| r["id"] == runner)
+    });
+    ended["reason"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn memory_over_the_limit_and_a_fork_bomb_are_contained_while_other_apps_are_served() {
+    let (server, _config) = server_with_small_machines("memory_limit_mb = 128\npids_limit = 64\n");
+    let http = Http::new();
+    let steady = testapp_dir("steady", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", steady.path_str(), "--auth", "public"]).ok();
+    let greedy = hostile("greedy", "[runner]\nmachine_type = \"small\"\n[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", greedy.path_str(), "--auth", "public"]).ok();
+    let prober = testkit::Prober::start(&format!("{}/default/steady/", server.gateway_url), None, 20);
+
+    // Memory: the kernel stops the runner at its limit, and the server replaces it.
+    let first = serving_runner(&server, "greedy", None);
+    get(&http, &server, "default", "greedy", "/hog");
+    let reason = end_reason(&server, "greedy", &first);
+    assert!(reason.contains("over its machine type's limit of 128 MiB of memory"), "{reason}");
+    assert!(processes_of(&first).is_empty(), "a process of the runner outlived it");
+
+    // A fork bomb: it meets the limit inside its own runner, which is replaced.
+    let second = serving_runner(&server, "greedy", Some(&first));
+    get(&http, &server, "default", "greedy", "/forkbomb");
+    let reason = end_reason(&server, "greedy", &second);
+    assert!(reason.contains("reached the limit of 64 processes"), "{reason}");
+    wait_until("the bomb's processes to end", || processes_of(&second).is_empty().then_some(()));
+    let third = serving_runner(&server, "greedy", Some(&second));
+    assert_ne!(third, first);
+    assert_eq!(get(&http, &server, "default", "greedy", "/")["runner"], third.as_str());
+
+    let report = prober.finish();
+    assert!(report.sent > 0 && report.failures.is_empty(), "{report:?}");
+}
+
+#[test]
+fn a_machine_types_cpus_cap_the_time_a_runner_gets() {
+    let (server, _config) = server_with_small_machines("cpus = 0.25\n");
+    let app = hostile("spinner", "[runner]\nmachine_type = \"small\"\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    // However idle the machine, a quarter of a CPU is all it gets (a loaded machine
+    // may give it less).
+    let share = get(&Http::new(), &server, "default", "spinner", "/busy?1.0")["share"].as_f64().unwrap();
+    assert!(share < 0.4, "the runner got {share:.2} of a CPU");
+}
+
 #[test]
 fn the_server_says_when_deployed_code_runs_unconfined() {
     let server = crate::server_with(&["--sandbox", "none"]);
@@ -275,7 +374,7 @@ fn the_server_says_when_deployed_code_runs_unconfined() {
 
     let sandboxed = crate::server();
     let health = Http::new().get(&format!("{}/healthz", sandboxed.api_url), None).json();
-    assert_eq!(health, serde_json::json!({ "status": "ok", "sandbox": "bwrap" }));
+    assert_eq!(health, serde_json::json!({ "status": "ok", "sandbox": "bwrap", "limits": "cgroup-v1" }));
 }
 
 /// A server that cannot sandbox refuses to start (fail closed) and says what to do.
