@@ -413,6 +413,8 @@ impl Sandbox {
             args.triple("--setenv", "HANGAR_CACHE_DIR", CACHE_DIR);
         }
         if let Some(fds) = fds {
+            // Readable by all, as the machine's is (bwrap would make it 0600, root's).
+            args.pair("--perms", "0644");
             args.pair("--ro-bind-data", fds.resolv.to_string());
             args.0.push("/etc/resolv.conf".into());
             args.pair("--info-fd", fds.info.to_string());
@@ -609,7 +611,7 @@ mod tests {
         assert!(has(&["--setenv", "HANGAR_CACHE_DIR", CACHE_DIR]));
         assert!(has(&["--ro-bind", "/opt/tools", "/opt/tools"]));
         assert!(has(&["--info-fd", "5"]) && has(&["--block-fd", "6"]));
-        assert!(has(&["--ro-bind-data", "7", "/etc/resolv.conf"]) && has(&["--unshare-net"]));
+        assert!(has(&["--perms", "0644", "--ro-bind-data", "7", "/etc/resolv.conf"]) && has(&["--unshare-net"]));
         assert!(has(&["--reuid", "2000007", "--regid", "2000007"]));
         assert!(text.ends_with(&["--no-new-privs", "--", "python3", "server.py"]));
         assert!(!text.iter().any(|a| a.starts_with("/data/")

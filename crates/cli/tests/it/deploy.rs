@@ -234,3 +234,15 @@ fn concurrent_deploys_of_one_app_are_serialized() {
     // The newest history entry is the revision that ended up current.
     assert_eq!(deployed[0], revs.iter().find(|r| r["current"] == true).unwrap()["id"].as_str().unwrap());
 }
+
+#[test]
+fn a_build_log_past_its_limit_says_where_it_was_cut_and_the_build_goes_on() {
+    let server = crate::server_with(&["--build-log-limit", "2000"]);
+    let app = app_with_build("chatty", "yes compiling | head -c 50000; echo finished-$((40 + 2)) >&2");
+    let out = server.run(&["deploy", app.path_str()]).ok();
+    assert!(out.stderr.contains("compiling\ncompiling\n"), "the start of the log is kept: {}", out.stderr);
+    assert!(out.stderr.contains("the build log was cut here, at its limit of 2000 bytes"), "{}", out.stderr);
+    assert!(!out.stderr.contains("finished-42"), "nothing past the limit is kept: {}", out.stderr);
+    assert!(out.stderr.len() < 5000, "{} bytes of log", out.stderr.len());
+    assert_eq!(revisions(&server, "chatty")[0]["status"], "deployed");
+}

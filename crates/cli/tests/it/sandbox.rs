@@ -83,6 +83,8 @@ class Handler(BaseHTTPRequestHandler):
                 "signal_server": attempt(lambda: os.kill(int(os.environ["SERVER_PID"]), 0)),
                 "tmp": attempt(lambda: write("/tmp/scratch", "x")),
                 "home": attempt(lambda: write(os.path.join(os.environ["HOME"], "scratch"), "x")),
+                # What a resolver needs to find the way to a download.
+                "resolver": attempt(lambda: read("/etc/resolv.conf")),
             }
         elif path == "/cache/write":
             write(os.path.join(os.environ["HANGAR_CACHE_DIR"], "weights.bin"), os.environ["HANGAR_REVISION"])
@@ -199,6 +201,7 @@ fn a_hostile_app_of_another_team_reads_no_key_no_database_and_no_other_code() {
     assert_eq!(probe["signal_server"], "ProcessLookupError", "{probe}");
     // What is its own to write it may write.
     assert_eq!((&probe["tmp"], &probe["home"]), (&Value::from("ok"), &Value::from("ok")), "{probe}");
+    assert_eq!(probe["resolver"], "ok", "{probe}");
     assert!(
         std::fs::read_dir(data.join("revisions")).unwrap().flatten().all(|r| !r.path().join("app/hacked.txt").exists())
     );
@@ -404,4 +407,32 @@ fn a_server_that_cannot_sandbox_refuses_to_start_and_says_how_to_fix_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be an absolute path"), "{out:?}");
     let out = start(&path, &["--sandbox", "chroot"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not one of: bwrap, none"), "{out:?}");
+}
+
+#[test]
+fn a_build_installs_packages_and_its_teams_cache_is_kept_for_its_next_builds_only() {
+    let server = server();
+    server.run(&["teams", "create", "other"]).ok();
+    let deploy = |team: &str, build: &str| {
+        let app = crate::testapp_dir("installer", &format!("build = [\"sh\", \"-c\", {build:?}]\n"));
+        server.run(&["--team", team, "deploy", app.path_str()]).ok().stderr
+    };
+    // (The log starts with the command itself: what it prints must differ from its text.)
+    let look = "echo \"cache-state: $(cat \"$HOME/.cache/note\" 2>/dev/null || echo empty)\"";
+    // A real install from the package index (the build has the network); what it
+    // leaves in HOME/.cache, where pip keeps its downloads, is the team's.
+    let first = deploy(
+        "default",
+        &format!(
+            "{look}; python3 -m venv .venv && .venv/bin/pip install --no-deps --progress-bar off six==1.16.0 \
+             && echo six > \"$HOME/.cache/note\""
+        ),
+    );
+    assert!(first.contains("cache-state: empty"), "{first}");
+    assert!(first.contains("Successfully installed six-1.16.0"), "{first}");
+    // The team's next build finds it; another team's build has a cache of its own.
+    let second = deploy("default", look);
+    assert!(second.contains("cache-state: six"), "{second}");
+    let other = deploy("other", look);
+    assert!(other.contains("cache-state: empty"), "{other}");
 }
