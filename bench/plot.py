@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 results = json.load(open(sys.argv[1]))
 p1 = results["p1"]
 names = [r["name"] for r in p1]
-colors = ["#8a8a8a", "#009639", "#3b6fd8"]
+colors = ["#8a8a8a", "#009639", "#3b6fd8", "#7a4fd0"]
 
 fig, (rps, latency, ops) = plt.subplots(1, 3, figsize=(15, 4.5))
 

@@ -12,6 +12,8 @@ pub(crate) struct Cold {
     pub(crate) runs: u32,
     pub(crate) own: Percentiles,
     pub(crate) first_byte: Percentiles,
+    /// The same, from a server started with `--sandbox none`.
+    pub(crate) unconfined: Percentiles,
 }
 
 impl Cold {
@@ -19,28 +21,47 @@ impl Cold {
     pub(crate) fn overhead(&self) -> Duration {
         self.first_byte.p50.saturating_sub(self.own.p50)
     }
+
+    /// What the sandbox adds to a cold call, at p50.
+    pub(crate) fn sandbox_cost(&self) -> Duration {
+        self.first_byte.p50.saturating_sub(self.unconfined.p50)
+    }
 }
 
 /// First byte of a call to an app with no runner, against the test app's own time
 /// from process start to a passing health check (measured here by starting it by hand,
-/// interleaved with the cold calls so both see the same machine).
-pub(crate) async fn cold_start(server: &TestServer, testapp: &Path, runs: u32) -> anyhow::Result<Cold> {
+/// interleaved with the cold calls so both see the same machine), and against the same
+/// call to `unconfined`, a server that runs its runners without a sandbox.
+pub(crate) async fn cold_start(
+    server: &TestServer,
+    unconfined: &TestServer,
+    testapp: &Path,
+    runs: u32,
+) -> anyhow::Result<Cold> {
     let client = reqwest::Client::new();
-    let (mut own, mut first_byte) = (Vec::new(), Vec::new());
+    let (mut own, mut first_byte, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         own.push(own_time_to_healthy(&client, testapp).await?);
         let name = format!("cold{i}");
-        // Recreate starts no runner: the first call is a cold start. keep_alive 1 lets
-        // the runner go soon, so the runs do not pile up runners.
-        crate::deploy(server, testapp, &name, "[scaling]\nkeep_alive = 1\n", &["--strategy", "recreate"])?;
-        let start = Instant::now();
-        let response = client.get(format!("{}/default/{name}/", server.gateway_url)).send().await?;
-        first_byte.push(start.elapsed());
-        if !response.status().is_success() {
-            bail!("cold call to {name} answered {}", response.status());
-        }
+        first_byte.push(cold_call(&client, server, testapp, &name).await?);
+        plain.push(cold_call(&client, unconfined, testapp, &name).await?);
     }
-    Ok(Cold { runs, own: Percentiles::of(own), first_byte: Percentiles::of(first_byte) })
+    let (own, first_byte, unconfined) = (Percentiles::of(own), Percentiles::of(first_byte), Percentiles::of(plain));
+    Ok(Cold { runs, own, first_byte, unconfined })
+}
+
+/// Deploys `name` with no runner and times its first call to the first byte.
+async fn cold_call(client: &reqwest::Client, server: &TestServer, testapp: &Path, name: &str) -> anyhow::Result<Duration> {
+    // Recreate starts no runner: the first call is a cold start. keep_alive 1 lets the
+    // runner go soon, so the runs do not pile up runners.
+    crate::deploy(server, testapp, name, "[scaling]\nkeep_alive = 1\n", &["--strategy", "recreate"])?;
+    let start = Instant::now();
+    let response = client.get(format!("{}/default/{name}/", server.gateway_url)).send().await?;
+    let elapsed = start.elapsed();
+    if !response.status().is_success() {
+        bail!("cold call to {name} answered {}", response.status());
+    }
+    Ok(elapsed)
 }
 
 /// Starts the test app by hand and times it from spawn to its first passing health check.

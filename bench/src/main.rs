@@ -86,6 +86,7 @@ fn main() -> anyhow::Result<()> {
     let machine = report::Machine::describe(&args.oha, &args.nginx);
 
     let server = TestServer::start_with(&hangar, &["--machine-type", "cpu=64"]);
+    let unconfined = TestServer::start_with(&hangar, &["--machine-type", "cpu=64", "--sandbox", "none"]);
     let settings = proxies::Settings {
         oha: args.oha.clone(),
         nginx: args.nginx.clone(),
@@ -93,9 +94,10 @@ fn main() -> anyhow::Result<()> {
         seconds: args.seconds,
     };
     eprintln!("P1: direct, nginx and hangar under oha ({} rounds)", args.rounds);
-    let p1 = runtime.block_on(proxies::compare(&server, &testapp, &settings))?;
+    let p1 = runtime.block_on(proxies::compare(&unconfined, &server, &testapp, &settings))?;
     eprintln!("P2: {} cold starts", args.cold_starts);
-    let p2 = runtime.block_on(cold::cold_start(&server, &testapp, args.cold_starts))?;
+    let p2 = runtime.block_on(cold::cold_start(&server, &unconfined, &testapp, args.cold_starts))?;
+    drop(unconfined);
     eprintln!("P3, P4: switching under load");
     let p34 = runtime.block_on(switching::switching(&server, &testapp))?;
     drop(server);

@@ -65,28 +65,48 @@ impl Proxies {
     }
 }
 
-pub(crate) async fn compare(server: &TestServer, testapp: &Path, settings: &Settings) -> anyhow::Result<Proxies> {
-    crate::deploy(
-        server,
-        testapp,
-        "bench",
-        "env = { QUIET = \"1\" }\n[scaling]\nmin_concurrency = 1\nmax_concurrency = 1\n\
-         [runner]\nmax_multiplexing = 1024\n",
-        &[],
-    )?;
-    let via_gateway = format!("{}/default/bench/", server.gateway_url);
+/// The name of the figures of the gateway in front of a sandboxed runner.
+pub(crate) const SANDBOXED: &str = "hangar, sandboxed runner";
+
+/// The runner of `unconfined` (a server started with `--sandbox none`, whose runner
+/// listens on the machine's loopback) called straight, through nginx and through that
+/// server's gateway; and the same app on `sandboxed`, whose runner only its gateway can
+/// reach.
+pub(crate) async fn compare(
+    unconfined: &TestServer,
+    sandboxed: &TestServer,
+    testapp: &Path,
+    settings: &Settings,
+) -> anyhow::Result<Proxies> {
+    for server in [unconfined, sandboxed] {
+        crate::deploy(
+            server,
+            testapp,
+            "bench",
+            "env = { QUIET = \"1\" }\n[scaling]\nmin_concurrency = 1\nmax_concurrency = 1\n\
+             [runner]\nmax_multiplexing = 1024\n",
+            &[],
+        )?;
+    }
+    let via_gateway = format!("{}/default/bench/", unconfined.gateway_url);
+    let via_sandboxed = format!("{}/default/bench/", sandboxed.gateway_url);
     let env: serde_json::Value = reqwest::get(format!("{via_gateway}env")).await?.json().await?;
     let port: u16 = env["PORT"].as_str().context("the runner has no PORT")?.parse()?;
     let nginx = Nginx::start(&settings.nginx, port)?;
-    let urls = [format!("http://127.0.0.1:{port}/"), format!("http://{}/", nginx.addr), via_gateway];
+    let urls = [format!("http://127.0.0.1:{port}/"), format!("http://{}/", nginx.addr), via_gateway, via_sandboxed];
     // Warm every path (which also has nginx's workers running by the time they are listed).
     for url in &urls {
         oha(&settings.oha, url, &["-n", "2000", "-c", "8"])?;
     }
-    let hangar_pid = server.pid().context("the server is not running")?;
-    let [direct, via_nginx, via_hangar] = urls;
-    let targets =
-        [("direct", direct, vec![]), ("nginx", via_nginx, nginx.pids()), ("hangar", via_hangar, vec![hangar_pid])];
+    let hangar_pid = unconfined.pid().context("the server is not running")?;
+    let sandboxed_pid = sandboxed.pid().context("the sandboxed server is not running")?;
+    let [direct, via_nginx, via_hangar, via_sandboxed] = urls;
+    let targets = [
+        ("direct", direct, vec![]),
+        ("nginx", via_nginx, nginx.pids()),
+        ("hangar", via_hangar, vec![hangar_pid]),
+        (SANDBOXED, via_sandboxed, vec![sandboxed_pid]),
+    ];
     let mut samples: Vec<Samples> = vec![Default::default(); targets.len()];
     let secs = format!("{}s", settings.seconds);
     for round in 0..settings.rounds as usize {

@@ -88,6 +88,8 @@ fn verdict(met: bool) -> &'static str {
 pub(crate) fn markdown(r: &Results) -> String {
     let m = &r.machine;
     let (direct, nginx, hangar) = (r.p1.get("direct"), r.p1.get("nginx"), r.p1.get("hangar"));
+    let sandboxed = r.p1.get(crate::proxies::SANDBOXED);
+    let sandbox_ratio = sandboxed.max_rps / hangar.max_rps.max(1e-9);
     let rps_ratio = hangar.max_rps / nginx.max_rps.max(1e-9);
     let cpu_ratio = match (hangar.cpu_per_call, nginx.cpu_per_call) {
         (Some(h), Some(n)) => {
@@ -111,7 +113,10 @@ pub(crate) fn markdown(r: &Results) -> String {
          ## P1: a proxy hop\n\n\
          One runner of the test app (`max_multiplexing = 1024`, quiet) called straight on its port,\n\
          through nginx ({nginx}, `worker_processes auto`, keep-alive upstream, no access log) and\n\
-         through hangar's gateway. Each figure is the median of {rounds} rounds (the order rotates\n\
+         through hangar's gateway, on a server started with `--sandbox none` (so that the runner\n\
+         listens on the machine's loopback, where nginx and oha reach it); and the same app on a\n\
+         second, sandboxed server (the default), whose runner is in a network namespace of its\n\
+         own that only the gateway connects into. Each figure is the median of {rounds} rounds (the order rotates\n\
          each round) of {secs} s runs: the most calls per second with {conns} connections, and\n\
          latency at a fixed {fixed} calls/s (16 connections, oha's latency correction). Load\n\
          generator, proxies and runner share the {cores} cores.\n\n\
@@ -141,9 +146,11 @@ pub(crate) fn markdown(r: &Results) -> String {
     out.push_str(&format!(
         "\n| target | figure | |\n|---|---|---|\n\
          | hangar calls/s ÷ nginx calls/s ≥ 1.0 | **{rps_ratio:.2}** (CPU per call: {cpu_ratio}) | {} |\n\
+         | sandboxed runner's calls/s ÷ unconfined runner's (unchanged: ≥ 0.95) | **{sandbox_ratio:.2}** | {} |\n\
          | hangar p50 − direct p50 ≤ 0.2 ms | **{}** (nginx: {}) | {} |\n\
          | hangar p99 − direct p99 ≤ 1 ms | **{}** (nginx: {}) | {} |\n",
         verdict(rps_ratio >= 1.0),
+        verdict(sandbox_ratio >= 0.95),
         ms(added_p50),
         ms(nginx_added_p50),
         verdict(added_p50.as_secs_f64() <= 0.0002),
@@ -157,17 +164,25 @@ pub(crate) fn markdown(r: &Results) -> String {
         "\n## P2: cold start\n\n\
          {runs} apps deployed with `--strategy recreate` (so no runner), each called once: the time to\n\
          the first byte of that call, against the test app's own time from process start to a\n\
-         passing health check, measured by starting it by hand before each cold call.\n\n\
+         passing health check, measured by starting it by hand before each cold call. The same\n\
+         cold calls go, alternating, to a second server started with `--sandbox none`: the\n\
+         difference is what the sandbox (bwrap, setpriv, a network namespace, slirp4netns, a\n\
+         cgroup) adds to a start.\n\n\
          | | p50 | p99 |\n|---|---|---|\n\
          | the test app's own start to healthy | {} | {} |\n\
-         | first byte of a cold call | {} | {} |\n\n\
-         Overhead (p50 first byte − p50 own start): **{}**; target ≤ 25 ms: {}.\n",
+         | first byte of a cold call, sandboxed (the default) | {} | {} |\n\
+         | first byte of a cold call, `--sandbox none` | {} | {} |\n\n\
+         Overhead (p50 first byte, sandboxed − p50 own start): **{}**; target ≤ 25 ms: {}. \
+         The sandbox's share (sandboxed − `--sandbox none`, p50): {}.\n",
         ms(c.own.p50),
         ms(c.own.p99),
         ms(c.first_byte.p50),
         ms(c.first_byte.p99),
+        ms(c.unconfined.p50),
+        ms(c.unconfined.p99),
         ms(c.overhead()),
         verdict(c.overhead().as_secs_f64() <= 0.025),
+        ms(c.sandbox_cost()),
         runs = c.runs,
     ));
 
@@ -256,6 +271,7 @@ pub(crate) fn json(r: &Results) -> Value {
             "name": name, "calls": n, "p95_ms": ms_f(*p95),
         })).collect::<Vec<_>>(),
         "p2_overhead_ms": ms_f(r.p2.overhead()),
+        "p2_sandbox_cost_ms": ms_f(r.p2.sandbox_cost()),
         "p5_api_p50_ms": ms_f(r.p5.api.p50),
     })
 }
