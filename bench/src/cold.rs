@@ -51,7 +51,12 @@ pub(crate) async fn cold_start(
 }
 
 /// Deploys `name` with no runner and times its first call to the first byte.
-async fn cold_call(client: &reqwest::Client, server: &TestServer, testapp: &Path, name: &str) -> anyhow::Result<Duration> {
+async fn cold_call(
+    client: &reqwest::Client,
+    server: &TestServer,
+    testapp: &Path,
+    name: &str,
+) -> anyhow::Result<Duration> {
     // Recreate starts no runner: the first call is a cold start. keep_alive 1 lets the
     // runner go soon, so the runs do not pile up runners.
     crate::deploy(server, testapp, name, "[scaling]\nkeep_alive = 1\n", &["--strategy", "recreate"])?;

@@ -320,6 +320,7 @@ async fn recover(control: &Control) -> anyhow::Result<()> {
     for (revision, _app) in control.store.fail_interrupted_deploys().await? {
         tracing::warn!(revision = %revision.id, "deploy was interrupted by a server stop; marked failed");
         supervisor::end_leftover(&layout.build_pid(revision.id), &layout.revision_code(revision.id));
+        supervisor::end_leftover_build(control.fleet.shared.backend.sandbox(), &revision.id.to_string());
     }
     let in_use = control.store.artifacts_in_use().await?;
     if let Ok(entries) = std::fs::read_dir(layout.artifacts()) {

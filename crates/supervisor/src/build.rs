@@ -55,10 +55,12 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
     let mut wrapped = spec.sandbox.wrap(spec.command, &spec.confinement)?;
     // A fork bomb in a build stays in its own cgroup, as a runner's does.
     let limits = Limits { pids: Some(DEFAULT_PIDS_LIMIT), ..Limits::default() };
-    let group = spec.sandbox.group(&format!("hangar-build-{}", spec.name), &limits)?;
+    let group = spec.sandbox.group(&group_name(&spec.name), &limits)?;
     // Stdout and stderr share one pipe, so that the log keeps their order.
     let (output, output_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let mut command = spec.sandbox.command(&wrapped, &spec.confinement.code, group.as_ref());
+    // As a runner's: in a sandbox, the cgroup is joined while the build waits to start.
+    let join_at_exec = group.as_deref().filter(|_| wrapped.block.is_none());
+    let mut command = spec.sandbox.command(&wrapped, &spec.confinement.code, join_at_exec);
     command
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -84,22 +86,19 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
     let pgid = child.id().unwrap_or(0);
     std::fs::write(spec.pid_file, pgid.to_string())?;
     // In a sandbox, the build starts once its network is up (package installs need it).
-    let _network = match (wrapped.info.take(), wrapped.block.take()) {
-        (Some(info), Some(block)) => match crate::group::read_child_pid(info).await.ok().flatten() {
-            Some(pid) => match spec.sandbox.connect_network(pid, pgid, block).await {
-                Ok(network) => Some(network),
-                Err(e) => {
-                    kill_group(pgid);
-                    let _ = child.wait().await;
-                    let _ = std::fs::remove_file(spec.pid_file);
-                    return Ok(BuildOutcome::Failed { reason: format!("the build's sandbox got no network: {e}") });
-                }
-            },
-            // bwrap ended before it started the sandbox; waiting says how.
-            None => None,
-        },
-        _ => None,
-    };
+    let mut _network = None;
+    if let (Some(info), Some(block)) = (wrapped.info.take(), wrapped.block.take()) {
+        let started = spec.sandbox.start(pgid, info, block, group.clone()).await;
+        if let Some(e) = started.error {
+            let _ = child.wait().await;
+            if let Some(group) = &group {
+                group.remove(Duration::from_secs(5)).await;
+            }
+            let _ = std::fs::remove_file(spec.pid_file);
+            return Ok(BuildOutcome::Failed { reason: format!("the build's sandbox could not start: {e}") });
+        }
+        _network = started.network;
+    }
     let outcome = tokio::select! {
         status = child.wait() => {
             let status = status?;
@@ -126,6 +125,18 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
     }
     let _ = std::fs::remove_file(spec.pid_file);
     Ok(outcome)
+}
+
+/// The cgroup of the build named `name`.
+fn group_name(name: &str) -> String {
+    format!("hangar-build-{name}")
+}
+
+/// Ends whatever an interrupted build named `name` left in its cgroup, and removes it.
+pub fn end_leftover_build(sandbox: &Sandbox, name: &str) {
+    if let Some(cgroups) = sandbox.cgroups() {
+        cgroups.end_leftover(&group_name(name));
+    }
 }
 
 /// Copies `from` to `to` until `from` ends, keeping at most `limit` bytes; past that,

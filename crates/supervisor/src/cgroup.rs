@@ -144,18 +144,25 @@ impl Cgroups {
     /// with [`Group::join_fds`].
     pub(crate) fn create(&self, name: &str, limits: &Limits) -> std::io::Result<Group> {
         let mut group = Group { dirs: Vec::new(), procs: Vec::new(), memory: None, pids: None };
-        // Made before anything fails, so that a failure removes what was made.
-        for parent in self.parents() {
-            let dir = parent.join(name);
-            match std::fs::create_dir(&dir) {
+        // On v1 a group is in only the hierarchies whose limits it has: each move of a
+        // process into a cgroup can cost the kernel an RCU grace period.
+        let at = |parent: &Option<PathBuf>, limited: bool| {
+            parent.as_ref().filter(|_| limited || self.version == Version::V2).map(|p| p.join(name))
+        };
+        let memory = at(&self.memory, limits.memory.is_some());
+        let pids = at(&self.pids, limits.pids.is_some());
+        let cpu = at(&self.cpu, limits.cpus.is_some());
+        for dir in [&memory, &pids, &cpu].into_iter().flatten() {
+            if group.dirs.contains(dir) {
+                continue;
+            }
+            match std::fs::create_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
             }
-            group.dirs.push(dir);
+            group.dirs.push(dir.clone());
         }
-        let at = |parent: &Option<PathBuf>| parent.as_ref().map(|p| p.join(name));
-        let (memory, pids, cpu) = (at(&self.memory), at(&self.pids), at(&self.cpu));
         match self.version {
             Version::V1 => {
                 if let (Some(dir), Some(bytes)) = (&memory, limits.memory) {
@@ -163,8 +170,8 @@ impl Cgroups {
                     // Without swap accounting the file is not there, and swap is not counted.
                     let _ = write(dir, "memory.memsw.limit_in_bytes", bytes);
                 }
-                if let Some(dir) = &pids {
-                    write(dir, "pids.max", limits.pids.map_or("max".to_owned(), |n| n.to_string()))?;
+                if let (Some(dir), Some(n)) = (&pids, limits.pids) {
+                    write(dir, "pids.max", n)?;
                 }
                 if let (Some(dir), Some(cpus)) = (&cpu, limits.cpus) {
                     write(dir, "cpu.cfs_period_us", CPU_PERIOD_US)?;
@@ -283,8 +290,19 @@ impl Group {
         }
     }
 
+    /// Moves the processes `pids` into the group (a thread group each, in every
+    /// hierarchy). Blocks: the kernel may wait for an RCU grace period.
+    pub(crate) fn join(&self, pids: &[u32]) -> std::io::Result<()> {
+        for procs in &self.procs {
+            for pid in pids {
+                nix::unistd::write(procs, pid.to_string().as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the group once its processes have ended, giving them `within` to go.
-    pub(crate) async fn remove(self, within: Duration) {
+    pub(crate) async fn remove(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             self.kill_all();

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::cgroup::{Group, Limits};
 use crate::group::{kill_group, signal_group};
-use crate::sandbox::{Confinement, Sandbox};
+use crate::sandbox::{Confinement, Sandbox, Started};
 
 /// How a runner's health is watched once it is up.
 #[derive(Debug, Clone)]
@@ -193,9 +193,12 @@ impl RunnerBackend for LocalProcesses {
         let addr = if self.sandbox.is_on() { Endpoint::isolated(loopback) } else { Endpoint::host(loopback) };
         let mut wrapped = self.sandbox.wrap(&launch.command, &launch.confinement)?;
         let group = self.sandbox.group(&group_name(&launch.id.to_string()), &launch.limits)?;
+        // Unsandboxed, the command joins its cgroup between fork and exec; in a sandbox,
+        // while it waits to be let go (see `Sandbox::start`).
+        let join_at_exec = group.as_deref().filter(|_| wrapped.block.is_none());
         let child = self
             .sandbox
-            .command(&wrapped, &launch.confinement.code, group.as_ref())
+            .command(&wrapped, &launch.confinement.code, join_at_exec)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
@@ -206,7 +209,7 @@ impl RunnerBackend for LocalProcesses {
             Ok(child) => child,
             Err(e) => {
                 if let Some(group) = group {
-                    tokio::spawn(group.remove(Duration::from_secs(1)));
+                    tokio::spawn(async move { group.remove(Duration::from_secs(1)).await });
                 }
                 return Err(e);
             }
@@ -218,20 +221,15 @@ impl RunnerBackend for LocalProcesses {
         // network namespace is known and gets its way out; then the command starts.
         let sandbox_pid = match (wrapped.info.take(), wrapped.block.take()) {
             (Some(info), Some(block)) => {
-                let (sandbox, addr) = (self.sandbox.clone(), addr.clone());
+                let (sandbox, addr, group) = (self.sandbox.clone(), addr.clone(), group.clone());
                 Some(tokio::spawn(async move {
-                    let pid = crate::group::read_child_pid(info).await.ok().flatten();
-                    let Some(pid) = pid else { return (None, None) };
-                    if !addr.enter(pid) {
-                        return (Some(pid), None);
+                    let started = sandbox.start(pgid, info, block, group).await;
+                    if let Some(pid) = started.first
+                        && !addr.enter(pid)
+                    {
+                        tracing::warn!(pid, "a runner's network namespace could not be opened");
                     }
-                    match sandbox.connect_network(pid, pgid, block).await {
-                        Ok(network) => (Some(pid), Some(network)),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "a runner's sandbox got no network");
-                            (Some(pid), None)
-                        }
-                    }
+                    started
                 }))
             }
             _ => None,
@@ -302,12 +300,12 @@ struct Watch {
     taps: Taps,
     /// In a sandbox: the pid of its first process (bwrap's reaper in the sandbox's pid
     /// namespace), once bwrap has told it.
-    sandbox_pid: Option<tokio::task::JoinHandle<(Option<u32>, Option<crate::sandbox::Network>)>>,
+    sandbox_pid: Option<tokio::task::JoinHandle<Started>>,
     first: Option<u32>,
     /// slirp4netns, the sandbox's way out, while the runner lives.
     network: Option<crate::sandbox::Network>,
     /// Its cgroup, where the server has cgroups.
-    group: Option<Group>,
+    group: Option<Arc<Group>>,
 }
 
 /// The cgroup of runner `id`.
@@ -348,7 +346,11 @@ impl Watch {
                 status = child.wait() => break status,
                 started = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
                     pending = None;
-                    (self.first, self.network) = started.unwrap_or((None, None));
+                    if let Some(reason) = self.started(started.unwrap_or_default())
+                        && ending.is_none()
+                    {
+                        ending = Some((false, reason));
+                    }
                 }
                 order = self.orders.recv(), if ending.as_ref().is_none_or(|(requested, _)| !requested) => {
                     match order {
@@ -423,8 +425,10 @@ impl Watch {
         // Whatever the leader did, nothing of its group or its sandbox may outlive it.
         if let Some(started) = pending.take()
             && let Ok(Ok(started)) = tokio::time::timeout(Duration::from_secs(1), started).await
+            && let Some(reason) = self.started(started)
+            && ending.is_none()
         {
-            (self.first, self.network) = started;
+            ending = Some((false, reason));
         }
         self.kill_all();
         // Dropping it ends slirp4netns (it is killed, and its exit pipe closes).
@@ -432,8 +436,10 @@ impl Watch {
         let _ = std::fs::remove_file(&self.pid_file);
         // A runner the kernel's OOM killer ended before a check saw it still gets the reason.
         let ending = ending.or_else(|| self.over_limits(None).map(|reason| (false, reason)));
+        // The sandbox's last processes end on their own soon after its first; their group
+        // goes once they have, without holding up whoever waits for the runner to end.
         if let Some(group) = self.group.take() {
-            group.remove(Duration::from_secs(5)).await;
+            tokio::spawn(async move { group.remove(Duration::from_secs(5)).await });
         }
         let (requested, reason) = match (ending, status) {
             (Some(ending), _) => ending,
@@ -449,17 +455,22 @@ impl Watch {
 
     /// SIGTERM to the runner: to its process group, or, in a sandbox, to the processes
     /// its first one looks after (the app's, not bwrap's, which would end at once).
-    async fn terminate(
-        &mut self,
-        pending: &mut Option<tokio::task::JoinHandle<(Option<u32>, Option<crate::sandbox::Network>)>>,
-    ) {
+    async fn terminate(&mut self, pending: &mut Option<tokio::task::JoinHandle<Started>>) {
         if let Some(started) = pending.take() {
-            (self.first, self.network) = started.await.unwrap_or((None, None));
+            // Stopped on purpose: why its start failed, if it did, matters no more.
+            let _ = self.started(started.await.unwrap_or_default());
         }
         match self.first {
             Some(first) => crate::group::signal_children(first, nix::sys::signal::Signal::SIGTERM),
             None => signal_group(self.pgid, nix::sys::signal::Signal::SIGTERM),
         }
+    }
+
+    /// Keeps what its sandbox's start found; returns why the runner cannot run, if so.
+    fn started(&mut self, started: Started) -> Option<String> {
+        self.first = started.first;
+        self.network = started.network;
+        started.error.map(|e| format!("its sandbox could not start: {e}"))
     }
 
     /// SIGKILL to every process of the runner, in and out of its sandbox and its cgroup.

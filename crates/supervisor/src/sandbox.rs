@@ -184,8 +184,8 @@ impl Sandbox {
 
     /// A cgroup named `name` with `limits`, for a process about to start; `None` where
     /// this server has no cgroups to use.
-    pub(crate) fn group(&self, name: &str, limits: &Limits) -> std::io::Result<Option<Group>> {
-        self.cgroups.as_ref().map(|c| c.create(name, limits)).transpose()
+    pub(crate) fn group(&self, name: &str, limits: &Limits) -> std::io::Result<Option<Arc<Group>>> {
+        Ok(self.cgroups.as_ref().map(|c| c.create(name, limits)).transpose()?.map(Arc::new))
     }
 
     pub fn mode(&self) -> SandboxMode {
@@ -262,13 +262,52 @@ impl Sandbox {
         command
     }
 
-    /// Gives the sandbox started as `wrapped` (whose first process is `pid`) its network:
-    /// slirp4netns, in the sandbox's process group `pgid`, connects the sandbox's
-    /// namespace to the outside through a user-mode TCP/IP stack that refuses the
-    /// machine's loopback, so that outbound connections work and no local service (nor
-    /// another runner) can be reached. Then lets the sandboxed command start. The
-    /// returned process must live as long as the sandbox.
-    pub(crate) async fn connect_network(&self, pid: u32, pgid: u32, block: OwnedFd) -> std::io::Result<Network> {
+    /// Lets the sandboxed command of a process started as `wrapped` (in process group
+    /// `pgid`) start, once it is ready to: bwrap has said which process is the sandbox's
+    /// first (`info`), the sandbox's processes are in `group`, and its network is up.
+    /// Until the command is let go (a byte on `block`), nothing of the app has run. The
+    /// cgroup is joined here, not between fork and exec, because the kernel may make a
+    /// move into a cgroup wait for an RCU grace period (milliseconds): here that wait
+    /// overlaps slirp4netns's start instead of adding to it.
+    pub(crate) async fn start(&self, pgid: u32, info: OwnedFd, block: OwnedFd, group: Option<Arc<Group>>) -> Started {
+        let Some(pid) = crate::group::read_child_pid(info).await.ok().flatten() else {
+            // bwrap ended before it started the sandbox; waiting for it says how.
+            return Started::default();
+        };
+        // Only bwrap's process in the sandbox, blocked: the app's processes will be its
+        // descendants. (bwrap's outer process, outside, runs nothing of the app.)
+        let joining = group.map(|group| tokio::task::spawn_blocking(move || group.join(&[pid])));
+        let network = self.connect_network(pid, pgid).await;
+        if let Some(joining) = joining
+            && let Err(e) = joining.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        {
+            // The command must not run unlimited: it never starts.
+            crate::group::kill_group(pgid);
+            return Started { first: Some(pid), network: None, error: Some(format!("could not join its cgroup: {e}")) };
+        }
+        let network = match network {
+            Ok(network) => network,
+            Err(e) => {
+                crate::group::kill_group(pgid);
+                return Started {
+                    first: Some(pid),
+                    network: None,
+                    error: Some(format!("its sandbox got no network: {e}")),
+                };
+            }
+        };
+        if let Err(e) = nix::unistd::write(&block, b"go") {
+            return Started { first: Some(pid), network: None, error: Some(format!("could not be let go: {e}")) };
+        }
+        Started { first: Some(pid), network: Some(network), error: None }
+    }
+
+    /// Gives the sandbox whose first process is `pid` its network: slirp4netns, in the
+    /// sandbox's process group `pgid`, connects the sandbox's namespace to the outside
+    /// through a user-mode TCP/IP stack that refuses the machine's loopback, so that
+    /// outbound connections work and no local service (nor another runner) can be
+    /// reached. The returned process must live as long as the sandbox.
+    async fn connect_network(&self, pid: u32, pgid: u32) -> std::io::Result<Network> {
         // slirp4netns configures the namespace it is pointed at: never the server's own.
         let namespace = |path: String| std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
         if namespace(format!("/proc/{pid}/ns/net"))? == namespace("/proc/self/ns/net".to_owned())? {
@@ -311,9 +350,18 @@ impl Sandbox {
             Ok(Ok(1)) => {}
             _ => return Err(std::io::Error::other("slirp4netns did not set up the sandbox's network")),
         }
-        nix::unistd::write(&block, b"go")?;
         Ok(Network { _process: child, _exit: exit_write })
     }
+}
+
+/// What [`Sandbox::start`] found. On an `error`, the sandbox's process group has been
+/// killed.
+#[derive(Debug, Default)]
+pub(crate) struct Started {
+    /// The sandbox's first process (bwrap's reaper, in its pid namespace).
+    pub first: Option<u32>,
+    pub network: Option<Network>,
+    pub error: Option<String>,
 }
 
 /// A sandbox's way out: slirp4netns, which ends when this is dropped.
