@@ -52,12 +52,19 @@ async fn decode<T: DeserializeOwned>(response: Response) -> Result<T> {
     serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected { url, status, detail: e.to_string() })
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
     key: Option<String>,
     team: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = self.key.as_ref().map(|_| crate::wire::REDACTED);
+        f.debug_struct("Client").field("base", &self.base).field("key", &key).field("team", &self.team).finish()
+    }
 }
 
 impl Client {

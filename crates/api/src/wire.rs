@@ -500,8 +500,8 @@ pub struct CreateKeyRequest {
     pub description: Option<String>,
 }
 
-/// A new key: `key` is `<id>:<secret>` and is never shown again.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+/// A new key: `key` is `<id>:<secret>` and is never shown again (nor by `Debug`).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct CreatedKeyJson {
     pub id: String,
     pub key: String,
@@ -520,12 +520,33 @@ pub struct SecretJson {
 }
 
 /// Secrets to set, by name. Names are environment variable names (`PORT` and `HANGAR_*`
-/// are reserved); a value is at most 64 KiB of UTF-8.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+/// are reserved); a value is at most 64 KiB of UTF-8. `Debug` shows the names only.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecretsRequest {
     #[schema(schema_with = crate::openapi::secret_values)]
     pub values: std::collections::BTreeMap<String, String>,
+}
+
+/// What `Debug` shows in place of a secret value.
+pub const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for CreatedKeyJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKeyJson")
+            .field("id", &self.id)
+            .field("key", &REDACTED)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SetSecretsRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let values: std::collections::BTreeMap<&str, &str> =
+            self.values.keys().map(|k| (k.as_str(), REDACTED)).collect();
+        f.debug_struct("SetSecretsRequest").field("values", &values).finish()
+    }
 }
 
 impl From<&model::records::Key> for KeyJson {
@@ -573,5 +594,24 @@ mod tests {
             let error = scale(json).unwrap_err();
             assert!(error.contains(named), "{json}: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_are_left_out_of_debug_output() {
+        let key = CreatedKeyJson { id: "k1".into(), key: "k1:s3cr3t".into(), scope: "admin".into() };
+        let secrets = SetSecretsRequest { values: [("TOKEN".to_owned(), "s3cr3t".to_owned())].into() };
+        for shown in [
+            format!("{key:?}"),
+            format!("{secrets:?}"),
+            format!("{:?}", crate::client::Client::new("http://x", Some("k1:s3cr3t".into()), None)),
+        ] {
+            assert!(!shown.contains("s3cr3t") && shown.contains(REDACTED), "{shown}");
+        }
+        assert!(format!("{secrets:?}").contains("TOKEN"));
     }
 }

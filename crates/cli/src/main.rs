@@ -23,7 +23,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 struct GlobalArgs {
     /// URL of the hangar control API [default: the local server's, else http://127.0.0.1:8700]
     #[arg(long, global = true, env = "HANGAR_URL")]
@@ -43,6 +43,19 @@ struct GlobalArgs {
     /// Show the full chain of causes of an error
     #[arg(long, global = true)]
     debug: bool,
+}
+
+impl std::fmt::Debug for GlobalArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalArgs")
+            .field("url", &self.url)
+            .field("key", &self.key.as_ref().map(|_| api::wire::REDACTED))
+            .field("team", &self.team)
+            .field("output", &self.output)
+            .field("json", &self.json)
+            .field("debug", &self.debug)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -361,18 +361,39 @@ async fn call(gateway: Arc<Gateway>, request: Request, secure: bool) -> Response
     response
 }
 
+/// A call's path, `/{team}/{app}[/rest]`, split where its slashes are. Exactly one
+/// slash comes first: `//team/app` names no app (an empty team), as does any path with an
+/// empty team or app segment; nothing is decoded or normalised, so a name is matched as
+/// it was sent.
+#[derive(Debug, PartialEq, Eq)]
+struct AppPath<'a> {
+    /// `team/app`, the route's key.
+    team_and_app: &'a str,
+    team: &'a str,
+    app: &'a str,
+    /// What the runner sees: empty, or from the slash after the app on.
+    rest: &'a str,
+}
+
+impl<'a> AppPath<'a> {
+    fn parse(path: &'a str) -> Option<AppPath<'a>> {
+        let after = path.strip_prefix('/')?;
+        let (team, tail) = after.split_once('/')?;
+        let (app, rest) = tail.find('/').map_or((tail, ""), |at| tail.split_at(at));
+        if team.is_empty() || app.is_empty() {
+            return None;
+        }
+        let team_and_app = &after[..team.len() + 1 + app.len()];
+        Some(AppPath { team_and_app, team, app, rest })
+    }
+}
+
 async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let path = request.uri().path().to_owned();
-    let mut segments = path.trim_start_matches('/').splitn(3, '/');
-    let (team, app) = match (segments.next(), segments.next()) {
-        (Some(team), Some(app)) if !team.is_empty() && !app.is_empty() => (team, app),
-        _ => {
-            return Err(ApiError::new(ErrorCode::NotFound, "call an app at /{team}/{app}[/path]"));
-        }
+    let Some(AppPath { team_and_app, team, app, rest }) = AppPath::parse(&path) else {
+        return Err(ApiError::new(ErrorCode::NotFound, "call an app at /{team}/{app}[/path]"));
     };
-    let prefix = team.len() + app.len() + 2;
-    let team_and_app = &path[1..prefix];
     let Some(route) = gateway.route(team_and_app) else {
         return Err(ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")));
     };
@@ -401,9 +422,12 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
 
     let (parts, body) = request.into_parts();
     // The runner sees the path after `/{team}/{app}`, and the query.
-    let target = parts.uri.path_and_query().map_or("", |pq| &pq.as_str()[prefix.min(pq.as_str().len())..]);
-    let target: std::borrow::Cow<'_, str> =
-        if target.starts_with('/') { target.into() } else { format!("/{target}").into() };
+    let target = match (rest, parts.uri.query()) {
+        ("", None) => "/".to_owned(),
+        ("", Some(query)) => format!("/?{query}"),
+        (rest, None) => rest.to_owned(),
+        (rest, Some(query)) => format!("{rest}?{query}"),
+    };
     let upstream = upstream_request(&lease.labels.host, parts.method, &target, &parts.headers, body, request_id)?;
 
     // One timer bounds both the wait for the answer and its body.
@@ -463,4 +487,34 @@ pub fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration,
                 format!("{START_TIMEOUT_HEADER} must be a number of seconds between 0 and 86400, got {value:?}"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_path_is_split_where_its_slashes_are() {
+        let app = |team_and_app, team, app, rest| Some(AppPath { team_and_app, team, app, rest });
+        let cases = [
+            ("/default/echo", app("default/echo", "default", "echo", "")),
+            ("/default/echo/", app("default/echo", "default", "echo", "/")),
+            ("/default/echo/a/b//c", app("default/echo", "default", "echo", "/a/b//c")),
+            ("/t/é/x", app("t/é", "t", "é", "/x")),
+            ("/é/ü", app("é/ü", "é", "ü", "")),
+            ("/def%61ult/echo", app("def%61ult/echo", "def%61ult", "echo", "")),
+            // No app named: an empty team or app, a leading double slash, one segment.
+            ("//a/é", None),
+            ("//default/echo", None),
+            ("/default//echo", None),
+            ("/default/", None),
+            ("/default", None),
+            ("/", None),
+            ("", None),
+            ("default/echo", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(AppPath::parse(path), want, "{path:?}");
+        }
+    }
 }

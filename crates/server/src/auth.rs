@@ -49,7 +49,16 @@ pub(crate) fn parse_authorization(header: &str) -> Option<(&str, &str)> {
 pub(crate) async fn verify(store: &Store, authorization: &str) -> Result<Option<Key>, StoreError> {
     let Some((id, secret)) = parse_authorization(authorization) else { return Ok(None) };
     let stored = store.key_by_id(id).await?;
-    Ok(stored.filter(|k| k.key.revoked_at.is_none() && k.secret_hash == hash_secret(secret)).map(|k| k.key))
+    Ok(stored
+        .filter(|k| k.key.revoked_at.is_none() && hashes_match(&k.secret_hash, &hash_secret(secret)))
+        .map(|k| k.key))
+}
+
+/// Whether two secret hashes are the same, in a time that does not depend on where they
+/// first differ.
+fn hashes_match(stored: &str, presented: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    stored.as_bytes().ct_eq(presented.as_bytes()).into()
 }
 
 /// Checks the keys of calls through the gateway.

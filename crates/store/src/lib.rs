@@ -47,11 +47,17 @@ pub struct NewApp {
     pub runner: RunnerSpec,
 }
 
-/// A key as stored: the record and the hash of its secret.
-#[derive(Debug, Clone)]
+/// A key as stored: the record and the hash of its secret (which `Debug` leaves out).
+#[derive(Clone)]
 pub struct StoredKey {
     pub key: Key,
     pub secret_hash: String,
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey").field("key", &self.key).field("secret_hash", &"<redacted>").finish()
+    }
 }
 
 /// A secret as stored: encrypted, with its nonce. The store never sees a value.

@@ -358,3 +358,50 @@ fn connections_to_runners_that_were_replaced_are_closed() {
     });
     assert!(after <= before + 4, "{before} open files before, {after} after");
 }
+
+/// Sends `request` as raw bytes on a connection of its own and returns the status and
+/// body of the answer (status 0 when none came).
+fn raw_call(server: &testkit::TestServer, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = server.gateway_url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let status = reply.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn hostile_and_malformed_call_paths_get_a_json_error_and_the_gateway_serves_on() {
+    let server = server();
+    let app = testapp_dir("echo", "");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let paths: [&[u8]; 8] = [
+        b"//a/\xc3\xa9",
+        b"//default/echo",
+        b"/default//echo",
+        b"/default",
+        b"/",
+        b"/\xc3\xa9/\xc3\xbc/x",
+        b"/default/echo%00",
+        b"/def%61ult/echo",
+    ];
+    for path in paths {
+        let request = [b"GET ".as_slice(), path, b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"].concat();
+        let (status, body) = raw_call(&server, &request);
+        let shown = String::from_utf8_lossy(path);
+        assert_eq!(status, 404, "{shown}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{shown}: {e}: {body}"));
+        assert!(error["error"]["message"].is_string(), "{shown}: {body}");
+    }
+    // Bytes that are not a valid request target are refused before any app is looked up.
+    let (status, _) = raw_call(&server, b"GET /default/\xff\xfe HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!((400..500).contains(&status), "{status}");
+    // The gateway still serves, the rest of the path reaching the runner as sent.
+    let reply = Http::new().get(&app_url(&server, "echo", "/a//b?x=1"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
