@@ -15,10 +15,11 @@
 //!   (`<its cgroup>/hangar-server`) and enables the controllers on its own cgroup, the
 //!   way a delegated systemd service does.
 //!
-//! A process joins its group between fork and exec (it writes `0` to the group's
-//! `cgroup.procs`, opened beforehand): everything it starts afterwards, however it
-//! forks, is in the group from its first instruction, and a fork bomb meets the pids
-//! limit inside it.
+//! A process joins its group before anything of the app runs: in a sandbox, bwrap's
+//! process inside it is moved while it waits to be let go ([`Group::join`]); without
+//! one, the process writes `0` to the group's `cgroup.procs`, opened beforehand, between
+//! fork and exec. Everything the app starts, however it forks, is in the group from its
+//! first instruction, and a fork bomb meets the pids limit inside it.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
