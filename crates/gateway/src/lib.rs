@@ -82,18 +82,33 @@ pub struct Gateway {
     auth: Arc<dyn Authenticator>,
     queue: OnceLock<Arc<dyn QueueHandler>>,
     default_start_timeout: Duration,
+    /// How long a connection may take to send a request's headers, counted from when it
+    /// is ready for the request: a keep-alive connection idle this long is closed too.
+    header_read_timeout: Duration,
     pub metrics: Metrics,
 }
 
 impl Gateway {
-    pub fn new(auth: Arc<dyn Authenticator>, default_start_timeout: Duration) -> Arc<Gateway> {
+    pub fn new(
+        auth: Arc<dyn Authenticator>,
+        default_start_timeout: Duration,
+        header_read_timeout: Duration,
+    ) -> Arc<Gateway> {
         Arc::new(Gateway {
             routes: RwLock::default(),
             auth,
             queue: OnceLock::new(),
             default_start_timeout,
+            header_read_timeout,
             metrics: Metrics::default(),
         })
+    }
+
+    /// How connections are served: HTTP/1.1, with the header read timeout.
+    fn http1(&self) -> hyper::server::conn::http1::Builder {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(self.header_read_timeout);
+        builder
     }
 
     pub fn register(&self, team: &str, route: Arc<AppRoute>) {
@@ -160,9 +175,9 @@ impl Gateway {
                 let gateway = gateway.clone();
                 async move { Ok::<_, std::convert::Infallible>(call(gateway, request.map(Body::new), secure).await) }
             });
+            let http1 = self.http1();
             let Some(acceptor) = acceptor.clone() else {
-                let connection =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let connection = http1.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -180,8 +195,7 @@ impl Gateway {
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 };
-                let connection =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let connection = http1.serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = watcher.watch(connection).await {
                     tracing::debug!(error = %e, "gateway connection ended with an error");
                 }

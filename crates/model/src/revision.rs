@@ -70,12 +70,12 @@ string_enum! {
     /// Who may call an app's HTTP endpoints.
     #[derive(Default)]
     AuthMode {
-        /// Only callers holding a key for this server.
+        /// Callers holding a key of the app's team (or the root key).
         #[default]
         Private => "private",
-        /// Anyone.
+        /// Anyone, with no key.
         Public => "public",
-        /// Callers holding a key that the app was explicitly shared with.
+        /// Callers holding any valid key of this server, of any team.
         Shared => "shared",
     }
 }
@@ -87,7 +87,8 @@ string_enum! {
         /// Start the new revision first and switch traffic once it is healthy.
         #[default]
         Rolling => "rolling",
-        /// Stop the old revision before starting the new one.
+        /// Switch traffic at once, without waiting for a runner of the new revision (the
+        /// next call starts one), and let the old revision's runners go.
         Recreate => "recreate",
     }
 }

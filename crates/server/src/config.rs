@@ -43,7 +43,8 @@ pub struct ServerArgs {
     #[arg(long, env = "HANGAR_BUILD_LOG_LIMIT")]
     pub build_log_limit: Option<u64>,
     /// A machine type as NAME=CAPACITY (runners of it this server may run at once),
-    /// repeatable or comma-separated [default: cpu=<number of CPUs>]
+    /// repeatable or comma-separated; a type the config file has keeps its limits
+    /// [default: cpu=4 × the number of CPUs]
     #[arg(long = "machine-type", env = "HANGAR_MACHINE_TYPES", value_delimiter = ',')]
     pub machine_types: Vec<String>,
     /// Log format: text or json [default: text]
@@ -59,6 +60,15 @@ pub struct ServerArgs {
     /// [default: 300]
     #[arg(long, env = "HANGAR_START_TIMEOUT")]
     pub start_timeout: Option<f64>,
+    /// Seconds a connection (API or gateway) may take to send a request's headers,
+    /// counted from when it is ready for one, so an idle keep-alive connection is closed
+    /// after as long [default: 30]
+    #[arg(long, env = "HANGAR_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<f64>,
+    /// Seconds an API request's body (an upload) may go without sending any data before
+    /// it is dropped [default: 60]
+    #[arg(long, env = "HANGAR_BODY_READ_TIMEOUT")]
+    pub body_read_timeout: Option<f64>,
     /// Seconds between health checks of a serving runner [default: 5]
     #[arg(long, env = "HANGAR_HEALTH_INTERVAL")]
     pub health_interval: Option<f64>,
@@ -106,6 +116,8 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     health_interval: Option<f64>,
+    header_read_timeout: Option<f64>,
+    body_read_timeout: Option<f64>,
     failure_threshold: Option<u32>,
     backoff_base: Option<f64>,
     queue_max_payload: Option<u64>,
@@ -197,6 +209,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub start_timeout: Duration,
     pub health_interval: Duration,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub failure_threshold: u32,
     pub backoff_base: Duration,
     /// Certificate chain and key files for TLS on the gateway.
@@ -239,7 +253,8 @@ impl Config {
         }
         for spec in &args.machine_types {
             let (name, capacity) = parse_machine_type(spec)?;
-            machine_types.insert(name, MachineType::with_capacity(capacity));
+            // The flag sets how many; the limits the file gives the type stay.
+            machine_types.entry(name).or_insert_with(|| MachineType::with_capacity(capacity)).capacity = capacity;
         }
         if !machine_types.contains_key("cpu") {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -269,6 +284,12 @@ impl Config {
             log_format,
             start_timeout: seconds("start_timeout", args.start_timeout.or(file.start_timeout), 300.0)?,
             health_interval: seconds("health_interval", args.health_interval.or(file.health_interval), 5.0)?,
+            header_read_timeout: seconds(
+                "header_read_timeout",
+                args.header_read_timeout.or(file.header_read_timeout),
+                30.0,
+            )?,
+            body_read_timeout: seconds("body_read_timeout", args.body_read_timeout.or(file.body_read_timeout), 60.0)?,
             failure_threshold: args.failure_threshold.or(file.failure_threshold).unwrap_or(3).max(1),
             backoff_base: seconds("backoff_base", args.backoff_base.or(file.backoff_base), 30.0)?,
             tls: match (args.tls_cert.clone().or(file.tls_cert), args.tls_key.clone().or(file.tls_key)) {
@@ -329,6 +350,22 @@ fn parse_machine_type(spec: &str) -> anyhow::Result<(String, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_machine_type_flag_sets_its_capacity_and_keeps_the_files_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hangar.toml");
+        std::fs::write(&file, "[machine_types.cpu]\ncapacity = 2\nmemory_limit_mb = 512\ncpus = 1.5\n").unwrap();
+        let args = ServerArgs {
+            config: Some(file),
+            machine_types: vec!["cpu=8".to_owned(), "gpu=1".to_owned()],
+            ..ServerArgs::default()
+        };
+        let config = Config::load(&args).unwrap();
+        let cpu = &config.machine_types["cpu"];
+        assert_eq!((cpu.capacity, cpu.memory_limit_mb, cpu.cpus), (8, Some(512), Some(1.5)));
+        assert_eq!(config.machine_types["gpu"], MachineType::with_capacity(1));
+    }
 
     #[test]
     fn a_machine_types_limits_are_checked_and_given_to_its_runners() {

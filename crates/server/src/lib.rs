@@ -1,8 +1,9 @@
-//! The server: the composition root. It opens the store, makes the first team and root
-//! key on a fresh data dir, repairs what a crashed run left behind, and serves the
-//! control API (and, reserved for calls to apps, the gateway listener) until it is told
-//! to stop. What each API operation does is in `control` and `deploy`; how processes
-//! run is the `supervisor`'s business.
+//! The server: the composition root. It checks that deployed code can be sandboxed,
+//! opens the store, makes the first team and root key on a fresh data dir, repairs what
+//! a crashed run left behind, starts a controller per app, and serves the control API,
+//! the dashboard and the gateway (calls to apps, and the queue) until it is told to
+//! stop. What each API operation does is in `control` and `deploy`; how processes run is
+//! the `supervisor`'s business.
 
 mod access;
 mod auth;
@@ -17,6 +18,7 @@ mod secrets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use model::records::Key;
@@ -97,7 +99,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", layout.runners().display()))?;
 
     let config = Arc::new(config);
-    let gateway = gateway::Gateway::new(Arc::new(auth::GatewayKeys { store: store.clone() }), config.start_timeout);
+    let gateway = gateway::Gateway::new(
+        Arc::new(auth::GatewayKeys { store: store.clone() }),
+        config.start_timeout,
+        config.header_read_timeout,
+    );
     let shared = Arc::new(fleet::Shared {
         store: store.clone(),
         backend,
@@ -133,9 +139,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(api = %api_addr, gateway = %gateway_addr, data_dir = %layout.root().display(), "hangar server listening");
 
     let shutdown = control.shutdown.clone();
-    let api_app =
-        api::router::router(control.clone()).merge(dashboard()).layer(tower_http::trace::TraceLayer::new_for_http());
-    let api_server = axum::serve(api_listener, api_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let api_app = api::router::router(control.clone())
+        .merge(dashboard())
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(config.body_read_timeout))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    let api_server = serve_api(api_listener, api_app, config.header_read_timeout, shutdown.clone());
     let gateway_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gateway_server =
         gateway.clone().serve_threads(gateway_listener.into_std()?, gateway_threads, tls, shutdown.clone());
@@ -309,6 +317,44 @@ pub(crate) fn write_private(path: &std::path::Path, contents: &str) -> anyhow::R
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Serves the control API on `listener` until `shutdown`, then lets the requests in
+/// flight finish. A connection that takes longer than `header_read_timeout` to send a
+/// request's headers (or sits idle that long between requests) is closed.
+async fn serve_api(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the API cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "an API connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
-//! The supervisor: the only crate that starts processes. Today that is an app's `build`
-//! command, run once per revision at deploy; runners (long-lived app processes with
-//! health checks, drain and signals) join it next, behind a backend interface so that
-//! runners as Kubernetes Pods can sit beside local processes.
+//! The supervisor: the only crate that starts processes: an app's `build` command, run
+//! once per revision at deploy, and runners (long-lived app processes with health
+//! checks, logs, stops and limits), behind a backend interface ([`RunnerBackend`]) so
+//! that runners elsewhere (a cluster) can sit beside local processes. Every build and
+//! runner runs in a sandbox ([`Sandbox`]) and a cgroup of its own ([`Cgroups`]).
 //!
 //! Every process it starts gets its own process group, so that stopping it stops
 //! everything it spawned, and leaves a pid file, so that a server that crashed can find

@@ -405,3 +405,60 @@ fn hostile_and_malformed_call_paths_get_a_json_error_and_the_gateway_serves_on()
     let reply = Http::new().get(&app_url(&server, "echo", "/a//b?x=1"), None);
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// Whether the server has closed `stream` (or answered and closed it) by `deadline`.
+fn closed_by_server(stream: &mut std::net::TcpStream, deadline: std::time::Instant) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn half_sent_requests_are_dropped_after_their_timeouts_and_do_not_hold_up_other_calls() {
+    use std::io::Write;
+    let server = server_with(&["--header-read-timeout", "1", "--body-read-timeout", "1"]);
+    let app = testapp_dir("steady", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let connect = |url: &str| std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    // Headers that never end, on both listeners, and an idle keep-alive connection.
+    let mut stalled = Vec::new();
+    for url in [&server.api_url, &server.gateway_url] {
+        for _ in 0..50 {
+            let mut stream = connect(url);
+            stream.write_all(b"GET /default/steady/ HTTP/1.1\r\nhost: x\r\nx-slow: ").unwrap();
+            stalled.push(stream);
+        }
+        stalled.push(connect(url));
+    }
+    // An upload whose body stops coming.
+    let mut upload = connect(&server.api_url);
+    let head = format!(
+        "POST /v1/deploys?app_name=steady HTTP/1.1\r\nhost: x\r\nauthorization: Key {}\r\n\
+         content-type: application/gzip\r\ncontent-length: 100000\r\n\r\n",
+        server.root_key
+    );
+    upload.write_all(head.as_bytes()).unwrap();
+    upload.write_all(&[0x1f, 0x8b]).unwrap();
+
+    // Meanwhile other calls are served.
+    let reply = Http::new().get(&app_url(&server, "steady", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(Http::new().get(&format!("{}/healthz", server.api_url), None).status, 200);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for (i, stream) in stalled.iter_mut().enumerate() {
+        assert!(closed_by_server(stream, deadline), "stalled connection {i} is still open");
+    }
+    assert!(closed_by_server(&mut upload, deadline), "the stalled upload is still open");
+    let reply = Http::new().get(&app_url(&server, "steady", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
