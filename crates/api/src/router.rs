@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -47,6 +47,8 @@ pub struct Caller {
 pub trait ControlPlane: Send + Sync + 'static {
     /// Prometheus text exposition of the server's metrics.
     fn metrics(&self) -> String;
+    /// Whether `/metrics` answers without a key (`--metrics-public`).
+    fn metrics_public(&self) -> bool;
     /// How deployed code is confined: `bwrap`, or `none`.
     fn sandbox(&self) -> &'static str;
     /// How runners' limits are enforced: `cgroup-v1`, `cgroup-v2`, or `none`.
@@ -235,13 +237,34 @@ async fn healthz<C: ControlPlane>(State(c): State<Arc<C>>) -> Json<HealthJson> {
     Json(HealthJson { status: "ok".to_owned(), sandbox: sandbox.to_owned(), limits: c.limits().to_owned(), warning })
 }
 
-/// The server's metrics, in the Prometheus text format.
+/// The server's metrics, in the Prometheus text format. The root key sees every series;
+/// a team's key only the series of its own apps. (A server started with
+/// `--metrics-public` answers everything to anyone.)
 #[utoipa::path(
     get, path = "/metrics", tag = "server",
+    security(("api_key" = [])),
     responses((status = OK, description = "Prometheus text exposition", content_type = "text/plain", body = String))
 )]
-async fn metrics<C: ControlPlane>(State(c): State<Arc<C>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], c.metrics()).into_response()
+async fn metrics<C: ControlPlane>(State(c): State<Arc<C>>, headers: HeaderMap) -> Response {
+    let text = if c.metrics_public() {
+        c.metrics()
+    } else {
+        let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+        match c.authenticate(authorization, None).await {
+            Ok(caller) if caller.scope == KeyScope::Root => c.metrics(),
+            Ok(caller) => team_series(&c.metrics(), &caller.team),
+            Err(e) => return e.into_response(),
+        }
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// The lines of a text exposition that a team may see: the families' descriptions, and
+/// the samples of its own apps (their `app` label is `team/app`). Samples without an
+/// app (the server's own) are left out.
+fn team_series(text: &str, team: &str) -> String {
+    let own = format!("app=\"{team}/");
+    text.lines().filter(|line| line.starts_with('#') || line.contains(&own)).flat_map(|line| [line, "\n"]).collect()
 }
 
 /// This document: the control API in OpenAPI 3.1. It needs no key.

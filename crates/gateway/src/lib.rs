@@ -240,27 +240,31 @@ impl Gateway {
         Ok(())
     }
 
-    /// Checks that the caller's key may call the app, under its auth mode.
-    pub async fn authorize(&self, route: &AppRoute, headers: &HeaderMap, auth: AuthMode) -> Result<(), ApiError> {
-        if auth == AuthMode::Public {
-            return Ok(());
+    /// Checks that the caller's key may call the app `team/app` (its route), under its
+    /// auth mode. A caller who may not call it learns nothing of whether it exists: with
+    /// no valid key the answer is 401, whether or not there is such an app; with another
+    /// team's key to a private app it is the 404 of an app that does not exist.
+    pub async fn authorize(&self, team_and_app: &str, headers: &HeaderMap) -> Result<Arc<AppRoute>, ApiError> {
+        let route = self.route(team_and_app);
+        let auth = route.as_ref().map(|r| r.config().auth);
+        if let (Some(route), Some(AuthMode::Public)) = (&route, auth) {
+            return Ok(route.clone());
         }
         let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
-                format!("app {:?} needs an API key: send 'Authorization: Key <id>:<secret>'", route.app),
+                format!("app {team_and_app} needs an API key: send 'Authorization: Key <id>:<secret>'"),
             ));
         };
         let Some(owner) = self.auth.owner(authorization).await else {
             return Err(ApiError::new(ErrorCode::Unauthorized, "invalid or revoked API key"));
         };
+        let not_found = || ApiError::new(ErrorCode::AppNotFound, format!("app {team_and_app} not found"));
+        let route = route.ok_or_else(not_found)?;
         match auth {
-            AuthMode::Public | AuthMode::Shared => Ok(()),
-            AuthMode::Private if owner.root || owner.team_id == route.team_id => Ok(()),
-            AuthMode::Private => Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("app {:?} is private to its team; this key belongs to another team", route.app),
-            )),
+            Some(AuthMode::Public | AuthMode::Shared) => Ok(route),
+            Some(AuthMode::Private) if owner.root || owner.team_id == route.team_id => Ok(route),
+            _ => Err(not_found()),
         }
     }
 
@@ -408,11 +412,8 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
     let Some(AppPath { team_and_app, team, app, rest }) = AppPath::parse(&path) else {
         return Err(ApiError::new(ErrorCode::NotFound, "call an app at /{team}/{app}[/path]"));
     };
-    let Some(route) = gateway.route(team_and_app) else {
-        return Err(ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")));
-    };
+    let route = gateway.authorize(team_and_app, request.headers()).await?;
     let config = route.config();
-    gateway.authorize(&route, request.headers(), config.auth).await?;
     let start_timeout = start_timeout(request.headers(), gateway.default_start_timeout)?;
 
     let lease = route.acquire(arrived + start_timeout).await.map_err(|e| match e {

@@ -90,11 +90,7 @@ impl Queue {
     }
 
     async fn authorized_route(&self, base: &Base, headers: &HeaderMap) -> Result<Arc<AppRoute>, ApiError> {
-        let Some(route) = self.gateway.route(&base.route) else {
-            return Err(ApiError::new(ErrorCode::AppNotFound, format!("app {} not found", base.route)));
-        };
-        self.gateway.authorize(&route, headers, route.config().auth).await?;
-        Ok(route)
+        self.gateway.authorize(&base.route, headers).await
     }
 
     /// The request `id` of the app in `base`. Another app's request is not found.

@@ -69,6 +69,10 @@ pub struct ServerArgs {
     /// it is dropped [default: 60]
     #[arg(long, env = "HANGAR_BODY_READ_TIMEOUT")]
     pub body_read_timeout: Option<f64>,
+    /// Serve /metrics to anyone, without a key (by default it takes one: the root key
+    /// sees every series, a team's key its own apps')
+    #[arg(long, env = "HANGAR_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     /// Seconds between health checks of a serving runner [default: 5]
     #[arg(long, env = "HANGAR_HEALTH_INTERVAL")]
     pub health_interval: Option<f64>,
@@ -118,6 +122,7 @@ struct FileConfig {
     health_interval: Option<f64>,
     header_read_timeout: Option<f64>,
     body_read_timeout: Option<f64>,
+    metrics_public: Option<bool>,
     failure_threshold: Option<u32>,
     backoff_base: Option<f64>,
     queue_max_payload: Option<u64>,
@@ -211,6 +216,7 @@ pub struct Config {
     pub health_interval: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub metrics_public: bool,
     pub failure_threshold: u32,
     pub backoff_base: Duration,
     /// Certificate chain and key files for TLS on the gateway.
@@ -289,6 +295,7 @@ impl Config {
                 args.header_read_timeout.or(file.header_read_timeout),
                 30.0,
             )?,
+            metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
             body_read_timeout: seconds("body_read_timeout", args.body_read_timeout.or(file.body_read_timeout), 60.0)?,
             failure_threshold: args.failure_threshold.or(file.failure_threshold).unwrap_or(3).max(1),
             backoff_base: seconds("backoff_base", args.backoff_base.or(file.backoff_base), 30.0)?,

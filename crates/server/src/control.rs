@@ -165,6 +165,10 @@ impl ControlPlane for Control {
         }
     }
 
+    fn metrics_public(&self) -> bool {
+        self.config.metrics_public
+    }
+
     fn limits(&self) -> &'static str {
         match self.fleet.shared.backend.sandbox().cgroups().map(supervisor::Cgroups::version) {
             Some(supervisor::CgroupVersion::V1) => "cgroup-v1",

@@ -29,7 +29,7 @@ fn the_example_answers_through_the_gateway_naming_runner_and_revision() {
 
     // The runner turns idle a moment after its call is answered.
     let metrics = wait_until("the runner to be idle in the metrics", || {
-        let metrics = http.get(&format!("{}/metrics", server.api_url), None).text();
+        let metrics = http.get(&format!("{}/metrics", server.api_url), Some(&server.root_key)).text();
         metrics.contains("hangar_runners{app=\"default/echo\",state=\"idle\"} 1").then_some(metrics)
     });
     assert!(metrics.contains("hangar_calls_total{app=\"default/echo\""), "{metrics}");
@@ -57,9 +57,27 @@ fn auth_modes_decide_who_may_call() {
 
     let reply = http.get(&app_url(&server, "priv", "/"), None);
     assert_eq!(reply.json()["error"]["code"], "unauthorized");
-    let reply = http.get(&app_url(&server, "nope", "/"), None);
+    let reply = http.get(&app_url(&server, "nope", "/"), Some(&server.root_key));
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["code"], "app_not_found");
+
+    // Who may not call an app learns nothing of whether it exists: without a valid key
+    // the answers to a private app and to no app are the same, and so they are with
+    // another team's key.
+    let body = |app: &str, key: Option<&str>| {
+        let reply = http.get(&app_url(&server, app, "/"), key);
+        (reply.status, reply.json()["error"].to_string().replace(app, "APP"))
+    };
+    for key in [None, Some(wrong.as_str())] {
+        assert_eq!(body("priv", key), body("nope", key), "{key:?}");
+        assert_eq!(body("shr", key), body("nope", key), "{key:?}");
+        assert_eq!(body("priv", key).0, 401);
+    }
+    let other =
+        server.run(&["teams", "create", "other", "--json"]).ok().json()["key"]["key"].as_str().unwrap().to_owned();
+    assert_eq!(body("priv", Some(&other)), body("nope", Some(&other)));
+    assert_eq!(body("priv", Some(&other)).0, 404);
+    assert_eq!(body("shr", Some(&other)).0, 200);
 }
 
 #[test]
@@ -394,7 +412,9 @@ fn hostile_and_malformed_call_paths_get_a_json_error_and_the_gateway_serves_on()
         let request = [b"GET ".as_slice(), path, b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"].concat();
         let (status, body) = raw_call(&server, &request);
         let shown = String::from_utf8_lossy(path);
-        assert_eq!(status, 404, "{shown}: {body}");
+        // 404 where no app is named; 401 where one is, for a caller with no key (who
+        // learns nothing of whether it exists).
+        assert!(matches!(status, 401 | 404), "{shown}: {status} {body}");
         let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{shown}: {e}: {body}"));
         assert!(error["error"]["message"].is_string(), "{shown}: {body}");
     }
@@ -461,4 +481,32 @@ fn half_sent_requests_are_dropped_after_their_timeouts_and_do_not_hold_up_other_
     assert!(closed_by_server(&mut upload, deadline), "the stalled upload is still open");
     let reply = Http::new().get(&app_url(&server, "steady", "/"), None);
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn metrics_take_a_key_and_a_teams_key_sees_only_its_own_apps() {
+    let server = server();
+    let http = Http::new();
+    let other =
+        server.run(&["teams", "create", "other", "--json"]).ok().json()["key"]["key"].as_str().unwrap().to_owned();
+    server.run(&["deploy", testapp_dir("mine", "").path_str(), "--auth", "public"]).ok();
+    server.run(&["--team", "other", "deploy", testapp_dir("theirs", "").path_str(), "--auth", "public"]).ok();
+    for (team, app) in [("default", "mine"), ("other", "theirs")] {
+        let reply = http.get(&format!("{}/{team}/{app}/", server.gateway_url), None);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let url = format!("{}/metrics", server.api_url);
+    let reply = http.get(&url, None);
+    assert_eq!((reply.status, reply.json()["error"]["code"].as_str()), (401, Some("unauthorized")), "{}", reply.text());
+
+    let all = http.get(&url, Some(&server.root_key)).text();
+    assert!(all.contains("app=\"default/mine\"") && all.contains("app=\"other/theirs\""), "{all}");
+    let own = http.get(&url, Some(&other)).text();
+    assert!(own.contains("hangar_calls_total{app=\"other/theirs\""), "{own}");
+    assert!(!own.contains("default/"), "a team's key sees another team's series: {own}");
+    assert!(own.contains("# TYPE hangar_calls"), "{own}");
+
+    // --metrics-public opens it again.
+    let public = crate::server_with(&["--metrics-public"]);
+    assert_eq!(http.get(&format!("{}/metrics", public.api_url), None).status, 200);
 }

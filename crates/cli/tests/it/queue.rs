@@ -225,7 +225,8 @@ fn the_queue_api_checks_what_it_is_given_streams_status_and_calls_webhooks() {
     let other =
         server.run(&["teams", "create", "other", "--json"]).ok().json()["key"]["key"].as_str().unwrap().to_owned();
     let stranger = http.send("POST", &queue_url(&server, "contract", "/echo"), Some(&other), &[], vec![]);
-    assert_eq!(stranger.status, 403, "{}", stranger.text());
+    // Another team's key finds no such app (nor learns that it exists).
+    assert_eq!(stranger.status, 404, "{}", stranger.text());
     let missing = http.get(&queue_url(&server, "contract", &format!("/requests/{}/status", uuid::Uuid::new_v4())), key);
     assert_eq!((missing.status, missing.json()["error"]["code"].as_str()), (404, Some("request_not_found")));
     let bad_hook =
