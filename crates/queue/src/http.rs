@@ -132,6 +132,12 @@ impl Queue {
             false => None,
         };
         let (query, webhook) = split_query(request.uri().query())?;
+        if let Some(url) = &webhook
+            && let Ok(parsed) = reqwest::Url::parse(url)
+            && let Err(why) = self.config.webhook_policy.check(&parsed).await
+        {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, format!("the webhook URL {url:?} is refused: {why}")));
+        }
         let forward: Vec<(String, String)> = headers
             .iter()
             .filter(|(name, _)| gateway::forwarded(name) && *name != header::CONTENT_LENGTH)

@@ -12,8 +12,11 @@
 //! Delivery is at least once: a request whose runner is lost before answering is sent
 //! again to another runner, up to a bounded number of attempts, each recorded.
 
+mod egress;
 mod http;
 mod webhook;
+
+pub use egress::WebhookPolicy;
 mod worker;
 
 use std::collections::HashMap;
@@ -46,6 +49,8 @@ pub struct QueueConfig {
     /// (doubling each time).
     pub webhook_attempts: u32,
     pub webhook_backoff: Duration,
+    /// Which addresses webhooks may go to.
+    pub webhook_policy: WebhookPolicy,
 }
 
 impl Default for QueueConfig {
@@ -56,6 +61,7 @@ impl Default for QueueConfig {
             max_attempts: 3,
             webhook_attempts: 5,
             webhook_backoff: Duration::from_secs(1),
+            webhook_policy: WebhookPolicy::default(),
         }
     }
 }
@@ -151,10 +157,7 @@ impl Queue {
         output: Arc<dyn RunnerOutput>,
         shutdown: CancellationToken,
     ) -> Arc<Queue> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let client = config.webhook_policy.client();
         Arc::new(Queue {
             store,
             gateway,

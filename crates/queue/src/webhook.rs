@@ -35,6 +35,14 @@ impl Queue {
             "error": outcome.error,
             "error_type": outcome.error_type,
         });
+        // Checked again now: what a name resolves to may have changed since the submit.
+        // (The client's resolver keeps names off refused addresses; this covers literals.)
+        if let Ok(parsed) = reqwest::Url::parse(&url)
+            && let Err(why) = self.config.webhook_policy.check(&parsed).await
+        {
+            tracing::warn!(request = %id, url = %url, %why, "webhook refused");
+            return self.store.queue_set_webhook(id, WebhookState::Failed).await;
+        }
         let mut pause = self.config.webhook_backoff;
         for attempt in 1..=self.config.webhook_attempts.max(1) {
             match self.client.post(&url).json(&body).send().await {

@@ -69,6 +69,11 @@ pub struct ServerArgs {
     /// it is dropped [default: 60]
     #[arg(long, env = "HANGAR_BODY_READ_TIMEOUT")]
     pub body_read_timeout: Option<f64>,
+    /// Let webhooks go to loopback, link-local, private and this server's own addresses
+    /// (refused by default: a caller of a public app could make the server call into its
+    /// own machine or network)
+    #[arg(long, env = "HANGAR_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
     /// Serve /metrics to anyone, without a key (by default it takes one: the root key
     /// sees every series, a team's key its own apps')
     #[arg(long, env = "HANGAR_METRICS_PUBLIC")]
@@ -123,6 +128,7 @@ struct FileConfig {
     header_read_timeout: Option<f64>,
     body_read_timeout: Option<f64>,
     metrics_public: Option<bool>,
+    webhook_allow_private: Option<bool>,
     failure_threshold: Option<u32>,
     backoff_base: Option<f64>,
     queue_max_payload: Option<u64>,
@@ -217,6 +223,7 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub metrics_public: bool,
+    pub webhook_allow_private: bool,
     pub failure_threshold: u32,
     pub backoff_base: Duration,
     /// Certificate chain and key files for TLS on the gateway.
@@ -296,6 +303,7 @@ impl Config {
                 30.0,
             )?,
             metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
+            webhook_allow_private: args.webhook_allow_private || file.webhook_allow_private.unwrap_or(false),
             body_read_timeout: seconds("body_read_timeout", args.body_read_timeout.or(file.body_read_timeout), 60.0)?,
             failure_threshold: args.failure_threshold.or(file.failure_threshold).unwrap_or(3).max(1),
             backoff_base: seconds("backoff_base", args.backoff_base.or(file.backoff_base), 30.0)?,

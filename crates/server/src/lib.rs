@@ -122,8 +122,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let control = Arc::new(Control::new(store.clone(), config.clone(), layout.clone(), fleet.clone(), registry));
     recover(&control).await?;
     start_controllers(&control).await?;
+    let own = own_addresses(&[config.api_addr, config.gateway_addr]);
     let queue =
-        queue::Queue::new(store, gateway.clone(), queue_config(&config), output, control.shutdown.child_token());
+        queue::Queue::new(store, gateway.clone(), queue_config(&config, own), output, control.shutdown.child_token());
     queue.start().await.context("cannot resume the queue")?;
     gateway.set_queue(queue.clone());
 
@@ -172,13 +173,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn queue_config(config: &Config) -> queue::QueueConfig {
+fn queue_config(config: &Config, own: Vec<std::net::IpAddr>) -> queue::QueueConfig {
     queue::QueueConfig {
         max_payload: usize::try_from(config.queue_max_payload).unwrap_or(usize::MAX),
         retention: config.queue_retention,
         max_attempts: config.queue_max_attempts,
+        webhook_policy: queue::WebhookPolicy { allow_private: config.webhook_allow_private, own },
         ..queue::QueueConfig::default()
     }
+}
+
+/// The addresses this server answers on: those it listens on, and, for a listener on
+/// every address, those of the machine's interfaces.
+fn own_addresses(listening: &[SocketAddr]) -> Vec<std::net::IpAddr> {
+    let mut own: Vec<std::net::IpAddr> = listening.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).collect();
+    if listening.iter().any(|a| a.ip().is_unspecified())
+        && let Ok(interfaces) = nix::ifaddrs::getifaddrs()
+    {
+        for interface in interfaces {
+            let address = interface.address;
+            if let Some(v4) = address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+                own.push(std::net::IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = address.as_ref().and_then(|a| a.as_sockaddr_in6()) {
+                own.push(std::net::IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    own
 }
 
 /// What runners print, for the logs of the queue requests they work on.

@@ -212,7 +212,9 @@ fn cancel_keeps_a_waiting_request_from_running_and_tells_a_running_one() {
 
 #[test]
 fn the_queue_api_checks_what_it_is_given_streams_status_and_calls_webhooks() {
-    let server = server_with(&["--queue-max-payload", "1000", "--queue-retention", "3"]);
+    // The webhook below listens on this machine's loopback, which only a server that
+    // allows private webhook addresses may call.
+    let server = server_with(&["--queue-max-payload", "1000", "--queue-retention", "3", "--webhook-allow-private"]);
     let app = testapp_dir("contract", "");
     server.run(&["deploy", app.path_str()]).ok();
     let http = Http::new();
@@ -352,4 +354,75 @@ fn open_stream(server: &TestServer, path: &str) -> std::net::TcpStream {
         seen.extend_from_slice(&buf[..n]);
     }
     stream
+}
+
+#[test]
+fn webhooks_into_the_machine_or_its_networks_are_refused_and_redirects_not_followed() {
+    let server = server();
+    server.run(&["deploy", testapp_dir("hooked", "").path_str(), "--auth", "public"]).ok();
+    let http = Http::new();
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hook.local_addr().unwrap().port();
+    let api_port = server.api_url.rsplit(':').next().unwrap().to_owned();
+    let cases = [
+        (format!("http://127.0.0.1:{port}/done"), "loopback"),
+        (format!("http://localhost:{port}/done"), "loopback"),
+        (format!("http://127.0.0.1:{api_port}/v1/apps"), "loopback"),
+        (format!("http://[::1]:{port}/"), "loopback"),
+        ("http://169.254.169.254/latest/meta-data/".to_owned(), "link-local"),
+        ("http://10.0.0.1/".to_owned(), "private"),
+        ("http://192.168.1.1:8080/".to_owned(), "private"),
+    ];
+    for (url, rule) in cases {
+        let encoded: String = url.bytes().map(|b| format!("%{b:02X}")).collect();
+        let reply = http.send(
+            "POST",
+            &queue_url(&server, "hooked", &format!("/echo?fal_webhook={encoded}")),
+            None,
+            &[],
+            b"{}".to_vec(),
+        );
+        assert_eq!(reply.status, 400, "{url}: {}", reply.text());
+        let message = reply.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(rule) && message.contains("--webhook-allow-private"), "{url}: {message}");
+    }
+
+    // With private addresses allowed, a webhook that answers with a redirect is not followed.
+    let open = server_with(&["--webhook-allow-private"]);
+    open.run(&["deploy", testapp_dir("hooked", "").path_str(), "--auth", "public"]).ok();
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    target.set_nonblocking(true).unwrap();
+    let redirect_to = format!("http://{}/stolen", target.local_addr().unwrap());
+    let redirected = std::thread::spawn(move || answer_twice_with_redirect(&hook, &redirect_to));
+    let url = format!("http://127.0.0.1:{port}/done");
+    let encoded: String = url.bytes().map(|b| format!("%{b:02X}")).collect();
+    let hooked = submit(&http, &open, "hooked", &format!("/echo?fal_webhook={encoded}"), &json!({ "x": 1 }));
+    completed(&http, &open, &hooked);
+    // A redirect is an answer that did not take the result: the queue tries again later
+    // (the second request), and the redirect's target has seen nothing by then.
+    redirected.join().unwrap();
+    assert!(matches!(target.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+}
+
+/// Accepts two HTTP requests on `listener` (a delivery and its retry) and answers each
+/// with a redirect to `location`.
+fn answer_twice_with_redirect(listener: &std::net::TcpListener, location: &str) {
+    for _ in 0..2 {
+        answer_with_redirect(listener, location);
+    }
+}
+
+fn answer_with_redirect(listener: &std::net::TcpListener, location: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let (mut stream, _) = listener.accept().unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+        line.clear();
+    }
+    let answer = format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(answer.as_bytes()).unwrap();
 }
