@@ -38,6 +38,8 @@ pub struct AppRoute {
     pub(crate) label: std::sync::OnceLock<Arc<String>>,
     state: Mutex<RouteState>,
     changed: Notify,
+    /// Notified when a call starts on an app that had none in flight.
+    busy: Notify,
     /// Bumped whenever the app's revision, settings or registration change, for calls
     /// that wait through a suspension (see [`AppRoute::acquire_waiting`]).
     generation: watch::Sender<u64>,
@@ -62,6 +64,8 @@ struct RouteState {
     runners: Vec<Slot>,
     queue: VecDeque<Waiter>,
     next_waiter: u64,
+    /// Calls holding a slot, on any runner (also one since removed).
+    in_flight: u32,
 }
 
 struct Slot {
@@ -187,8 +191,10 @@ impl AppRoute {
                 runners: Vec::new(),
                 queue: VecDeque::new(),
                 next_waiter: 0,
+                in_flight: 0,
             }),
             changed: Notify::new(),
+            busy: Notify::new(),
             generation: watch::Sender::new(0),
         })
     }
@@ -201,6 +207,13 @@ impl AppRoute {
     /// time it was woken (a call queued, a slot freed, a timeout).
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// Resolves when a call has started on the app while it had none in flight. A
+    /// controller that saw no load sleeps until something is due; this wakes it when
+    /// load begins, without waking it for every call.
+    pub async fn became_busy(&self) {
+        self.busy.notified().await;
     }
 
     pub fn config(&self) -> RouteConfig {
@@ -390,6 +403,10 @@ impl AppRoute {
             .max_by_key(|(order, s)| (s.in_flight, std::cmp::Reverse(*order)))?;
         slot.in_flight += 1;
         slot.idle_since = None;
+        state.in_flight += 1;
+        if state.in_flight == 1 {
+            self.busy.notify_one();
+        }
         Some(Lease {
             route: self.clone(),
             runner: slot.id,
@@ -406,6 +423,7 @@ impl AppRoute {
         // runner has finished its last call. Idle time and load it reads on its own
         // tick, so the hot path of every call does not wake it.
         let mut drained = false;
+        state.in_flight = state.in_flight.saturating_sub(1);
         if let Some(slot) = state.runners.iter_mut().find(|s| s.id == id) {
             slot.in_flight = slot.in_flight.saturating_sub(1);
             if slot.in_flight == 0 {

@@ -23,7 +23,16 @@ use tokio::time::Instant;
 use crate::fleet::{AppLabels, Capacity, Shared, StateLabels};
 
 /// How often a controller looks again when nothing has happened.
-const TICK: Duration = Duration::from_millis(200);
+/// The longest a controller sleeps when nothing is due: what changes without an event
+/// (ended runners aging out of the listing) can wait this long. Everything else wakes
+/// it: commands, runner events, route changes (calls arriving, finishing, timing out),
+/// freed capacity, and the deadlines it keeps (back-offs, activations, the autoscaler's
+/// next recheck).
+const IDLE_WAKE: Duration = Duration::from_secs(30);
+
+/// While calls are in flight, the controller looks again this often: load and idle time
+/// change with every call, and calls do not wake it one by one.
+const BUSY_TICK: Duration = Duration::from_millis(200);
 /// Longest back-off between attempts to start a failing runner.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// How long ended runners stay listed (`--since`).
@@ -126,6 +135,10 @@ pub(crate) struct Controller {
     events: mpsc::UnboundedReceiver<Event>,
     /// Set once the controller is winding down; holds who waits for the end.
     shutting_down: Option<Vec<oneshot::Sender<()>>>,
+    /// When the autoscaler wants to decide again with no new event.
+    recheck_at: Option<Instant>,
+    /// Whether calls were in flight or waiting when the controller last looked.
+    loaded: bool,
 }
 
 impl Controller {
@@ -165,6 +178,8 @@ impl Controller {
             events_tx,
             events,
             shutting_down: None,
+            recheck_at: None,
+            loaded: false,
         })
     }
 
@@ -173,6 +188,7 @@ impl Controller {
         let route = self.route.clone();
         let mut orphaned = false;
         loop {
+            let wake_at = self.wake_at();
             tokio::select! {
                 command = commands.recv(), if !orphaned => match command {
                     Some(command) => self.command(command).await,
@@ -184,8 +200,9 @@ impl Controller {
                 },
                 Some(event) = self.events.recv() => self.event(event).await,
                 () = route.changed() => {}
+                () = route.became_busy(), if !self.loaded => {}
                 () = shared.capacity.freed() => {}
-                () = tokio::time::sleep(TICK) => {}
+                () = tokio::time::sleep_until(wake_at) => {}
             }
             self.reconcile().await;
             self.publish();
@@ -196,6 +213,15 @@ impl Controller {
                 return;
             }
         }
+    }
+
+    /// The next moment something falls due: a back-off running out, an activation's
+    /// deadline, the autoscaler's recheck; at the latest [`IDLE_WAKE`] from now.
+    fn wake_at(&self) -> Instant {
+        let retries = self.runners.iter().filter(|r| r.state == RunnerState::CrashBackoff).filter_map(|r| r.retry_at);
+        let deadline = self.pending.as_ref().map(|p| p.deadline);
+        let latest = Instant::now() + if self.loaded { BUSY_TICK } else { IDLE_WAKE };
+        retries.chain(deadline).chain(self.recheck_at).fold(latest, Instant::min)
     }
 
     async fn command(&mut self, command: Command) {
@@ -441,6 +467,7 @@ impl Controller {
     async fn reconcile(&mut self) {
         let snapshot = self.route.snapshot();
         let now = Instant::now();
+        self.loaded = snapshot.in_flight() > 0 || !snapshot.queued.is_empty();
 
         // A call ran past the request timeout: its runner may be stuck; let it go.
         for runner in &mut self.runners {
@@ -540,6 +567,7 @@ impl Controller {
     }
 
     fn autoscale(&mut self, snapshot: &RouteSnapshot) {
+        self.recheck_at = None;
         let Some((revision, manifest)) = self.current.clone() else { return };
         if self.app.suspended {
             for runner in &mut self.runners {
@@ -568,6 +596,7 @@ impl Controller {
             &self.policy(),
             &Observed { in_flight: snapshot.in_flight(), queued: &snapshot.queued, runners: &counted },
         );
+        self.recheck_at = decision.recheck_in.map(|after| Instant::now() + after);
         let no_runner_up = !self.runners.iter().any(|r| r.revision == revision && r.is_set_up());
         for _ in 0..decision.start {
             if no_runner_up && !snapshot.queued.is_empty() {
