@@ -278,6 +278,13 @@ impl AppRoute {
     }
 
     /// Stops giving the runner new calls; the ones it has go on.
+    /// The calls runner `id` has in flight now (0 once it is gone), read under the lock
+    /// that [`stop_routing`](Self::stop_routing) takes: once a runner has stopped
+    /// accepting, a 0 here is final, which a snapshot taken before that is not.
+    pub fn in_flight(&self, id: RunnerId) -> u32 {
+        self.state().runners.iter().find(|s| s.id == id).map_or(0, |s| s.in_flight)
+    }
+
     pub fn stop_routing(&self, id: RunnerId) {
         if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {
             slot.accepting = false;
@@ -517,6 +524,26 @@ mod tests {
         assert!(route.snapshot().queued.is_empty(), "a call that gave up leaves the queue");
         leases.pop();
         assert_eq!(route.snapshot().in_flight(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_took_a_slot_after_a_snapshot_is_counted_once_routing_stops() {
+        let route = route();
+        let a = add(&route, 10, 4);
+        let b = add(&route, 11, 4);
+        // What the controller saw, then a call that came in before routing stopped.
+        let before = route.snapshot();
+        let lease = route.acquire(later()).await.unwrap();
+        assert_eq!(lease.runner, a);
+        route.stop_routing(a);
+        assert_eq!(before.runner(a).unwrap().in_flight, 0, "the snapshot misses the call");
+        assert_eq!(route.in_flight(a), 1, "counted now, the call is there");
+        // No call reaches it any more; once its call ends, 0 is final.
+        let other = route.acquire(later()).await.unwrap();
+        assert_eq!(other.runner, b);
+        drop(lease);
+        assert_eq!(route.in_flight(a), 0);
+        assert_eq!(route.in_flight(RunnerId(Uuid::from_u128(99))), 0, "an unknown runner has none");
     }
 
     #[tokio::test]

@@ -505,9 +505,11 @@ impl Controller {
             }
         }
 
-        // Draining runners with nothing in flight are told to stop.
+        // Draining runners with nothing in flight are told to stop. Their calls are
+        // counted now, not from the snapshot: a call may have taken a slot between the
+        // snapshot and the moment routing to the runner stopped.
         for runner in &mut self.runners {
-            if runner.state == RunnerState::Draining && snapshot.runner(runner.id).is_none_or(|s| s.in_flight == 0) {
+            if runner.state == RunnerState::Draining && self.route.in_flight(runner.id) == 0 {
                 apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Drained, "");
             }
         }

@@ -275,7 +275,7 @@ impl Control {
         // (say, for the revision a deploy is still building) is refused at once, and
         // again under the lock, where the answer counts.
         self.switchable(caller, name, &request.revision).await?;
-        let _guard = self.lock_app(caller.team_id, name).await;
+        let guard = self.lock_app(caller.team_id, name).await;
         let (app, revision) = self.switchable(caller, name, &request.revision).await?;
         let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
         let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
@@ -302,21 +302,31 @@ impl Control {
             },
             reply,
         })));
-        let result = if sent {
-            answer.await.unwrap_or_else(|_| Err("interrupted".to_owned()))
-        } else {
-            Err("interrupted".to_owned())
-        };
+        // The switch is seen through, and the app stays locked until the controller has
+        // answered and the outcome is recorded, whether or not the caller is still there
+        // (a client that gave up drops this request, not the switch).
+        let (store, app_id, key_id, revision_id) = (self.store.clone(), app.id, caller.key_id.clone(), revision.id);
+        let outcome = tokio::spawn(async move {
+            let _guard = guard;
+            let result = if sent {
+                answer.await.unwrap_or_else(|_| Err("interrupted".to_owned()))
+            } else {
+                Err("interrupted".to_owned())
+            };
+            if let Err(reason) = &result {
+                store
+                    .add_history(NewHistory {
+                        app_id,
+                        action: "set_rev_failed".to_owned(),
+                        key_id: Some(key_id),
+                        details: format!("revision {revision_id} did not come up: {reason}"),
+                    })
+                    .await?;
+            }
+            Ok::<_, store::StoreError>(result)
+        });
+        let result = outcome.await.map_err(ApiError::internal)?.map_err(internal)?;
         if let Err(reason) = result {
-            self.store
-                .add_history(NewHistory {
-                    app_id: app.id,
-                    action: "set_rev_failed".to_owned(),
-                    key_id: Some(caller.key_id.clone()),
-                    details: format!("revision {} did not come up: {reason}", revision.id),
-                })
-                .await
-                .map_err(internal)?;
             return Err(conflict(format!(
                 "revision {} did not come up, so app {name:?} stays on revision {from}: {reason}",
                 revision.id

@@ -31,6 +31,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// What the change needs is no longer so (a revision was deleted meanwhile, ...).
+    #[error("{0}")]
+    Conflict(String),
     #[error("database task failed: {0}")]
     Task(String),
 }

@@ -476,14 +476,32 @@ impl Sqlite {
     pub(crate) fn activate_revision(&self, a: &Activation, history: &NewHistory) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE revisions SET status = ?2, failure = NULL WHERE id = ?1",
-            params![a.revision.to_string(), RevisionStatus::Deployed.as_str()],
+        // Only a revision that still exists, is the app's, and has not failed may become
+        // current; nothing changes otherwise.
+        let revised = tx.execute(
+            "UPDATE revisions SET status = ?2, failure = NULL \
+             WHERE id = ?1 AND app_id = ?3 AND status IN (?4, ?2, ?5)",
+            params![
+                a.revision.to_string(),
+                RevisionStatus::Deployed.as_str(),
+                a.app_id.to_string(),
+                RevisionStatus::Deploying.as_str(),
+                RevisionStatus::Suspended.as_str()
+            ],
         )?;
-        tx.execute(
+        if revised != 1 {
+            return Err(StoreError::Conflict(format!(
+                "revision {} is no longer one of this app's revisions that may become current",
+                a.revision
+            )));
+        }
+        let moved = tx.execute(
             "UPDATE apps SET current_revision = ?2 WHERE id = ?1",
             params![a.app_id.to_string(), a.revision.to_string()],
         )?;
+        if moved != 1 {
+            return Err(StoreError::Conflict(format!("app {} no longer exists", a.app_id)));
+        }
         set_runner_spec(&tx, a.app_id, &a.runner)?;
         if let Some(scaling) = &a.scaling {
             set_scaling(&tx, a.app_id, scaling)?;

@@ -248,3 +248,35 @@ fn a_suspended_app_runs_nothing_and_answers_503_until_resumed() {
     assert_eq!(history[0]["action"], "resume");
     assert_eq!(history[1]["action"], "suspend");
 }
+
+#[test]
+fn a_set_rev_whose_client_gave_up_is_seen_through_and_its_revision_cannot_be_deleted_meanwhile() {
+    let mut server = server();
+    // Revision A takes a while to set up; B is current.
+    let a = deploy(&server, "flip", "env = { SETUP_SECONDS = \"2\" }\n[scaling]\nmin_concurrency = 1\n", &[]);
+    let b = deploy(&server, "flip", "[scaling]\nmin_concurrency = 1\n", &[]);
+    assert_eq!(current(&server, "flip"), b);
+
+    // A rolling set-rev to A, whose client goes away (Ctrl-C) while A's runner sets up.
+    let mut client =
+        server.cli().args(["apps", "set-rev", "flip", &a]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    wait_until("a runner of A setting up", || {
+        runners(&server, "flip", &[]).iter().any(|r| r["revision"] == a.as_str()).then_some(())
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(client.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let _ = client.wait();
+
+    // The switch goes on; deleting its revision waits for it, and then A is current.
+    let deleted = server.run(&["apps", "delete-rev", "flip", &a]);
+    assert!(!deleted.success(), "the revision being switched to was deleted: {}", deleted.stdout);
+    assert_eq!(current(&server, "flip"), a);
+    let history = server.run(&["apps", "history", "flip", "--json"]).ok().json();
+    assert_eq!(history[0]["action"], "set_rev", "{history}");
+
+    // The alias is at a revision that exists: the server starts again and serves.
+    server.kill();
+    server.restart();
+    let reply = Http::new().get(&app_url(&server, "flip", "/"), Some(&server.root_key));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-hangar-revision").as_deref(), Some(a.as_str()));
+}
