@@ -47,6 +47,8 @@ pub struct Caller {
 pub trait ControlPlane: Send + Sync + 'static {
     /// Prometheus text exposition of the server's metrics.
     fn metrics(&self) -> String;
+    /// Apps the server could not load (and does not serve), as `team/app: why`.
+    fn problems(&self) -> Vec<String>;
     /// Whether `/metrics` answers without a key (`--metrics-public`).
     fn metrics_public(&self) -> bool;
     /// How deployed code is confined: `bwrap`, or `none`.
@@ -232,8 +234,20 @@ struct OpenApiJson(Bytes);
 #[utoipa::path(get, path = "/healthz", tag = "server", responses((status = OK, body = HealthJson)))]
 async fn healthz<C: ControlPlane>(State(c): State<Arc<C>>) -> Json<HealthJson> {
     let sandbox = c.sandbox();
-    let warning =
-        (sandbox == "none").then(|| "deployed code runs unconfined, as the server's user (--sandbox none)".to_owned());
+    let mut warnings: Vec<String> = Vec::new();
+    if sandbox == "none" {
+        warnings.push("deployed code runs unconfined, as the server's user (--sandbox none)".to_owned());
+    }
+    // Anyone may read this: it says how many, and where their names and reasons are.
+    match c.problems().len() {
+        0 => {}
+        n => warnings.push(format!(
+            "{n} app{} could not be loaded and {} not served (their problem is in `hangar apps list` and the server's log)",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "is" } else { "are" }
+        )),
+    }
+    let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
     Json(HealthJson { status: "ok".to_owned(), sandbox: sandbox.to_owned(), limits: c.limits().to_owned(), warning })
 }
 

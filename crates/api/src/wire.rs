@@ -39,6 +39,10 @@ pub struct AppJson {
     pub suspended: bool,
     #[schema(format = DateTime)]
     pub created_at: String,
+    /// Why the server could not load the app, which it then does not serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub problem: Option<String>,
 }
 
 /// A revision of an app: its code, manifest and where it stands.
@@ -172,7 +176,14 @@ impl AppJson {
             termination_grace_period: app.runner.termination_grace_period,
             suspended: app.suspended,
             created_at: rfc3339(app.created_at),
+            problem: None,
         }
+    }
+
+    /// The same, saying why the server could not load the app, if it could not.
+    pub fn with_problem(mut self, problem: Option<String>) -> AppJson {
+        self.problem = problem;
+        self
     }
 }
 

@@ -165,6 +165,10 @@ impl ControlPlane for Control {
         }
     }
 
+    fn problems(&self) -> Vec<String> {
+        self.fleet.problems()
+    }
+
     fn metrics_public(&self) -> bool {
         self.config.metrics_public
     }
@@ -221,13 +225,20 @@ impl ControlPlane for Control {
     async fn list_apps(&self, caller: &Caller) -> Result<Vec<AppJson>, ApiError> {
         require_manage(caller)?;
         let apps = self.store.list_apps(caller.team_id).await.map_err(internal)?;
-        Ok(apps.iter().map(|app| AppJson::new(app, &caller.team, self.fleet.live_runners(app.id, None))).collect())
+        Ok(apps
+            .iter()
+            .map(|app| {
+                AppJson::new(app, &caller.team, self.fleet.live_runners(app.id, None))
+                    .with_problem(self.fleet.problem(app.id))
+            })
+            .collect())
     }
 
     async fn get_app(&self, caller: &Caller, app: &str) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
-        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
+        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None))
+            .with_problem(self.fleet.problem(app.id)))
     }
 
     async fn delete_app(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {

@@ -138,11 +138,26 @@ pub(crate) struct Fleet {
     controllers: Mutex<HashMap<Uuid, ControllerHandle>>,
     /// Set at shutdown: no controller starts after it.
     closed: std::sync::atomic::AtomicBool,
+    /// Apps whose controller could not be loaded, by id: `team/app` and why.
+    problems: Mutex<HashMap<Uuid, (String, String)>>,
 }
 
 impl Fleet {
     pub(crate) fn new(shared: Arc<Shared>) -> Fleet {
-        Fleet { shared, controllers: Mutex::default(), closed: Default::default() }
+        Fleet { shared, controllers: Mutex::default(), closed: Default::default(), problems: Mutex::default() }
+    }
+
+    /// Why the app's controller could not be loaded, if it could not.
+    pub(crate) fn problem(&self, app_id: Uuid) -> Option<String> {
+        self.problems.lock().unwrap_or_else(|e| e.into_inner()).get(&app_id).map(|(_, why)| why.clone())
+    }
+
+    /// Every app that could not be loaded, as `team/app: why`.
+    pub(crate) fn problems(&self) -> Vec<String> {
+        let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<String> = problems.values().map(|(app, why)| format!("{app}: {why}")).collect();
+        all.sort();
+        all
     }
 
     /// The app's controller, started if it is not running yet.
@@ -165,7 +180,20 @@ impl Fleet {
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let view = Arc::new(Mutex::new(Vec::new()));
-        let controller = Controller::load(app.clone(), team, route.clone(), self.shared.clone(), view.clone()).await?;
+        let loaded = Controller::load(app.clone(), team, route.clone(), self.shared.clone(), view.clone()).await;
+        let controller = {
+            let mut problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+            match loaded {
+                Ok(controller) => {
+                    problems.remove(&app.id);
+                    controller
+                }
+                Err(e) => {
+                    problems.insert(app.id, (format!("{team}/{}", app.name), format!("{e:#}")));
+                    return Err(e);
+                }
+            }
+        };
         let handle = ControllerHandle { commands: tx, view };
         {
             let mut controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());

@@ -259,8 +259,12 @@ const RUNNER_LOG_BYTES: u64 = 8 << 20;
 async fn start_controllers(control: &Control) -> anyhow::Result<()> {
     for team in control.store.list_teams().await? {
         for app in control.store.list_apps(team.id).await? {
-            if app.current_revision.is_some() {
-                control.fleet.controller(&app, &team.name).await?;
+            // One app that cannot be loaded does not keep the others from being served:
+            // its problem is logged, and shown in its listing and in /healthz.
+            if app.current_revision.is_some()
+                && let Err(e) = control.fleet.controller(&app, &team.name).await
+            {
+                tracing::error!(app = %app.name, team = %team.name, error = %format!("{e:#}"), "cannot load an app; it is not served");
             }
         }
     }

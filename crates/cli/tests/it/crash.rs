@@ -113,3 +113,30 @@ fn a_few_crash_trials_come_back_clean() {
     assert!(out.success(), "{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("3 of 3 trials clean"), "{}", out.stdout);
 }
+
+#[test]
+fn a_server_that_cannot_load_one_app_serves_the_others_and_says_which() {
+    let mut server = crate::server();
+    for name in ["healthy", "broken"] {
+        server.run(&["deploy", crate::testapp_dir(name, "").path_str(), "--auth", "public"]).ok();
+    }
+    // While the server is down, the broken app's revision is damaged on disk.
+    server.kill();
+    let db = rusqlite::Connection::open(server.data_dir().join("hangar.db")).unwrap();
+    let changed = db
+        .execute("UPDATE revisions SET manifest = 'not [valid toml' WHERE app_id = (SELECT id FROM apps WHERE name = 'broken')", [])
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    server.restart();
+
+    let http = testkit::Http::new();
+    assert_eq!(http.get(&crate::app_url(&server, "healthy", "/"), None).status, 200);
+    let apps = server.run(&["apps", "list", "--json"]).ok().json();
+    let problem = |name: &str| apps.as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["problem"].clone();
+    assert!(problem("broken").as_str().is_some_and(|p| p.contains("unreadable manifest")), "{apps}");
+    assert!(problem("healthy").is_null(), "{apps}");
+    let health = http.get(&format!("{}/healthz", server.api_url), None).json();
+    assert!(health["warning"].as_str().is_some_and(|w| w.contains("1 app could not be loaded")), "{health}");
+    assert!(server.output().contains("cannot load an app"), "the log says so");
+}
