@@ -20,6 +20,20 @@ pub fn processes_in(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The process trees among [`processes_in`] `dir`: those whose parent is not one of them.
+/// A sandboxed runner is one tree (bwrap, and for a moment while its sandbox is set up,
+/// bwrap's own processes, which still stand in the revision's directory).
+pub fn process_trees_in(dir: &Path) -> usize {
+    let pids = processes_in(dir);
+    pids.iter().filter(|pid| parent(**pid).is_none_or(|p| !pids.contains(&p))).count()
+}
+
+/// The parent of `pid`.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether `pid` is a process that has not ended.
 pub fn alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use reliability::{open_files, processes_in, resident_kib, revisions, testapp};
+use reliability::{open_files, process_trees_in, resident_kib, revisions, testapp};
 use testkit::{Http, Prober, TestServer, wait_until};
 
 #[derive(Parser)]
@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
                 at: started.elapsed(),
                 rss_kib: resident_kib(pid).context("the server is gone")?,
                 files: open_files(pid).context("the server is gone")?,
-                runner_processes: processes_in(&server.data_dir()).len(),
+                runner_processes: process_trees_in(&server.data_dir()),
                 operation,
             });
             next_sample = started.elapsed() + Duration::from_secs(SAMPLE_EVERY);
