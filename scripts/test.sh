@@ -21,6 +21,12 @@ need_deb bwrap bubblewrap
 need_deb setpriv util-linux
 # Each sandbox has a network namespace of its own; slirp4netns gives it its way out.
 need_deb slirp4netns slirp4netns
+# Sandboxed builds see only the system's Python (/usr), and the build-cache test makes a
+# virtualenv with it: Debian keeps venv's pip in python3-venv.
+if ! /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+fi
 need_deb chromium chromium
 need_deb node nodejs
 need_deb npm npm
