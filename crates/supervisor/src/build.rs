@@ -58,9 +58,7 @@ pub async fn run_build(spec: BuildSpec<'_>, cancel: CancellationToken) -> std::i
     let group = spec.sandbox.group(&group_name(&spec.name), &limits)?;
     // Stdout and stderr share one pipe, so that the log keeps their order.
     let (output, output_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // As a runner's: in a sandbox, the cgroup is joined while the build waits to start.
-    let join_at_exec = group.as_deref().filter(|_| wrapped.block.is_none());
-    let mut command = spec.sandbox.command(&wrapped, &spec.confinement.code, join_at_exec);
+    let mut command = spec.sandbox.command(&wrapped, &spec.confinement.code, group.as_deref());
     command
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())

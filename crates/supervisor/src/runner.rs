@@ -193,12 +193,9 @@ impl RunnerBackend for LocalProcesses {
         let addr = if self.sandbox.is_on() { Endpoint::isolated(loopback) } else { Endpoint::host(loopback) };
         let mut wrapped = self.sandbox.wrap(&launch.command, &launch.confinement)?;
         let group = self.sandbox.group(&group_name(&launch.id.to_string()), &launch.limits)?;
-        // Unsandboxed, the command joins its cgroup between fork and exec; in a sandbox,
-        // while it waits to be let go (see `Sandbox::start`).
-        let join_at_exec = group.as_deref().filter(|_| wrapped.block.is_none());
         let child = self
             .sandbox
-            .command(&wrapped, &launch.confinement.code, join_at_exec)
+            .command(&wrapped, &launch.confinement.code, group.as_deref())
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("PORT", port.to_string())
             .stdin(Stdio::null())

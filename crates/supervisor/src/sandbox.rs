@@ -253,12 +253,14 @@ impl Sandbox {
     }
 
     /// A command that runs `wrapped`, in `cwd` (outside the sandbox), with a cleared
-    /// environment, in `group` from before it starts; the caller adds the environment
-    /// and its stdio.
+    /// environment, in `group` before anything of it runs: unsandboxed, it joins between
+    /// fork and exec; sandboxed, [`Sandbox::start`] moves it while it waits to be let go.
+    /// The caller adds the environment and its stdio.
     pub(crate) fn command(&self, wrapped: &Wrapped, cwd: &Path, group: Option<&Group>) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&wrapped.program);
         command.args(&wrapped.args).current_dir(cwd).env_clear().process_group(0);
-        prepare_child(&mut command, wrapped.keep_raw(), group.map(Group::join_fds).unwrap_or_default());
+        let join_at_exec = group.filter(|_| wrapped.block.is_none()).map(Group::join_fds).unwrap_or_default();
+        prepare_child(&mut command, wrapped.keep_raw(), join_at_exec);
         command
     }
 
