@@ -43,6 +43,8 @@ pub struct AppRoute {
     /// Bumped whenever the app's revision, settings or registration change, for calls
     /// that wait through a suspension (see [`AppRoute::acquire_waiting`]).
     generation: watch::Sender<u64>,
+    #[cfg(feature = "sim")]
+    interleave: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Why a runner was cut off with calls in flight, so those calls can say so.
@@ -196,7 +198,35 @@ impl AppRoute {
             changed: Notify::new(),
             busy: Notify::new(),
             generation: watch::Sender::new(0),
+            #[cfg(feature = "sim")]
+            interleave: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Lets a simulation act as the gateway's other threads would: `f` runs each time
+    /// one of the controller's operations on the route has let go of its lock, which is
+    /// where a call on another thread may take or free a slot.
+    #[cfg(feature = "sim")]
+    pub fn set_interleave(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.interleave.set(f);
+    }
+
+    /// A free slot now, if one is free and no call waits; nothing is queued otherwise.
+    #[cfg(feature = "sim")]
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
+        let mut state = self.state();
+        if state.closed || state.config.suspended || !state.queue.is_empty() {
+            return None;
+        }
+        self.take_slot(&mut state)
+    }
+
+    /// Where another thread may act between two of the controller's steps.
+    fn interleave(&self) {
+        #[cfg(feature = "sim")]
+        if let Some(f) = self.interleave.get() {
+            f();
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, RouteState> {
@@ -226,6 +256,7 @@ impl AppRoute {
         self.dispatch(&mut state);
         drop(state);
         self.generation.send_modify(|g| *g += 1);
+        self.interleave();
     }
 
     /// Points the app at a revision: from now on only its runners get calls.
@@ -235,6 +266,7 @@ impl AppRoute {
         self.dispatch(&mut state);
         drop(state);
         self.generation.send_modify(|g| *g += 1);
+        self.interleave();
     }
 
     /// The app is gone: waiting calls give up with [`AcquireError::Gone`].
@@ -266,6 +298,8 @@ impl AppRoute {
             timed_out: false,
         });
         self.dispatch(&mut state);
+        drop(state);
+        self.interleave();
     }
 
     /// Changes how many calls a runner takes at once.
@@ -275,6 +309,8 @@ impl AppRoute {
             slot.max = max.max(1);
         }
         self.dispatch(&mut state);
+        drop(state);
+        self.interleave();
     }
 
     /// Stops giving the runner new calls; the ones it has go on.
@@ -282,13 +318,16 @@ impl AppRoute {
     /// that [`stop_routing`](Self::stop_routing) takes: once a runner has stopped
     /// accepting, a 0 here is final, which a snapshot taken before that is not.
     pub fn in_flight(&self, id: RunnerId) -> u32 {
-        self.state().runners.iter().find(|s| s.id == id).map_or(0, |s| s.in_flight)
+        let n = self.state().runners.iter().find(|s| s.id == id).map_or(0, |s| s.in_flight);
+        self.interleave();
+        n
     }
 
     pub fn stop_routing(&self, id: RunnerId) {
         if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {
             slot.accepting = false;
         }
+        self.interleave();
     }
 
     /// Takes a runner out at once because it is being killed, remembering why so that
@@ -300,6 +339,8 @@ impl AppRoute {
             state.cut.pop_front();
         }
         state.cut.push_back((id, why));
+        drop(state);
+        self.interleave();
     }
 
     /// Why a runner was cut off, if it was.
@@ -310,6 +351,7 @@ impl AppRoute {
     /// Forgets a runner. Calls still holding its slots finish or fail on their own.
     pub fn remove_runner(&self, id: RunnerId) {
         self.state().runners.retain(|s| s.id != id);
+        self.interleave();
     }
 
     /// Records that a call on `id` ran past the request timeout.
@@ -323,7 +365,7 @@ impl AppRoute {
     pub fn snapshot(&self) -> RouteSnapshot {
         let state = self.state();
         let now = Instant::now();
-        RouteSnapshot {
+        let snapshot = RouteSnapshot {
             runners: state
                 .runners
                 .iter()
@@ -336,7 +378,10 @@ impl AppRoute {
                 })
                 .collect(),
             queued: state.queue.iter().filter(|w| !w.tx.is_closed()).map(|w| now - w.enqueued).collect(),
-        }
+        };
+        drop(state);
+        self.interleave();
+        snapshot
     }
 
     /// Takes a slot for one call, waiting in the queue until `deadline` if none is free.

@@ -174,7 +174,7 @@ impl ControlPlane for Control {
     }
 
     fn limits(&self) -> &'static str {
-        match self.fleet.shared.backend.sandbox().cgroups().map(supervisor::Cgroups::version) {
+        match self.fleet.shared.sandbox.cgroups().map(supervisor::Cgroups::version) {
             Some(supervisor::CgroupVersion::V1) => "cgroup-v1",
             Some(supervisor::CgroupVersion::V2) => "cgroup-v2",
             None => "none",

@@ -15,7 +15,7 @@ use model::manifest::{Manifest, RunnerSpec, Scaling};
 use model::records::{App, Revision, RunnerInfo};
 use model::revision::{AuthMode, RunnerState, Strategy};
 use store::{Activation, NewHistory};
-use supervisor::{Event, HealthPolicy, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};
+use supervisor::{Event, HealthPolicy, Phase, RunnerHandle, RunnerLaunch};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -219,7 +219,13 @@ impl Controller {
     /// deadline, the autoscaler's recheck; at the latest [`IDLE_WAKE`] from now.
     fn wake_at(&self) -> Instant {
         let retries = self.runners.iter().filter(|r| r.state == RunnerState::CrashBackoff).filter_map(|r| r.retry_at);
-        let deadline = self.pending.as_ref().map(|p| p.deadline);
+        // The deadline counts only while its runner waits for room: once it is setting
+        // up, its own startup timeout ends the wait.
+        let deadline = self
+            .pending
+            .as_ref()
+            .filter(|p| self.runners.iter().any(|r| r.id == p.runner && r.state == RunnerState::Pending))
+            .map(|p| p.deadline);
         let latest = Instant::now() + if self.loaded { BUSY_TICK } else { IDLE_WAKE };
         retries.chain(deadline).chain(self.recheck_at).fold(latest, Instant::min)
     }
@@ -297,11 +303,16 @@ impl Controller {
         }
     }
 
+    /// Replaces every live runner, except the one a rolling switch waits for: that one
+    /// is being started anyway.
     fn rollout(&mut self, force: bool) -> Vec<RunnerId> {
+        let candidate = self.pending.as_ref().map(|p| p.runner);
         let old: Vec<usize> = (0..self.runners.len())
             .filter(|&i| {
                 let r = &self.runners[i];
-                r.is_live() && !matches!(r.state, RunnerState::Draining | RunnerState::Terminating)
+                r.is_live()
+                    && !matches!(r.state, RunnerState::Draining | RunnerState::Terminating)
+                    && Some(r.id) != candidate
             })
             .collect();
         let ids = old.iter().map(|&i| self.runners[i].id).collect();
@@ -492,6 +503,21 @@ impl Controller {
             let _ = pending.activate.reply.send(Err(reason));
         }
 
+        // The runner a rolling switch waits for was stopped or killed on request before
+        // it was set up: the switch fails rather than waiting for it forever.
+        if let Some(pending) = &self.pending {
+            let runner = self.runners.iter().find(|r| r.id == pending.runner);
+            let ended = runner.is_none_or(|r| {
+                matches!(r.state, RunnerState::Draining | RunnerState::Terminating | RunnerState::Terminated)
+            });
+            if ended {
+                let why = runner.and_then(|r| r.reason.clone()).unwrap_or_else(|| "on request".to_owned());
+                let reason = format!("its first runner {} was ended before it was set up ({why})", pending.runner);
+                let pending = self.pending.take().expect("checked above");
+                let _ = pending.activate.reply.send(Err(reason));
+            }
+        }
+
         self.replace_marked();
         if self.shutting_down.is_none() {
             self.autoscale(&snapshot);
@@ -658,15 +684,9 @@ impl Controller {
             if !self.shared.capacity.try_acquire(&machine_type) {
                 continue;
             }
-            self.runners[index].capacity = Some(machine_type);
-            let launch = self.launch_spec(index, secrets);
-            let cache = launch.confinement.cache.clone();
-            let prepared = match &cache {
-                Some(dir) => self.shared.backend.sandbox().prepare_dir(dir, launch.confinement.uid),
-                None => Ok(()),
-            };
-            let launched = prepared.and_then(|()| self.shared.backend.launch(launch, self.events_tx.clone()));
-            match launched {
+            self.runners[index].capacity = Some(machine_type.clone());
+            let launch = self.launch_spec(index, machine_type, secrets);
+            match self.shared.backend.launch(launch, self.events_tx.clone()) {
                 Ok(handle) => {
                     let runner = &mut self.runners[index];
                     runner.handle = Some(handle);
@@ -691,7 +711,7 @@ impl Controller {
 
     /// The runner's command and environment: a few host variables, the manifest's env,
     /// the team's secrets, then the platform's own variables (which nothing overrides).
-    fn launch_spec(&self, index: usize, secrets: &[(String, String)]) -> RunnerLaunch {
+    fn launch_spec(&self, index: usize, machine_type: String, secrets: &[(String, String)]) -> RunnerLaunch {
         let runner = &self.runners[index];
         let manifest = &runner.manifest;
         let is_current = self.current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision);
@@ -707,13 +727,11 @@ impl Controller {
         env.push((supervisor::REVISION_VAR.to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));
         let config = &self.shared.config;
-        let limits = config
-            .machine_types
-            .get(&self.app_machine_type(index))
-            .map(crate::config::MachineType::limits)
-            .unwrap_or_default();
+        let limits =
+            config.machine_types.get(&machine_type).map(crate::config::MachineType::limits).unwrap_or_default();
         RunnerLaunch {
             id: runner.id,
+            machine_type,
             command: manifest.command.clone(),
             confinement: supervisor::Confinement {
                 uid: supervisor::team_uid(self.app.team_id.as_bytes()),

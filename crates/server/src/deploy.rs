@@ -348,7 +348,7 @@ impl DeployJob {
             return Ok(BuildOutcome::Succeeded { elapsed: std::time::Duration::ZERO });
         };
         tokio::fs::write(&log_path, format!("$ {}\n", command.join(" "))).await?;
-        let sandbox = self.fleet.shared.backend.sandbox();
+        let sandbox = &*self.fleet.shared.sandbox;
         let confinement = supervisor::Confinement {
             uid: supervisor::team_uid(self.app.team_id.as_bytes()),
             code: self.layout.revision_code(id),

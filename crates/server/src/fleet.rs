@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use store::Store;
-use supervisor::LocalProcesses;
+use supervisor::{RunnerBackend, Sandbox};
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -106,7 +106,10 @@ impl FleetMetrics {
 /// Shared by every controller.
 pub(crate) struct Shared {
     pub(crate) store: Store,
-    pub(crate) backend: Arc<LocalProcesses>,
+    /// Where runners run.
+    pub(crate) backend: Arc<dyn RunnerBackend>,
+    /// What builds (and local runners) are confined by.
+    pub(crate) sandbox: Arc<Sandbox>,
     pub(crate) capacity: Capacity,
     pub(crate) config: Arc<Config>,
     pub(crate) layout: Layout,

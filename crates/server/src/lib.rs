@@ -15,6 +15,8 @@ mod fleet;
 mod layout;
 mod operate;
 mod secrets;
+#[cfg(test)]
+mod sim;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,7 +91,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Runner processes an earlier run left behind (it crashed, or was killed) are
     // ended before anything else starts; their logs go with them.
-    let backend = Arc::new(supervisor::LocalProcesses::new(layout.runners(), RUNNER_LOG_BYTES, Arc::new(sandbox)));
+    let sandbox = Arc::new(sandbox);
+    let backend = Arc::new(supervisor::LocalProcesses::new(layout.runners(), RUNNER_LOG_BYTES, sandbox.clone()));
     let reaped = backend.reap_leftovers(layout.root()) + supervisor::end_strays(&layout.revisions());
     if reaped > 0 {
         tracing::warn!(count = reaped, "ended runner processes left behind by an earlier run");
@@ -99,27 +102,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", layout.runners().display()))?;
 
     let config = Arc::new(config);
-    let gateway = gateway::Gateway::new(
-        Arc::new(auth::GatewayKeys { store: store.clone() }),
-        config.start_timeout,
-        config.header_read_timeout,
-    );
-    let shared = Arc::new(fleet::Shared {
-        store: store.clone(),
-        backend,
-        capacity: fleet::Capacity::new(&config),
-        config: config.clone(),
-        layout: layout.clone(),
-        gateway: gateway.clone(),
-        metrics: fleet::FleetMetrics::default(),
-        secrets: secrets::SecretBox::load(&layout).context("cannot load the secret key")?,
-    });
-    let mut registry = prometheus_client::registry::Registry::default();
-    gateway.metrics.register(&mut registry);
-    shared.metrics.register(&mut registry);
-    let output = Arc::new(RunnerOutput(shared.backend.clone()));
-    let fleet = Arc::new(fleet::Fleet::new(shared));
-    let control = Arc::new(Control::new(store.clone(), config.clone(), layout.clone(), fleet.clone(), registry));
+    let backend: Arc<dyn supervisor::RunnerBackend> = backend;
+    let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend)?;
+    let gateway = control.fleet.shared.gateway.clone();
+    let output = Arc::new(RunnerOutput(control.fleet.shared.backend.clone()));
     recover(&control).await?;
     start_controllers(&control).await?;
     let own = own_addresses(&[config.api_addr, config.gateway_addr]);
@@ -166,11 +152,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     queue.shutdown().await;
     // Background deploys see the cancellation, stop their builds and record the
     // revision as Failed ("interrupted") before the process exits.
-    fleet.shutdown().await;
+    control.fleet.shutdown().await;
     control.tasks.close();
     control.tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The gateway, the fleet of controllers and the control plane, wired together over
+/// `store` and a runner backend.
+fn assemble(
+    config: Arc<Config>,
+    store: Store,
+    layout: Layout,
+    sandbox: Arc<supervisor::Sandbox>,
+    backend: Arc<dyn supervisor::RunnerBackend>,
+) -> anyhow::Result<Arc<Control>> {
+    let gateway = gateway::Gateway::new(
+        Arc::new(auth::GatewayKeys { store: store.clone() }),
+        config.start_timeout,
+        config.header_read_timeout,
+    );
+    let shared = Arc::new(fleet::Shared {
+        store: store.clone(),
+        backend,
+        sandbox,
+        capacity: fleet::Capacity::new(&config),
+        config: config.clone(),
+        layout: layout.clone(),
+        gateway: gateway.clone(),
+        metrics: fleet::FleetMetrics::default(),
+        secrets: secrets::SecretBox::load(&layout).context("cannot load the secret key")?,
+    });
+    let mut registry = prometheus_client::registry::Registry::default();
+    gateway.metrics.register(&mut registry);
+    shared.metrics.register(&mut registry);
+    let fleet = Arc::new(fleet::Fleet::new(shared));
+    Ok(Arc::new(Control::new(store, config, layout, fleet, registry)))
 }
 
 fn queue_config(config: &Config, own: Vec<std::net::IpAddr>) -> queue::QueueConfig {
@@ -203,14 +221,14 @@ fn own_addresses(listening: &[SocketAddr]) -> Vec<std::net::IpAddr> {
 }
 
 /// What runners print, for the logs of the queue requests they work on.
-struct RunnerOutput(Arc<supervisor::LocalProcesses>);
+struct RunnerOutput(Arc<dyn supervisor::RunnerBackend>);
 
 impl queue::RunnerOutput for RunnerOutput {
     fn subscribe(
         &self,
         runner: model::ids::RunnerId,
     ) -> Option<tokio::sync::broadcast::Receiver<Arc<model::records::OutputLine>>> {
-        supervisor::RunnerBackend::subscribe_output(&*self.0, runner)
+        self.0.subscribe_output(runner)
     }
 }
 
@@ -391,7 +409,7 @@ async fn recover(control: &Control) -> anyhow::Result<()> {
     for (revision, _app) in control.store.fail_interrupted_deploys().await? {
         tracing::warn!(revision = %revision.id, "deploy was interrupted by a server stop; marked failed");
         supervisor::end_leftover(&layout.build_pid(revision.id), &layout.revision_code(revision.id));
-        supervisor::end_leftover_build(control.fleet.shared.backend.sandbox(), &revision.id.to_string());
+        supervisor::end_leftover_build(&control.fleet.shared.sandbox, &revision.id.to_string());
     }
     let in_use = control.store.artifacts_in_use().await?;
     if let Ok(entries) = std::fs::read_dir(layout.artifacts()) {

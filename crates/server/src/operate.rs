@@ -132,12 +132,9 @@ impl Control {
     ) -> Result<LogChunk, ApiError> {
         let (_, runner) = self.find_runner(caller, prefix).await?;
         let backend = self.fleet.shared.backend.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            use supervisor::RunnerBackend;
-            backend.read_log(runner.id, offset)
-        })
-        .await
-        .map_err(ApiError::internal)?;
+        let read = tokio::task::spawn_blocking(move || backend.read_log(runner.id, offset))
+            .await
+            .map_err(ApiError::internal)?;
         match read {
             Ok((data, next_offset)) => Ok(LogChunk { data, next_offset }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LogChunk { data: String::new(), next_offset: 0 }),

@@ -20,5 +20,5 @@ pub use group::{REVISION_VAR, end_leftover, end_strays};
 /// What [`RunnerBackend::subscribe_output`] hands out. It lives in `model`, so that a crate
 /// that consumes runners' output need not depend on the supervisor.
 pub use model::records::OutputLine;
-pub use runner::{Event, HealthPolicy, LocalProcesses, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};
+pub use runner::{Event, HealthPolicy, LocalProcesses, Order, Phase, RunnerBackend, RunnerHandle, RunnerLaunch};
 pub use sandbox::{CACHE_DIR, CODE_DIR, Confinement, Sandbox, SandboxMode, team_uid};

@@ -47,6 +47,8 @@ pub struct HealthPolicy {
 #[derive(Debug, Clone)]
 pub struct RunnerLaunch {
     pub id: RunnerId,
+    /// The machine type whose room it holds (its limits are in `limits`).
+    pub machine_type: String,
     pub command: Vec<String>,
     /// What it may see: its revision's code (its working directory), its cache, its uid.
     pub confinement: Confinement,
@@ -88,9 +90,12 @@ impl Event {
     }
 }
 
-#[derive(Debug)]
-enum Order {
+/// What a backend is told to do with a runner, through its [`RunnerHandle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// End it gracefully: SIGTERM now, SIGKILL once `grace` has passed.
     Stop { grace: Duration },
+    /// End it now.
     Kill,
 }
 
@@ -105,6 +110,13 @@ pub struct RunnerHandle {
 }
 
 impl RunnerHandle {
+    /// A handle for a runner serving at `addr`, and the receiving end of its orders,
+    /// for the backend that runs it.
+    pub fn new(id: RunnerId, addr: Endpoint) -> (RunnerHandle, mpsc::UnboundedReceiver<Order>) {
+        let (orders, rx) = mpsc::unbounded_channel();
+        (RunnerHandle { id, addr, orders }, rx)
+    }
+
     /// SIGTERM to the runner's process group now, SIGKILL after `grace`.
     pub fn stop(&self, grace: Duration) {
         let _ = self.orders.send(Order::Stop { grace });
@@ -187,6 +199,9 @@ impl RunnerBackend for LocalProcesses {
     fn launch(&self, launch: RunnerLaunch, events: mpsc::UnboundedSender<Event>) -> std::io::Result<RunnerHandle> {
         let runner_dir = self.dir.join(launch.id.to_string());
         std::fs::create_dir_all(&runner_dir)?;
+        if let Some(cache) = &launch.confinement.cache {
+            self.sandbox.prepare_dir(cache, launch.confinement.uid)?;
+        }
         let log = Arc::new(Mutex::new(LogFile::open(self.log_path(launch.id), self.log_limit)?));
         let port = free_port()?;
         let loopback = SocketAddr::from(([127, 0, 0, 1], port));
@@ -242,10 +257,10 @@ impl RunnerBackend for LocalProcesses {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(pump(stderr, "stderr", log.clone(), tap));
         }
-        let (orders, order_rx) = mpsc::unbounded_channel();
+        let (handle, order_rx) = RunnerHandle::new(launch.id, addr.clone());
         let watch = Watch {
             launch,
-            addr: addr.clone(),
+            addr,
             pgid,
             pid_file: runner_dir.join("pid"),
             log,
@@ -257,9 +272,8 @@ impl RunnerBackend for LocalProcesses {
             network: None,
             group,
         };
-        let id = watch.launch.id;
         tokio::spawn(watch.run(child));
-        Ok(RunnerHandle { id, addr, orders })
+        Ok(handle)
     }
 
     fn read_log(&self, id: RunnerId, offset: u64) -> std::io::Result<(String, u64)> {
@@ -673,6 +687,7 @@ mod tests {
     fn shell_runner(id: RunnerId, dir: &Path, script: String) -> RunnerLaunch {
         RunnerLaunch {
             id,
+            machine_type: "cpu".to_owned(),
             command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
             confinement: Confinement {
                 uid: 0,
