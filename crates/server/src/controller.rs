@@ -221,13 +221,15 @@ impl Controller {
         let retries = self.runners.iter().filter(|r| r.state == RunnerState::CrashBackoff).filter_map(|r| r.retry_at);
         // The deadline counts only while its runner waits for room: once it is setting
         // up, its own startup timeout ends the wait.
-        let deadline = self
-            .pending
-            .as_ref()
-            .filter(|p| self.runners.iter().any(|r| r.id == p.runner && r.state == RunnerState::Pending))
-            .map(|p| p.deadline);
+        let deadline = self.pending.as_ref().filter(|_| self.candidate_waits_for_room()).map(|p| p.deadline);
         let latest = Instant::now() + if self.loaded { BUSY_TICK } else { IDLE_WAKE };
         retries.chain(deadline).chain(self.recheck_at).fold(latest, Instant::min)
+    }
+
+    /// Whether the runner a rolling switch waits for is still waiting for room.
+    fn candidate_waits_for_room(&self) -> bool {
+        let candidate = self.pending.as_ref().map(|p| p.runner);
+        self.runners.iter().any(|r| Some(r.id) == candidate && r.state == RunnerState::Pending)
     }
 
     async fn command(&mut self, command: Command) {
@@ -490,7 +492,7 @@ impl Controller {
         // A rolling activation whose runner never found room gives up in time.
         if let Some(pending) = &self.pending
             && now >= pending.deadline
-            && self.runners.iter().any(|r| r.id == pending.runner && r.state == RunnerState::Pending)
+            && self.candidate_waits_for_room()
         {
             let pending = self.pending.take().expect("checked above");
             let reason = format!(
