@@ -5,6 +5,7 @@
 //! [`AppRoute`] per app and its controller keeps the route's runners up to date.
 
 mod body;
+pub mod conn;
 mod metrics;
 pub mod route;
 mod upstream;
@@ -82,9 +83,8 @@ pub struct Gateway {
     auth: Arc<dyn Authenticator>,
     queue: OnceLock<Arc<dyn QueueHandler>>,
     default_start_timeout: Duration,
-    /// How long a connection may take to send a request's headers, counted from when it
-    /// is ready for the request: a keep-alive connection idle this long is closed too.
-    header_read_timeout: Duration,
+    /// How long a connection may sit idle, and take to send a request's headers.
+    timeouts: conn::Timeouts,
     pub metrics: Metrics,
 }
 
@@ -92,22 +92,23 @@ impl Gateway {
     pub fn new(
         auth: Arc<dyn Authenticator>,
         default_start_timeout: Duration,
-        header_read_timeout: Duration,
+        timeouts: conn::Timeouts,
     ) -> Arc<Gateway> {
         Arc::new(Gateway {
             routes: RwLock::default(),
             auth,
             queue: OnceLock::new(),
             default_start_timeout,
-            header_read_timeout,
+            timeouts,
             metrics: Metrics::default(),
         })
     }
 
-    /// How connections are served: HTTP/1.1, with the header read timeout.
+    /// How connections are served: HTTP/1.1, with hyper's header timer as a backstop to
+    /// the connection's own timeouts (see [`conn`]).
     fn http1(&self) -> hyper::server::conn::http1::Builder {
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(self.header_read_timeout);
+        builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(self.timeouts.hyper_backstop());
         builder
     }
 
@@ -169,39 +170,61 @@ impl Gateway {
             };
             // Calls are small request/response exchanges: send each write at once.
             let _ = stream.set_nodelay(true);
-            let gateway = self.clone();
             let secure = acceptor.is_some();
-            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(call(gateway, request.map(Body::new), secure).await) }
-            });
-            let http1 = self.http1();
             let Some(acceptor) = acceptor.clone() else {
-                let connection = http1.serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "gateway connection ended with an error");
-                    }
-                });
+                let connection = self.clone().connection(stream, secure, graceful.watcher());
+                tokio::spawn(connection);
                 continue;
             };
             // The TLS handshake runs in the connection's own task, so a slow or broken
             // client never holds up the accept loop.
             let watcher = graceful.watcher();
+            let gateway = self.clone();
             tokio::spawn(async move {
                 let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 };
-                let connection = http1.serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(connection).await {
-                    tracing::debug!(error = %e, "gateway connection ended with an error");
-                }
+                gateway.connection(stream, secure, watcher).await;
             });
         }
         graceful.shutdown().await;
+    }
+
+    /// Serves the calls of one connection, watched by `graceful`, until the client closes
+    /// it or it sits idle, or sends a request's headers, for too long.
+    fn connection<S>(
+        self: Arc<Self>,
+        stream: S,
+        secure: bool,
+        graceful: hyper_util::server::graceful::Watcher,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeouts = self.timeouts;
+        let (activity, stream) = timeouts.watch(stream);
+        let http1 = self.http1();
+        let service = hyper::service::service_fn({
+            let activity = activity.clone();
+            move |request: http::Request<Incoming>| {
+                activity.request_started();
+                let (gateway, activity) = (self.clone(), activity.clone());
+                async move {
+                    let answer = call(gateway, request.map(Body::new), secure).await;
+                    Ok::<_, std::convert::Infallible>(answer.map(|body| conn::Answer::new(body, activity)))
+                }
+            }
+        });
+        let connection = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+        async move {
+            match timeouts.serve(&activity, connection).await {
+                Some(Err(e)) => tracing::debug!(error = %e, "gateway connection ended with an error"),
+                None => tracing::debug!("gateway connection closed: idle, or its headers too slow"),
+                Some(Ok(())) => {}
+            }
+        }
     }
 
     /// Serves calls on `listener` with `threads` threads, each with a single-threaded

@@ -60,11 +60,14 @@ pub struct ServerArgs {
     /// [default: 300]
     #[arg(long, env = "HANGAR_START_TIMEOUT")]
     pub start_timeout: Option<f64>,
-    /// Seconds a connection (API or gateway) may take to send a request's headers,
-    /// counted from when it is ready for one, so an idle keep-alive connection is closed
-    /// after as long [default: 30]
+    /// Seconds a connection (API or gateway) may take to send a request's headers, from
+    /// their first byte [default: 30]
     #[arg(long, env = "HANGAR_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<f64>,
+    /// Seconds a connection (API or gateway) may wait for its next request, after an
+    /// answer or when new, before it is closed [default: 60]
+    #[arg(long, env = "HANGAR_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<f64>,
     /// Seconds an API request's body (an upload) may go without sending any data before
     /// it is dropped [default: 60]
     #[arg(long, env = "HANGAR_BODY_READ_TIMEOUT")]
@@ -126,6 +129,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     health_interval: Option<f64>,
     header_read_timeout: Option<f64>,
+    idle_timeout: Option<f64>,
     body_read_timeout: Option<f64>,
     metrics_public: Option<bool>,
     webhook_allow_private: Option<bool>,
@@ -221,6 +225,7 @@ pub struct Config {
     pub start_timeout: Duration,
     pub health_interval: Duration,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
     pub metrics_public: bool,
     pub webhook_allow_private: bool,
@@ -249,6 +254,12 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 impl Config {
+    /// How long a connection to either listener may sit idle, or take over a request's
+    /// headers.
+    pub fn connection_timeouts(&self) -> gateway::conn::Timeouts {
+        gateway::conn::Timeouts { header_read: self.header_read_timeout, idle: self.idle_timeout }
+    }
+
     pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -302,6 +313,7 @@ impl Config {
                 args.header_read_timeout.or(file.header_read_timeout),
                 30.0,
             )?,
+            idle_timeout: seconds("idle_timeout", args.idle_timeout.or(file.idle_timeout), 60.0)?,
             metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
             webhook_allow_private: args.webhook_allow_private || file.webhook_allow_private.unwrap_or(false),
             body_read_timeout: seconds("body_read_timeout", args.body_read_timeout.or(file.body_read_timeout), 60.0)?,

@@ -130,7 +130,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .merge(dashboard())
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(config.body_read_timeout))
         .layer(tower_http::trace::TraceLayer::new_for_http());
-    let api_server = serve_api(api_listener, api_app, config.header_read_timeout, shutdown.clone());
+    let api_server = serve_api(api_listener, api_app, config.connection_timeouts(), shutdown.clone());
     let gateway_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gateway_server =
         gateway.clone().serve_threads(gateway_listener.into_std()?, gateway_threads, tls, shutdown.clone());
@@ -171,7 +171,7 @@ fn assemble(
     let gateway = gateway::Gateway::new(
         Arc::new(auth::GatewayKeys { store: store.clone() }),
         config.start_timeout,
-        config.header_read_timeout,
+        config.connection_timeouts(),
     );
     let shared = Arc::new(fleet::Shared {
         store: store.clone(),
@@ -364,14 +364,15 @@ pub(crate) fn write_private(path: &std::path::Path, contents: &str) -> anyhow::R
 }
 
 /// Serves the control API on `listener` until `shutdown`, then lets the requests in
-/// flight finish. A connection that takes longer than `header_read_timeout` to send a
-/// request's headers (or sits idle that long between requests) is closed.
+/// flight finish. A connection idle longer than `timeouts.idle`, or slower than
+/// `timeouts.header_read` to send a request's headers, is closed.
 async fn serve_api(
     listener: TcpListener,
     app: axum::Router,
-    header_read_timeout: Duration,
+    timeouts: gateway::conn::Timeouts,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
+    use tower::ServiceExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -385,15 +386,26 @@ async fn serve_api(
             },
             () = shutdown.cancelled() => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (activity, stream) = timeouts.watch(stream);
+        let service = hyper::service::service_fn({
+            let (app, activity) = (app.clone(), activity.clone());
+            move |request: hyper::Request<hyper::body::Incoming>| {
+                activity.request_started();
+                let activity = activity.clone();
+                let answer = app.clone().oneshot(request.map(axum::body::Body::new));
+                async move { answer.await.map(|answer| answer.map(|body| gateway::conn::Answer::new(body, activity))) }
+            }
+        });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+            .header_read_timeout(timeouts.hyper_backstop())
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "an API connection ended with an error");
+            match timeouts.serve(&activity, connection).await {
+                Some(Err(e)) => tracing::debug!(error = %e, "an API connection ended with an error"),
+                None => tracing::debug!("an API connection closed: idle, or its headers too slow"),
+                Some(Ok(())) => {}
             }
         });
     }

@@ -445,11 +445,20 @@ fn closed_by_server(stream: &mut std::net::TcpStream, deadline: std::time::Insta
 #[test]
 fn half_sent_requests_are_dropped_after_their_timeouts_and_do_not_hold_up_other_calls() {
     use std::io::Write;
-    let server = server_with(&["--header-read-timeout", "1", "--body-read-timeout", "1"]);
+    let server = server_with(&["--header-read-timeout", "1", "--idle-timeout", "8", "--body-read-timeout", "1"]);
     let app = testapp_dir("steady", "[scaling]\nmin_concurrency = 1\n");
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
     let connect = |url: &str| std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
-    // Headers that never end, on both listeners, and an idle keep-alive connection.
+    let request = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    // A keep-alive connection on each listener that has had its answer and now waits.
+    let mut kept = Vec::new();
+    for (url, path) in [(&server.api_url, "/healthz"), (&server.gateway_url, "/default/steady/")] {
+        let mut stream = connect(url);
+        stream.write_all(request(path).as_bytes()).unwrap();
+        assert!(read_answer(&mut stream).starts_with("HTTP/1.1 200"));
+        kept.push((stream, path));
+    }
+    // Headers that never end, on both listeners, and a connection that sends nothing.
     let mut stalled = Vec::new();
     for url in [&server.api_url, &server.gateway_url] {
         for _ in 0..50 {
@@ -457,7 +466,6 @@ fn half_sent_requests_are_dropped_after_their_timeouts_and_do_not_hold_up_other_
             stream.write_all(b"GET /default/steady/ HTTP/1.1\r\nhost: x\r\nx-slow: ").unwrap();
             stalled.push(stream);
         }
-        stalled.push(connect(url));
     }
     // An upload whose body stops coming.
     let mut upload = connect(&server.api_url);
@@ -479,8 +487,41 @@ fn half_sent_requests_are_dropped_after_their_timeouts_and_do_not_hold_up_other_
         assert!(closed_by_server(stream, deadline), "stalled connection {i} is still open");
     }
     assert!(closed_by_server(&mut upload, deadline), "the stalled upload is still open");
+    // The waiting keep-alive connections have now been idle longer than a header may
+    // take, and are still open: idle has its own, longer timeout.
+    for (stream, path) in &mut kept {
+        stream.write_all(request(path).as_bytes()).unwrap();
+        assert!(read_answer(stream).starts_with("HTTP/1.1 200"), "the idle connection to {path} was closed");
+    }
+    // Until that runs out too, as it does for a connection that never sends a byte.
+    let mut silent: Vec<_> = [&server.api_url, &server.gateway_url].map(|url| connect(url)).into();
+    for (i, stream) in kept.iter_mut().map(|(s, _)| s).chain(&mut silent).enumerate() {
+        assert!(closed_by_server(stream, deadline), "idle connection {i} is still open");
+    }
     let reply = Http::new().get(&app_url(&server, "steady", "/"), None);
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// Reads one answer's head and a body with a content-length from `stream`, as text.
+fn read_answer(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        answer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&answer).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head + &String::from_utf8_lossy(&body)
 }
 
 #[test]
