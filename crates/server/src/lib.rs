@@ -97,6 +97,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if reaped > 0 {
         tracing::warn!(count = reaped, "ended runner processes left behind by an earlier run");
     }
+    if let Some(swept) = sandbox.cgroups().map(|c| c.sweep_empty(LEFTOVER_CGROUP_AGE)).filter(|n| *n > 0) {
+        tracing::info!(count = swept, "removed empty cgroups left behind by an earlier run");
+    }
     let _ = std::fs::remove_dir_all(layout.runners());
     std::fs::create_dir_all(layout.runners())
         .with_context(|| format!("cannot create {}", layout.runners().display()))?;
@@ -153,6 +156,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Background deploys see the cancellation, stop their builds and record the
     // revision as Failed ("interrupted") before the process exits.
     control.fleet.shutdown().await;
+    // The runners have ended; their cgroups go before the process does.
+    if let Some(cgroups) = control.fleet.shared.sandbox.cgroups() {
+        cgroups.settle(Duration::from_secs(5)).await;
+    }
     control.tasks.close();
     control.tasks.wait().await;
     tracing::info!("stopped");
@@ -271,6 +278,10 @@ fn tls_config(
 
 /// A runner's log is rotated at this size (one older file is kept).
 const RUNNER_LOG_BYTES: u64 = 8 << 20;
+
+/// Empty runner and build cgroups older than this are an earlier run's, and go at start
+/// (a younger one may be another server's, about to be joined).
+const LEFTOVER_CGROUP_AGE: Duration = Duration::from_secs(60);
 
 /// Starts the controller of every app that has a current revision, so that its
 /// `min_concurrency` runners come up and calls find it.

@@ -23,6 +23,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a group may use. `None` is no limit of that kind.
@@ -66,7 +67,12 @@ pub struct Cgroups {
     memory: Option<PathBuf>,
     pids: Option<PathBuf>,
     cpu: Option<PathBuf>,
+    /// Removals of groups whose last processes were still ending; awaited on shutdown.
+    removals: tokio_util::task::TaskTracker,
 }
+
+/// How the names of the groups of runners and builds begin.
+const GROUP_PREFIXES: [&str; 2] = ["hangar-runner-", "hangar-build-"];
 
 /// The controllers groups are made with.
 const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
@@ -95,7 +101,13 @@ impl Cgroups {
             let mount = mounts.iter().find(|m| !m.v2 && m.options.iter().any(|o| o == controller))?;
             Some(mount.dir_of(path))
         };
-        let cgroups = Cgroups { version: Version::V1, memory: dir("memory"), pids: dir("pids"), cpu: dir("cpu") };
+        let cgroups = Cgroups {
+            version: Version::V1,
+            memory: dir("memory"),
+            pids: dir("pids"),
+            cpu: dir("cpu"),
+            removals: Default::default(),
+        };
         if cgroups.memory.is_none() && cgroups.pids.is_none() {
             return Err("the machine has neither a memory nor a pids cgroup controller".to_owned());
         }
@@ -125,7 +137,13 @@ impl Cgroups {
                 .map_err(|e| format!("cannot enable {} for {}: {e}", missing.join(", "), dir.display()))?;
         }
         let cpu = has("cpu").then(|| dir.clone());
-        Ok(Cgroups { version: Version::V2, memory: Some(dir.clone()), pids: Some(dir), cpu })
+        Ok(Cgroups {
+            version: Version::V2,
+            memory: Some(dir.clone()),
+            pids: Some(dir),
+            cpu,
+            removals: Default::default(),
+        })
     }
 
     /// Makes and removes a group, which is what every start will do.
@@ -144,7 +162,8 @@ impl Cgroups {
     /// Makes the group `name` with `limits`. The process that is to run in it joins it
     /// with [`Group::join_fds`].
     pub(crate) fn create(&self, name: &str, limits: &Limits) -> std::io::Result<Group> {
-        let mut group = Group { dirs: Vec::new(), procs: Vec::new(), memory: None, pids: None };
+        let mut group =
+            Group { dirs: Vec::new(), procs: Vec::new(), memory: None, pids: None, removals: self.removals.clone() };
         // On v1 a group is in only the hierarchies whose limits it has: each move of a
         // process into a cgroup can cost the kernel an RCU grace period.
         let at = |parent: &Option<PathBuf>, limited: bool| {
@@ -212,11 +231,46 @@ impl Cgroups {
             procs: Vec::new(),
             memory: None,
             pids: None,
+            removals: self.removals.clone(),
         };
         let found = group.processes().len();
         group.kill_all();
         group.remove_now();
         found
+    }
+
+    /// Removes the empty groups of runners and builds that were made more than `age`
+    /// ago: ones a server could not remove before it exited, while their last processes
+    /// were still ending. A younger empty group may be one another server, sharing this
+    /// cgroup, has just made for a process about to join it. Returns how many went.
+    pub fn sweep_empty(&self, age: Duration) -> usize {
+        let mut removed = 0;
+        for parent in self.parents() {
+            let Ok(entries) = std::fs::read_dir(parent) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !GROUP_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
+                    continue;
+                }
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|made| made.elapsed().is_ok_and(|a| a >= age));
+                // The kernel refuses to remove a group that still has processes.
+                if old && std::fs::remove_dir(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Waits, at most `within`, for the groups still being removed to go: for a server
+    /// that is about to exit, whose runners have all ended.
+    pub async fn settle(&self, within: Duration) {
+        self.removals.close();
+        let _ = tokio::time::timeout(within, self.removals.wait()).await;
     }
 
     /// One directory per hierarchy groups are made in (v2: one).
@@ -237,6 +291,8 @@ pub(crate) struct Group {
     memory: Option<PathBuf>,
     /// Where the kernel counts the forks the pids limit refused.
     pids: Option<PathBuf>,
+    /// Where its removal goes when its processes have not all ended yet.
+    removals: tokio_util::task::TaskTracker,
 }
 
 impl Group {
@@ -314,6 +370,18 @@ impl Group {
         }
         if let Some(dir) = self.dirs.iter().find(|d| d.exists()) {
             tracing::warn!(cgroup = %dir.display(), "a cgroup could not be removed; its processes did not end");
+        }
+    }
+
+    /// Removes the group: at once if its processes have ended, otherwise in a task that
+    /// gives them `within` to go, which a server that is stopping waits for
+    /// ([`Cgroups::settle`]). One that is killed first leaves an empty group, which its
+    /// next start sweeps away ([`Cgroups::sweep_empty`]).
+    pub(crate) fn remove_soon(self: Arc<Self>, within: Duration) {
+        self.kill_all();
+        if !self.try_remove() {
+            let removals = self.removals.clone();
+            removals.spawn(async move { self.remove(within).await });
         }
     }
 

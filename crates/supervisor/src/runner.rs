@@ -221,7 +221,7 @@ impl RunnerBackend for LocalProcesses {
             Ok(child) => child,
             Err(e) => {
                 if let Some(group) = group {
-                    tokio::spawn(async move { group.remove(Duration::from_secs(1)).await });
+                    group.remove_soon(Duration::from_secs(1));
                 }
                 return Err(e);
             }
@@ -450,7 +450,7 @@ impl Watch {
         // The sandbox's last processes end on their own soon after its first; their group
         // goes once they have, without holding up whoever waits for the runner to end.
         if let Some(group) = self.group.take() {
-            tokio::spawn(async move { group.remove(Duration::from_secs(5)).await });
+            group.remove_soon(Duration::from_secs(5));
         }
         let (requested, reason) = match (ending, status) {
             (Some(ending), _) => ending,

@@ -356,6 +356,62 @@ fn memory_over_the_limit_and_a_fork_bomb_are_contained_while_other_apps_are_serv
     assert!(report.sent > 0 && report.failures.is_empty(), "{report:?}");
 }
 
+/// The cgroup directories named `name` beside this process's own (where the server it
+/// starts makes its groups), in each hierarchy that has one.
+fn cgroups_named(name: &str) -> Vec<std::path::PathBuf> {
+    own_cgroup_dirs().into_iter().map(|dir| dir.join(name)).filter(|dir| dir.is_dir()).collect()
+}
+
+/// This process's cgroup directory in each mounted hierarchy groups are made in (v1:
+/// memory's, pids' and cpu's; v2: the one).
+fn own_cgroup_dirs() -> Vec<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    own.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            if !controllers.is_empty() && !controllers.split(',').any(|c| ["memory", "pids", "cpu"].contains(&c)) {
+                return None;
+            }
+            let hierarchy = if controllers.is_empty() { "" } else { controllers };
+            let dir = std::path::Path::new("/sys/fs/cgroup").join(hierarchy).join(path.trim_start_matches('/'));
+            (dir.join("cgroup.procs").exists()).then_some(dir)
+        })
+        .collect()
+}
+
+#[test]
+fn a_runners_cgroup_goes_with_it_and_empty_ones_an_earlier_run_left_are_swept_at_start() {
+    // What a server killed while its runners' last processes were ending leaves behind:
+    // empty groups. An hour-old one is swept; a young one may be another server's.
+    let (stale, young) =
+        (format!("hangar-runner-stale-{}", std::process::id()), format!("hangar-runner-young-{}", std::process::id()));
+    let dirs = own_cgroup_dirs();
+    assert!(!dirs.is_empty(), "this machine has no cgroups");
+    for dir in &dirs {
+        std::fs::create_dir(dir.join(&stale)).unwrap();
+        let made = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(dir.join(&stale)).unwrap().set_modified(made).unwrap();
+        std::fs::create_dir(dir.join(&young)).unwrap();
+    }
+    let mut server = server();
+    assert!(cgroups_named(&stale).is_empty(), "an earlier run's empty cgroup was kept");
+    assert_eq!(cgroups_named(&young).len(), dirs.len(), "a young cgroup was removed");
+    for dir in cgroups_named(&young) {
+        std::fs::remove_dir(dir).unwrap();
+    }
+
+    let app = testapp_dir("grouped", "");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let reply = Http::new().get(&format!("{}/default/grouped/", server.gateway_url), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let group = format!("hangar-runner-{}", reply.header("x-hangar-runner-id").unwrap());
+    assert!(!cgroups_named(&group).is_empty(), "the runner has no cgroup");
+    // A server that stops removes its runners' groups before it exits.
+    assert!(server.stop().success());
+    assert_eq!(cgroups_named(&group), Vec::<std::path::PathBuf>::new(), "the runner's cgroup outlived the server");
+}
+
 #[test]
 fn a_machine_types_cpus_cap_the_time_a_runner_gets() {
     let (server, _config) = server_with_small_machines("cpus = 0.25\n");
