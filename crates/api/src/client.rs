@@ -7,7 +7,7 @@ use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
+    GpuJson, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
     TeamJson,
 };
@@ -126,6 +126,10 @@ impl Client {
 
     pub async fn health(&self) -> Result<HealthJson> {
         self.json(self.request(Method::GET, "/healthz")).await
+    }
+
+    pub async fn gpus(&self) -> Result<Vec<GpuJson>> {
+        self.json(self.request(Method::GET, "/v1/gpus")).await
     }
 
     pub async fn list_apps(&self) -> Result<Vec<AppJson>> {

@@ -24,7 +24,7 @@ use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
 use crate::openapi;
 use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
+    GpuJson, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
     TeamJson,
 };
@@ -176,6 +176,8 @@ pub trait ControlPlane: Send + Sync + 'static {
         runner: &str,
         offset: u64,
     ) -> impl Future<Output = Result<LogChunk, ApiError>> + Send;
+    /// The server's GPUs; holders are named only where they are the caller's team's.
+    fn list_gpus(&self, caller: &Caller) -> impl Future<Output = Result<Vec<GpuJson>, ApiError>> + Send;
 }
 
 /// Builds the control API router, and the OpenAPI document that describes it from the
@@ -204,7 +206,8 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .routes(routes!(unset_secret))
         .routes(routes!(stop_runner))
         .routes(routes!(kill_runner))
-        .routes(routes!(runner_log));
+        .routes(routes!(runner_log))
+        .routes(routes!(gpus));
     // Exactly the routes that the key is checked on are documented as needing it.
     openapi::require_key(v1.get_openapi_mut());
     let v1 = v1.route_layer(middleware::from_fn_with_state(control.clone(), authenticate::<C>));
@@ -744,6 +747,18 @@ async fn kill_runner<C: ControlPlane>(
     PathParams(path): PathParams<RunnerPath>,
 ) -> Result<Json<RunnerJson>, ApiError> {
     c.kill_runner(&caller, &path.id).await.map(Json)
+}
+
+/// The server's GPUs: which runner of which app holds each, and what it is doing.
+#[utoipa::path(
+    get, path = "/v1/gpus", tag = "runners",
+    responses((status = OK, body = Vec<GpuJson>))
+)]
+async fn gpus<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<GpuJson>>, ApiError> {
+    c.list_gpus(&caller).await.map(Json)
 }
 
 /// A piece of a runner's log (what it printed).

@@ -34,7 +34,10 @@ pub struct AppJson {
     pub request_timeout: u64,
     pub max_multiplexing: u32,
     pub startup_timeout: u64,
+    /// The machine types its runners may run on, comma-separated in order of preference.
     pub machine_type: String,
+    /// Whole GPUs per runner, when the manifest says (otherwise its machine type's).
+    pub num_gpus: Option<u32>,
     pub termination_grace_period: u64,
     pub suspended: bool,
     #[schema(format = DateTime)]
@@ -58,7 +61,10 @@ pub struct RevisionJson {
     pub message: Option<String>,
     pub max_multiplexing: u32,
     pub startup_timeout: u64,
+    /// The machine types its runners may run on, comma-separated in order of preference.
     pub machine_type: String,
+    /// Whole GPUs per runner, when the manifest says (otherwise its machine type's).
+    pub num_gpus: Option<u32>,
     pub termination_grace_period: u64,
     pub runners: u32,
     pub failure: Option<String>,
@@ -107,6 +113,28 @@ pub struct CacheJson {
     pub bytes: u64,
     /// Whether it was emptied.
     pub cleared: bool,
+}
+
+/// One of the server's GPUs, and who holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct GpuJson {
+    /// What its runner is told (`CUDA_VISIBLE_DEVICES`): the UUID of a detected GPU, or
+    /// the id the server was given.
+    pub id: String,
+    pub index: u32,
+    /// The device's name, where known.
+    pub name: Option<String>,
+    /// Its memory in bytes, where known.
+    pub memory: Option<u64>,
+    /// Whether a runner holds it.
+    pub held: bool,
+    /// The app (`team/app`) and runner holding it, when the caller's team owns that app.
+    pub app: Option<String>,
+    pub runner: Option<String>,
+    /// Percent of the last sample period a kernel ran on it, where NVML can say.
+    pub utilization: Option<u32>,
+    /// Bytes of its memory in use, where NVML can say.
+    pub memory_used: Option<u64>,
 }
 
 /// The answer of `/healthz`.
@@ -173,6 +201,7 @@ impl AppJson {
             max_multiplexing: app.runner.max_multiplexing,
             startup_timeout: app.runner.startup_timeout,
             machine_type: app.runner.machine_type.clone(),
+            num_gpus: app.runner.num_gpus,
             termination_grace_period: app.runner.termination_grace_period,
             suspended: app.suspended,
             created_at: rfc3339(app.created_at),
@@ -198,6 +227,7 @@ impl RevisionJson {
             max_multiplexing: rev.runner.max_multiplexing,
             startup_timeout: rev.runner.startup_timeout,
             machine_type: rev.runner.machine_type.clone(),
+            num_gpus: rev.runner.num_gpus,
             termination_grace_period: rev.runner.termination_grace_period,
             runners,
             failure: rev.failure.clone(),
@@ -222,7 +252,10 @@ pub struct RunnerJson {
     pub id: String,
     pub app: String,
     pub revision: String,
+    /// The machine type it runs on (while it waits: the ones it may run on).
     pub machine_type: String,
+    /// The ids of the GPUs it holds (held, once it has ended).
+    pub gpus: Vec<String>,
     /// pending | setup | idle | running | draining | terminating | terminated | crash_backoff
     #[schema(schema_with = crate::openapi::runner_state)]
     pub state: String,
@@ -412,6 +445,7 @@ impl RunnerJson {
             app: r.app.clone(),
             revision: r.revision.to_string(),
             machine_type: r.machine_type.clone(),
+            gpus: r.gpus.clone(),
             state: r.state.as_str().to_owned(),
             in_flight: r.in_flight,
             expires_in: r.expires_in.map(|d| d.as_secs()),

@@ -70,6 +70,8 @@ enum Command {
     /// See and manage runners
     #[command(subcommand)]
     Runners(runners::RunnersCommand),
+    /// The server's GPUs: which runner of which app holds each
+    Gpus,
     /// Teams (root key only)
     #[command(subcommand)]
     Teams(access::TeamsCommand),
@@ -133,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deploy(args) => runtime.block_on(deploy::run(&cx, args)),
         Command::Apps(command) => runtime.block_on(apps::run(&cx, command)),
         Command::Runners(command) => runtime.block_on(runners::run(&cx, command)),
+        Command::Gpus => runtime.block_on(runners::gpus(&cx)),
         Command::Teams(command) => runtime.block_on(access::teams(&cx, command)),
         Command::Keys(command) => runtime.block_on(access::keys(&cx, command)),
         Command::Secrets(command) => runtime.block_on(access::secrets(&cx, command)),

@@ -72,7 +72,7 @@ pub(crate) async fn list(cx: &Context, app: Option<&str>, filter: &Filter) -> an
         out!("No runners.");
     }
     cx.out.table(
-        &["RUNNER", "APP", "REVISION", "MACHINE", "STATE", "IN FLIGHT", "EXPIRES IN", "UPTIME", ""],
+        &["RUNNER", "APP", "REVISION", "MACHINE", "GPUS", "STATE", "IN FLIGHT", "EXPIRES IN", "UPTIME", ""],
         runners
             .iter()
             .map(|r| {
@@ -81,11 +81,48 @@ pub(crate) async fn list(cx: &Context, app: Option<&str>, filter: &Filter) -> an
                     r.app.clone(),
                     short(&r.revision),
                     r.machine_type.clone(),
+                    r.gpus.join(","),
                     state_badge(&r.state),
                     r.in_flight.to_string(),
                     r.expires_in.map(|s| format!("{s}s")).unwrap_or_default(),
                     humantime::format_duration(Duration::from_secs(r.uptime)).to_string(),
                     if r.replacing { "replacing".to_owned() } else { String::new() },
+                ]
+            })
+            .collect(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hangar gpus`: each GPU, who holds it, and what it is doing where NVML can say.
+pub(crate) async fn gpus(cx: &Context) -> anyhow::Result<ExitCode> {
+    let gpus = cx.client.gpus().await?;
+    if cx.out.is_json() {
+        cx.out.json(&gpus)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if gpus.is_empty() {
+        out!("No GPUs: the server found none (see its log), and none were given with --gpus.");
+    }
+    let mib = |bytes: Option<u64>| bytes.map(|b| format!("{} MiB", b >> 20)).unwrap_or_default();
+    cx.out.table(
+        &["GPU", "INDEX", "NAME", "MEMORY", "APP", "RUNNER", "UTILIZATION", "MEMORY USED"],
+        gpus.iter()
+            .map(|g| {
+                let app = match (&g.app, g.held) {
+                    (Some(app), _) => app.clone(),
+                    (None, true) => "(another team's)".to_owned(),
+                    (None, false) => "free".to_owned(),
+                };
+                vec![
+                    g.id.clone(),
+                    g.index.to_string(),
+                    g.name.clone().unwrap_or_default(),
+                    mib(g.memory),
+                    app,
+                    g.runner.as_deref().map(short).unwrap_or_default(),
+                    g.utilization.map(|u| format!("{u}%")).unwrap_or_default(),
+                    mib(g.memory_used),
                 ]
             })
             .collect(),

@@ -83,15 +83,31 @@ pub struct RunnerSpec {
     pub max_multiplexing: u32,
     /// How long a new runner may take to become healthy.
     pub startup_timeout: u64,
-    /// Which of the server's machine types runners are placed on.
+    /// Which of the server's machine types runners are placed on: one name, or several
+    /// separated by commas in order of preference (the first with room wins).
     pub machine_type: String,
+    /// Whole GPUs each runner holds; `None`: as many as its machine type gives.
+    pub num_gpus: Option<u32>,
     /// How long a runner is given to exit after being asked to stop.
     pub termination_grace_period: u64,
 }
 
 impl Default for RunnerSpec {
     fn default() -> Self {
-        Self { max_multiplexing: 1, startup_timeout: 600, machine_type: "cpu".to_owned(), termination_grace_period: 10 }
+        Self {
+            max_multiplexing: 1,
+            startup_timeout: 600,
+            machine_type: "cpu".to_owned(),
+            num_gpus: None,
+            termination_grace_period: 10,
+        }
+    }
+}
+
+impl RunnerSpec {
+    /// The machine types a runner may be placed on, in order of preference.
+    pub fn machine_types(&self) -> impl Iterator<Item = &str> {
+        self.machine_type.split(',')
     }
 }
 
@@ -373,13 +389,14 @@ impl<'s> Checker<'s> {
                 "max_multiplexing" => set(&mut runner.max_multiplexing, self.u32(&loc, item, 1, u32::MAX)),
                 "startup_timeout" => set(&mut runner.startup_timeout, self.u64(&loc, item, 1)),
                 "machine_type" => {
-                    if let Some(machine_type) = self.string(&loc, item) {
-                        match check_machine_type(machine_type, machine_types) {
-                            Ok(()) => runner.machine_type = machine_type.to_owned(),
+                    if let Some(names) = self.machine_types(&loc, item) {
+                        match names.iter().try_for_each(|name| check_machine_type(name, machine_types)) {
+                            Ok(()) => runner.machine_type = names.join(","),
                             Err(message) => self.error(&loc, message),
                         }
                     }
                 }
+                "num_gpus" => runner.num_gpus = self.u32(&loc, item, 0, MAX_GPUS),
                 "termination_grace_period" => set(&mut runner.termination_grace_period, self.u64(&loc, item, 0)),
                 _ => self.error(&loc, "unknown key"),
             }
@@ -451,6 +468,26 @@ impl<'s> Checker<'s> {
             self.error(loc, format!("expected a table, got {}", describe(item)));
         }
         table
+    }
+
+    /// `machine_type`: a name, or a non-empty array of distinct names.
+    fn machine_types<'i>(&mut self, loc: &Loc, item: &'i Item) -> Option<Vec<&'i str>> {
+        let Some(array) = item.as_array() else {
+            if item.as_str().is_none() {
+                self.error(loc, format!("expected a string or an array of strings, got {}", describe(item)));
+            }
+            return item.as_str().map(|name| vec![name]);
+        };
+        let names: Option<Vec<&str>> = array.iter().map(|v| v.as_str()).collect();
+        let Some(names) = names.filter(|n| !n.is_empty()) else {
+            self.error(loc, "expected a string or a non-empty array of strings");
+            return None;
+        };
+        if let Some(name) = names.iter().enumerate().find_map(|(i, name)| names[..i].contains(name).then_some(name)) {
+            self.error(loc, format!("machine type {name:?} is listed twice"));
+            return None;
+        }
+        Some(names)
     }
 
     fn string<'i>(&mut self, loc: &Loc, item: &'i Item) -> Option<&'i str> {
@@ -526,9 +563,15 @@ fn check_health_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most GPUs a runner may ask for.
+pub const MAX_GPUS: u32 = 1024;
+
 fn check_machine_type(machine_type: &str, known: Option<&[&str]>) -> Result<(), String> {
     if machine_type.is_empty() {
         return Err("must not be empty".to_owned());
+    }
+    if machine_type.contains(',') {
+        return Err(format!("machine type {machine_type:?} must not contain a comma"));
     }
     match known {
         Some(known) if !known.contains(&machine_type) => {
@@ -668,6 +711,7 @@ mod tests {
                         max_multiplexing: 8,
                         startup_timeout: 300,
                         machine_type: "gpu-a10",
+                        num_gpus: None,
                         termination_grace_period: 20,
                     },
                 }"#]],
@@ -679,30 +723,31 @@ mod tests {
         check(
             r#"command = ["./server"]"#,
             expect![[r#"
-            Manifest {
-                name: None,
-                command: [
-                    "./server",
-                ],
-                build: None,
-                health_path: "/health",
-                env: {},
-                scaling: Scaling {
-                    keep_alive: 60,
-                    min_concurrency: 0,
-                    max_concurrency: 10,
-                    concurrency_buffer: 0,
-                    concurrency_buffer_perc: 0,
-                    scaling_delay: 0,
-                    request_timeout: 3600,
-                },
-                runner: RunnerSpec {
-                    max_multiplexing: 1,
-                    startup_timeout: 600,
-                    machine_type: "cpu",
-                    termination_grace_period: 10,
-                },
-            }"#]],
+                Manifest {
+                    name: None,
+                    command: [
+                        "./server",
+                    ],
+                    build: None,
+                    health_path: "/health",
+                    env: {},
+                    scaling: Scaling {
+                        keep_alive: 60,
+                        min_concurrency: 0,
+                        max_concurrency: 10,
+                        concurrency_buffer: 0,
+                        concurrency_buffer_perc: 0,
+                        scaling_delay: 0,
+                        request_timeout: 3600,
+                    },
+                    runner: RunnerSpec {
+                        max_multiplexing: 1,
+                        startup_timeout: 600,
+                        machine_type: "cpu",
+                        num_gpus: None,
+                        termination_grace_period: 10,
+                    },
+                }"#]],
         );
     }
 
@@ -741,6 +786,7 @@ mod tests {
                         max_multiplexing: 1,
                         startup_timeout: 600,
                         machine_type: "cpu",
+                        num_gpus: None,
                         termination_grace_period: 10,
                     },
                 }"#]],
@@ -776,6 +822,7 @@ mod tests {
                         max_multiplexing: 1,
                         startup_timeout: 600,
                         machine_type: "gpu-h100",
+                        num_gpus: None,
                         termination_grace_period: 10,
                     },
                 }"#]],
@@ -854,7 +901,7 @@ mod tests {
             "#,
             expect![[r#"
                 hangar.toml:2: scaling.extra: unknown key
-                hangar.toml:5: runner.machine_type: expected a string, got a table"#]],
+                hangar.toml:5: runner.machine_type: expected a string or an array of strings, got a table"#]],
         );
     }
 
@@ -910,7 +957,7 @@ mod tests {
                 hangar.toml:9: scaling.max_concurrency: expected an integer, got a boolean
                 hangar.toml:10: scaling.scaling_delay: expected an integer, got a datetime
                 hangar.toml:11: scaling.request_timeout: expected an integer, got an array
-                hangar.toml:13: runner.machine_type: expected a string, got an integer
+                hangar.toml:13: runner.machine_type: expected a string or an array of strings, got an integer
                 hangar.toml:14: runner.startup_timeout: expected an integer, got a table"#]],
         );
     }
@@ -1065,6 +1112,39 @@ mod tests {
             "#,
             expect!["hangar.toml:2: runner.machine_type: must not be empty"],
         );
+    }
+
+    #[test]
+    fn machine_types_in_order_of_preference_and_a_gpu_count() {
+        let manifest = Manifest::parse(
+            &dedent(
+                r#"
+                command = ["./server"]
+                [runner]
+                machine_type = ["gpu-a10", "cpu"]
+                num_gpus = 2
+                "#,
+            ),
+            Some(&["cpu", "gpu-a10"]),
+        )
+        .unwrap();
+        assert_eq!(manifest.runner.machine_types().collect::<Vec<_>>(), ["gpu-a10", "cpu"]);
+        assert_eq!(manifest.runner.num_gpus, Some(2));
+        let cases = [
+            ("machine_type = []", "expected a string or a non-empty array of strings"),
+            ("machine_type = [\"cpu\", 1]", "expected a string or a non-empty array of strings"),
+            ("machine_type = [\"cpu\", \"cpu\"]", "machine type \"cpu\" is listed twice"),
+            ("machine_type = [\"cpu\", \"gpu-h100\"]", "unknown machine type \"gpu-h100\""),
+            ("num_gpus = -1", "runner.num_gpus"),
+            ("num_gpus = \"one\"", "expected an integer, got a string"),
+        ];
+        for (line, want) in cases {
+            let err =
+                Manifest::parse(&format!("command = [\"./server\"]\n[runner]\n{line}\n"), Some(&["cpu", "gpu-a10"]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(want), "{line}: {err}");
+        }
     }
 
     #[test]

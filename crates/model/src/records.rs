@@ -75,7 +75,10 @@ pub struct RunnerInfo {
     pub id: crate::ids::RunnerId,
     pub app: String,
     pub revision: RevisionId,
+    /// The machine type it was placed on (while it waits: the ones it may run on).
     pub machine_type: String,
+    /// The GPUs it holds (held, once it has ended), by id.
+    pub gpus: Vec<String>,
     pub state: crate::revision::RunnerState,
     pub in_flight: u32,
     /// For an idle runner above the app's minimum: how long until keep_alive stops it.

@@ -47,6 +47,10 @@ pub struct ServerArgs {
     /// [default: cpu=4 × the number of CPUs]
     #[arg(long = "machine-type", env = "HANGAR_MACHINE_TYPES", value_delimiter = ',')]
     pub machine_types: Vec<String>,
+    /// The GPUs runners may be given, as ID or ID=DEVICE, comma-separated, instead of
+    /// the ones NVML finds [default: every GPU NVML finds]
+    #[arg(long, env = "HANGAR_GPUS", value_delimiter = ',')]
+    pub gpus: Vec<String>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "HANGAR_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -143,6 +147,7 @@ struct FileConfig {
     sandbox_ro_paths: Vec<PathBuf>,
     #[serde(default)]
     machine_types: BTreeMap<String, MachineTypeConfig>,
+    gpus: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +157,8 @@ struct MachineTypeConfig {
     memory_limit_mb: Option<u64>,
     cpus: Option<f64>,
     pids_limit: Option<u64>,
+    gpus: Option<u32>,
+    gpu_name: Option<String>,
 }
 
 /// A kind of machine runners can ask for, how many runners of it fit on this server,
@@ -164,12 +171,23 @@ pub struct MachineType {
     pub cpus: Option<f64>,
     /// Processes and threads a runner may have together.
     pub pids_limit: u64,
+    /// Whole GPUs each runner of it holds, unless its manifest says `num_gpus`.
+    pub gpus: u32,
+    /// Its GPUs are ones whose name contains this (`H100`), when set.
+    pub gpu_name: Option<String>,
 }
 
 impl MachineType {
     /// `capacity` runners at once, with no limits but the default one on processes.
     pub fn with_capacity(capacity: u32) -> MachineType {
-        MachineType { capacity, memory_limit_mb: None, cpus: None, pids_limit: supervisor::DEFAULT_PIDS_LIMIT }
+        MachineType {
+            capacity,
+            memory_limit_mb: None,
+            cpus: None,
+            pids_limit: supervisor::DEFAULT_PIDS_LIMIT,
+            gpus: 0,
+            gpu_name: None,
+        }
     }
 
     /// What a runner of this type may use, for its cgroup.
@@ -201,6 +219,8 @@ fn machine_type(name: &str, m: MachineTypeConfig) -> anyhow::Result<MachineType>
         memory_limit_mb: m.memory_limit_mb,
         cpus: m.cpus,
         pids_limit: m.pids_limit.unwrap_or(supervisor::DEFAULT_PIDS_LIMIT),
+        gpus: m.gpus.unwrap_or(0),
+        gpu_name: m.gpu_name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()),
     })
 }
 
@@ -239,6 +259,8 @@ pub struct Config {
     pub sandbox: supervisor::SandboxMode,
     /// Host paths sandboxed code may read.
     pub sandbox_ro_paths: Vec<PathBuf>,
+    /// The GPUs given instead of detecting them (`--gpus`); `None`: detect.
+    pub gpus: Option<Vec<String>>,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -340,6 +362,7 @@ impl Config {
                 .unwrap_or("bwrap")
                 .parse()
                 .map_err(anyhow::Error::msg)?,
+            gpus: if args.gpus.is_empty() { file.gpus } else { Some(args.gpus.clone()) },
             sandbox_ro_paths: if args.sandbox_ro_paths.is_empty() {
                 file.sandbox_ro_paths
             } else {

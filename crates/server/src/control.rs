@@ -9,7 +9,7 @@ use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DEFAULT_REVISION_LIMIT, DeployJson,
-    DeployParams, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
+    DeployParams, GpuJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
     TeamJson,
 };
@@ -182,6 +182,7 @@ impl ControlPlane for Control {
     }
 
     fn metrics(&self) -> String {
+        self.fleet.shared.refresh_gpu_metrics();
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -398,6 +399,30 @@ impl ControlPlane for Control {
     async fn runner_log(&self, caller: &Caller, runner: &str, offset: u64) -> Result<LogChunk, ApiError> {
         require_manage(caller)?;
         self.runner_log_chunk(caller, runner, offset).await
+    }
+
+    async fn list_gpus(&self, caller: &Caller) -> Result<Vec<GpuJson>, ApiError> {
+        require_manage(caller)?;
+        let shared = &self.fleet.shared;
+        let holders = shared.capacity.holders();
+        let own = format!("{}/", caller.team);
+        let gpus = shared.gpus.all().iter().zip(holders).map(|(gpu, holder)| {
+            let usage = shared.gpus.usage(gpu);
+            // Another team's app is not named, only that the GPU is taken.
+            let seen = holder.as_ref().filter(|(_, app)| caller.scope == KeyScope::Root || app.starts_with(&own));
+            GpuJson {
+                id: gpu.id.clone(),
+                index: gpu.index,
+                name: gpu.name.clone(),
+                memory: gpu.memory,
+                held: holder.is_some(),
+                app: seen.map(|(_, app)| app.clone()),
+                runner: seen.map(|(runner, _)| runner.to_string()),
+                utilization: usage.map(|u| u.utilization),
+                memory_used: usage.map(|u| u.memory_used),
+            }
+        });
+        Ok(gpus.collect())
     }
 
     async fn set_rev(&self, caller: &Caller, app: &str, request: SetRevRequest) -> Result<AppJson, ApiError> {

@@ -20,7 +20,8 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::fleet::{AppLabels, Capacity, Shared, StateLabels};
+use crate::fleet::{AppLabels, Shared, StateLabels};
+use crate::placement::{Capacity, Need, Placement};
 
 /// How often a controller looks again when nothing has happened.
 /// The longest a controller sleeps when nothing is due: what changes without an event
@@ -81,8 +82,11 @@ struct Runner {
     /// Marked to be replaced; `replacement` is the runner that takes over.
     replacing: bool,
     replacement: Option<RunnerId>,
-    /// The machine type whose room it holds, while it holds some.
-    capacity: Option<String>,
+    /// Its room on a machine type and its GPUs, from its start until its process ended.
+    capacity: Option<Placement>,
+    /// Where it was placed (kept once it has ended, for listings): the machine type
+    /// and its GPUs' ids.
+    placed: Option<(String, Vec<String>)>,
     reason: Option<String>,
 }
 
@@ -100,6 +104,7 @@ impl Runner {
             replacing: false,
             replacement: None,
             capacity: None,
+            placed: None,
             reason: None,
         }
     }
@@ -520,6 +525,7 @@ impl Controller {
             }
         }
 
+        self.make_room_for_candidate(&snapshot);
         self.replace_marked();
         if self.shutting_down.is_none() {
             self.autoscale(&snapshot);
@@ -572,6 +578,37 @@ impl Controller {
         self.forget_old();
     }
 
+    /// The runner a rolling switch waits for finds no room (its GPUs, say, are all held):
+    /// one runner of the revision it replaces, on a machine type it could use, drains
+    /// to make some, as a rollout's runner hands over when its replacement finds none.
+    /// Its calls finish; new ones wait for the new revision's runner.
+    fn make_room_for_candidate(&mut self, snapshot: &RouteSnapshot) {
+        let Some(pending) = &self.pending else { return };
+        let Some(candidate) = self.runners.iter().find(|r| r.id == pending.runner) else { return };
+        if candidate.state != RunnerState::Pending
+            || self.shared.capacity.has_room(Need::of(&candidate.manifest.runner))
+        {
+            return;
+        }
+        let (revision, types) = (candidate.revision, candidate.manifest.runner.machine_type.clone());
+        let usable = |r: &Runner| r.capacity.as_ref().is_some_and(|p| types.split(',').any(|t| t == p.machine_type));
+        let making_room = self.runners.iter().any(|r| {
+            r.revision != revision && matches!(r.state, RunnerState::Draining | RunnerState::Terminating) && usable(r)
+        });
+        if making_room {
+            return;
+        }
+        let in_flight = |r: &Runner| snapshot.runner(r.id).map_or(0, |s| s.in_flight);
+        if let Some(runner) = self
+            .runners
+            .iter_mut()
+            .filter(|r| r.revision != revision && r.is_set_up() && usable(r))
+            .min_by_key(|r| in_flight(r))
+        {
+            begin_drain(&self.route, &self.shared.capacity, runner, "making room for the new revision's runner");
+        }
+    }
+
     /// Runners marked for replacement hand over to their replacement once it is set
     /// up, or right away when the replacement cannot find room (then calls wait in the
     /// queue instead of capacity being exceeded).
@@ -586,7 +623,7 @@ impl Controller {
                 Some(RunnerState::Idle | RunnerState::Running) => true,
                 // A replacement waiting for room gets it only when this runner goes; one
                 // that will find room is started in this same pass, so wait for it.
-                Some(RunnerState::Pending) => !self.shared.capacity.has_room(&self.app.runner.machine_type),
+                Some(RunnerState::Pending) => !self.shared.capacity.has_room(Need::of(&self.app.runner)),
                 Some(RunnerState::Terminated) | None => true,
                 Some(_) => false,
             };
@@ -682,12 +719,22 @@ impl Controller {
             if self.runners[index].state != RunnerState::Pending {
                 continue;
             }
-            let machine_type = self.app_machine_type(index);
-            if !self.shared.capacity.try_acquire(&machine_type) {
-                continue;
-            }
-            self.runners[index].capacity = Some(machine_type.clone());
-            let launch = self.launch_spec(index, machine_type, secrets);
+            let spec = self.runner_spec(index).clone();
+            let label = self.label();
+            let runner = &mut self.runners[index];
+            let placement = match self.shared.capacity.try_place(Need::of(&spec), runner.id, &label) {
+                Ok(placement) => placement,
+                Err(waiting) => {
+                    runner.reason = Some(waiting);
+                    continue;
+                }
+            };
+            let gpus: Vec<supervisor::Gpu> =
+                placement.gpus.iter().filter_map(|&place| self.shared.gpus.all().get(place).cloned()).collect();
+            runner.reason = None;
+            runner.placed = Some((placement.machine_type.clone(), gpus.iter().map(|g| g.id.clone()).collect()));
+            runner.capacity = Some(placement.clone());
+            let launch = self.launch_spec(index, placement.machine_type, &gpus, secrets);
             match self.shared.backend.launch(launch, self.events_tx.clone()) {
                 Ok(handle) => {
                     let runner = &mut self.runners[index];
@@ -700,20 +747,26 @@ impl Controller {
         }
     }
 
-    /// The machine type a runner needs: its revision's, except that the current
+    /// What a runner is placed by: its revision's settings, except that the current
     /// revision follows the app's (which `apps scale` may have changed).
-    fn app_machine_type(&self, index: usize) -> String {
+    fn runner_spec(&self, index: usize) -> &RunnerSpec {
         let runner = &self.runners[index];
         if self.current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision) {
-            self.app.runner.machine_type.clone()
+            &self.app.runner
         } else {
-            runner.manifest.runner.machine_type.clone()
+            &runner.manifest.runner
         }
     }
 
     /// The runner's command and environment: a few host variables, the manifest's env,
     /// the team's secrets, then the platform's own variables (which nothing overrides).
-    fn launch_spec(&self, index: usize, machine_type: String, secrets: &[(String, String)]) -> RunnerLaunch {
+    fn launch_spec(
+        &self,
+        index: usize,
+        machine_type: String,
+        gpus: &[supervisor::Gpu],
+        secrets: &[(String, String)],
+    ) -> RunnerLaunch {
         let runner = &self.runners[index];
         let manifest = &runner.manifest;
         let is_current = self.current.as_ref().is_some_and(|(rev, _)| *rev == runner.revision);
@@ -728,6 +781,11 @@ impl Controller {
         env.push(("HANGAR_APP".to_owned(), self.app.name.clone()));
         env.push((supervisor::REVISION_VAR.to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));
+        // Its GPUs, and only those (none: empty, so that CUDA sees none).
+        let gpu_ids = gpus.iter().map(|g| g.id.as_str()).collect::<Vec<_>>().join(",");
+        for var in ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HANGAR_GPUS"] {
+            env.push((var.to_owned(), gpu_ids.clone()));
+        }
         let config = &self.shared.config;
         let limits =
             config.machine_types.get(&machine_type).map(crate::config::MachineType::limits).unwrap_or_default();
@@ -741,6 +799,7 @@ impl Controller {
                 code_writable: false,
                 cache: Some(self.shared.layout.app_cache(self.app.id)),
                 home_cache: None,
+                devices: supervisor::device_nodes(gpus),
             },
             env,
             health_path: manifest.health_path.clone(),
@@ -802,7 +861,11 @@ impl Controller {
                     id: r.id,
                     app: self.app.name.clone(),
                     revision: r.revision,
-                    machine_type: r.manifest.runner.machine_type.clone(),
+                    machine_type: r
+                        .placed
+                        .as_ref()
+                        .map_or_else(|| r.manifest.runner.machine_type.clone(), |p| p.0.clone()),
+                    gpus: r.placed.as_ref().map_or_else(Vec::new, |p| p.1.clone()),
                     state,
                     in_flight,
                     expires_in,
@@ -851,8 +914,8 @@ fn apply(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, event: Runn
                 }
             }
             RunnerEffect::ReleaseCapacity => {
-                if let Some(machine_type) = runner.capacity.take() {
-                    capacity.release(&machine_type);
+                if let Some(placement) = runner.capacity.take() {
+                    capacity.release(&placement);
                 }
             }
         }
@@ -866,8 +929,8 @@ fn apply(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, event: Runn
         runner.handle = None;
         // A runner that ends without its process having ended (it never had one)
         // holds no room either.
-        if let Some(machine_type) = runner.capacity.take() {
-            capacity.release(&machine_type);
+        if let Some(placement) = runner.capacity.take() {
+            capacity.release(&placement);
         }
     }
     true

@@ -33,6 +33,7 @@ use crate::controller::{Activate, Command};
 use crate::fleet::Fleet;
 use crate::layout::Layout;
 use crate::operate::parse_choice;
+use crate::placement::Need;
 
 /// A manifest larger than this is refused before it is parsed.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
@@ -233,6 +234,9 @@ impl Control {
             .map_err(|e| invalid(format!("{MANIFEST_FILE} is not readable text: {e}")))?;
         let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
         let manifest = Manifest::parse(&source, Some(&machine_types)).map_err(|e| invalid(e.to_string()))?;
+        if let Some(why) = self.fleet.shared.capacity.never_fits(Need::of(&manifest.runner)) {
+            return Err(invalid(format!("{MANIFEST_FILE}: this server cannot run it: {why}")));
+        }
         Ok((source, manifest))
     }
 
@@ -355,6 +359,7 @@ impl DeployJob {
             code_writable: true,
             cache: None,
             home_cache: Some(self.layout.build_cache(self.app.team_id)),
+            devices: Vec::new(),
         };
         if let Some(cache) = &confinement.home_cache {
             sandbox.prepare_dir(cache, confinement.uid)?;

@@ -14,63 +14,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use store::Store;
 use supervisor::{RunnerBackend, Sandbox};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::controller::{Command, Controller};
 use crate::layout::Layout;
-
-/// How many runners of each machine type this server may run at once.
-pub(crate) struct Capacity {
-    limits: HashMap<String, u32>,
-    used: Mutex<HashMap<String, u32>>,
-    freed: Notify,
-}
-
-impl Capacity {
-    pub(crate) fn new(config: &Config) -> Capacity {
-        Capacity {
-            limits: config.machine_types.iter().map(|(name, m)| (name.clone(), m.capacity)).collect(),
-            used: Mutex::default(),
-            freed: Notify::new(),
-        }
-    }
-
-    /// Takes room for one runner, if there is any.
-    pub(crate) fn try_acquire(&self, machine_type: &str) -> bool {
-        let limit = self.limits.get(machine_type).copied().unwrap_or(0);
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        let n = used.entry(machine_type.to_owned()).or_default();
-        if *n < limit {
-            *n += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Whether a runner of this machine type would find room now.
-    pub(crate) fn has_room(&self, machine_type: &str) -> bool {
-        let limit = self.limits.get(machine_type).copied().unwrap_or(0);
-        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        used.get(machine_type).copied().unwrap_or(0) < limit
-    }
-
-    pub(crate) fn release(&self, machine_type: &str) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = used.get_mut(machine_type) {
-            *n = n.saturating_sub(1);
-        }
-        drop(used);
-        // Every controller with a runner waiting for room takes another look.
-        self.freed.notify_waiters();
-    }
-
-    pub(crate) async fn freed(&self) {
-        self.freed.notified().await;
-    }
-}
+use crate::placement::Capacity;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct StateLabels {
@@ -83,12 +33,22 @@ pub(crate) struct AppLabels {
     pub(crate) app: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct GpuLabels {
+    pub(crate) gpu: String,
+    /// The app holding it (`team/app`); empty while it is free.
+    pub(crate) app: String,
+}
+
 /// What the fleet counts, for `/metrics`.
 #[derive(Default)]
 pub(crate) struct FleetMetrics {
     pub(crate) runners: Family<StateLabels, Gauge>,
     pub(crate) queued: Family<AppLabels, Gauge>,
     pub(crate) cold_starts: Family<AppLabels, Counter>,
+    gpu_held: Family<GpuLabels, Gauge>,
+    gpu_utilization: Family<GpuLabels, Gauge>,
+    gpu_memory_used: Family<GpuLabels, Gauge>,
 }
 
 impl FleetMetrics {
@@ -100,6 +60,38 @@ impl FleetMetrics {
             "Runners started while calls waited and no runner of the app was set up",
             self.cold_starts.clone(),
         );
+        registry.register("hangar_gpu_held", "1 for each GPU a runner holds, by GPU and app", self.gpu_held.clone());
+        registry.register(
+            "hangar_gpu_utilization_percent",
+            "Percent of the last sample period a kernel ran on the GPU, by GPU and the app holding it (NVML)",
+            self.gpu_utilization.clone(),
+        );
+        registry.register(
+            "hangar_gpu_memory_used_bytes",
+            "GPU memory in use, by GPU and the app holding it (NVML)",
+            self.gpu_memory_used.clone(),
+        );
+    }
+}
+
+impl Shared {
+    /// Brings the GPU series up to date: who holds each GPU and, where NVML is there,
+    /// what it is doing. Called before each scrape.
+    pub(crate) fn refresh_gpu_metrics(&self) {
+        let m = &self.metrics;
+        // A GPU's holder changes: last scrape's series for it go.
+        m.gpu_held.clear();
+        m.gpu_utilization.clear();
+        m.gpu_memory_used.clear();
+        for (gpu, holder) in self.gpus.all().iter().zip(self.capacity.holders()) {
+            let labels =
+                GpuLabels { gpu: gpu.id.clone(), app: holder.as_ref().map_or_else(String::new, |h| h.1.clone()) };
+            m.gpu_held.get_or_create(&labels).set(i64::from(holder.is_some()));
+            if let Some(usage) = self.gpus.usage(gpu) {
+                m.gpu_utilization.get_or_create(&labels).set(i64::from(usage.utilization));
+                m.gpu_memory_used.get_or_create(&labels).set(i64::try_from(usage.memory_used).unwrap_or(i64::MAX));
+            }
+        }
     }
 }
 
@@ -111,6 +103,8 @@ pub(crate) struct Shared {
     /// What builds (and local runners) are confined by.
     pub(crate) sandbox: Arc<Sandbox>,
     pub(crate) capacity: Capacity,
+    /// The GPUs runners are given places in.
+    pub(crate) gpus: Arc<supervisor::Gpus>,
     pub(crate) config: Arc<Config>,
     pub(crate) layout: Layout,
     pub(crate) gateway: Arc<Gateway>,

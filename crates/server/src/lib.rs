@@ -14,6 +14,7 @@ mod deploy;
 mod fleet;
 mod layout;
 mod operate;
+mod placement;
 mod secrets;
 #[cfg(test)]
 mod sim;
@@ -104,9 +105,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(layout.runners())
         .with_context(|| format!("cannot create {}", layout.runners().display()))?;
 
+    let gpus = Arc::new(find_gpus(&config)?);
     let config = Arc::new(config);
     let backend: Arc<dyn supervisor::RunnerBackend> = backend;
-    let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend)?;
+    let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend, gpus)?;
     let gateway = control.fleet.shared.gateway.clone();
     let output = Arc::new(RunnerOutput(control.fleet.shared.backend.clone()));
     recover(&control).await?;
@@ -166,6 +168,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The GPUs runners are given: the ones `--gpus` names, or else the ones NVML finds.
+fn find_gpus(config: &Config) -> anyhow::Result<supervisor::Gpus> {
+    let gpus = match &config.gpus {
+        Some(given) => supervisor::Gpus::given(given).map_err(|e| anyhow::anyhow!("--gpus: {e}"))?,
+        None => supervisor::Gpus::detect(),
+    };
+    let found: Vec<String> = gpus
+        .all()
+        .iter()
+        .map(|g| match &g.name {
+            Some(name) => format!("{} {name} ({})", g.index, g.id),
+            None => g.id.clone(),
+        })
+        .collect();
+    tracing::info!(source = gpus.source(), count = found.len(), gpus = ?found, "GPUs");
+    let asking: Vec<&String> = config.machine_types.iter().filter(|(_, m)| m.gpus > 0).map(|(n, _)| n).collect();
+    if found.is_empty() && !asking.is_empty() {
+        tracing::warn!(machine_types = ?asking, "machine types give runners GPUs, but this server has none");
+    }
+    Ok(gpus)
+}
+
 /// The gateway, the fleet of controllers and the control plane, wired together over
 /// `store` and a runner backend.
 fn assemble(
@@ -174,6 +198,7 @@ fn assemble(
     layout: Layout,
     sandbox: Arc<supervisor::Sandbox>,
     backend: Arc<dyn supervisor::RunnerBackend>,
+    gpus: Arc<supervisor::Gpus>,
 ) -> anyhow::Result<Arc<Control>> {
     let gateway = gateway::Gateway::new(
         Arc::new(auth::GatewayKeys { store: store.clone() }),
@@ -184,7 +209,8 @@ fn assemble(
         store: store.clone(),
         backend,
         sandbox,
-        capacity: fleet::Capacity::new(&config),
+        capacity: placement::Capacity::new(&config, gpus.all()),
+        gpus,
         config: config.clone(),
         layout: layout.clone(),
         gateway: gateway.clone(),

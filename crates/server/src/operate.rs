@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::control::{Control, internal};
 use crate::controller::{Activate, Command};
+use crate::placement::Need;
 
 impl Control {
     pub(crate) async fn runners_json(
@@ -181,11 +182,16 @@ impl Control {
         set!(runner.max_multiplexing, request.max_multiplexing, "max_multiplexing", 1, u32::MAX);
         set!(runner.startup_timeout, request.startup_timeout, "startup_timeout", 1, MAX_SECONDS);
         if let Some(machine_type) = request.machine_type {
-            if !self.config.machine_types.contains_key(&machine_type) {
+            let machine_type = machine_type.split(',').map(str::trim).collect::<Vec<_>>().join(",");
+            if let Some(unknown) = machine_type.split(',').find(|m| !self.config.machine_types.contains_key(*m)) {
                 return Err(invalid(format!(
-                    "unknown machine type {machine_type:?} (this server defines: {})",
+                    "unknown machine type {unknown:?} (this server defines: {})",
                     self.config.machine_types.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
+            }
+            let need = Need { machine_types: &machine_type, num_gpus: runner.num_gpus };
+            if let Some(why) = self.fleet.shared.capacity.never_fits(need) {
+                return Err(invalid(format!("machine_type {machine_type:?}: this server cannot run it: {why}")));
             }
             if runner.machine_type != machine_type {
                 runner.machine_type = machine_type;
@@ -278,6 +284,9 @@ impl Control {
         let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
         let manifest = Manifest::parse(&revision.manifest, Some(&machine_types))
             .map_err(|e| conflict(format!("revision {} cannot run on this server any more: {e}", revision.id)))?;
+        if let Some(why) = self.fleet.shared.capacity.never_fits(Need::of(&manifest.runner)) {
+            return Err(conflict(format!("revision {} cannot run on this server: {why}", revision.id)));
+        }
         let from = app.current_revision.map_or_else(|| "none".to_owned(), |r| r.to_string());
         let mut details = format!("revision {from} -> {} ({})", revision.id, strategy.as_str());
         if let Some(auth) = auth {

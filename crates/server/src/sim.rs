@@ -137,14 +137,21 @@ fn schedule(seed: u64) -> Vec<Step> {
     steps
 }
 
-/// The manifests deploys draw from: two machine types, different multiplexing.
+/// The manifests deploys draw from: three machine types (one with a GPU per runner),
+/// different multiplexing, two GPUs a runner, and a list of types.
 const VARIANTS: &[&str] = &[
     "machine_type = \"small\"\nmax_multiplexing = 1",
     "machine_type = \"small\"\nmax_multiplexing = 3",
     "machine_type = \"large\"\nmax_multiplexing = 2",
+    "machine_type = \"gpu\"\nmax_multiplexing = 2",
+    "machine_type = [\"gpu\", \"large\"]\nnum_gpus = 2\nmax_multiplexing = 1",
 ];
 
-const CAPACITY: &[(&str, u32)] = &[("small", 3), ("large", 2)];
+const CAPACITY: &[(&str, u32)] = &[("small", 3), ("large", 2), ("gpu", 4)];
+
+/// The GPUs of the simulated server: fewer than the `gpu` type's room, so that GPUs are
+/// what runners of it wait for.
+const GPUS: &[&str] = &["g0", "g1", "g2"];
 
 /// The archive of each variant, packed once.
 fn archive(variant: usize) -> Vec<u8> {
@@ -188,10 +195,14 @@ impl Sim {
         let args = ServerArgs {
             data_dir: Some(dir.path().to_owned()),
             machine_types: CAPACITY.iter().map(|(name, n)| format!("{name}={n}")).collect(),
+            config: Some(dir.path().join("hangar.toml")),
+            gpus: GPUS.iter().map(|g| g.to_string()).collect(),
             sandbox: Some("none".to_owned()),
             backoff_base: Some(1.0),
             ..ServerArgs::default()
         };
+        std::fs::write(dir.path().join("hangar.toml"), "[machine_types.gpu]\ncapacity = 4\ngpus = 1\n")
+            .expect("the config file is written");
         let config = Arc::new(Config::load(&args).expect("the simulation's config is valid"));
         let layout = Layout::new(config.data_dir.clone());
         crate::prepare_data_dir(&layout).expect("the data dir is made");
@@ -201,7 +212,9 @@ impl Sim {
         let world = World::new(seed, CAPACITY.iter().map(|(name, n)| (name.to_string(), *n)).collect());
         let backend = Arc::new(SimBackend { world: world.clone() });
         let sandbox = Arc::new(supervisor::Sandbox::none());
-        let control = crate::assemble(config, store, layout, sandbox, backend).expect("the server's parts assemble");
+        let gpus = supervisor::Gpus::given(&config.gpus.clone().unwrap_or_default()).expect("the GPUs are valid");
+        let control = crate::assemble(config, store, layout, sandbox, backend, Arc::new(gpus))
+            .expect("the server's parts assemble");
         let caller = Caller { key_id: "sim".to_owned(), scope: KeyScope::Admin, team_id: team.id, team: team.name };
         Sim { control, world, caller, requests: Vec::new(), route: None, last_target: None, _dir: dir }
     }

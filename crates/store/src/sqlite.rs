@@ -130,6 +130,11 @@ const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (request_seq, n)
     );",
     ),
+    // GPUs per runner, where the manifest or `apps scale` says (NULL: the machine type's).
+    M::up(
+        "ALTER TABLE apps ADD COLUMN num_gpus INTEGER;
+    ALTER TABLE revisions ADD COLUMN num_gpus INTEGER;",
+    ),
 ];
 
 pub(crate) struct Sqlite {
@@ -138,10 +143,10 @@ pub(crate) struct Sqlite {
 
 const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
     max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
-    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at";
+    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
-    startup_timeout, machine_type, termination_grace_period, message, failure, created_at";
+    startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
 
 impl Sqlite {
     pub(crate) fn open(path: &Path) -> Result<Sqlite> {
@@ -339,7 +344,7 @@ impl Sqlite {
         let r = &app.runner;
         let inserted = self.conn().execute(
             &format!(
-                "INSERT INTO apps ({APP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+                "INSERT INTO apps ({APP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
                  ON CONFLICT (team_id, name) DO NOTHING"
             ),
             params![
@@ -361,6 +366,7 @@ impl Sqlite {
                 r.termination_grace_period as i64,
                 false,
                 millis(app.created_at),
+                r.num_gpus,
             ],
         )?;
         if inserted == 0 {
@@ -390,7 +396,7 @@ impl Sqlite {
     pub(crate) fn insert_revision(&self, rev: &Revision) -> Result<()> {
         self.conn().execute(
             &format!(
-                "INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                "INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ),
             params![
                 rev.id.to_string(),
@@ -405,6 +411,7 @@ impl Sqlite {
                 rev.message,
                 rev.failure,
                 millis(rev.created_at),
+                rev.runner.num_gpus,
             ],
         )?;
         Ok(())
@@ -634,13 +641,14 @@ fn set_scaling(conn: &Connection, app_id: Uuid, s: &Scaling) -> Result<()> {
 fn set_runner_spec(conn: &Connection, app_id: Uuid, r: &RunnerSpec) -> Result<()> {
     conn.execute(
         "UPDATE apps SET max_multiplexing = ?2, startup_timeout = ?3, machine_type = ?4,
-         termination_grace_period = ?5 WHERE id = ?1",
+         termination_grace_period = ?5, num_gpus = ?6 WHERE id = ?1",
         params![
             app_id.to_string(),
             r.max_multiplexing,
             r.startup_timeout as i64,
             r.machine_type,
             r.termination_grace_period as i64,
+            r.num_gpus,
         ],
     )?;
     Ok(())
@@ -675,6 +683,7 @@ fn app_from_row(row: &Row<'_>) -> rusqlite::Result<Result<App>> {
                 max_multiplexing: row.get(12)?,
                 startup_timeout: row.get::<_, i64>(13)? as u64,
                 machine_type: row.get(14)?,
+                num_gpus: row.get(18)?,
                 termination_grace_period: row.get::<_, i64>(15)? as u64,
             },
             suspended: row.get(16)?,
@@ -695,6 +704,7 @@ fn revision_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Revision>> {
                 max_multiplexing: row.get(5)?,
                 startup_timeout: row.get::<_, i64>(6)? as u64,
                 machine_type: row.get(7)?,
+                num_gpus: row.get(12)?,
                 termination_grace_period: row.get::<_, i64>(8)? as u64,
             },
             message: row.get(9)?,

@@ -10,12 +10,14 @@
 
 mod build;
 mod cgroup;
+mod gpu;
 mod group;
 mod runner;
 mod sandbox;
 
 pub use build::{BuildOutcome, BuildSpec, end_leftover_build, run_build};
 pub use cgroup::{Cgroups, DEFAULT_PIDS_LIMIT, Limits, Version as CgroupVersion};
+pub use gpu::{Gpu, GpuUsage, Gpus, device_nodes};
 pub use group::{REVISION_VAR, end_leftover, end_strays};
 /// What [`RunnerBackend::subscribe_output`] hands out. It lives in `model`, so that a crate
 /// that consumes runners' output need not depend on the supervisor.

@@ -695,6 +695,7 @@ mod tests {
                 code_writable: false,
                 cache: None,
                 home_cache: None,
+                devices: Vec::new(),
             },
             env: vec![("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".to_owned()))],
             health_path: "/health".to_owned(),

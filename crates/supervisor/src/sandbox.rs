@@ -106,6 +106,8 @@ pub struct Confinement {
     pub cache: Option<PathBuf>,
     /// Writable at `HOME/.cache` (a build's cache of downloads).
     pub home_cache: Option<PathBuf>,
+    /// Device nodes it may use (its GPUs'), each at `/dev/<its name>`.
+    pub devices: Vec<PathBuf>,
 }
 
 /// A command ready to run, sandboxed or not.
@@ -433,6 +435,12 @@ impl Sandbox {
             }
         }
         args.flags(&["--proc", "/proc", "--dev", "/dev"]);
+        // Its own GPUs' nodes, and nothing of the other GPUs.
+        for device in &confinement.devices {
+            if let Some(name) = device.file_name() {
+                args.triple("--dev-bind", device, Path::new("/dev").join(name));
+            }
+        }
         args.flags(&["--perms", "1777", "--tmpfs", "/tmp"]);
         args.flags(&["--perms", "1777", "--tmpfs", HOME_DIR]);
         // After the tmpfs mounts, so that a path under /tmp is not hidden by them; with
@@ -489,8 +497,14 @@ impl Sandbox {
             ));
         }
         let probe = tempfile_dir().map_err(|e| format!("cannot make a directory to test the sandbox: {e}"))?;
-        let confinement =
-            Confinement { uid: UID_BASE, code: probe.clone(), code_writable: false, cache: None, home_cache: None };
+        let confinement = Confinement {
+            uid: UID_BASE,
+            code: probe.clone(),
+            code_writable: false,
+            cache: None,
+            home_cache: None,
+            devices: Vec::new(),
+        };
         // As a runner: not root, and its code read-only.
         let script = "test \"$(id -u)\" != 0 && test -r hangar-probe && ! touch hangar-probe 2>/dev/null";
         let command = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
@@ -648,6 +662,7 @@ mod tests {
             code_writable: false,
             cache: Some("/data/caches/a1".into()),
             home_cache: None,
+            devices: vec!["/dev/nvidia2".into(), "/tmp/fake/nvidiactl".into()],
         };
         let args = sandbox.bwrap_args(
             &["python3".to_owned(), "server.py".to_owned()],
@@ -663,6 +678,10 @@ mod tests {
         assert!(has(&["--info-fd", "5"]) && has(&["--block-fd", "6"]));
         assert!(has(&["--perms", "0644", "--ro-bind-data", "7", "/etc/resolv.conf"]) && has(&["--unshare-net"]));
         assert!(has(&["--reuid", "2000007", "--regid", "2000007"]));
+        // Its GPU's nodes, after the sandbox's own /dev, which would hide them.
+        let dev = text.windows(2).position(|w| w == ["--dev", "/dev"]).unwrap();
+        let gpu = text.windows(3).position(|w| w == ["--dev-bind", "/dev/nvidia2", "/dev/nvidia2"]).unwrap();
+        assert!(dev < gpu && has(&["--dev-bind", "/tmp/fake/nvidiactl", "/dev/nvidiactl"]), "{text:?}");
         assert!(text.ends_with(&["--no-new-privs", "--", "python3", "server.py"]));
         assert!(!text.iter().any(|a| a.starts_with("/data/")
             && !a.starts_with("/data/revisions/r1/app")
@@ -672,6 +691,7 @@ mod tests {
             code_writable: true,
             cache: None,
             home_cache: Some("/data/build-caches/t1".into()),
+            devices: Vec::new(),
             ..runner
         };
         let args = sandbox.bwrap_args(&["make".to_owned()], &build, None);

@@ -8,6 +8,7 @@ mod crash;
 mod dashboard;
 mod deploy;
 mod gateway;
+mod gpus;
 mod manifest;
 mod openapi;
 mod queue;

@@ -30,6 +30,8 @@ pub(super) enum Fault {
 
 struct SimRunner {
     machine_type: String,
+    /// The GPUs it was given (`CUDA_VISIBLE_DEVICES`).
+    gpus: Vec<String>,
     /// Set once its health check has passed.
     healthy: bool,
     /// The first order it was given.
@@ -57,6 +59,8 @@ pub(super) struct World {
     /// Runner processes alive, by machine type.
     alive: BTreeMap<String, u32>,
     capacity: BTreeMap<String, u32>,
+    /// Which runner process holds each GPU.
+    gpu_holders: BTreeMap<String, RunnerId>,
     /// Broken invariants, in the order they were seen.
     pub(super) violations: Vec<String>,
     /// Whether calls may start and end at the route's interleaving points.
@@ -79,6 +83,7 @@ impl World {
             next_call: 0,
             alive: BTreeMap::new(),
             capacity,
+            gpu_holders: BTreeMap::new(),
             violations: Vec::new(),
             interleave: true,
         }))
@@ -155,6 +160,11 @@ impl World {
         let runner = self.runners.get_mut(&id).expect("ended runners were launched");
         runner.ended = true;
         let machine_type = runner.machine_type.clone();
+        for gpu in runner.gpus.clone() {
+            if self.gpu_holders.get(&gpu) == Some(&id) {
+                self.gpu_holders.remove(&gpu);
+            }
+        }
         *self.alive.entry(machine_type).or_default() -= 1;
         self.calls.retain(|_, c| c.runner != id);
     }
@@ -218,10 +228,22 @@ impl RunnerBackend for SimBackend {
                     launch.machine_type
                 ));
             }
+            let gpus: Vec<String> = launch
+                .env
+                .iter()
+                .find(|(k, _)| k == "CUDA_VISIBLE_DEVICES")
+                .map(|(_, v)| v.split(',').filter(|g| !g.is_empty()).map(str::to_owned).collect())
+                .unwrap_or_default();
+            for gpu in &gpus {
+                if let Some(holder) = w.gpu_holders.insert(gpu.clone(), id) {
+                    w.violation(format!("runner {id} was given GPU {gpu}, which runner {holder} still holds"));
+                }
+            }
             w.runners.insert(
                 id,
                 SimRunner {
                     machine_type: launch.machine_type.clone(),
+                    gpus,
                     healthy: false,
                     ordered: None,
                     ended: false,
