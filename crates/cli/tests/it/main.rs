@@ -7,6 +7,7 @@ mod auth;
 mod crash;
 mod dashboard;
 mod deploy;
+mod examples;
 mod gateway;
 mod gpus;
 mod manifest;
@@ -66,10 +67,22 @@ fn venv_bin(var: &str, venv: &str, bin: &str, requirements: &str) -> std::path::
 
 /// A copy of `examples/echo-python` in a temp dir, so a test can change it.
 fn echo_example() -> AppDir {
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/echo-python");
+    example("echo-python", "")
+}
+
+/// A copy of the files of `examples/NAME` in a temp dir, with `manifest_tail` after its
+/// manifest (tables, which come last).
+fn example(name: &str, manifest_tail: &str) -> AppDir {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name);
     let manifest = std::fs::read_to_string(source.join("hangar.toml")).unwrap();
-    let app = AppDir::new(&manifest);
-    app.write("server.py", &std::fs::read_to_string(source.join("server.py")).unwrap());
+    let app = AppDir::new(&format!("{manifest}{manifest_tail}"));
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        let file = entry.file_name().into_string().unwrap();
+        if entry.file_type().unwrap().is_file() && file != "hangar.toml" {
+            app.write(&file, &std::fs::read_to_string(entry.path()).unwrap());
+        }
+    }
     app
 }
 
