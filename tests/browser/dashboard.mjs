@@ -69,6 +69,7 @@ try {
   const runnerIds = async () => page.locator("#runners tr[data-runner]").evaluateAll((trs) => trs.map((tr) => tr.dataset.runner));
   await page.locator("#runners tr[data-runner]").first().waitFor();
   seen.runners_before = await runnerIds();
+  seen.runner_gpus = await page.locator("#runners tr[data-runner] td.gpus").allInnerTexts();
   await page.getByRole("button", { name: "Rollout…" }).click();
   await page.getByRole("radio", { name: /Graceful/ }).check();
   await page.locator("#confirm-ok").click();

@@ -3,13 +3,18 @@
 
 use std::path::Path;
 
-use crate::{app_with_build, revisions, server, testapp_dir};
+use crate::{app_with_build, revisions, server_with, testapp_dir};
 
 #[test]
 fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
-    let server = server();
+    // Its runners each hold one of two GPUs (ids given: this machine has none).
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("hangar.toml"), "[machine_types.gpu]\ncapacity = 4\ngpus = 1\n").unwrap();
+    let config_file = config.path().join("hangar.toml");
+    let server = server_with(&["--gpus", "g0,g1", "--config", config_file.to_str().unwrap()]);
     let deploy = |extra: &str| {
-        let app = testapp_dir("web", &format!("{extra}[scaling]\nmin_concurrency = 1\n"));
+        let app =
+            testapp_dir("web", &format!("{extra}[scaling]\nmin_concurrency = 1\n[runner]\nmachine_type = \"gpu\"\n"));
         let out = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
         out["revision"].as_str().unwrap().to_owned()
     };
@@ -56,6 +61,9 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     assert_eq!(current(&seen["after_rollbacks"]), v2);
     assert!(!seen["after_delete"].as_array().unwrap().iter().any(|r| r["id"] == v3.as_str()));
     assert!(!seen["runners_after"].as_array().unwrap().is_empty());
+    // The Runners view shows the GPU each runner holds.
+    let gpus = seen["runner_gpus"].as_array().unwrap();
+    assert!(!gpus.is_empty() && gpus.iter().all(|g| g == "g0" || g == "g1"), "{seen}");
 
     // The server agrees.
     let revs = revisions(&server, "web");
