@@ -229,6 +229,30 @@ fn more_gpus_than_the_server_has_are_refused_at_deploy_with_both_numbers() {
     assert!(out.stderr.contains("a runner asks for 2 GPUs and this server has 1"), "{}", out.stderr);
 }
 
+#[test]
+fn a_set_rev_to_a_revision_that_asks_for_more_gpus_than_the_server_now_has_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hangar.toml");
+    let types = "[machine_types.gpu]\ncapacity = 4\ngpus = 1\n";
+    std::fs::write(&config, format!("gpus = [\"g0\", \"g1\", \"g2\"]\n{types}")).unwrap();
+    let mut server = crate::server_with(&["--config", config.to_str().unwrap()]);
+    assert!(server.output().contains("GPUs") && server.output().contains("g2"), "{}", server.output());
+    let app = testapp_dir("wide", "[runner]\nmachine_type = \"gpu\"\nnum_gpus = 3\n");
+    server.run(&["deploy", app.path_str()]).ok();
+    let wide = crate::revisions(&server, "wide")[0]["id"].as_str().unwrap().to_owned();
+    let narrow = testapp_dir("wide", "[runner]\nmachine_type = \"gpu\"\n");
+    server.run(&["deploy", narrow.path_str()]).ok();
+
+    // The machine now has one GPU for hangar.
+    server.stop();
+    std::fs::write(&config, format!("gpus = [\"g0\"]\n{types}")).unwrap();
+    server.restart();
+    let out = server.run(&["apps", "set-rev", "wide", &wide]).failed();
+    assert!(out.stderr.contains("a runner asks for 3 GPUs and this server has 1"), "{}", out.stderr);
+    let current: Vec<Value> = crate::revisions(&server, "wide").into_iter().filter(|r| r["current"] == true).collect();
+    assert_ne!(current[0]["id"], wide.as_str(), "nothing changed");
+}
+
 /// An app that answers with the names in its `/dev`.
 fn dev_lister(name: &str, manifest: &str) -> AppDir {
     let app = AppDir::new(&format!(
