@@ -418,6 +418,25 @@ mod tests {
     }
 
     #[test]
+    fn gpus_come_from_the_flag_then_the_file_and_machine_types_say_how_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hangar.toml");
+        std::fs::write(
+            &file,
+            "gpus = [\"0\", \"1\"]\n[machine_types.h100]\ncapacity = 2\ngpus = 2\ngpu_name = \" H100 \"\n",
+        )
+        .unwrap();
+        let from_file = Config::load(&ServerArgs { config: Some(file.clone()), ..ServerArgs::default() }).unwrap();
+        assert_eq!(from_file.gpus, Some(vec!["0".to_owned(), "1".to_owned()]));
+        let h100 = &from_file.machine_types["h100"];
+        assert_eq!((h100.gpus, h100.gpu_name.as_deref()), (2, Some("H100")));
+        assert_eq!(from_file.machine_types["cpu"].gpus, 0);
+        let args = ServerArgs { config: Some(file), gpus: vec!["g7".to_owned()], ..ServerArgs::default() };
+        assert_eq!(Config::load(&args).unwrap().gpus, Some(vec!["g7".to_owned()]));
+        assert_eq!(Config::load(&ServerArgs::default()).unwrap().gpus, None, "none given: detect");
+    }
+
+    #[test]
     fn a_machine_types_limits_are_checked_and_given_to_its_runners() {
         let cases: [(&str, Result<supervisor::Limits, &str>); 6] = [
             (
