@@ -67,7 +67,9 @@ fn each_runner_gets_its_own_gpu_and_one_more_waits_until_a_gpu_is_free() {
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
 
     // Four slow calls at once: four runners wanted, three GPUs.
-    let url = app_url(&server, "vision", "/?delay_ms=4000");
+    // Long enough that the three are still busy when the fourth is seen waiting, on a
+    // loaded machine too.
+    let url = app_url(&server, "vision", "/?delay_ms=8000");
     let calls: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
