@@ -14,6 +14,7 @@ mod gpu;
 mod group;
 mod runner;
 mod sandbox;
+pub mod slurm;
 
 pub use build::{BuildOutcome, BuildSpec, end_leftover_build, run_build};
 pub use cgroup::{Cgroups, DEFAULT_PIDS_LIMIT, Limits, Version as CgroupVersion};
