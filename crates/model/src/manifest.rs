@@ -107,8 +107,14 @@ impl Default for RunnerSpec {
 impl RunnerSpec {
     /// The machine types a runner may be placed on, in order of preference.
     pub fn machine_types(&self) -> impl Iterator<Item = &str> {
-        self.machine_type.split(',')
+        machine_type_list(&self.machine_type)
     }
+}
+
+/// The names in a `machine_type` value as it is stored: comma-separated, in order of
+/// preference.
+pub fn machine_type_list(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',')
 }
 
 /// One problem found in a manifest.

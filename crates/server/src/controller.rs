@@ -590,8 +590,9 @@ impl Controller {
         {
             return;
         }
-        let (revision, types) = (candidate.revision, candidate.manifest.runner.machine_type.clone());
-        let usable = |r: &Runner| r.capacity.as_ref().is_some_and(|p| types.split(',').any(|t| t == p.machine_type));
+        let (revision, spec) = (candidate.revision, candidate.manifest.clone());
+        let usable =
+            |r: &Runner| r.capacity.as_ref().is_some_and(|p| spec.runner.machine_types().any(|t| t == p.machine_type));
         let making_room = self.runners.iter().any(|r| {
             r.revision != revision && matches!(r.state, RunnerState::Draining | RunnerState::Terminating) && usable(r)
         });

@@ -182,8 +182,10 @@ impl Control {
         set!(runner.max_multiplexing, request.max_multiplexing, "max_multiplexing", 1, u32::MAX);
         set!(runner.startup_timeout, request.startup_timeout, "startup_timeout", 1, MAX_SECONDS);
         if let Some(machine_type) = request.machine_type {
-            let machine_type = machine_type.split(',').map(str::trim).collect::<Vec<_>>().join(",");
-            if let Some(unknown) = machine_type.split(',').find(|m| !self.config.machine_types.contains_key(*m)) {
+            let machine_type =
+                model::manifest::machine_type_list(&machine_type).map(str::trim).collect::<Vec<_>>().join(",");
+            let known = |m: &&str| self.config.machine_types.contains_key(*m);
+            if let Some(unknown) = model::manifest::machine_type_list(&machine_type).find(|m| !known(m)) {
                 return Err(invalid(format!(
                     "unknown machine type {unknown:?} (this server defines: {})",
                     self.config.machine_types.keys().cloned().collect::<Vec<_>>().join(", ")

@@ -33,7 +33,7 @@ impl<'a> Need<'a> {
     }
 
     fn types(&self) -> impl Iterator<Item = &'a str> {
-        self.machine_types.split(',')
+        model::manifest::machine_type_list(self.machine_types)
     }
 }
 
