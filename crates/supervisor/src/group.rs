@@ -187,6 +187,18 @@ mod tests {
             std::process::Command::new("sleep").arg("60").env(REVISION_VAR, revision).process_group(0).spawn().unwrap()
         };
         let (mut stray, mut other) = (start(&ours), start(&theirs));
+        // Until it has called exec, a child shows its parent's environment: wait until
+        // both show their own.
+        for (child, revision) in [(&stray, &ours), (&other, &theirs)] {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let var = format!("{REVISION_VAR}={revision}").into_bytes();
+            while !std::fs::read(format!("/proc/{}/environ", child.id()))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == var.as_slice()))
+            {
+                assert!(std::time::Instant::now() < deadline, "the test's process never started");
+                std::thread::yield_now();
+            }
+        }
 
         assert_eq!(end_strays(dir.path()), 1);
         let status = stray.wait().unwrap();
