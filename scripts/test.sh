@@ -22,6 +22,8 @@ need_deb bwrap bubblewrap
 need_deb setpriv util-linux
 # Each sandbox has a network namespace of its own; slirp4netns gives it its way out.
 need_deb slirp4netns slirp4netns
+# The Slurm tests start private clusters of their own; this installs munge and Slurm.
+scripts/slurm/cluster.sh install
 # Sandboxed builds see only the system's Python (/usr), and the build-cache test makes a
 # virtualenv with it: Debian keeps venv's pip in python3-venv.
 if ! /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1; then

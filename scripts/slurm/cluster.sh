@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private, throw-away Slurm cluster on this one machine, for hangar's tests.
 #
-#   scripts/slurm/cluster.sh start DIR   # build + start it in DIR, wait until idle
+#   scripts/slurm/cluster.sh install     # only install the missing Debian packages (root)
+#   scripts/slurm/cluster.sh start DIR   # install them too, build + start it in DIR, wait until idle
 #   scripts/slurm/cluster.sh stop DIR    # kill exactly the PIDs in DIR/pids
 #
 # One private munged, one slurmctld and three slurmd (Slurm's MULTIPLE_SLURMD:
@@ -41,7 +42,7 @@ log() { echo "cluster.sh: $*" >&2; }
 now_ms() { date +%s%3N; }
 
 usage() {
-  echo "usage: $0 start DIR | stop DIR" >&2
+  echo "usage: $0 install | start DIR | stop DIR" >&2
   exit 2
 }
 
@@ -295,6 +296,9 @@ cmd_start() {
   ((${#DIR} <= 80)) || die "DIR is too long for a unix socket path: $DIR"
   [[ ! -e $DIR/pids ]] || die "$DIR/pids exists: a cluster may be running there (run: $0 stop $DIR)"
   [[ ! -e $DIR/slurm.conf ]] || die "$DIR already holds a cluster; use an empty directory"
+  # munged refuses a socket in a directory that others cannot traverse, and
+  # mktemp -d (or Rust's tempfile) makes DIR 0700; a+x lets all pass, not list.
+  chmod a+x "$DIR"
   mkdir -p "$DIR"/{munge,state,spool,run,log,dev,tmp}
   local n
   for n in "${NODES[@]}"; do mkdir -p "$DIR/spool/$n"; done
@@ -426,10 +430,10 @@ cmd_stop() {
 
 # --- main --------------------------------------------------------------------
 
-(($# == 2)) || usage
-DIR=$2
-case $1 in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
+DIR=${2:-}
+case ${1:-}:$# in
+  install:1) install_missing ;;
+  start:2) cmd_start ;;
+  stop:2) cmd_stop ;;
   *) usage ;;
 esac

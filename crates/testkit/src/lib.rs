@@ -1,7 +1,8 @@
 //! Test support: [`TestServer`] runs the real `hangar` binary as a server on
 //! 127.0.0.1:0 with a temporary data dir, and hands out a typed API client and
-//! ready-to-run CLI commands pointed at it. Tests wait for conditions with
-//! [`wait_until`], never for a fixed time.
+//! ready-to-run CLI commands pointed at it. [`slurm::SlurmCluster`] runs a
+//! private Slurm cluster for tests of the Slurm runner backend. Tests wait for
+//! conditions with [`wait_until`], never for a fixed time.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use api::client::Client;
+
+pub mod slurm;
 
 /// How long a test waits for a condition before it fails. Generous, because CI
 /// machines are small and busy; a passing test does not wait this long.

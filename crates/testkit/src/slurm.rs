@@ -1,0 +1,234 @@
+//! A real, private Slurm cluster for tests: [`SlurmCluster`] runs
+//! `scripts/slurm/cluster.sh` in a temporary directory (one munged, one slurmctld
+//! and three slurmd on 127.0.0.1: `n1` with `gpu:2`, `n2` and `n3` with `gpu:1`,
+//! all in one partition), hands out Slurm commands pointed at it, and stops it
+//! when dropped. See `scripts/slurm/README.md` for what the cluster is and how it
+//! behaves.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A running private Slurm cluster with its own directory.
+pub struct SlurmCluster {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+/// One job as `squeue` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    /// Slurm's long state name: `PENDING`, `RUNNING`, `COMPLETED`, `NODE_FAIL`, …
+    pub state: String,
+    /// Why the job is pending or ended as it did (`Resources`, `BeginTime`,
+    /// `NodeDown`, …); `None` when there is no reason.
+    pub reason: String,
+    /// The nodes the job runs or ran on, empty while it has none.
+    pub node: String,
+}
+
+impl SlurmCluster {
+    /// Starts a cluster and waits until its three nodes are idle. Fails the test with
+    /// the script's output if it does not start.
+    pub fn start() -> SlurmCluster {
+        // The munge socket lives in the directory and a unix socket's path is short,
+        // so the directory is made in /tmp whatever TMPDIR says.
+        let dir = tempfile::Builder::new().prefix("hs-").tempdir_in("/tmp").expect("cannot make a temp dir");
+        assert!(dir.path().as_os_str().len() <= 40, "the cluster's dir is too long: {}", dir.path().display());
+        let out = Command::new(cluster_script())
+            .arg("start")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run scripts/slurm/cluster.sh");
+        assert!(
+            out.status.success(),
+            "scripts/slurm/cluster.sh start {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            dir.path().display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let env_file = dir.path().join("env");
+        let text =
+            std::fs::read_to_string(&env_file).unwrap_or_else(|e| panic!("cannot read {}: {e}", env_file.display()));
+        let env = parse_env(&text);
+        SlurmCluster { dir, env }
+    }
+
+    /// The cluster's directory: its config, logs (`log/`) and `pids`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What `DIR/env` exports: `SLURM_CONF`, `HANGAR_SLURM_PARTITION`,
+    /// `HANGAR_SLURM_NODES` and the like.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// The path of the cluster's `slurm.conf` (`SLURM_CONF`), all that a Slurm client
+    /// needs to find it.
+    pub fn conf(&self) -> String {
+        self.var("SLURM_CONF")
+    }
+
+    /// The partition that holds every node (also the default one).
+    pub fn partition(&self) -> String {
+        self.var("HANGAR_SLURM_PARTITION")
+    }
+
+    /// A command (`sbatch`, `squeue`, `scontrol`, `scancel`, `sinfo`, …) that talks to
+    /// this cluster. It runs in the cluster's directory, because a batch job writes
+    /// its `slurm-ID.out` where it was submitted unless told otherwise.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(self.dir.path()).stdin(Stdio::null());
+        command
+    }
+
+    /// Every job that `squeue` knows, in any state. A job that has ended stays listed
+    /// for `MinJobAge` (5 s) after it ends, then it is gone.
+    pub fn jobs(&self) -> Vec<Job> {
+        self.squeue("all")
+    }
+
+    /// The jobs that are waiting or running: pending, running, configuring or
+    /// completing.
+    pub fn live_jobs(&self) -> Vec<Job> {
+        self.squeue("PENDING,RUNNING,CONFIGURING,COMPLETING")
+    }
+
+    /// Sets `node` DOWN at once, as an admin would. Its running jobs are requeued, or
+    /// end in `NODE_FAIL` if submitted with `--no-requeue`; it stays down until
+    /// [`resume_node`](Self::resume_node).
+    pub fn set_node_down(&self, node: &str) {
+        self.run_ok("scontrol", &["update", &format!("nodename={node}"), "state=down", "reason=test"]);
+    }
+
+    /// Brings `node` back into service after [`set_node_down`](Self::set_node_down).
+    pub fn resume_node(&self, node: &str) {
+        self.run_ok("scontrol", &["update", &format!("nodename={node}"), "state=resume"]);
+    }
+
+    fn squeue(&self, states: &str) -> Vec<Job> {
+        let out = self.run_ok("squeue", &["-h", "-t", states, "-o", "%i|%j|%T|%r|%N"]);
+        out.lines().filter(|line| !line.trim().is_empty()).map(parse_job).collect()
+    }
+
+    /// Runs `program` with `args` against this cluster and returns its stdout; fails
+    /// the test with its stderr unless it succeeds.
+    #[track_caller]
+    fn run_ok(&self, program: &str, args: &[&str]) -> String {
+        let out = self.command(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {} failed ({}):\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn var(&self, key: &str) -> String {
+        let value = self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        value.unwrap_or_else(|| panic!("{} has no {key}", self.dir.path().join("env").display()))
+    }
+}
+
+impl Drop for SlurmCluster {
+    /// Stops the cluster: cancels its jobs and ends exactly the daemons it started.
+    /// A failure to stop is reported, not raised, so that it does not hide the test's
+    /// own failure.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what the controller said, which is otherwise lost with
+            // the temporary directory.
+            let log = std::fs::read_to_string(self.dir.path().join("log/slurmctld.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- slurmctld's last log lines ---");
+            for line in &lines[lines.len().saturating_sub(50)..] {
+                eprintln!("{line}");
+            }
+        }
+        let out = Command::new(cluster_script()).arg("stop").arg(self.dir.path()).stdin(Stdio::null()).output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "scripts/slurm/cluster.sh stop {} failed ({}):\n{}",
+                self.dir.path().display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+            ),
+            Err(e) => eprintln!("cannot run scripts/slurm/cluster.sh stop: {e}"),
+        }
+    }
+}
+
+fn cluster_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slurm/cluster.sh")
+}
+
+/// `export KEY=VALUE` lines, as `cluster.sh` writes them (no quoting).
+fn parse_env(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// One line of `squeue -o '%i|%j|%T|%r|%N'`. The name is the only field that can
+/// hold a `|`, so it is what lies between the first and the last three.
+fn parse_job(line: &str) -> Job {
+    let (id, rest) = line.split_once('|').unwrap_or((line, ""));
+    let tail: Vec<&str> = rest.rsplitn(4, '|').collect();
+    let [node, reason, state, name] = tail[..] else {
+        panic!("not a line of squeue -o '%i|%j|%T|%r|%N': {line:?}");
+    };
+    Job {
+        id: id.trim().to_owned(),
+        name: name.to_owned(),
+        state: state.trim().to_owned(),
+        reason: reason.trim().to_owned(),
+        node: node.trim().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_lines() {
+        let env = parse_env("export SLURM_CONF=/tmp/hs-1/slurm.conf\nexport HANGAR_SLURM_NODES=n1,n2,n3\n\n");
+        assert_eq!(
+            env,
+            [
+                ("SLURM_CONF".to_owned(), "/tmp/hs-1/slurm.conf".to_owned()),
+                ("HANGAR_SLURM_NODES".to_owned(), "n1,n2,n3".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn squeue_lines() {
+        let job = |id: &str, name: &str, state: &str, reason: &str, node: &str| Job {
+            id: id.into(),
+            name: name.into(),
+            state: state.into(),
+            reason: reason.into(),
+            node: node.into(),
+        };
+        assert_eq!(parse_job("5|kit-test|COMPLETED|None|n1"), job("5", "kit-test", "COMPLETED", "None", "n1"));
+        assert_eq!(parse_job("6|wait|PENDING|Resources|"), job("6", "wait", "PENDING", "Resources", ""));
+        assert_eq!(parse_job("7|a|b|RUNNING|None|n[1-2]"), job("7", "a|b", "RUNNING", "None", "n[1-2]"));
+    }
+
+    #[test]
+    #[should_panic(expected = "not a line of squeue")]
+    fn a_short_squeue_line() {
+        parse_job("5|kit-test|COMPLETED");
+    }
+}

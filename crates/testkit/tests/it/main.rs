@@ -1,0 +1,3 @@
+//! Tests of testkit's own helpers against the real things they drive.
+
+mod slurm;
