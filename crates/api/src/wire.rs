@@ -256,6 +256,9 @@ pub struct RunnerJson {
     pub machine_type: String,
     /// The ids of the GPUs it holds (held, once it has ended).
     pub gpus: Vec<String>,
+    /// The cluster's node it runs on (Slurm's node name), for a runner a cluster placed.
+    #[serde(default)]
+    pub node: Option<String>,
     /// pending | setup | idle | running | draining | terminating | terminated | crash_backoff
     #[schema(schema_with = crate::openapi::runner_state)]
     pub state: String,
@@ -446,6 +449,7 @@ impl RunnerJson {
             revision: r.revision.to_string(),
             machine_type: r.machine_type.clone(),
             gpus: r.gpus.clone(),
+            node: r.node.clone(),
             state: r.state.as_str().to_owned(),
             in_flight: r.in_flight,
             expires_in: r.expires_in.map(|d| d.as_secs()),

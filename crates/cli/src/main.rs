@@ -81,6 +81,15 @@ enum Command {
     /// Secrets of the team, given to runners as environment variables
     #[command(subcommand)]
     Secrets(access::SecretsCommand),
+    /// Run one runner of a cluster's job on this node (what a Slurm job of hangar runs;
+    /// it takes its server's URL and its token from HANGAR_AGENT_URL and
+    /// HANGAR_AGENT_TOKEN)
+    #[command(hide = true)]
+    Agent {
+        /// Where code and caches are kept on this node
+        #[arg(long, default_value = "/var/tmp/hangar-node")]
+        node_dir: std::path::PathBuf,
+    },
     /// Print a shell completion script
     Completion {
         #[arg(value_enum)]
@@ -120,6 +129,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(server::run(config))?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Agent { node_dir } => {
+            let url = std::env::var(supervisor::remote::URL_VAR)
+                .map_err(|_| anyhow::anyhow!("{} is not set", supervisor::remote::URL_VAR))?;
+            let token = std::env::var(supervisor::remote::TOKEN_VAR)
+                .map_err(|_| anyhow::anyhow!("{} is not set", supervisor::remote::TOKEN_VAR))?;
+            runtime()?.block_on(supervisor::remote::run_agent(url, token, node_dir)).map_err(anyhow::Error::msg)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "hangar", &mut script);
@@ -139,7 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Teams(command) => runtime.block_on(access::teams(&cx, command)),
         Command::Keys(command) => runtime.block_on(access::keys(&cx, command)),
         Command::Secrets(command) => runtime.block_on(access::secrets(&cx, command)),
-        Command::Server(_) | Command::Completion { .. } => unreachable!("handled above"),
+        Command::Server(_) | Command::Agent { .. } | Command::Completion { .. } => unreachable!("handled above"),
     }
 }
 

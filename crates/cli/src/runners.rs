@@ -71,6 +71,11 @@ pub(crate) async fn list(cx: &Context, app: Option<&str>, filter: &Filter) -> an
     if runners.is_empty() {
         out!("No runners.");
     }
+    // Runners a cluster placed show their node with their machine type.
+    let machine = |r: &RunnerJson| match &r.node {
+        Some(node) => format!("{}@{node}", r.machine_type),
+        None => r.machine_type.clone(),
+    };
     cx.out.table(
         &["RUNNER", "APP", "REVISION", "MACHINE", "GPUS", "STATE", "IN FLIGHT", "EXPIRES IN", "UPTIME", ""],
         runners
@@ -80,7 +85,7 @@ pub(crate) async fn list(cx: &Context, app: Option<&str>, filter: &Filter) -> an
                     short(&r.id),
                     r.app.clone(),
                     short(&r.revision),
-                    r.machine_type.clone(),
+                    machine(r),
                     r.gpus.join(","),
                     state_badge(&r.state),
                     r.in_flight.to_string(),

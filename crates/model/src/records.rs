@@ -79,6 +79,8 @@ pub struct RunnerInfo {
     pub machine_type: String,
     /// The GPUs it holds (held, once it has ended), by id.
     pub gpus: Vec<String>,
+    /// The cluster's node it runs on, for a runner a cluster placed.
+    pub node: Option<String>,
     pub state: crate::revision::RunnerState,
     pub in_flight: u32,
     /// For an idle runner above the app's minimum: how long until keep_alive stops it.

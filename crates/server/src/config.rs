@@ -113,6 +113,13 @@ pub struct ServerArgs {
     /// outside /usr, for example); repeatable or comma-separated
     #[arg(long = "sandbox-ro-path", env = "HANGAR_SANDBOX_RO_PATHS", value_delimiter = ',')]
     pub sandbox_ro_paths: Vec<PathBuf>,
+    /// Where runners run: local (processes of this server) or slurm (one job per runner
+    /// on a Slurm cluster; see the config file's [slurm] section) [default: local]
+    #[arg(long, env = "HANGAR_RUNNER_BACKEND")]
+    pub runner_backend: Option<String>,
+    /// The Slurm partition runners' jobs go to (the [slurm] section's partition)
+    #[arg(long, env = "HANGAR_SLURM_PARTITION")]
+    pub slurm_partition: Option<String>,
 }
 
 /// The config file: the same settings as the flags.
@@ -148,6 +155,77 @@ struct FileConfig {
     #[serde(default)]
     machine_types: BTreeMap<String, MachineTypeConfig>,
     gpus: Option<Vec<String>>,
+    runner_backend: Option<String>,
+    slurm: Option<SlurmFileConfig>,
+}
+
+/// The `[slurm]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlurmFileConfig {
+    partition: Option<String>,
+    account: Option<String>,
+    qos: Option<String>,
+    #[serde(default)]
+    extra_args: Vec<String>,
+    server_url: Option<String>,
+    launcher: Option<PathBuf>,
+    node_dir: Option<PathBuf>,
+}
+
+/// Where runners run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunnerBackendKind {
+    /// Processes of this server.
+    Local,
+    /// Jobs of a Slurm cluster.
+    Slurm(SlurmSection),
+}
+
+/// How runners become Slurm jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlurmSection {
+    pub settings: supervisor::slurm::SlurmSettings,
+    /// The URL nodes reach this server's API at [default: http:// and the API address].
+    pub server_url: Option<String>,
+    /// The `hangar` binary on the nodes [default: this binary's path].
+    pub launcher: Option<PathBuf>,
+    /// Where the agent keeps code and caches on a node [default: /var/tmp/hangar-node].
+    pub node_dir: PathBuf,
+}
+
+fn runner_backend(args: &ServerArgs, file: &mut FileConfig) -> anyhow::Result<RunnerBackendKind> {
+    let section = file.slurm.take();
+    match args.runner_backend.as_deref().or(file.runner_backend.as_deref()).unwrap_or("local") {
+        "local" => Ok(RunnerBackendKind::Local),
+        "slurm" => {
+            let section = section.unwrap_or_default();
+            let partition = args.slurm_partition.clone().or(section.partition).unwrap_or_default();
+            if partition.trim().is_empty() {
+                bail!("the Slurm runner backend needs a partition: [slurm] partition = \"…\" or --slurm-partition");
+            }
+            if let Some(url) = &section.server_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                bail!("[slurm] server_url {url:?} must be an http:// or https:// URL");
+            }
+            if let Some(arg) = section.extra_args.iter().find(|a| !a.starts_with('-')) {
+                bail!("[slurm] extra_args: {arg:?} is not an sbatch option (they start with -)");
+            }
+            Ok(RunnerBackendKind::Slurm(SlurmSection {
+                settings: supervisor::slurm::SlurmSettings {
+                    partition: partition.trim().to_owned(),
+                    account: section.account,
+                    qos: section.qos,
+                    extra_args: section.extra_args,
+                },
+                server_url: section.server_url,
+                launcher: section.launcher,
+                node_dir: section.node_dir.unwrap_or_else(|| PathBuf::from("/var/tmp/hangar-node")),
+            }))
+        }
+        other => bail!("runner backend {other:?} is not one of: local, slurm"),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +339,7 @@ pub struct Config {
     pub sandbox_ro_paths: Vec<PathBuf>,
     /// The GPUs given instead of detecting them (`--gpus`); `None`: detect.
     pub gpus: Option<Vec<String>>,
+    pub runner_backend: RunnerBackendKind,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -283,10 +362,11 @@ impl Config {
     }
 
     pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
-        let file = match &args.config {
+        let mut file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let runner_backend = runner_backend(args, &mut file)?;
         if let Some(url) = args.database_url.as_ref().or(file.database_url.as_ref())
             && !url.starts_with("sqlite:")
         {
@@ -368,6 +448,7 @@ impl Config {
             } else {
                 args.sandbox_ro_paths.clone()
             },
+            runner_backend,
         })
     }
 }

@@ -87,6 +87,11 @@ struct Runner {
     /// Where it was placed (kept once it has ended, for listings): the machine type
     /// and its GPUs' ids.
     placed: Option<(String, Vec<String>)>,
+    /// The cluster's node it was placed on, for a runner a cluster placed.
+    node: Option<String>,
+    /// Launched, and waiting in the cluster's queue for what `reason` says: shown as
+    /// Pending.
+    queued: bool,
     reason: Option<String>,
 }
 
@@ -105,6 +110,8 @@ impl Runner {
             replacement: None,
             capacity: None,
             placed: None,
+            node: None,
+            queued: false,
             reason: None,
         }
     }
@@ -116,7 +123,20 @@ impl Runner {
     fn is_set_up(&self) -> bool {
         matches!(self.state, RunnerState::Idle | RunnerState::Running)
     }
+
+    /// Waiting for room: in this server's placer, or in the cluster's queue for its
+    /// resources (other jobs hold them).
+    fn waits_for_room(&self, capacity: &Capacity) -> bool {
+        match self.state {
+            RunnerState::Pending => !capacity.has_room(Need::of(&self.manifest.runner)),
+            RunnerState::Setup => self.queued && self.reason.as_deref().is_some_and(|r| r.contains(QUEUED_FOR_ROOM)),
+            _ => false,
+        }
+    }
 }
+
+/// Slurm's reason for a job that waits until other jobs free what it asks for.
+const QUEUED_FOR_ROOM: &str = "Resources";
 
 /// A rolling activation waiting for its first runner to be set up.
 struct PendingActivation {
@@ -192,6 +212,10 @@ impl Controller {
         let shared = self.shared.clone();
         let route = self.route.clone();
         let mut orphaned = false;
+        // A controller started with the server brings its app's minimum up at once, not
+        // when something first happens.
+        self.reconcile().await;
+        self.publish();
         loop {
             let wake_at = self.wake_at();
             tokio::select! {
@@ -426,6 +450,27 @@ impl Controller {
                     }
                 }
             }
+            Event::Waiting { reason, .. } => {
+                let runner = &mut self.runners[index];
+                if runner.state == RunnerState::Setup {
+                    runner.queued = true;
+                    runner.reason = Some(format!("waiting in the cluster's queue: {reason}"));
+                }
+            }
+            Event::Placed { addr, node, gpus, .. } => {
+                let runner = &mut self.runners[index];
+                if let Some(handle) = &mut runner.handle {
+                    handle.addr = addr;
+                }
+                if let Some(placed) = &mut runner.placed {
+                    placed.1 = gpus;
+                }
+                runner.node = Some(node);
+                if runner.queued {
+                    runner.queued = false;
+                    runner.reason = None;
+                }
+            }
             Event::Unhealthy { reason, .. } => {
                 apply(&self.route, &self.shared.capacity, &mut self.runners[index], RunnerEvent::Unhealthy, &reason);
             }
@@ -585,9 +630,7 @@ impl Controller {
     fn make_room_for_candidate(&mut self, snapshot: &RouteSnapshot) {
         let Some(pending) = &self.pending else { return };
         let Some(candidate) = self.runners.iter().find(|r| r.id == pending.runner) else { return };
-        if candidate.state != RunnerState::Pending
-            || self.shared.capacity.has_room(Need::of(&candidate.manifest.runner))
-        {
+        if !candidate.waits_for_room(&self.shared.capacity) {
             return;
         }
         let (revision, spec) = (candidate.revision, candidate.manifest.clone());
@@ -614,18 +657,21 @@ impl Controller {
     /// up, or right away when the replacement cannot find room (then calls wait in the
     /// queue instead of capacity being exceeded).
     fn replace_marked(&mut self) {
-        let states: Vec<(RunnerId, RunnerState)> = self.runners.iter().map(|r| (r.id, r.state)).collect();
-        let state_of = |id: RunnerId| states.iter().find(|(r, _)| *r == id).map(|(_, s)| *s);
+        let states: Vec<(RunnerId, RunnerState, bool)> =
+            self.runners.iter().map(|r| (r.id, r.state, r.waits_for_room(&self.shared.capacity))).collect();
+        let state_of = |id: RunnerId| states.iter().find(|(r, ..)| *r == id).map(|(_, s, waits)| (*s, *waits));
         for runner in &mut self.runners {
             if !runner.replacing || !runner.is_set_up() {
                 continue;
             }
             let handover = match runner.replacement.and_then(state_of) {
-                Some(RunnerState::Idle | RunnerState::Running) => true,
-                // A replacement waiting for room gets it only when this runner goes; one
-                // that will find room is started in this same pass, so wait for it.
-                Some(RunnerState::Pending) => !self.shared.capacity.has_room(Need::of(&self.app.runner)),
-                Some(RunnerState::Terminated) | None => true,
+                Some((RunnerState::Idle | RunnerState::Running, _)) => true,
+                // A replacement waiting for room (here, or in the cluster's queue) gets it
+                // only when this runner goes; one that will find room is started in this
+                // same pass, so wait for it.
+                Some((RunnerState::Pending, _)) => !self.shared.capacity.has_room(Need::of(&self.app.runner)),
+                Some((_, true)) => true,
+                Some((RunnerState::Terminated, _)) | None => true,
                 Some(_) => false,
             };
             if handover {
@@ -735,7 +781,8 @@ impl Controller {
             runner.reason = None;
             runner.placed = Some((placement.machine_type.clone(), gpus.iter().map(|g| g.id.clone()).collect()));
             runner.capacity = Some(placement.clone());
-            let launch = self.launch_spec(index, placement.machine_type, &gpus, secrets);
+            let mut launch = self.launch_spec(index, placement.machine_type, &gpus, secrets);
+            launch.gpu_count = placement.gpu_count;
             match self.shared.backend.launch(launch, self.events_tx.clone()) {
                 Ok(handle) => {
                     let runner = &mut self.runners[index];
@@ -793,6 +840,7 @@ impl Controller {
         RunnerLaunch {
             id: runner.id,
             machine_type,
+            gpu_count: gpus.len() as u32,
             command: manifest.command.clone(),
             confinement: supervisor::Confinement {
                 uid: supervisor::team_uid(self.app.team_id.as_bytes()),
@@ -848,6 +896,7 @@ impl Controller {
                 let slot = snapshot.runner(r.id);
                 let in_flight = slot.map_or(0, |s| s.in_flight);
                 let state = match r.state {
+                    RunnerState::Setup if r.queued => RunnerState::Pending,
                     RunnerState::Idle | RunnerState::Running if in_flight > 0 => RunnerState::Running,
                     RunnerState::Idle | RunnerState::Running => RunnerState::Idle,
                     other => other,
@@ -867,6 +916,7 @@ impl Controller {
                         .as_ref()
                         .map_or_else(|| r.manifest.runner.machine_type.clone(), |p| p.0.clone()),
                     gpus: r.placed.as_ref().map_or_else(Vec::new, |p| p.1.clone()),
+                    node: r.node.clone(),
                     state,
                     in_flight,
                     expires_in,

@@ -4,11 +4,13 @@
 //! hangar.db                      the embedded store (SQLite, WAL)
 //! admin.key                      the root key, mode 0600, written on first start
 //! server.json                    the addresses this run listens on
+//! server.id                      this server's id, on the Slurm jobs it submits
 //! tmp/                           uploads in progress; emptied at start
 //! artifacts/sha256/<hex>.tar.gz  uploaded code, by content digest, stored once
 //! revisions/<id>/app/            a revision's unpacked and built code
 //! revisions/<id>/build.log       its build output
 //! revisions/<id>/build.pid       the build's process group while it runs
+//! revisions/<id>/code.tar.gz     its built code, packed for a cluster's nodes (+ .sha256)
 //! runners/<id>/runner.log        a runner's output (rotated), kept while it is listed
 //! runners/<id>/pid               its process group while it runs
 //! caches/<app id>/               an app's cache (HANGAR_CACHE_DIR), kept across runners
@@ -39,6 +41,11 @@ impl Layout {
 
     pub(crate) fn admin_key(&self) -> PathBuf {
         self.root.join("admin.key")
+    }
+
+    /// This server's id, which marks the jobs it submits to a cluster.
+    pub(crate) fn server_id(&self) -> PathBuf {
+        self.root.join("server.id")
     }
 
     pub(crate) fn endpoints(&self) -> PathBuf {

@@ -6,6 +6,7 @@
 //! the `supervisor`'s business.
 
 mod access;
+mod agent;
 mod auth;
 mod config;
 mod control;
@@ -105,9 +106,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(layout.runners())
         .with_context(|| format!("cannot create {}", layout.runners().display()))?;
 
+    // Bound before runners start: a cluster's runners reach the server at its API address.
+    let api_listener = TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("cannot listen on the API address {}", config.api_addr))?;
+    let gateway_listener = TcpListener::bind(config.gateway_addr)
+        .await
+        .with_context(|| format!("cannot listen on the gateway address {}", config.gateway_addr))?;
+    let api_addr = api_listener.local_addr()?;
+    let gateway_addr = gateway_listener.local_addr()?;
+
     let gpus = Arc::new(find_gpus(&config)?);
+    let (backend, agents): (Arc<dyn supervisor::RunnerBackend>, _) = match &config.runner_backend {
+        config::RunnerBackendKind::Local => (backend, None),
+        config::RunnerBackendKind::Slurm(section) => {
+            let jobs = slurm_backend(section, &layout, api_addr, config.sandbox, &config.sandbox_ro_paths).await?;
+            let agents = jobs.agents();
+            (Arc::new(jobs), Some(agents))
+        }
+    };
     let config = Arc::new(config);
-    let backend: Arc<dyn supervisor::RunnerBackend> = backend;
     let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend, gpus)?;
     let gateway = control.fleet.shared.gateway.clone();
     let output = Arc::new(RunnerOutput(control.fleet.shared.backend.clone()));
@@ -119,20 +137,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     queue.start().await.context("cannot resume the queue")?;
     gateway.set_queue(queue.clone());
 
-    let api_listener = TcpListener::bind(config.api_addr)
-        .await
-        .with_context(|| format!("cannot listen on the API address {}", config.api_addr))?;
-    let gateway_listener = TcpListener::bind(config.gateway_addr)
-        .await
-        .with_context(|| format!("cannot listen on the gateway address {}", config.gateway_addr))?;
-    let api_addr = api_listener.local_addr()?;
-    let gateway_addr = gateway_listener.local_addr()?;
     write_endpoints(&layout, api_addr, gateway_addr, config.tls.is_some())?;
     tracing::info!(api = %api_addr, gateway = %gateway_addr, data_dir = %layout.root().display(), "hangar server listening");
 
     let shutdown = control.shutdown.clone();
-    let api_app = api::router::router(control.clone())
-        .merge(dashboard())
+    let mut api_app = api::router::router(control.clone()).merge(dashboard());
+    if let Some(agents) = agents {
+        api_app = api_app.merge(agent::routes(agents));
+    }
+    let api_app = api_app
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(config.body_read_timeout))
         .layer(tower_http::trace::TraceLayer::new_for_http());
     let api_server = serve_api(api_listener, api_app, config.connection_timeouts(), shutdown.clone());
@@ -166,6 +179,67 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     control.tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runners as jobs of the Slurm cluster `section` describes, after checking that it can
+/// be used, and with every job an earlier run of this server left in it cancelled.
+async fn slurm_backend(
+    section: &config::SlurmSection,
+    layout: &Layout,
+    api_addr: SocketAddr,
+    sandbox: supervisor::SandboxMode,
+    ro_paths: &[std::path::PathBuf],
+) -> anyhow::Result<supervisor::slurm::SlurmJobs> {
+    let server_url = match &section.server_url {
+        Some(url) => url.clone(),
+        None if api_addr.ip().is_unspecified() => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("http://{}:{}", host.trim(), api_addr.port())
+        }
+        None => format!("http://{api_addr}"),
+    };
+    let launcher = match &section.launcher {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("cannot tell where this binary is, for the nodes")?,
+    };
+    let config = supervisor::slurm::SlurmConfig {
+        settings: section.settings.clone(),
+        server_url: server_url.clone(),
+        launcher,
+        node_dir: section.node_dir.clone(),
+        owner: format!("hangar:{}", server_id(layout)?),
+        sandbox: match sandbox {
+            supervisor::SandboxMode::Bwrap => Some(ro_paths.to_vec()),
+            supervisor::SandboxMode::None => None,
+        },
+    };
+    let jobs = supervisor::slurm::SlurmJobs::connect(config, layout.runners(), RUNNER_LOG_BYTES)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot use the Slurm cluster: {e}"))?;
+    let cancelled =
+        jobs.cancel_leftovers().await.map_err(|e| anyhow::anyhow!("cannot list the Slurm cluster's jobs: {e}"))?;
+    if cancelled > 0 {
+        tracing::warn!(count = cancelled, "cancelled Slurm jobs left behind by an earlier run");
+    }
+    tracing::info!(
+        partition = %section.settings.partition,
+        %server_url,
+        "runners: Slurm jobs (the cluster places them with their GPUs)"
+    );
+    Ok(jobs)
+}
+
+/// This data dir's server id, made on first use: it marks the server's Slurm jobs.
+fn server_id(layout: &Layout) -> anyhow::Result<String> {
+    let path = layout.server_id();
+    if let Ok(id) = std::fs::read_to_string(&path)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_owned());
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 /// The GPUs runners are given: the ones `--gpus` names, or else the ones NVML finds.
@@ -205,11 +279,12 @@ fn assemble(
         config.start_timeout,
         config.connection_timeouts(),
     );
+    let cluster = backend.cluster().is_some();
     let shared = Arc::new(fleet::Shared {
         store: store.clone(),
         backend,
         sandbox,
-        capacity: placement::Capacity::new(&config, gpus.all()),
+        capacity: placement::Capacity::new(&config, gpus.all(), cluster),
         gpus,
         config: config.clone(),
         layout: layout.clone(),

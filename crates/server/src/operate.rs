@@ -55,7 +55,8 @@ impl Control {
             .flat_map(|a| self.fleet.runners(a.id))
             .filter(|r| match &states {
                 Some(states) => states.contains(&r.state),
-                None => !r.state.is_terminal(),
+                // `--since` asks for the runners that ended in its window too.
+                None => !r.state.is_terminal() || cutoff.is_some(),
             })
             .filter(|r| !r.state.is_terminal() || cutoff.is_some_and(|c| r.ended_at.is_some_and(|t| t >= c)))
             .collect();

@@ -1,6 +1,10 @@
 //! Where a runner may run: room on one of its machine types, and, when it needs GPUs,
 //! that many whole GPUs no other runner holds. A runner holds its place from the moment
 //! its process is started until that process has ended.
+//!
+//! When a cluster places runners (Slurm), the cluster finds their GPUs and nodes, and
+//! its queue is where they wait: here a machine type's `capacity` only bounds how many
+//! of its runners are submitted at once, and a runner asks for its count of GPUs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +21,9 @@ use crate::config::Config;
 pub(crate) struct Placement {
     pub(crate) machine_type: String,
     pub(crate) gpus: Vec<usize>,
+    /// How many GPUs it needs: those in `gpus`, or, placed by a cluster, the count it
+    /// asks the cluster for.
+    pub(crate) gpu_count: u32,
 }
 
 /// What a runner asks for: the machine types it may run on, in order of preference,
@@ -58,10 +65,12 @@ pub(crate) struct Capacity {
     gpu_names: Vec<Option<String>>,
     used: Mutex<Used>,
     freed: Notify,
+    /// A cluster finds runners' GPUs: none of this server's are given out.
+    cluster: bool,
 }
 
 impl Capacity {
-    pub(crate) fn new(config: &Config, gpus: &[supervisor::Gpu]) -> Capacity {
+    pub(crate) fn new(config: &Config, gpus: &[supervisor::Gpu], cluster: bool) -> Capacity {
         let types = config
             .machine_types
             .iter()
@@ -74,6 +83,7 @@ impl Capacity {
             gpu_names: gpus.iter().map(|g| g.name.clone()).collect(),
             used: Mutex::new(Used { runners: HashMap::new(), holders: vec![None; gpus.len()] }),
             freed: Notify::new(),
+            cluster,
         }
     }
 
@@ -89,7 +99,11 @@ impl Capacity {
                     for &gpu in &gpus {
                         used.holders[gpu] = Some((runner, app.to_owned()));
                     }
-                    return Ok(Placement { machine_type: name.to_owned(), gpus });
+                    let gpu_count = match self.types.get(name) {
+                        Some(room) if self.cluster => need.num_gpus.unwrap_or(room.gpus),
+                        _ => gpus.len() as u32,
+                    };
+                    return Ok(Placement { machine_type: name.to_owned(), gpus, gpu_count });
                 }
                 Err(why) => waiting.push(why),
             }
@@ -135,7 +149,7 @@ impl Capacity {
             let Some(room) = self.types.get(name) else { continue };
             let wanted = need.num_gpus.unwrap_or(room.gpus) as usize;
             let matching = self.matching(room).count();
-            if wanted <= matching && room.capacity > 0 {
+            if (self.cluster || wanted <= matching) && room.capacity > 0 {
                 return None;
             }
             why.push(if room.capacity == 0 {
@@ -155,6 +169,9 @@ impl Capacity {
         let running = used.runners.get(name).copied().unwrap_or(0);
         if running >= room.capacity {
             return Err(format!("machine type {name:?} is full ({running} of {} runners)", room.capacity));
+        }
+        if self.cluster {
+            return Ok(Vec::new());
         }
         let wanted = num_gpus.unwrap_or(room.gpus) as usize;
         let free: Vec<usize> = self.matching(room).filter(|&gpu| used.holders[gpu].is_none()).collect();
@@ -213,7 +230,7 @@ mod tests {
                 device: None,
             })
             .collect();
-        Capacity::new(&config, &gpus)
+        Capacity::new(&config, &gpus, false)
     }
 
     fn need(machine_types: &str, num_gpus: Option<u32>) -> Need<'_> {
@@ -228,8 +245,29 @@ mod tests {
         assert_eq!(placed, [vec![0], vec![1], vec![2]]);
         assert_eq!(c.try_place(need("gpu", None), RunnerId::new(), "a").unwrap_err(), "needs 1 GPU; 0 free");
         assert!(!c.has_room(need("gpu", None)));
-        c.release(&Placement { machine_type: "gpu".to_owned(), gpus: vec![1] });
+        c.release(&Placement { machine_type: "gpu".to_owned(), gpus: vec![1], gpu_count: 1 });
         assert_eq!(c.try_place(need("gpu", None), RunnerId::new(), "a").unwrap().gpus, [1]);
+    }
+
+    #[test]
+    fn placed_by_a_cluster_a_runner_asks_for_its_count_of_gpus_and_only_capacity_bounds_it() {
+        let mut config = Config::load(&crate::config::ServerArgs::default()).unwrap();
+        let mut gpu = MachineType::with_capacity(2);
+        gpu.gpus = 1;
+        config.machine_types.insert("gpu".to_owned(), gpu);
+        // This server has no GPUs; the cluster's nodes have them.
+        let c = Capacity::new(&config, &[], true);
+        let cases: [(Option<u32>, Result<u32, &str>); 3] =
+            [(None, Ok(1)), (Some(4), Ok(4)), (None, Err("machine type \"gpu\" is full (2 of 2 runners)"))];
+        for (num_gpus, want) in cases {
+            let got = c.try_place(need("gpu", num_gpus), RunnerId::new(), "a").map(|p| {
+                assert!(p.gpus.is_empty(), "no GPU of this server is given out");
+                p.gpu_count
+            });
+            assert_eq!(got.as_ref().map_err(String::as_str), want.as_ref().map_err(|e| *e), "{num_gpus:?}");
+        }
+        assert_eq!(c.never_fits(need("gpu", Some(64))), None, "the cluster says what can run");
+        assert!(c.never_fits(need("nowhere", None)).is_some());
     }
 
     #[test]

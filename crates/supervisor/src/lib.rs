@@ -12,6 +12,7 @@ mod build;
 mod cgroup;
 mod gpu;
 mod group;
+pub mod remote;
 mod runner;
 mod sandbox;
 pub mod slurm;

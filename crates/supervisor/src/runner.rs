@@ -49,6 +49,9 @@ pub struct RunnerLaunch {
     pub id: RunnerId,
     /// The machine type whose room it holds (its limits are in `limits`).
     pub machine_type: String,
+    /// The whole GPUs it needs: those in `confinement.devices` for a local runner; a
+    /// cluster finds them for a remote one.
+    pub gpu_count: u32,
     pub command: Vec<String>,
     /// What it may see: its revision's code (its working directory), its cache, its uid.
     pub confinement: Confinement,
@@ -77,6 +80,12 @@ pub enum Event {
     Healthy { id: RunnerId },
     /// A serving runner failed `failure_threshold` checks in a row; it is being killed.
     Unhealthy { id: RunnerId, reason: String },
+    /// A runner that a cluster places waits in the cluster's queue, for `reason`
+    /// (Slurm's: `Resources`, `Priority`, …).
+    Waiting { id: RunnerId, reason: String },
+    /// A runner that a cluster placed has started on `node` with the cluster's `gpus`:
+    /// health checks and calls go to `addr` from now on.
+    Placed { id: RunnerId, addr: Endpoint, node: String, gpus: Vec<String> },
     /// The process has ended and its group is gone. `requested` is true when it was
     /// stopped or killed on order; `reason` says what happened in words for people.
     Exited { id: RunnerId, phase: Phase, requested: bool, reason: String },
@@ -85,7 +94,11 @@ pub enum Event {
 impl Event {
     pub fn runner(&self) -> RunnerId {
         match self {
-            Event::Healthy { id } | Event::Unhealthy { id, .. } | Event::Exited { id, .. } => *id,
+            Event::Healthy { id }
+            | Event::Unhealthy { id, .. }
+            | Event::Waiting { id, .. }
+            | Event::Placed { id, .. }
+            | Event::Exited { id, .. } => *id,
         }
     }
 }
@@ -145,13 +158,21 @@ pub trait RunnerBackend: Send + Sync + 'static {
     /// receiver that falls more than the backend's buffer behind loses the oldest lines
     /// (`RecvError::Lagged`) rather than slowing the runner down.
     fn subscribe_output(&self, id: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>>;
+
+    /// The workload manager that places runners and holds their GPUs (`slurm`), or
+    /// `None` when this server does. A cluster's runner is launched with only its count
+    /// of GPUs, may wait in the cluster's queue ([`Event::Waiting`]), and gets its
+    /// address when it has started ([`Event::Placed`]).
+    fn cluster(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Lines a tap holds for its slowest receiver before that receiver starts losing them.
-const TAP_CAPACITY: usize = 1024;
+pub(crate) const TAP_CAPACITY: usize = 1024;
 
 /// The live taps of the runners that have not ended yet.
-type Taps = Arc<Mutex<HashMap<RunnerId, broadcast::Sender<Arc<OutputLine>>>>>;
+pub(crate) type Taps = Arc<Mutex<HashMap<RunnerId, broadcast::Sender<Arc<OutputLine>>>>>;
 
 /// Runners as child processes of this server.
 pub struct LocalProcesses {
@@ -277,20 +298,26 @@ impl RunnerBackend for LocalProcesses {
     }
 
     fn read_log(&self, id: RunnerId, offset: u64) -> std::io::Result<(String, u64)> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = std::fs::File::open(self.log_path(id))?;
-        let len = file.metadata()?.len();
-        // A rotated log is shorter than the offset the reader had; start over.
-        let offset = if offset > len { 0 } else { offset };
-        file.seek(SeekFrom::Start(offset))?;
-        let mut buf = Vec::new();
-        file.take(256 * 1024).read_to_end(&mut buf)?;
-        Ok((String::from_utf8_lossy(&buf).into_owned(), offset + buf.len() as u64))
+        read_log_file(&self.log_path(id), offset)
     }
 
     fn subscribe_output(&self, id: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>> {
         self.taps.lock().unwrap_or_else(|e| e.into_inner()).get(&id).map(broadcast::Sender::subscribe)
     }
+}
+
+/// A log's text from byte `offset` on (at most 256 KiB of it), and the offset to read
+/// from next.
+pub(crate) fn read_log_file(path: &Path, offset: u64) -> std::io::Result<(String, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    // A rotated log is shorter than the offset the reader had; start over.
+    let offset = if offset > len { 0 } else { offset };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::new();
+    file.take(256 * 1024).read_to_end(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf).into_owned(), offset + buf.len() as u64))
 }
 
 /// Picks a free loopback port for a runner by binding port 0 and letting it go.
@@ -526,23 +553,7 @@ impl Watch {
     }
 
     async fn probe(&self) -> bool {
-        matches!(
-            tokio::time::timeout(self.launch.health.probe_timeout, self.check_health()).await,
-            Ok(Ok(status)) if status == hyper::StatusCode::OK
-        )
-    }
-
-    /// One health check, over a connection of its own.
-    async fn check_health(&self) -> Result<hyper::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
-        let stream = self.addr.connect().await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let connection = tokio::spawn(connection);
-        let request = hyper::Request::get(self.launch.health_path.as_str())
-            .header(hyper::header::HOST, self.addr.addr.to_string())
-            .body(Empty::<Bytes>::new())?;
-        let response = sender.send_request(request).await;
-        connection.abort();
-        Ok(response?.status())
+        probe(&self.addr, &self.launch.health_path, self.launch.health.probe_timeout).await
     }
 
     /// The runner's last lines of output, to explain why it ended.
@@ -554,6 +565,29 @@ impl Watch {
             format!("; last output: {}", log.recent.iter().cloned().collect::<Vec<_>>().join(" | "))
         }
     }
+}
+
+/// Whether one health check of the runner at `addr` answers 200 within `timeout`.
+pub(crate) async fn probe(addr: &Endpoint, path: &str, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, check_health(addr, path)).await,
+        Ok(Ok(status)) if status == hyper::StatusCode::OK
+    )
+}
+
+/// One health check, over a connection of its own.
+async fn check_health(
+    addr: &Endpoint,
+    path: &str,
+) -> Result<hyper::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = addr.connect().await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection);
+    let request =
+        hyper::Request::get(path).header(hyper::header::HOST, addr.addr.to_string()).body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await;
+    connection.abort();
+    Ok(response?.status())
 }
 
 /// Copies a stream of the runner's output into its log, a line at a time, and hands
@@ -577,23 +611,23 @@ async fn pump(
 
 /// A runner's log: one timestamped line per line of output, rotated at a size limit
 /// so that a chatty runner cannot fill the disk.
-struct LogFile {
+pub(crate) struct LogFile {
     path: PathBuf,
     file: std::fs::File,
     written: u64,
     limit: u64,
     /// The last few lines, for error messages.
-    recent: VecDeque<String>,
+    pub(crate) recent: VecDeque<String>,
 }
 
 impl LogFile {
-    fn open(path: PathBuf, limit: u64) -> std::io::Result<LogFile> {
+    pub(crate) fn open(path: PathBuf, limit: u64) -> std::io::Result<LogFile> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         let written = file.metadata()?.len();
         Ok(LogFile { path, file, written, limit, recent: VecDeque::new() })
     }
 
-    fn append(&mut self, at: time::OffsetDateTime, stream: &str, line: &str) {
+    pub(crate) fn append(&mut self, at: time::OffsetDateTime, stream: &str, line: &str) {
         use std::io::Write;
         let now = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         let entry = format!("{now} {stream} {line}\n");
@@ -688,6 +722,7 @@ mod tests {
         RunnerLaunch {
             id,
             machine_type: "cpu".to_owned(),
+            gpu_count: 0,
             command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
             confinement: Confinement {
                 uid: 0,
