@@ -354,6 +354,11 @@ impl AppRoute {
         self.interleave();
     }
 
+    /// Whether runner `id` is among those that take calls.
+    pub fn has_runner(&self, id: RunnerId) -> bool {
+        self.state().runners.iter().any(|s| s.id == id)
+    }
+
     /// Records that a call on `id` ran past the request timeout.
     pub fn flag_timed_out(&self, id: RunnerId) {
         if let Some(slot) = self.state().runners.iter_mut().find(|s| s.id == id) {

@@ -92,6 +92,7 @@ impl Queue {
             }
             live.log("hangar", format!("started on runner {}", lease.runner));
             live.touch();
+            let runner = lease.runner;
             let attempt = self.attempt(&request, &route, lease, live).await?;
             {
                 let mut progress = live.progress();
@@ -123,6 +124,7 @@ impl Queue {
                         "hangar",
                         format!("{why}; queued again (attempt {failed} of {})", self.config.max_attempts),
                     );
+                    wait_until_unrouted(&route, runner).await;
                     self.store.queue_requeue(request.id, why, true).await?;
                     request.failed_attempts = failed;
                     live.touch();
@@ -326,6 +328,21 @@ impl Queue {
             live.log("hangar", note);
             live.touch();
         });
+    }
+}
+
+/// How long a retry waits for the runner that lost its request to be taken out of the
+/// route.
+const LOST_RUNNER_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits, for a while, until `runner` no longer takes calls. The runner that lost a
+/// request may not be known to be gone yet (the node of a cluster's runner failed, and
+/// the cluster says so a moment later): a retry at once would go to it, and be lost
+/// again. One that still takes calls after the wait is retried all the same.
+async fn wait_until_unrouted(route: &gateway::AppRoute, runner: model::ids::RunnerId) {
+    let deadline = Instant::now() + LOST_RUNNER_WAIT;
+    while route.has_runner(runner) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -22,6 +22,8 @@ pub struct TestServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// More environment for the server process.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     pub api_url: String,
     pub gateway_url: String,
@@ -36,11 +38,17 @@ impl TestServer {
 
     /// Starts the server with extra `hangar server` flags.
     pub fn start_with(bin: &str, extra_args: &[&str]) -> TestServer {
+        TestServer::start_with_env(bin, extra_args, &[])
+    }
+
+    /// Starts the server with extra flags and environment variables.
+    pub fn start_with_env(bin: &str, extra_args: &[&str], env: &[(String, String)]) -> TestServer {
         let dir = tempfile::Builder::new().prefix("hangar-test-").tempdir().expect("cannot make a temp dir");
         let mut server = TestServer {
             bin: PathBuf::from(bin),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env.to_vec(),
             child: None,
             api_url: String::new(),
             gateway_url: String::new(),
@@ -91,6 +99,7 @@ impl TestServer {
             .arg("--sandbox-ro-path")
             .arg(self.shared_dir())
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HANGAR_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -74,6 +74,25 @@ impl SlurmCluster {
         self.var("SLURM_CONF")
     }
 
+    /// A `hangar server` whose runners are jobs of this cluster, with extra flags. The
+    /// server must be dropped before the cluster (declare it after).
+    pub fn server(&self, bin: &str, extra_args: &[&str]) -> crate::TestServer {
+        let config = self.dir().join("hangar.toml");
+        let node_dir = self.dir().join("node");
+        std::fs::write(
+            &config,
+            format!(
+                "runner_backend = \"slurm\"\n[slurm]\npartition = {:?}\nnode_dir = {:?}\n",
+                self.partition(),
+                node_dir.display().to_string()
+            ),
+        )
+        .expect("cannot write the server's config");
+        let config = config.display().to_string();
+        let args = [&["--config", config.as_str()], extra_args].concat();
+        crate::TestServer::start_with_env(bin, &args, &[("SLURM_CONF".to_owned(), self.conf())])
+    }
+
     /// The partition that holds every node (also the default one).
     pub fn partition(&self) -> String {
         self.var("HANGAR_SLURM_PARTITION")

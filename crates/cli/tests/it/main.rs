@@ -16,6 +16,7 @@ mod queue;
 mod revisions;
 mod sandbox;
 mod scaling;
+mod slurm;
 mod switching;
 mod tls;
 

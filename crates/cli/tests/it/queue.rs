@@ -10,11 +10,11 @@ use testkit::{Http, Reply, TestServer, wait_until};
 use crate::{echo_example, server, server_with, testapp_dir};
 
 /// `{gateway}/queue/default/{app}{path}`.
-fn queue_url(server: &TestServer, app: &str, path: &str) -> String {
+pub(crate) fn queue_url(server: &TestServer, app: &str, path: &str) -> String {
     format!("{}/queue/default/{app}{path}", server.gateway_url)
 }
 
-fn submit(http: &Http, server: &TestServer, app: &str, path: &str, body: &Value) -> Value {
+pub(crate) fn submit(http: &Http, server: &TestServer, app: &str, path: &str, body: &Value) -> Value {
     let reply = http.send(
         "POST",
         &queue_url(server, app, path),
@@ -26,20 +26,20 @@ fn submit(http: &Http, server: &TestServer, app: &str, path: &str, body: &Value)
     reply.json()
 }
 
-fn status(http: &Http, server: &TestServer, submitted: &Value) -> Value {
+pub(crate) fn status(http: &Http, server: &TestServer, submitted: &Value) -> Value {
     let reply = http.get(submitted["status_url"].as_str().unwrap(), Some(&server.root_key));
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()
 }
 
-fn completed(http: &Http, server: &TestServer, submitted: &Value) -> Value {
+pub(crate) fn completed(http: &Http, server: &TestServer, submitted: &Value) -> Value {
     wait_until("the request to complete", || {
         let status = status(http, server, submitted);
         (status["status"] == "COMPLETED").then_some(status)
     })
 }
 
-fn result(http: &Http, server: &TestServer, submitted: &Value) -> Reply {
+pub(crate) fn result(http: &Http, server: &TestServer, submitted: &Value) -> Reply {
     http.get(submitted["response_url"].as_str().unwrap(), Some(&server.root_key))
 }
 

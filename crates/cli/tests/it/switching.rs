@@ -18,27 +18,33 @@ fn current(server: &testkit::TestServer, app: &str) -> String {
 
 #[test]
 fn no_call_fails_through_deploys_set_revs_and_scale_down() {
-    let server = server();
-    let v1 = deploy(&server, "live", "env = { V = \"1\" }\n[runner]\nmax_multiplexing = 8\n", &[]);
-    let prober = Prober::start(&app_url(&server, "live", "/"), None, 200);
+    no_call_fails_through_deploys_set_revs_and_scale_down_on(&server());
+}
+
+/// The test itself, on `server` (local runners above; Slurm jobs in `slurm`).
+pub(crate) fn no_call_fails_through_deploys_set_revs_and_scale_down_on(server: &testkit::TestServer) {
+    let v1 = deploy(server, "live", "env = { V = \"1\" }\n[runner]\nmax_multiplexing = 8\n", &[]);
+    let prober = Prober::start(&app_url(server, "live", "/"), None, 200);
 
     let v2 =
-        deploy(&server, "live", "env = { V = \"2\" }\n[runner]\nmax_multiplexing = 8\n", &["--strategy", "rolling"]);
-    assert_eq!(current(&server, "live"), v2);
+        deploy(server, "live", "env = { V = \"2\" }\n[runner]\nmax_multiplexing = 8\n", &["--strategy", "rolling"]);
+    assert_eq!(current(server, "live"), v2);
     for i in 0..10 {
         let target = if i % 2 == 0 { &v1 } else { &v2 };
         server.run(&["apps", "set-rev", "live", &target[..8]]).ok();
-        assert_eq!(&current(&server, "live"), target);
+        assert_eq!(&current(server, "live"), target);
     }
     server.run(&["apps", "set-rev", "live", &v1, "--strategy", "recreate"]).ok();
-    assert_eq!(current(&server, "live"), v1);
+    assert_eq!(current(server, "live"), v1);
     server.run(&["apps", "scale", "live", "--min-concurrency", "3"]).ok();
-    wait_until("three runners", || (runners(&server, "live", &[]).len() == 3).then_some(()));
+    // At least three: the switches' calls may have scaled it up further (a Slurm job
+    // takes a second to start, and calls wait meanwhile).
+    wait_until("three runners", || (runners(server, "live", &[]).len() >= 3).then_some(()));
     server.run(&["apps", "scale", "live", "--min-concurrency", "1", "--keep-alive", "1"]).ok();
     // Calls pack onto the fewest runners they fit, so the spare ones go idle and stop even
     // while the prober runs. How many the calls need depends on how loaded the machine
     // is; on a quiet one, one runner takes them all.
-    wait_until("the scale-down", || (runners(&server, "live", &[]).len() < 3).then_some(()));
+    wait_until("the scale-down", || (runners(server, "live", &[]).len() < 3).then_some(()));
 
     let report = prober.finish();
     assert!(
@@ -56,30 +62,34 @@ fn no_call_fails_through_deploys_set_revs_and_scale_down() {
 
 #[test]
 fn graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls() {
-    let server = server();
+    graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls_on(&server());
+}
+
+/// The test itself, on `server` (local runners above; Slurm jobs in `slurm`).
+pub(crate) fn graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls_on(server: &testkit::TestServer) {
     // Replacements take a moment to set up, so that a rollout that let the old runners go
     // before their replacements were ready would show here.
     let revision = deploy(
-        &server,
+        server,
         "roll",
         "env = { SETUP_SECONDS = \"0.6\" }\n[scaling]\nmin_concurrency = 2\n[runner]\nmax_multiplexing = 16\n",
         &[],
     );
     let before = wait_until("two set-up runners", || {
-        let rs = runners(&server, "roll", &[]);
+        let rs = runners(server, "roll", &[]);
         (rs.iter().filter(|r| r["state"] == "idle" || r["state"] == "running").count() == 2).then_some(rs)
     });
     let old: Vec<String> = before.iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
     // 200 calls a second of 50 ms each: about ten in flight at any moment.
-    let prober = Prober::start(&app_url(&server, "roll", "/?delay_ms=50"), None, 200);
-    wait_until("calls in flight", || runners(&server, "roll", &[]).iter().any(|r| r["in_flight"] != 0).then_some(()));
+    let prober = Prober::start(&app_url(server, "roll", "/?delay_ms=50"), None, 200);
+    wait_until("calls in flight", || runners(server, "roll", &[]).iter().any(|r| r["in_flight"] != 0).then_some(()));
 
     let out = server.run(&["apps", "rollout", "roll", "--json"]).ok().json();
     assert_eq!(out["runners"].as_array().unwrap().len(), 2);
     let mut fewest = usize::MAX;
     let mut marked = false;
     let after = wait_until("every runner replaced", || {
-        let rs = runners(&server, "roll", &[]);
+        let rs = runners(server, "roll", &[]);
         let set_up = rs.iter().filter(|r| r["state"] == "idle" || r["state"] == "running").count();
         fewest = fewest.min(set_up);
         marked |= rs.iter().any(|r| r["replacing"] == true);
@@ -92,21 +102,25 @@ fn graceful_rollout_replaces_every_runner_without_losing_capacity_or_calls() {
     assert!(report.failures.is_empty(), "calls failed: {:?}", report.failures);
     assert!(report.ok > 20, "{report:?}");
     assert!(after.iter().all(|r| r["revision"] == revision.as_str()), "the revision did not change");
-    assert_eq!(current(&server, "roll"), revision);
+    assert_eq!(current(server, "roll"), revision);
     let history = server.run(&["apps", "history", "roll", "--json"]).ok().json();
     assert_eq!(history[0]["action"], "rollout");
 }
 
 #[test]
 fn forced_rollout_cuts_calls_in_flight_with_a_clear_error_and_then_serves() {
-    let server = server();
-    deploy(&server, "hard", "[scaling]\nmin_concurrency = 1\n[runner]\nmax_multiplexing = 4\n", &[]);
-    let old = runners(&server, "hard", &[])[0]["id"].as_str().unwrap().to_owned();
-    let url = app_url(&server, "hard", "/?delay_ms=5000");
+    forced_rollout_cuts_calls_in_flight_with_a_clear_error_and_then_serves_on(&server());
+}
+
+/// The test itself, on `server` (local runners above; Slurm jobs in `slurm`).
+pub(crate) fn forced_rollout_cuts_calls_in_flight_with_a_clear_error_and_then_serves_on(server: &testkit::TestServer) {
+    deploy(server, "hard", "[scaling]\nmin_concurrency = 1\n[runner]\nmax_multiplexing = 4\n", &[]);
+    let old = runners(server, "hard", &[])[0]["id"].as_str().unwrap().to_owned();
+    let url = app_url(server, "hard", "/?delay_ms=5000");
     std::thread::scope(|scope| {
         let calls: Vec<_> = (0..3).map(|_| scope.spawn(|| Http::new().get(&url, None))).collect();
         wait_until("three calls in flight", || {
-            runners(&server, "hard", &[]).iter().any(|r| r["in_flight"] == 3).then_some(())
+            runners(server, "hard", &[]).iter().any(|r| r["in_flight"] == 3).then_some(())
         });
         server.run(&["apps", "rollout", "hard", "--force"]).ok();
         for call in calls {
@@ -115,7 +129,7 @@ fn forced_rollout_cuts_calls_in_flight_with_a_clear_error_and_then_serves() {
             assert_eq!(reply.json()["error"]["code"], "rollout_forced", "{}", reply.text());
         }
     });
-    let reply = Http::new().get(&app_url(&server, "hard", "/"), None);
+    let reply = Http::new().get(&app_url(server, "hard", "/"), None);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_ne!(reply.header("x-hangar-runner-id").unwrap(), old);
 }
