@@ -135,6 +135,10 @@ pub struct GpuJson {
     pub utilization: Option<u32>,
     /// Bytes of its memory in use, where NVML can say.
     pub memory_used: Option<u64>,
+    /// The cluster's node it is on, for a GPU a cluster gave a runner (then `id` and
+    /// `index` are as the node numbers it).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// The answer of `/healthz`.

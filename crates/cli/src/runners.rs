@@ -107,7 +107,10 @@ pub(crate) async fn gpus(cx: &Context) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if gpus.is_empty() {
-        out!("No GPUs: the server found none (see its log), and none were given with --gpus.");
+        out!(
+            "No GPUs: the server found none (see its log) and none were given with --gpus; on a cluster, no runner \
+             holds one."
+        );
     }
     let mib = |bytes: Option<u64>| bytes.map(|b| format!("{} MiB", b >> 20)).unwrap_or_default();
     cx.out.table(
@@ -119,8 +122,12 @@ pub(crate) async fn gpus(cx: &Context) -> anyhow::Result<ExitCode> {
                     (None, true) => "(another team's)".to_owned(),
                     (None, false) => "free".to_owned(),
                 };
+                let id = match &g.node {
+                    Some(node) => format!("{node}:{}", g.id),
+                    None => g.id.clone(),
+                };
                 vec![
-                    g.id.clone(),
+                    id,
                     g.index.to_string(),
                     g.name.clone().unwrap_or_default(),
                     mib(g.memory),

@@ -518,6 +518,60 @@ mod tests {
     }
 
     #[test]
+    fn the_runner_backend_and_its_slurm_section_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |file: &str, flags: &[&str]| {
+            let path = dir.path().join("hangar.toml");
+            std::fs::write(&path, file).unwrap();
+            let args = ServerArgs {
+                config: Some(path),
+                runner_backend: flags.first().map(|s| s.to_string()),
+                slurm_partition: flags.get(1).map(|s| s.to_string()),
+                ..ServerArgs::default()
+            };
+            Config::load(&args).map(|c| c.runner_backend).map_err(|e| format!("{e:#}"))
+        };
+        let slurm = |partition: &str, account: Option<&str>, extra: &[&str]| {
+            RunnerBackendKind::Slurm(SlurmSection {
+                settings: supervisor::slurm::SlurmSettings {
+                    partition: partition.to_owned(),
+                    account: account.map(str::to_owned),
+                    qos: None,
+                    extra_args: extra.iter().map(|s| s.to_string()).collect(),
+                },
+                server_url: None,
+                launcher: None,
+                node_dir: PathBuf::from("/var/tmp/hangar-node"),
+            })
+        };
+        let cases: [(&str, &[&str], Result<RunnerBackendKind, &str>); 7] = [
+            ("", &[], Ok(RunnerBackendKind::Local)),
+            ("[slurm]\npartition = \"gpu\"\n", &[], Ok(RunnerBackendKind::Local)),
+            (
+                "runner_backend = \"slurm\"\n[slurm]\npartition = \"gpu\"\naccount = \"ml\"\nextra_args = [\"--time=1:00:00\"]\n",
+                &[],
+                Ok(slurm("gpu", Some("ml"), &["--time=1:00:00"])),
+            ),
+            // The flags win over the file.
+            ("[slurm]\npartition = \"gpu\"\n", &["slurm", "debug"], Ok(slurm("debug", None, &[]))),
+            ("", &["slurm"], Err("the Slurm runner backend needs a partition")),
+            ("runner_backend = \"k8s\"\n", &[], Err("runner backend \"k8s\" is not one of: local, slurm")),
+            (
+                "[slurm]\npartition = \"gpu\"\nextra_args = [\"oops\"]\n",
+                &["slurm"],
+                Err("\"oops\" is not an sbatch option"),
+            ),
+        ];
+        for (file, flags, want) in cases {
+            match (load(file, flags), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{file} {flags:?}"),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{file} {flags:?}: {got}"),
+                (got, want) => panic!("{file} {flags:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_machine_types_limits_are_checked_and_given_to_its_runners() {
         let cases: [(&str, Result<supervisor::Limits, &str>); 6] = [
             (

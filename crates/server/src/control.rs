@@ -404,6 +404,9 @@ impl ControlPlane for Control {
     async fn list_gpus(&self, caller: &Caller) -> Result<Vec<GpuJson>, ApiError> {
         require_manage(caller)?;
         let shared = &self.fleet.shared;
+        if shared.backend.cluster().is_some() {
+            return self.cluster_gpus(caller).await;
+        }
         let holders = shared.capacity.holders();
         let own = format!("{}/", caller.team);
         let gpus = shared.gpus.all().iter().zip(holders).map(|(gpu, holder)| {
@@ -420,6 +423,7 @@ impl ControlPlane for Control {
                 runner: seen.map(|(runner, _)| runner.to_string()),
                 utilization: usage.map(|u| u.utilization),
                 memory_used: usage.map(|u| u.memory_used),
+                node: None,
             }
         });
         Ok(gpus.collect())

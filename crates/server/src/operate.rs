@@ -18,6 +18,37 @@ use crate::controller::{Activate, Command};
 use crate::placement::Need;
 
 impl Control {
+    /// The GPUs a cluster gave the live runners the caller may see (its team's; every
+    /// team's for a root key), each as its node numbers it.
+    pub(crate) async fn cluster_gpus(&self, caller: &Caller) -> Result<Vec<api::wire::GpuJson>, ApiError> {
+        let root = caller.scope == model::revision::KeyScope::Root;
+        let teams =
+            self.store.list_teams().await.map_err(internal)?.into_iter().filter(|t| root || t.id == caller.team_id);
+        let mut gpus = Vec::new();
+        for team in teams {
+            for app in self.store.list_apps(team.id).await.map_err(internal)? {
+                for runner in self.fleet.runners(app.id).into_iter().filter(|r| !r.state.is_terminal()) {
+                    for gpu in &runner.gpus {
+                        gpus.push(api::wire::GpuJson {
+                            id: gpu.clone(),
+                            index: gpu.parse().unwrap_or(0),
+                            name: None,
+                            memory: None,
+                            held: true,
+                            app: Some(format!("{}/{}", team.name, app.name)),
+                            runner: Some(runner.id.to_string()),
+                            utilization: None,
+                            memory_used: None,
+                            node: runner.node.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        gpus.sort_by(|a, b| (&a.node, a.index).cmp(&(&b.node, b.index)));
+        Ok(gpus)
+    }
+
     pub(crate) async fn runners_json(
         &self,
         caller: &Caller,

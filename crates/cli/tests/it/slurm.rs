@@ -77,6 +77,18 @@ fn gpu_runners_get_the_clusters_gpus_on_every_node_and_one_too_many_waits_with_s
         .map(|(n, g)| (n.to_string(), g.to_string()))
         .collect();
     assert_eq!(held, want, "each of the cluster's GPUs is held once");
+    // `hangar gpus` shows the same: the GPUs the cluster gave the runners, by node.
+    let listed = server.run(&["gpus", "--json"]).ok().json();
+    let listed: BTreeSet<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            assert_eq!(g["app"], "default/gpu", "{g}");
+            (g["node"].as_str().unwrap().to_owned(), g["id"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(listed, want);
     let reason = waiting[0]["reason"].as_str().unwrap();
     assert!(reason.starts_with("waiting in the cluster's queue: "), "{reason}");
     assert!(reason.contains("Resources") || reason.contains("Priority"), "{reason}");
@@ -302,4 +314,38 @@ fn a_cluster_that_cannot_be_used_stops_the_server_at_start_with_why() {
 
     // Nothing was started in the cluster.
     assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
+#[test]
+fn a_rollout_and_rolling_switches_of_an_app_holding_every_gpu_make_room_and_fail_no_call() {
+    let cluster = SlurmCluster::start();
+    let server = server_on(&cluster);
+    // Four runners of one GPU each hold all four of the cluster's GPUs: a new runner
+    // waits in the cluster's queue until an old one has gone.
+    let manifest =
+        "[scaling]\nmin_concurrency = 4\nmax_concurrency = 4\n[runner]\nnum_gpus = 1\nmax_multiplexing = 8\n";
+    let app = testapp_dir("wide", manifest);
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let first = wait_until("four runners", || {
+        let rs = serving(&server, "wide");
+        (rs.len() == 4).then_some(rs)
+    });
+    let first_rev = first[0]["revision"].as_str().unwrap().to_owned();
+    let prober = testkit::Prober::start(&app_url(&server, "wide", "/"), None, 20);
+
+    server.run(&["apps", "rollout", "wide"]).ok();
+    wait_until("every runner replaced", || {
+        let rs = serving(&server, "wide");
+        (rs.len() == 4 && rs.iter().all(|r| !first.iter().any(|f| f["id"] == r["id"]))).then_some(())
+    });
+    let second = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
+    let second_rev = second["revision"].as_str().unwrap().to_owned();
+    server.run(&["apps", "set-rev", "wide", &first_rev[..8]]).ok();
+    wait_until("four runners of the first revision", || {
+        let rs = serving(&server, "wide");
+        (rs.len() == 4 && rs.iter().all(|r| r["revision"] == first_rev.as_str())).then_some(())
+    });
+    let report = prober.finish();
+    assert!(report.sent > 0 && report.failures.is_empty(), "{report:?}");
+    assert_ne!(first_rev, second_rev);
 }
