@@ -50,6 +50,24 @@ pub(crate) async fn cold_start(
     Ok(Cold { runs, own, first_byte, unconfined })
 }
 
+/// First byte of a cold call to the same apps on `local` (runners as local processes)
+/// and on `slurm` (runners as jobs of a Slurm cluster), alternating: p50 and p99 of each.
+pub(crate) async fn cold_on_slurm(
+    local: &TestServer,
+    slurm: &TestServer,
+    testapp: &Path,
+    runs: u32,
+) -> anyhow::Result<(Percentiles, Percentiles)> {
+    let client = reqwest::Client::new();
+    let (mut here, mut there) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let name = format!("cold{i}");
+        here.push(cold_call(&client, local, testapp, &name).await?);
+        there.push(cold_call(&client, slurm, testapp, &name).await?);
+    }
+    Ok((Percentiles::of(here), Percentiles::of(there)))
+}
+
 /// Deploys `name` with no runner and times its first call to the first byte.
 async fn cold_call(
     client: &reqwest::Client,

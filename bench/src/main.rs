@@ -57,6 +57,28 @@ struct Args {
     /// Only time the listings (P5), print the figures and write nothing.
     #[arg(long)]
     p5_only: bool,
+    /// Only time cold starts through a private Slurm cluster against local runners,
+    /// print the figures and write nothing (`--cold-starts` of each).
+    #[arg(long)]
+    slurm_only: bool,
+}
+
+/// Cold starts through Slurm against local ones, in one run.
+fn slurm_only(hangar: &str, runs: u32) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let testapp = testkit::testapp_bin(hangar);
+    let cluster = testkit::slurm::SlurmCluster::start();
+    let slurm = cluster.server(hangar, &["--machine-type", "cpu=64"]);
+    let local = TestServer::start_with(hangar, &["--machine-type", "cpu=64"]);
+    let (here, there) = runtime.block_on(cold::cold_on_slurm(&local, &slurm, &testapp, runs))?;
+    eprintln!(
+        "{runs} cold starts, first byte: local p50 {} p99 {}; Slurm p50 {} p99 {}",
+        stats::ms(here.p50),
+        stats::ms(here.p99),
+        stats::ms(there.p50),
+        stats::ms(there.p99)
+    );
+    Ok(())
 }
 
 /// Times the listings alone, for working on their speed.
@@ -80,6 +102,9 @@ fn main() -> anyhow::Result<()> {
     let hangar = hangar.to_str().context("path is not UTF-8")?.to_owned();
     if args.p5_only {
         return p5_only(&hangar);
+    }
+    if args.slurm_only {
+        return slurm_only(&hangar, args.cold_starts);
     }
     let testapp = testkit::testapp_bin(&hangar);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -490,6 +490,7 @@ impl JobWatch {
                 }
                 report = reports.recv() => match report {
                     Some(AgentReport::Listening { addr: at, node, gpus }) if addr.is_none() => {
+                        tracing::info!(runner = %id, job, %node, addr = %at, since_submitted = ?submitted.elapsed(), "runner's job started");
                         let endpoint = Endpoint::host(at);
                         addr = Some(endpoint.clone());
                         let _ = self.events.send(Event::Placed { id, addr: endpoint, node, gpus });
@@ -542,6 +543,7 @@ impl JobWatch {
                     match phase {
                         Phase::Setup if healthy => {
                             phase = Phase::Serving;
+                            tracing::info!(runner = %id, job, since_submitted = ?submitted.elapsed(), "runner is healthy");
                             let _ = self.events.send(Event::Healthy { id });
                             next_probe = Instant::now() + self.launch.health.interval;
                         }
