@@ -326,10 +326,16 @@ async fn start_runner(link: &Arc<ServerLink>, spec: &AgentSpec, node_dir: &Path)
     let listener =
         tokio::net::TcpListener::bind(("0.0.0.0", 0)).await.map_err(|e| format!("cannot listen on this node: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let ip = own_address(&link.url).map_err(|e| format!("cannot tell this node's address toward the server: {e}"))?;
+    let (ip, server) =
+        own_address(&link.url).map_err(|e| format!("cannot tell this node's address toward the server: {e}"))?;
     let target = handle.addr.clone();
     let forwarder = tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
+        while let Ok((mut client, peer)) = listener.accept().await {
+            // Only the server calls the runner, as only it can reach a local one: the
+            // port is open on the node's network, and auth is the gateway's.
+            if peer.ip() != server {
+                continue;
+            }
             let target = target.clone();
             tokio::spawn(async move {
                 let _ = client.set_nodelay(true);
@@ -429,9 +435,9 @@ fn job_gpus() -> Vec<String> {
         .collect()
 }
 
-/// The address of this node on the way to the server at `url`: the one the server
-/// can reach it at.
-fn own_address(url: &str) -> std::io::Result<std::net::IpAddr> {
+/// The address of this node on the way to the server at `url` (the one the server can
+/// reach it at), and the server's.
+fn own_address(url: &str) -> std::io::Result<(std::net::IpAddr, std::net::IpAddr)> {
     let parsed = reqwest::Url::parse(url).map_err(std::io::Error::other)?;
     let host = parsed.host_str().ok_or_else(|| std::io::Error::other("the server URL has no host"))?;
     let port = parsed.port_or_known_default().unwrap_or(80);
@@ -440,7 +446,7 @@ fn own_address(url: &str) -> std::io::Result<std::net::IpAddr> {
         .ok_or_else(|| std::io::Error::other(format!("{host} has no address")))?;
     let socket = std::net::UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     socket.connect(server)?;
-    Ok(socket.local_addr()?.ip())
+    Ok((socket.local_addr()?.ip(), server.ip()))
 }
 
 /// The code the digest names, in this node's cache: fetched from the server, checked

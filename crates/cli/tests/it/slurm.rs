@@ -254,6 +254,41 @@ fn runners_logs_follow_a_slurm_runner() {
     let _ = follow.wait();
     let log = server.run(&["runners", "logs", &id[..8]]).ok().stdout;
     assert!(log.contains("testapp listening on"), "{log}");
+
+    // The node's port takes calls from the server's address only: from another one the
+    // connection is closed unanswered.
+    let output = server.output();
+    let started = output.lines().find(|l| l.contains("runner's job started") && l.contains(&id)).unwrap();
+    let addr: std::net::SocketAddr =
+        started.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let socket = answer_to_a_call_from_another_address(addr);
+    assert_eq!(socket, 0, "a caller from another address got {socket} bytes of an answer");
+}
+
+/// Connects to `addr` from 127.0.0.2, sends a request and returns how many bytes came
+/// back before the connection closed.
+fn answer_to_a_call_from_another_address(addr: std::net::SocketAddr) -> usize {
+    use std::io::{Read, Write};
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let from = nix::sys::socket::SockaddrIn::new(127, 0, 0, 2, 0);
+    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &from).unwrap();
+    let to = nix::sys::socket::SockaddrIn::from(match addr {
+        std::net::SocketAddr::V4(v4) => v4,
+        std::net::SocketAddr::V6(_) => panic!("a v4 address"),
+    });
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &to).unwrap();
+    let mut stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.len()
 }
 
 /// Runs `hangar server` with `args` and `env`, which must fail to start; returns what
