@@ -31,10 +31,13 @@ fn no_call_fails_through_deploys_set_revs_and_scale_down_on_slurm() {
     let cluster = SlurmCluster::start();
     let server = server_on(&cluster);
     switching::no_call_fails_through_deploys_set_revs_and_scale_down_on(&server);
-    // Every runner was a job of the cluster, and every live one still is.
-    let live: BTreeSet<String> =
-        runners(&server, "live", &[]).iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
-    wait_until("the jobs to match the runners", || (live_job_runners(&cluster) == live).then_some(()));
+    // Every live runner is a live job of the cluster, and the other way round (looked at
+    // until they agree: runners still scale down).
+    wait_until("the jobs to match the runners", || {
+        let live: BTreeSet<String> =
+            runners(&server, "live", &[]).iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+        (live_job_runners(&cluster) == live).then_some(())
+    });
 }
 
 #[test]
@@ -383,4 +386,29 @@ fn a_rollout_and_rolling_switches_of_an_app_holding_every_gpu_make_room_and_fail
     let report = prober.finish();
     assert!(report.sent > 0 && report.failures.is_empty(), "{report:?}");
     assert_ne!(first_rev, second_rev);
+}
+
+#[test]
+fn a_job_cancelled_outside_hangar_is_a_lost_runner_and_is_replaced() {
+    let cluster = SlurmCluster::start();
+    let server = server_on(&cluster);
+    let app = testapp_dir("cancelled", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let runner = wait_until("a runner", || serving(&server, "cancelled").pop());
+    let id = runner["id"].as_str().unwrap().to_owned();
+    let name = format!("hangar-{id}");
+    let job = cluster.live_jobs().into_iter().find(|j| j.name == name).expect("the runner's job");
+    let out = cluster.command("scancel").arg(&job.id).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let lost = wait_until("the runner to be lost", || {
+        let ended = runners(&server, "cancelled", &["--state", "terminated", "--since", "1h"]);
+        ended.into_iter().find(|r| r["id"] == id.as_str())
+    });
+    let reason = lost["reason"].as_str().unwrap();
+    assert!(reason.contains("ended unexpectedly") && reason.contains("CANCELLED"), "{reason}");
+    let replacement = wait_until("a replacement", || serving(&server, "cancelled").pop());
+    assert_ne!(replacement["id"], id.as_str());
+    let reply = Http::new().get(&app_url(&server, "cancelled", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
 }
