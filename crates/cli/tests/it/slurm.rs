@@ -58,12 +58,37 @@ fn forced_rollout_cuts_calls_in_flight_with_a_clear_error_and_then_serves_on_slu
 fn gpu_runners_get_the_clusters_gpus_on_every_node_and_one_too_many_waits_with_slurms_reason() {
     let cluster = SlurmCluster::start();
     let server = server_on(&cluster);
-    // Four GPUs in the cluster, five runners of one GPU each.
-    let app = testapp_dir("gpu", "[runner]\nnum_gpus = 1\nmax_multiplexing = 4\n[scaling]\nmin_concurrency = 5\n");
+    // Four GPUs in the cluster; a call at a time per runner, and load for five runners.
+    let app = testapp_dir("gpu", "[runner]\nnum_gpus = 1\nmax_multiplexing = 1\n[scaling]\nmax_concurrency = 5\n");
     server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..6 {
+            scope.spawn(|| {
+                let http = Http::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    http.get(&app_url(&server, "gpu", "/?delay_ms=1000"), None);
+                }
+            });
+        }
+        // The load stops however the checks end.
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        gpus_under_load(&cluster, &server);
+    });
+}
+
+/// The checks of the test above, while the load runs.
+fn gpus_under_load(cluster: &SlurmCluster, server: &TestServer) {
     let (placed, waiting) = wait_until("four runners up and one waiting", || {
-        let rs = runners(&server, "gpu", &[]);
-        let placed: Vec<Value> = rs.iter().filter(|r| r["state"] == "idle").cloned().collect();
+        let rs = runners(server, "gpu", &[]);
+        let placed: Vec<Value> =
+            rs.iter().filter(|r| r["state"] == "idle" || r["state"] == "running").cloned().collect();
         let waiting: Vec<Value> = rs.iter().filter(|r| r["state"] == "pending").cloned().collect();
         (placed.len() == 4 && waiting.len() == 1).then_some((placed, waiting))
     });
@@ -104,7 +129,7 @@ fn gpu_runners_get_the_clusters_gpus_on_every_node_and_one_too_many_waits_with_s
     let http = Http::new();
     let mut seen = BTreeSet::new();
     wait_until("calls that reached two runners", || {
-        let reply = http.get(&app_url(&server, "gpu", "/env"), None);
+        let reply = http.get(&app_url(server, "gpu", "/env"), None);
         assert_eq!(reply.status, 200, "{}", reply.text());
         let env = reply.json();
         let runner = reply.header("x-hangar-runner-id").unwrap();
@@ -115,12 +140,17 @@ fn gpu_runners_get_the_clusters_gpus_on_every_node_and_one_too_many_waits_with_s
         (!seen.is_empty()).then_some(())
     });
 
-    // One of them ends: the waiting runner gets its GPU.
+    // One of them ends: another runner gets its GPU, and no GPU is held twice.
     let gone = placed[0]["id"].as_str().unwrap();
     server.run(&["runners", "kill", &gone[..8]]).ok();
-    wait_until("the waiting runner to start", || {
-        let rs = runners(&server, "gpu", &[]);
-        rs.iter().any(|r| r["id"] == waiting[0]["id"] && r["state"] == "idle").then_some(())
+    wait_until("four runners on the four GPUs again", || {
+        let rs = runners(server, "gpu", &[]);
+        let serving: Vec<&Value> = rs.iter().filter(|r| r["state"] == "idle" || r["state"] == "running").collect();
+        let held: BTreeSet<(String, String)> = serving
+            .iter()
+            .map(|r| (r["node"].as_str().unwrap_or("").to_owned(), r["gpus"][0].as_str().unwrap_or("").to_owned()))
+            .collect();
+        (serving.len() == 4 && held == want && serving.iter().all(|r| r["id"] != gone)).then_some(())
     });
 }
 
