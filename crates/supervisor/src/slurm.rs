@@ -110,7 +110,9 @@ pub fn parse_squeue(text: &str) -> BTreeMap<String, (String, JobState)> {
             let reason = if reason == "None" { String::new() } else { reason.to_owned() };
             let state = match state {
                 "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "RESV_DEL_HOLD" | "SUSPENDED" => JobState::Pending { reason },
-                "RUNNING" | "CONFIGURING" => JobState::Running { node: node.to_owned() },
+                // A completing job's processes are still being ended: its end is the
+                // state it has next.
+                "RUNNING" | "CONFIGURING" | "COMPLETING" => JobState::Running { node: node.to_owned() },
                 other => JobState::Ended { state: other.to_owned(), reason },
             };
             Some((runner.to_owned(), (job.to_owned(), state)))
@@ -669,6 +671,7 @@ mod tests {
 104|train-big|RUNNING|None|n3
 105|hangar-r5|CANCELLED|None|
 106|hangar-r6|PREEMPTED|None|n1
+108|hangar-r8|COMPLETING|None|n2
 not a line
 107|hangar-|RUNNING|None|n1
 ";
@@ -679,6 +682,7 @@ not a line
             ("r3", "103", JobState::Ended { state: "NODE_FAIL".to_owned(), reason: "NodeDown".to_owned() }),
             ("r5", "105", JobState::Ended { state: "CANCELLED".to_owned(), reason: String::new() }),
             ("r6", "106", JobState::Ended { state: "PREEMPTED".to_owned(), reason: String::new() }),
+            ("r8", "108", JobState::Running { node: "n2".to_owned() }),
         ]
         .into_iter()
         .map(|(runner, job, state)| (runner.to_owned(), (job.to_owned(), state)))
