@@ -103,3 +103,34 @@ fn runners_can_be_stopped_replaced_killed_and_their_logs_read() {
     let out = server.run(&["runners", "kill", "ffffffff"]).failed();
     assert!(out.stderr.contains("no runner matches"), "{}", out.stderr);
 }
+
+#[test]
+fn after_a_restart_an_apps_minimum_comes_up_at_once_not_when_the_controller_next_wakes() {
+    let mut server = server();
+    let app = testapp_dir("steady", "[scaling]\nmin_concurrency = 2\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let first = wait_until("two runners", || {
+        let rs = runners(&server, "steady", &[]);
+        (rs.len() == 2).then_some(rs)
+    });
+    // A runner that ended is listed with --since, in any state, and not without it.
+    let killed = first[0]["id"].as_str().unwrap().to_owned();
+    server.run(&["runners", "kill", &killed[..8]]).ok();
+    let ended = wait_until("the killed runner in the listing with --since", || {
+        runners(&server, "steady", &["--since", "1h"]).into_iter().find(|r| r["id"] == killed.as_str())
+    });
+    assert_eq!(ended["state"], "terminated", "{ended}");
+    assert!(runners(&server, "steady", &[]).iter().all(|r| r["id"] != killed.as_str()));
+    server.stop();
+    server.restart();
+    // An idle controller sleeps 30 s between looks; the minimum must not wait for one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let up = runners(&server, "steady", &[]).iter().filter(|r| r["state"] == "idle").count();
+        if up == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{up} of 2 runners 20 s after the restart");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
