@@ -127,6 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let config = Arc::new(config);
     let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend, gpus)?;
+    check_secrets(&store, &control.fleet.shared.secrets).await?;
     let gateway = control.fleet.shared.gateway.clone();
     let output = Arc::new(RunnerOutput(control.fleet.shared.backend.clone()));
     recover(&control).await?;
@@ -454,6 +455,23 @@ async fn bootstrap(store: &Store, layout: &Layout) -> anyhow::Result<()> {
         )
         .await?;
     tracing::info!(key_id = %key.id, path = %layout.admin_key().display(), "created team \"default\" and the root key");
+    Ok(())
+}
+
+/// Refuses to start with a secret key that cannot open the stored secrets (another
+/// key than the one they were sealed with): runners would start without them.
+async fn check_secrets(store: &Store, secrets: &secrets::SecretBox) -> anyhow::Result<()> {
+    for team in store.list_teams().await? {
+        for secret in store.secrets(team.id).await? {
+            if let Err(e) = secrets.open(team.id, &secret.name, &secret.nonce, &secret.ciphertext) {
+                anyhow::bail!(
+                    "{e} (team {:?}): start the server with the secret key the secrets were stored with \
+                     (HANGAR_SECRET_KEY, or secret.key in the data dir)",
+                    team.name
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -251,3 +251,30 @@ fn teams_need_the_root_key_and_names_are_checked() {
     let names: Vec<&str> = teams.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["default", "gamma"]);
 }
+
+#[test]
+fn a_server_whose_secret_key_cannot_open_the_stored_secrets_refuses_to_start_and_says_why() {
+    let mut server = server();
+    server.run(&["secrets", "set", "HF_TOKEN=sealed-value-2f9c"]).ok();
+    server.stop();
+    let mut other = std::process::Command::new(crate::BIN)
+        .args(["server", "--api-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(server.data_dir())
+        .env("HANGAR_SECRET_KEY", "11".repeat(32))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_until("the server to refuse", || other.try_wait().unwrap());
+    let out = other.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("secret HF_TOKEN cannot be opened with this server's secret key"), "{stderr}");
+    assert!(stderr.contains("start the server with the secret key the secrets were stored with"), "{stderr}");
+    assert!(!stderr.contains("sealed-value-2f9c"));
+    // With its own key it starts, and the secret is there.
+    server.restart();
+    let listed = server.run(&["secrets", "list", "--json"]).ok().json();
+    assert_eq!(listed[0]["name"], "HF_TOKEN", "{listed}");
+}
