@@ -74,9 +74,7 @@ impl PgCluster {
     /// or in a URL.
     #[track_caller]
     pub fn create_database(&self, name: &str) -> String {
-        let plain = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        let starts_well = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
-        assert!(plain && starts_well && name.len() <= 63, "not a plain database name: {name:?}");
+        assert!(is_plain_name(name), "not a plain database name: {name:?}");
         self.psql("postgres", &format!("CREATE DATABASE {name}"));
         self.database_url(name)
     }
@@ -159,4 +157,27 @@ impl Drop for PgCluster {
 
 fn cluster_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg/cluster.sh")
+}
+
+/// A name that PostgreSQL takes as it is, unquoted and not folded, and that a URL
+/// holds as it is: lower-case ASCII letters, digits and `_`, not starting with a
+/// digit, at most 63 bytes (PostgreSQL's limit).
+fn is_plain_name(name: &str) -> bool {
+    let plain = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    plain && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') && name.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_names() {
+        for name in ["kit_a", "_x", "store_test_17", &"a".repeat(63)] {
+            assert!(is_plain_name(name), "{name:?}");
+        }
+        for name in ["", "1db", "Kit", "a-b", "a b", "a;drop", "ü", &"a".repeat(64)] {
+            assert!(!is_plain_name(name), "{name:?}");
+        }
+    }
 }

@@ -25,10 +25,6 @@ fn two_databases_are_separate_and_drop_ends_the_server() {
         run_command(cluster.command("psql").args(["-X", "-Atc", "SELECT current_database(), inet_server_addr()", &b]));
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout, "kit_b|127.0.0.1\n");
-    // A statement that fails fails the caller, with what psql said.
-    let failed = std::panic::catch_unwind(|| cluster.psql("kit_b", "SELECT * FROM runner"));
-    let message = *failed.expect_err("a query of a missing table succeeded").downcast::<String>().unwrap();
-    assert!(message.contains(r#"relation "runner" does not exist"#), "{message}");
     assert_eq!(cluster.psql("postgres", "SHOW server_encoding"), "UTF8\n");
 
     let pids = std::fs::read_to_string(cluster.dir().join("pids")).unwrap();
