@@ -24,6 +24,8 @@ need_deb setpriv util-linux
 need_deb slirp4netns slirp4netns
 # The Slurm tests start private clusters of their own; this installs munge and Slurm.
 scripts/slurm/cluster.sh install
+# The store and end-to-end tests on PostgreSQL start private clusters; this installs PostgreSQL.
+scripts/pg/cluster.sh install
 # Sandboxed builds see only the system's Python (/usr), and the build-cache test makes a
 # virtualenv with it: Debian keeps venv's pip in python3-venv.
 if ! /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1; then

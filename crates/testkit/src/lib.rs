@@ -1,8 +1,10 @@
 //! Test support: [`TestServer`] runs the real `hangar` binary as a server on
 //! 127.0.0.1:0 with a temporary data dir, and hands out a typed API client and
 //! ready-to-run CLI commands pointed at it. [`slurm::SlurmCluster`] runs a
-//! private Slurm cluster for tests of the Slurm runner backend. Tests wait for
-//! conditions with [`wait_until`], never for a fixed time.
+//! private Slurm cluster for tests of the Slurm runner backend, and
+//! [`pg::PgCluster`] a private PostgreSQL cluster for tests of the store and of
+//! the server on PostgreSQL. Tests wait for conditions with [`wait_until`], never
+//! for a fixed time.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use api::client::Client;
 
+pub mod pg;
 pub mod slurm;
 
 /// How long a test waits for a condition before it fails. Generous, because CI

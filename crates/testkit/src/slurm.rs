@@ -190,8 +190,9 @@ fn cluster_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slurm/cluster.sh")
 }
 
-/// `export KEY=VALUE` lines, as `cluster.sh` writes them (no quoting).
-fn parse_env(text: &str) -> Vec<(String, String)> {
+/// `export KEY=VALUE` lines, as `cluster.sh` writes them (no quoting); the
+/// PostgreSQL cluster's script writes the same.
+pub(crate) fn parse_env(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|line| line.trim().strip_prefix("export ")?.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

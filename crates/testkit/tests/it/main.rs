@@ -1,3 +1,4 @@
 //! Tests of testkit's own helpers against the real things they drive.
 
+mod pg;
 mod slurm;
