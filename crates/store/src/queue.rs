@@ -7,7 +7,7 @@ use model::revision::WebhookState;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{Result, Store};
+use crate::{Backend, Result, Store, StoreError};
 
 /// A request accepted into the queue.
 #[derive(Debug, Clone)]
@@ -56,74 +56,74 @@ pub enum CancelOutcome {
 impl Store {
     /// Stores a new request, in the queue. Once this returns, a crash loses it no more.
     pub async fn queue_insert(&self, request: NewQueueRequest) -> Result<QueueRequest> {
-        self.run(move |db| db.queue_insert(&request)).await
+        on_backend!(self, [], db => db.queue_insert(&request))
     }
 
     pub async fn queue_request(&self, id: Uuid) -> Result<Option<QueueRequest>> {
-        self.run(move |db| db.queue_request(id)).await
+        on_backend!(self, [], db => db.queue_request(id))
     }
 
     /// How many requests of the same app wait ahead of the one with `seq`.
     pub async fn queue_position(&self, app_id: Uuid, seq: i64) -> Result<u64> {
-        self.run(move |db| db.queue_position(app_id, seq)).await
+        on_backend!(self, [], db => db.queue_position(app_id, seq))
     }
 
     /// A request's headers and body, to send to a runner.
     pub async fn queue_payload(&self, id: Uuid) -> Result<Option<QueuePayload>> {
-        self.run(move |db| db.queue_payload(id)).await
+        on_backend!(self, [], db => db.queue_payload(id))
     }
 
     /// Moves a waiting request to in progress on `runner` and opens an attempt. False
     /// when it is no longer waiting (it was cancelled meanwhile).
     pub async fn queue_start(&self, id: Uuid, runner: RunnerId) -> Result<bool> {
-        self.run(move |db| db.queue_start(id, runner)).await
+        on_backend!(self, [], db => db.queue_start(id, runner))
     }
 
     /// Puts a request whose runner was lost back in the queue, closing its attempt with
     /// `outcome`; `counts` says whether the attempt counts against the retry limit.
     pub async fn queue_requeue(&self, id: Uuid, outcome: String, counts: bool) -> Result<bool> {
-        self.run(move |db| db.queue_requeue(id, &outcome, counts)).await
+        on_backend!(self, [], db => db.queue_requeue(id, &outcome, counts))
     }
 
     /// Completes a request with its result. False if it was already completed.
     pub async fn queue_complete(&self, id: Uuid, completion: Completion) -> Result<bool> {
-        self.run(move |db| db.queue_complete(id, &completion)).await
+        on_backend!(self, [], db => db.queue_complete(id, &completion))
     }
 
     /// Cancels a request: a waiting one is completed with `cancelled`; a running one is
     /// marked as asked to stop.
     pub async fn queue_cancel(&self, id: Uuid, cancelled: Completion) -> Result<CancelOutcome> {
-        self.run(move |db| db.queue_cancel(id, &cancelled)).await
+        on_backend!(self, [], db => db.queue_cancel(id, &cancelled))
     }
 
     /// A completed request's result and logs.
     pub async fn queue_result(&self, id: Uuid) -> Result<Option<(QueueResult, String)>> {
-        self.run(move |db| db.queue_result(id)).await
+        on_backend!(self, [], db => db.queue_result(id))
     }
 
     /// Every request not completed, oldest first.
     pub async fn queue_unfinished(&self) -> Result<Vec<QueueRequest>> {
-        self.run(|db| db.queue_unfinished()).await
+        on_backend!(self, [], db => db.queue_unfinished())
     }
 
     /// After a restart: every request left in progress goes back to the queue, its open
     /// attempt closed with `outcome` (not counted against the retry limit).
     pub async fn queue_interrupted(&self, outcome: String) -> Result<u64> {
-        self.run(move |db| db.queue_interrupted(&outcome)).await
+        on_backend!(self, [], db => db.queue_interrupted(&outcome))
     }
 
     pub async fn queue_set_webhook(&self, id: Uuid, state: WebhookState) -> Result<()> {
-        self.run(move |db| db.queue_set_webhook(id, state)).await
+        on_backend!(self, [], db => db.queue_set_webhook(id, state))
     }
 
     /// Completed requests whose webhook has not been delivered yet.
     pub async fn queue_pending_webhooks(&self) -> Result<Vec<QueueRequest>> {
-        self.run(|db| db.queue_pending_webhooks()).await
+        on_backend!(self, [], db => db.queue_pending_webhooks())
     }
 
     /// Deletes requests completed before `before` (and done with their webhook).
     pub async fn queue_expire(&self, before: OffsetDateTime) -> Result<u64> {
-        self.run(move |db| db.queue_expire(before)).await
+        on_backend!(self, [], db => db.queue_expire(before))
     }
 }
 
