@@ -69,10 +69,16 @@ impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         // The server's own words (with its detail and hint) say more than the client's
         // summary, which for every server-side error is only "db error".
-        match e.as_db_error() {
-            Some(db) => StoreError::Postgres(db.to_string()),
-            None => StoreError::Postgres(e.to_string()),
+        if let Some(db) = e.as_db_error() {
+            return StoreError::Postgres(db.to_string());
         }
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            message = format!("{message}: {c}");
+            cause = c.source();
+        }
+        StoreError::Postgres(message)
     }
 }
 

@@ -159,8 +159,7 @@ pub(crate) struct Postgres {
 impl Postgres {
     pub(crate) async fn open(url: &str) -> Result<Postgres> {
         let config: tokio_postgres::Config = url.parse()?;
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .build()
@@ -192,7 +191,7 @@ impl Postgres {
                 "the database's schema is version {applied}, newer than this server's {known}"
             )));
         }
-        for (version, sql) in (1..).zip(MIGRATIONS).skip(applied as usize) {
+        for (version, sql) in (1_i64..).zip(MIGRATIONS).skip(applied as usize) {
             tx.batch_execute(sql).await?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
@@ -221,7 +220,8 @@ impl Postgres {
     }
 
     pub(crate) async fn team_by_name(&self, name: &str) -> Result<Option<Team>> {
-        let row = self.client().await?.query_opt("SELECT id, name, created_at FROM teams WHERE name = $1", &[&name]).await?;
+        let row =
+            self.client().await?.query_opt("SELECT id, name, created_at FROM teams WHERE name = $1", &[&name]).await?;
         row.as_ref().map(team_from_row).transpose()
     }
 
@@ -265,8 +265,7 @@ impl Postgres {
             .await?
             .query_opt(&format!("SELECT {KEY_COLUMNS}, secret_hash FROM keys WHERE id = $1"), &[&id])
             .await?;
-        row.map(|row| Ok(StoredKey { key: key_from_row(&row)?, secret_hash: row.try_get("secret_hash")? }))
-            .transpose()
+        row.map(|row| Ok(StoredKey { key: key_from_row(&row)?, secret_hash: row.try_get("secret_hash")? })).transpose()
     }
 
     pub(crate) async fn list_keys(&self, team_id: Uuid) -> Result<Vec<Key>> {
@@ -607,7 +606,8 @@ impl Postgres {
     pub(crate) async fn delete_revision(&self, id: RevisionId) -> Result<Option<String>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let deleted = tx.query_opt("DELETE FROM revisions WHERE id = $1 RETURNING artifact", &[&id.to_string()]).await?;
+        let deleted =
+            tx.query_opt("DELETE FROM revisions WHERE id = $1 RETURNING artifact", &[&id.to_string()]).await?;
         let Some(row) = deleted else { return Ok(None) };
         let artifact: String = row.try_get("artifact")?;
         let used = artifact_used(&tx, &artifact).await?;
@@ -660,8 +660,7 @@ impl Postgres {
     }
 
     pub(crate) async fn artifacts_in_use(&self) -> Result<Vec<String>> {
-        let rows =
-            self.client().await?.query("SELECT DISTINCT artifact FROM revisions ORDER BY artifact", &[]).await?;
+        let rows = self.client().await?.query("SELECT DISTINCT artifact FROM revisions ORDER BY artifact", &[]).await?;
         Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
     }
 

@@ -117,12 +117,7 @@ impl Postgres {
             .execute(
                 "UPDATE queue_requests SET state = $2, runner_id = NULL, failed_attempts = failed_attempts + $3
                  WHERE id = $1 AND state = $4",
-                &[
-                    &id.to_string(),
-                    &QueueState::InQueue.as_str(),
-                    &i64::from(counts),
-                    &QueueState::InProgress.as_str(),
-                ],
+                &[&id.to_string(), &QueueState::InQueue.as_str(), &i64::from(counts), &QueueState::InProgress.as_str()],
             )
             .await?;
         tx.commit().await?;
@@ -157,7 +152,8 @@ impl Postgres {
             QueueState::InProgress => {
                 tx.execute("UPDATE queue_requests SET cancel_requested = TRUE WHERE id = $1", &[&id.to_string()])
                     .await?;
-                let runner = row.try_get::<_, Option<String>>("runner_id")?.map(|r| uuid(r).map(RunnerId)).transpose()?;
+                let runner =
+                    row.try_get::<_, Option<String>>("runner_id")?.map(|r| uuid(r).map(RunnerId)).transpose()?;
                 CancelOutcome::Requested(runner)
             }
         };
@@ -186,10 +182,7 @@ impl Postgres {
     pub(crate) async fn queue_unfinished(&self) -> Result<Vec<QueueRequest>> {
         let client = self.client().await?;
         let rows = client
-            .query(
-                "SELECT id FROM queue_requests WHERE state != $1 ORDER BY seq",
-                &[&QueueState::Completed.as_str()],
-            )
+            .query("SELECT id FROM queue_requests WHERE state != $1 ORDER BY seq", &[&QueueState::Completed.as_str()])
             .await?;
         requests(&client, &rows).await
     }
@@ -292,7 +285,8 @@ async fn requests(conn: &impl GenericClient, rows: &[Row]) -> Result<Vec<QueueRe
 }
 
 async fn request(conn: &impl GenericClient, id: Uuid) -> Result<Option<QueueRequest>> {
-    let row = conn.query_opt(&format!("SELECT {COLUMNS} FROM queue_requests WHERE id = $1"), &[&id.to_string()]).await?;
+    let row =
+        conn.query_opt(&format!("SELECT {COLUMNS} FROM queue_requests WHERE id = $1"), &[&id.to_string()]).await?;
     let Some(row) = row else { return Ok(None) };
     let mut request = request_from_row(&row)?;
     let attempts = conn
