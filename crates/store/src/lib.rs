@@ -9,7 +9,7 @@
 
 /// Runs one call on the store's backend. SQLite's calls block, so they run on the
 /// blocking pool and take by value (`[owned]`: the borrowed arguments to copy first)
-/// what they need; PostgreSQL's are awaited as they are.
+/// what they need; PostgreSQL's are awaited as they are. Both see the same arguments.
 macro_rules! on_backend {
     ($store:ident, [$($owned:ident),*], $db:ident => $call:expr) => {
         match &*$store.backend {
@@ -17,6 +17,7 @@ macro_rules! on_backend {
                 $(let $owned = $owned.to_owned();)*
                 let sqlite = sqlite.clone();
                 tokio::task::spawn_blocking(move || {
+                    $(let $owned = &*$owned;)*
                     let $db = &*sqlite;
                     $call
                 })
@@ -176,11 +177,11 @@ impl Store {
     }
 
     pub async fn create_team(&self, name: &str) -> Result<Team> {
-        on_backend!(self, [name], db => db.create_team(&name))
+        on_backend!(self, [name], db => db.create_team(name))
     }
 
     pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>> {
-        on_backend!(self, [name], db => db.team_by_name(&name))
+        on_backend!(self, [name], db => db.team_by_name(name))
     }
 
     pub async fn team_by_id(&self, id: Uuid) -> Result<Option<Team>> {
@@ -196,7 +197,7 @@ impl Store {
     }
 
     pub async fn key_by_id(&self, id: &str) -> Result<Option<StoredKey>> {
-        on_backend!(self, [id], db => db.key_by_id(&id))
+        on_backend!(self, [id], db => db.key_by_id(id))
     }
 
     /// Every key of a team, revoked ones included, oldest first.
@@ -206,17 +207,17 @@ impl Store {
 
     /// Revokes a key; false if it was unknown or revoked already.
     pub async fn revoke_key(&self, id: &str) -> Result<bool> {
-        on_backend!(self, [id], db => db.revoke_key(&id))
+        on_backend!(self, [id], db => db.revoke_key(id))
     }
 
     /// Stores (or replaces) a team's encrypted secret.
     pub async fn put_secret(&self, team_id: Uuid, name: &str, nonce: Vec<u8>, ciphertext: Vec<u8>) -> Result<()> {
-        on_backend!(self, [name], db => db.put_secret(team_id, &name, &nonce, &ciphertext))
+        on_backend!(self, [name], db => db.put_secret(team_id, name, &nonce, &ciphertext))
     }
 
     /// Deletes a secret; false if the team had none of that name.
     pub async fn delete_secret(&self, team_id: Uuid, name: &str) -> Result<bool> {
-        on_backend!(self, [name], db => db.delete_secret(team_id, &name))
+        on_backend!(self, [name], db => db.delete_secret(team_id, name))
     }
 
     /// A team's secrets, encrypted, by name.
@@ -233,7 +234,7 @@ impl Store {
     }
 
     pub async fn app_by_name(&self, team_id: Uuid, name: &str) -> Result<Option<App>> {
-        on_backend!(self, [name], db => db.app_by_name(team_id, &name))
+        on_backend!(self, [name], db => db.app_by_name(team_id, name))
     }
 
     pub async fn create_app(&self, app: NewApp) -> Result<App> {
@@ -266,7 +267,7 @@ impl Store {
 
     /// The app's revisions whose id starts with `prefix` (hyphens included).
     pub async fn revisions_by_prefix(&self, app_id: Uuid, prefix: &str) -> Result<Vec<Revision>> {
-        on_backend!(self, [prefix], db => db.revisions_by_prefix(app_id, &prefix))
+        on_backend!(self, [prefix], db => db.revisions_by_prefix(app_id, prefix))
     }
 
     /// Suspends or resumes an app: its flag, its current revision's status (Suspended or
@@ -277,7 +278,7 @@ impl Store {
 
     /// Marks a revision Failed with its reason.
     pub async fn fail_revision(&self, id: RevisionId, reason: &str) -> Result<()> {
-        on_backend!(self, [reason], db => db.fail_revision(id, &reason))
+        on_backend!(self, [reason], db => db.fail_revision(id, reason))
     }
 
     /// In one transaction: the revision becomes Deployed, the app's alias points at it,

@@ -51,7 +51,11 @@ async fn revisions_are_found_by_a_prefix_of_their_id(store: Store) {
     }
     assert_eq!(store.revisions_by_prefix(web.id, "abcd").await.unwrap(), [b.clone(), a.clone()]);
     assert_eq!(store.revisions_by_prefix(web.id, "ABCD1").await.unwrap(), [b.clone()], "any case");
-    assert_eq!(store.revisions_by_prefix(web.id, "abcd0000-0").await.unwrap(), [a.clone()], "hyphens count");
+    assert_eq!(
+        store.revisions_by_prefix(web.id, "abcd0000-0").await.unwrap(),
+        std::slice::from_ref(&a),
+        "hyphens count"
+    );
     assert_eq!(store.revisions_by_prefix(web.id, "abcd00000").await.unwrap(), []);
     assert_eq!(store.revisions_by_prefix(web.id, "abcd2").await.unwrap(), [], "another app's");
     assert_eq!(store.revisions_by_prefix(web.id, "%").await.unwrap(), [], "no wildcards");
