@@ -143,6 +143,9 @@ const MIGRATION_LOCK: i64 = 0x68_61_6e_67_61_72;
 /// How many connections one server keeps at most.
 const POOL_SIZE: usize = 16;
 
+/// How long connecting may take, unless the URL says (`connect_timeout=`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
     max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
     max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus";
@@ -158,7 +161,11 @@ pub(crate) struct Postgres {
 
 impl Postgres {
     pub(crate) async fn open(url: &str) -> Result<Postgres> {
-        let config: tokio_postgres::Config = url.parse()?;
+        let mut config: tokio_postgres::Config = url.parse()?;
+        // A server that does not answer is an error at start, not a hang.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)

@@ -10,7 +10,7 @@ use deadpool_postgres::GenericClient;
 use model::ids::RunnerId;
 use model::records::{QueueAttempt, QueueOutcome, QueueRequest, QueueResult};
 use model::revision::{QueueState, WebhookState};
-use tokio_postgres::Row;
+use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
 
 use super::{Postgres, opt_millis_at, u32_at};
@@ -48,7 +48,9 @@ impl Postgres {
     }
 
     pub(crate) async fn queue_request(&self, id: Uuid) -> Result<Option<QueueRequest>> {
-        request(&self.client().await?, id).await
+        let mut client = self.client().await?;
+        let tx = snapshot(&mut client).await?;
+        request(&tx, id).await
     }
 
     pub(crate) async fn queue_position(&self, app_id: Uuid, seq: i64) -> Result<u64> {
@@ -180,11 +182,12 @@ impl Postgres {
     }
 
     pub(crate) async fn queue_unfinished(&self) -> Result<Vec<QueueRequest>> {
-        let client = self.client().await?;
-        let rows = client
+        let mut client = self.client().await?;
+        let tx = snapshot(&mut client).await?;
+        let rows = tx
             .query("SELECT id FROM queue_requests WHERE state != $1 ORDER BY seq", &[&QueueState::Completed.as_str()])
             .await?;
-        requests(&client, &rows).await
+        requests(&tx, &rows).await
     }
 
     pub(crate) async fn queue_interrupted(&self, outcome: &str) -> Result<u64> {
@@ -214,14 +217,15 @@ impl Postgres {
     }
 
     pub(crate) async fn queue_pending_webhooks(&self) -> Result<Vec<QueueRequest>> {
-        let client = self.client().await?;
-        let rows = client
+        let mut client = self.client().await?;
+        let tx = snapshot(&mut client).await?;
+        let rows = tx
             .query(
                 "SELECT id FROM queue_requests WHERE webhook_state = $1 ORDER BY seq",
                 &[&WebhookState::Pending.as_str()],
             )
             .await?;
-        requests(&client, &rows).await
+        requests(&tx, &rows).await
     }
 
     pub(crate) async fn queue_expire(&self, completed_before: time::OffsetDateTime) -> Result<u64> {
@@ -236,6 +240,12 @@ impl Postgres {
             .await?;
         Ok(deleted)
     }
+}
+
+/// A read-only transaction that sees one moment, so a request and its attempts read
+/// together agree with each other (SQLite's reads hold its one connection throughout).
+async fn snapshot(client: &mut deadpool_postgres::Client) -> Result<deadpool_postgres::Transaction<'_>> {
+    Ok(client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?)
 }
 
 async fn close_attempt(conn: &impl GenericClient, id: Uuid, outcome: &str) -> Result<()> {
