@@ -3,8 +3,9 @@
 //!
 //! Callers see only [`Store`] and its async methods; which database sits behind it is
 //! this crate's business. The embedded backend is SQLite in the data dir (WAL, full
-//! sync, so a crash never loses a committed change); several servers can instead share
-//! one PostgreSQL database. Both keep the same tables and answer every call alike.
+//! sync, so a crash never loses a committed change); the other is PostgreSQL, made so
+//! that several servers could share one database (they migrate it once, and a queue
+//! request's moves lock its row). Both keep the same tables and answer every call alike.
 //! Every multi-row change runs in one transaction.
 
 /// Runs one call on the store's backend. SQLite's calls block, so they run on the
