@@ -23,7 +23,10 @@ pub struct ServerArgs {
     /// Address of the gateway that serves calls to apps [default: 127.0.0.1:8701]
     #[arg(long, env = "HANGAR_GATEWAY_ADDR")]
     pub gateway_addr: Option<SocketAddr>,
-    /// Database to use; only the embedded SQLite store (the default) is available now
+    /// Database to use: the embedded SQLite store in the data dir (the default, or any
+    /// `sqlite:` URL), or PostgreSQL (`postgres://user[:password]@host[:port]/db`); the data
+    /// dir still holds artifacts, revisions and keys. One server per database for now
+    /// (each server takes what is left in progress at its start as interrupted)
     #[arg(long, env = "HANGAR_DATABASE_URL")]
     pub database_url: Option<String>,
     /// A TOML file with any of these settings (keys as the flags, with '_' for '-')
@@ -340,6 +343,7 @@ pub struct Config {
     /// The GPUs given instead of detecting them (`--gpus`); `None`: detect.
     pub gpus: Option<Vec<String>>,
     pub runner_backend: RunnerBackendKind,
+    pub database: Database,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -367,11 +371,16 @@ impl Config {
             None => FileConfig::default(),
         };
         let runner_backend = runner_backend(args, &mut file)?;
-        if let Some(url) = args.database_url.as_ref().or(file.database_url.as_ref())
-            && !url.starts_with("sqlite:")
-        {
-            bail!("database URL {url:?} is not supported: this server only has the embedded SQLite store");
-        }
+        let database = match args.database_url.clone().or(file.database_url.take()) {
+            None => Database::Embedded,
+            Some(url) if url.starts_with("sqlite:") => Database::Embedded,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Database::Postgres(url),
+            Some(url) => bail!(
+                "database URL {:?} is not supported: use the embedded SQLite store (no URL, or sqlite:) or \
+                 PostgreSQL (postgres://...)",
+                redacted(&url)
+            ),
+        };
         let mut machine_types = BTreeMap::new();
         for (name, m) in file.machine_types {
             let machine = machine_type(&name, m)?;
@@ -449,7 +458,41 @@ impl Config {
                 args.sandbox_ro_paths.clone()
             },
             runner_backend,
+            database,
         })
+    }
+}
+
+/// Where the store keeps its tables.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// SQLite in the data dir.
+    Embedded,
+    /// A PostgreSQL server, by its URL.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Embedded => f.write_str("Embedded"),
+            // The URL may hold a password, and the config is logged.
+            Database::Postgres(url) => f.debug_tuple("Postgres").field(&redacted(url)).finish(),
+        }
+    }
+}
+
+/// A database URL without the password it may hold.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 
@@ -481,6 +524,26 @@ fn parse_machine_type(spec: &str) -> anyhow::Result<(String, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_is_sqlite_by_default_or_postgres_by_url_and_nothing_else() {
+        let load = |url: Option<&str>| {
+            Config::load(&ServerArgs { database_url: url.map(str::to_owned), ..ServerArgs::default() })
+                .map(|c| c.database)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(load(None), Ok(Database::Embedded));
+        assert_eq!(load(Some("sqlite:hangar.db")), Ok(Database::Embedded));
+        let url = "postgres://hangar:s3cret@db:5432/hangar";
+        assert_eq!(load(Some(url)), Ok(Database::Postgres(url.to_owned())));
+        assert_eq!(
+            format!("{:?}", Database::Postgres(url.to_owned())),
+            "Postgres(\"postgres://hangar:***@db:5432/hangar\")"
+        );
+        assert_eq!(load(Some("postgresql://db/hangar")), Ok(Database::Postgres("postgresql://db/hangar".to_owned())));
+        let refused = load(Some("mysql://root:pw@db/hangar")).unwrap_err();
+        assert!(refused.contains("\"mysql://root:***@db/hangar\" is not supported"), "{refused}");
+    }
 
     #[test]
     fn a_machine_type_flag_sets_its_capacity_and_keeps_the_files_limits() {

@@ -30,7 +30,7 @@ use model::revision::KeyScope;
 use store::Store;
 use tokio::net::TcpListener;
 
-pub use config::{Config, LogFormat, MachineType, ServerArgs, default_data_dir};
+pub use config::{Config, Database, LogFormat, MachineType, ServerArgs, default_data_dir};
 
 use control::Control;
 use layout::Layout;
@@ -86,9 +86,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let layout = Layout::new(config.data_dir.clone());
     prepare_data_dir(&layout)?;
-    let store = Store::open_sqlite(&layout.database())
-        .await
-        .with_context(|| format!("cannot open the store at {}", layout.database().display()))?;
+    let store = match &config.database {
+        config::Database::Embedded => Store::open_sqlite(&layout.database())
+            .await
+            .with_context(|| format!("cannot open the store at {}", layout.database().display()))?,
+        config::Database::Postgres(url) => Store::open_postgres(url)
+            .await
+            .with_context(|| format!("cannot open the store at {}", config::redacted(url)))?,
+    };
     bootstrap(&store, &layout).await?;
 
     // Runner processes an earlier run left behind (it crashed, or was killed) are

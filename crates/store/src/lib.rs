@@ -3,12 +3,37 @@
 //!
 //! Callers see only [`Store`] and its async methods; which database sits behind it is
 //! this crate's business. The embedded backend is SQLite in the data dir (WAL, full
-//! sync, so a crash never loses a committed change). A PostgreSQL backend for
-//! multi-server deployments can be added as another variant of `Backend` without
-//! touching any caller. Every multi-row change runs in one transaction.
+//! sync, so a crash never loses a committed change); the other is PostgreSQL, made so
+//! that several servers could share one database (they migrate it once, and a queue
+//! request's moves lock its row). Both keep the same tables and answer every call alike.
+//! Every multi-row change runs in one transaction.
 
+/// Runs one call on the store's backend. SQLite's calls block, so they run on the
+/// blocking pool and take by value (`[owned]`: the borrowed arguments to copy first)
+/// what they need; PostgreSQL's are awaited as they are. Both see the same arguments.
+macro_rules! on_backend {
+    ($store:ident, [$($owned:ident),*], $db:ident => $call:expr) => {
+        match &*$store.backend {
+            Backend::Sqlite(sqlite) => {
+                $(let $owned = $owned.to_owned();)*
+                let sqlite = sqlite.clone();
+                tokio::task::spawn_blocking(move || {
+                    $(let $owned = &*$owned;)*
+                    let $db = &*sqlite;
+                    $call
+                })
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?
+            }
+            Backend::Postgres($db) => $call.await,
+        }
+    };
+}
+
+mod postgres;
 mod queue;
 mod sqlite;
+mod values;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,9 +61,37 @@ pub enum StoreError {
     Conflict(String),
     #[error("database task failed: {0}")]
     Task(String),
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own words (with its detail and hint) say more than the client's
+        // summary, which for every server-side error is only "db error".
+        if let Some(db) = e.as_db_error() {
+            return StoreError::Postgres(db.to_string());
+        }
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            message = format!("{message}: {c}");
+            cause = c.source();
+        }
+        StoreError::Postgres(message)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e => StoreError::Postgres(format!("cannot get a connection: {e}")),
+        }
+    }
+}
 
 /// A new app, created by its first deploy.
 #[derive(Debug, Clone)]
@@ -101,7 +154,8 @@ pub struct Store {
 }
 
 enum Backend {
-    Sqlite(sqlite::Sqlite),
+    Sqlite(Arc<sqlite::Sqlite>),
+    Postgres(postgres::Postgres),
 }
 
 impl Store {
@@ -112,160 +166,144 @@ impl Store {
         let db = tokio::task::spawn_blocking(move || sqlite::Sqlite::open(&path))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
-        Ok(Store { backend: Arc::new(Backend::Sqlite(db)) })
+        Ok(Store { backend: Arc::new(Backend::Sqlite(Arc::new(db))) })
     }
 
-    /// Runs `f` against the backend on the blocking pool, so SQL never stalls the
-    /// async runtime.
-    async fn run<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&sqlite::Sqlite) -> Result<T> + Send + 'static,
-    {
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || match &*backend {
-            Backend::Sqlite(db) => f(db),
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+    /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`) and
+    /// brings its schema up to date. Several servers may open the same database at once:
+    /// one of them migrates, the others wait for it.
+    pub async fn open_postgres(url: &str) -> Result<Store> {
+        let db = postgres::Postgres::open(url).await?;
+        Ok(Store { backend: Arc::new(Backend::Postgres(db)) })
     }
 
     pub async fn create_team(&self, name: &str) -> Result<Team> {
-        let name = name.to_owned();
-        self.run(move |db| db.create_team(&name)).await
+        on_backend!(self, [name], db => db.create_team(name))
     }
 
     pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>> {
-        let name = name.to_owned();
-        self.run(move |db| db.team_by_name(&name)).await
+        on_backend!(self, [name], db => db.team_by_name(name))
     }
 
     pub async fn team_by_id(&self, id: Uuid) -> Result<Option<Team>> {
-        self.run(move |db| db.team_by_id(id)).await
+        on_backend!(self, [], db => db.team_by_id(id))
     }
 
     pub async fn list_teams(&self) -> Result<Vec<Team>> {
-        self.run(|db| db.list_teams()).await
+        on_backend!(self, [], db => db.list_teams())
     }
 
     pub async fn create_key(&self, key: Key, secret_hash: String) -> Result<()> {
-        self.run(move |db| db.create_key(&key, &secret_hash)).await
+        on_backend!(self, [], db => db.create_key(&key, &secret_hash))
     }
 
     pub async fn key_by_id(&self, id: &str) -> Result<Option<StoredKey>> {
-        let id = id.to_owned();
-        self.run(move |db| db.key_by_id(&id)).await
+        on_backend!(self, [id], db => db.key_by_id(id))
     }
 
     /// Every key of a team, revoked ones included, oldest first.
     pub async fn list_keys(&self, team_id: Uuid) -> Result<Vec<Key>> {
-        self.run(move |db| db.list_keys(team_id)).await
+        on_backend!(self, [], db => db.list_keys(team_id))
     }
 
     /// Revokes a key; false if it was unknown or revoked already.
     pub async fn revoke_key(&self, id: &str) -> Result<bool> {
-        let id = id.to_owned();
-        self.run(move |db| db.revoke_key(&id)).await
+        on_backend!(self, [id], db => db.revoke_key(id))
     }
 
     /// Stores (or replaces) a team's encrypted secret.
     pub async fn put_secret(&self, team_id: Uuid, name: &str, nonce: Vec<u8>, ciphertext: Vec<u8>) -> Result<()> {
-        let name = name.to_owned();
-        self.run(move |db| db.put_secret(team_id, &name, &nonce, &ciphertext)).await
+        on_backend!(self, [name], db => db.put_secret(team_id, name, &nonce, &ciphertext))
     }
 
     /// Deletes a secret; false if the team had none of that name.
     pub async fn delete_secret(&self, team_id: Uuid, name: &str) -> Result<bool> {
-        let name = name.to_owned();
-        self.run(move |db| db.delete_secret(team_id, &name)).await
+        on_backend!(self, [name], db => db.delete_secret(team_id, name))
     }
 
     /// A team's secrets, encrypted, by name.
     pub async fn secrets(&self, team_id: Uuid) -> Result<Vec<StoredSecret>> {
-        self.run(move |db| db.secrets(team_id)).await
+        on_backend!(self, [], db => db.secrets(team_id))
     }
 
     pub async fn count_keys(&self, scope: KeyScope) -> Result<u64> {
-        self.run(move |db| db.count_keys(scope)).await
+        on_backend!(self, [], db => db.count_keys(scope))
     }
 
     pub async fn list_apps(&self, team_id: Uuid) -> Result<Vec<App>> {
-        self.run(move |db| db.list_apps(team_id)).await
+        on_backend!(self, [], db => db.list_apps(team_id))
     }
 
     pub async fn app_by_name(&self, team_id: Uuid, name: &str) -> Result<Option<App>> {
-        let name = name.to_owned();
-        self.run(move |db| db.app_by_name(team_id, &name)).await
+        on_backend!(self, [name], db => db.app_by_name(team_id, name))
     }
 
     pub async fn create_app(&self, app: NewApp) -> Result<App> {
-        self.run(move |db| db.create_app(&app)).await
+        on_backend!(self, [], db => db.create_app(&app))
     }
 
     /// Deletes an app with all its revisions and history. Returns the artifacts that no
     /// revision refers to any more, so the caller can free their files.
     pub async fn delete_app(&self, app_id: Uuid) -> Result<Vec<String>> {
-        self.run(move |db| db.delete_app(app_id)).await
+        on_backend!(self, [], db => db.delete_app(app_id))
     }
 
     pub async fn insert_revision(&self, revision: Revision) -> Result<()> {
-        self.run(move |db| db.insert_revision(&revision)).await
+        on_backend!(self, [], db => db.insert_revision(&revision))
     }
 
     pub async fn revision(&self, id: RevisionId) -> Result<Option<Revision>> {
-        self.run(move |db| db.revision(id)).await
+        on_backend!(self, [], db => db.revision(id))
     }
 
     /// The app's revisions, newest first; only the newest `limit` when given.
     pub async fn list_revisions(&self, app_id: Uuid, limit: Option<u32>) -> Result<Vec<Revision>> {
-        self.run(move |db| db.list_revisions(app_id, limit)).await
+        on_backend!(self, [], db => db.list_revisions(app_id, limit))
     }
 
     /// How many revisions the app has.
     pub async fn count_revisions(&self, app_id: Uuid) -> Result<u64> {
-        self.run(move |db| db.count_revisions(app_id)).await
+        on_backend!(self, [], db => db.count_revisions(app_id))
     }
 
     /// The app's revisions whose id starts with `prefix` (hyphens included).
     pub async fn revisions_by_prefix(&self, app_id: Uuid, prefix: &str) -> Result<Vec<Revision>> {
-        let prefix = prefix.to_owned();
-        self.run(move |db| db.revisions_by_prefix(app_id, &prefix)).await
+        on_backend!(self, [prefix], db => db.revisions_by_prefix(app_id, prefix))
     }
 
     /// Suspends or resumes an app: its flag, its current revision's status (Suspended or
     /// Deployed) and the history, in one transaction.
     pub async fn set_suspended(&self, app_id: Uuid, suspended: bool, history: NewHistory) -> Result<()> {
-        self.run(move |db| db.set_suspended(app_id, suspended, &history)).await
+        on_backend!(self, [], db => db.set_suspended(app_id, suspended, &history))
     }
 
     /// Marks a revision Failed with its reason.
     pub async fn fail_revision(&self, id: RevisionId, reason: &str) -> Result<()> {
-        let reason = reason.to_owned();
-        self.run(move |db| db.fail_revision(id, &reason)).await
+        on_backend!(self, [reason], db => db.fail_revision(id, reason))
     }
 
     /// In one transaction: the revision becomes Deployed, the app's alias points at it,
     /// the app takes the revision's code-specific values (and the given runtime ones and
     /// auth mode), and the change is written to the history.
     pub async fn activate_revision(&self, activation: Activation, history: NewHistory) -> Result<()> {
-        self.run(move |db| db.activate_revision(&activation, &history)).await
+        on_backend!(self, [], db => db.activate_revision(&activation, &history))
     }
 
     /// Deletes a revision that is not current. Returns its artifact if no other revision
     /// uses it any more.
     pub async fn delete_revision(&self, id: RevisionId) -> Result<Option<String>> {
-        self.run(move |db| db.delete_revision(id)).await
+        on_backend!(self, [], db => db.delete_revision(id))
     }
 
     /// Every revision left Deploying by a server that stopped in the middle becomes
     /// Failed with reason "interrupted". Returns the revisions it changed.
     pub async fn fail_interrupted_deploys(&self) -> Result<Vec<(Revision, Uuid)>> {
-        self.run(|db| db.fail_interrupted_deploys()).await
+        on_backend!(self, [], db => db.fail_interrupted_deploys())
     }
 
     /// Digests of every artifact some revision refers to.
     pub async fn artifacts_in_use(&self) -> Result<Vec<String>> {
-        self.run(|db| db.artifacts_in_use()).await
+        on_backend!(self, [], db => db.artifacts_in_use())
     }
 
     /// Sets an app's scaling values (runtime-tunable and code-specific) and records the
@@ -277,15 +315,15 @@ impl Store {
         runner: RunnerSpec,
         history: NewHistory,
     ) -> Result<()> {
-        self.run(move |db| db.update_app_values(app_id, &scaling, &runner, &history)).await
+        on_backend!(self, [], db => db.update_app_values(app_id, &scaling, &runner, &history))
     }
 
     pub async fn add_history(&self, entry: NewHistory) -> Result<()> {
-        self.run(move |db| db.add_history(&entry)).await
+        on_backend!(self, [], db => db.add_history(&entry))
     }
 
     /// The app's history, newest first.
     pub async fn list_history(&self, app_id: Uuid) -> Result<Vec<HistoryEntry>> {
-        self.run(move |db| db.list_history(app_id)).await
+        on_backend!(self, [], db => db.list_history(app_id))
     }
 }

@@ -11,9 +11,9 @@ use model::records::{App, HistoryEntry, Key, Revision, Team};
 use model::revision::{AuthMode, KeyScope, RevisionStatus};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
-use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::values::{corrupt, from_millis, millis, now, revision_id, uuid};
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey};
 
 /// Schema migrations, applied in order and recorded in `user_version`. Only ever append.
@@ -712,31 +712,4 @@ fn revision_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Revision>> {
             created_at: from_millis(row.get(11)?)?,
         })
     })())
-}
-
-/// The current time at the store's precision (milliseconds), so a record reads back
-/// exactly as it was written.
-fn now() -> OffsetDateTime {
-    let t = OffsetDateTime::now_utc();
-    t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(t)
-}
-
-fn millis(t: OffsetDateTime) -> i64 {
-    (t.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-fn from_millis(ms: i64) -> Result<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).map_err(|_| corrupt("timestamp"))
-}
-
-fn uuid(s: String) -> Result<Uuid> {
-    Uuid::parse_str(&s).map_err(|_| corrupt("uuid"))
-}
-
-fn revision_id(s: String) -> Result<RevisionId> {
-    uuid(s).map(RevisionId)
-}
-
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Corrupt(format!("unreadable {what}"))
 }

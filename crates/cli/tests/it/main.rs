@@ -1,5 +1,5 @@
 //! End-to-end tests: the real `hangar` binary as server and as CLI, over real HTTP,
-//! with a real SQLite store in a temporary data dir.
+//! with a real SQLite store in a temporary data dir (and once on PostgreSQL).
 
 mod access;
 mod archives;
@@ -12,6 +12,7 @@ mod gateway;
 mod gpus;
 mod manifest;
 mod openapi;
+mod postgres;
 mod queue;
 mod revisions;
 mod sandbox;

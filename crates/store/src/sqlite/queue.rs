@@ -11,7 +11,8 @@ use model::revision::{QueueState, WebhookState};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
-use super::{Sqlite, corrupt, from_millis, millis, now, uuid};
+use super::Sqlite;
+use crate::values::{corrupt, from_millis, millis, now, uuid};
 use crate::{CancelOutcome, Completion, NewQueueRequest, QueuePayload, Result};
 
 const COLUMNS: &str = "seq, id, team_id, app_id, route, path, webhook, state, created_at, start_deadline, \
