@@ -80,6 +80,14 @@ cargo build --workspace --bins --locked
 # change that makes the manifest parser or the archive unpacker panic, or break
 # one of their promises, on inputs near the seeds fails here.
 scripts/fuzz.sh 15
+# The store's tests and the end-to-end tests on PostgreSQL use a private cluster for the
+# whole run (each test makes a database of its own on it), stopped by its PID at the end.
+pg_dir=$(mktemp -d /tmp/hp-suite-XXXXXX)
+stop_pg() { scripts/pg/cluster.sh stop "$pg_dir" >/dev/null || true; rm -rf "$pg_dir"; }
+trap stop_pg EXIT
+scripts/pg/cluster.sh start "$pg_dir"
+HANGAR_TEST_PG_URL=$(. "$pg_dir/env" && echo "$HANGAR_PG_URL")
+export HANGAR_TEST_PG_URL
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked
 else
