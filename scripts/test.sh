@@ -90,6 +90,9 @@ HANGAR_TEST_PG_URL=$(. "$pg_dir/env" && echo "$HANGAR_PG_URL")
 export HANGAR_TEST_PG_URL
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked
+  # The end-to-end tests again, each server's store a fresh PostgreSQL database.
+  HANGAR_TEST_STORE=postgres cargo nextest run -p cli --locked
 else
   cargo test --workspace --locked
+  HANGAR_TEST_STORE=postgres cargo test -p cli --locked
 fi

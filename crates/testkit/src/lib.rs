@@ -44,8 +44,17 @@ impl TestServer {
         TestServer::start_with_env(bin, extra_args, &[])
     }
 
-    /// Starts the server with extra flags and environment variables.
+    /// Starts the server with extra flags and environment variables. With
+    /// `HANGAR_TEST_STORE=postgres`, its store is a fresh database of the PostgreSQL
+    /// server `HANGAR_TEST_PG_URL` names (unless the flags name a database already).
     pub fn start_with_env(bin: &str, extra_args: &[&str], env: &[(String, String)]) -> TestServer {
+        let mut extra_args: Vec<&str> = extra_args.to_vec();
+        let database;
+        if std::env::var("HANGAR_TEST_STORE").as_deref() == Ok("postgres") && !extra_args.contains(&"--database-url") {
+            database = fresh_postgres_database();
+            extra_args.extend(["--database-url", database.as_str()]);
+        }
+        let extra_args = extra_args.as_slice();
         let dir = tempfile::Builder::new().prefix("hangar-test-").tempdir().expect("cannot make a temp dir");
         let mut server = TestServer {
             bin: PathBuf::from(bin),
@@ -64,6 +73,32 @@ impl TestServer {
     /// The server's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The PostgreSQL database the server keeps its store in, when it is not the
+    /// embedded SQLite one.
+    pub fn database_url(&self) -> Option<&str> {
+        let at = self.extra_args.iter().position(|a| a == "--database-url")?;
+        self.extra_args.get(at + 1).map(String::as_str)
+    }
+
+    /// Runs one SQL statement on the server's store (SQLite in its data dir, or its
+    /// PostgreSQL database), as an operator or a damaged disk could; returns how many
+    /// rows it changed. For tests of what the server makes of such changes.
+    pub fn execute_in_store(&self, sql: &str) -> u64 {
+        let Some(url) = self.database_url() else {
+            let db = rusqlite::Connection::open(self.data_dir().join("hangar.db")).expect("cannot open the store");
+            return db.execute(sql, []).unwrap_or_else(|e| panic!("{sql}: {e}")) as u64;
+        };
+        let out = Command::new("psql")
+            .arg(url)
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("cannot run psql");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        // psql says what it did: `UPDATE 1`.
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{sql}: {text}"))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -206,6 +241,34 @@ impl Drop for TestServer {
         let _ = child.wait();
     }
 }
+
+/// A new, empty database on the PostgreSQL server of `HANGAR_TEST_PG_URL` (an admin
+/// URL such as `postgres://postgres@127.0.0.1:PORT/postgres`), made with `psql`; returns
+/// its URL.
+fn fresh_postgres_database() -> String {
+    let admin = std::env::var("HANGAR_TEST_PG_URL")
+        .expect("HANGAR_TEST_STORE=postgres needs HANGAR_TEST_PG_URL, an admin URL of a PostgreSQL server");
+    let name = format!(
+        "hangar_e2e_{}_{}",
+        std::process::id(),
+        NEXT_DATABASE.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let out = Command::new("psql")
+        .arg(&admin)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &format!("CREATE DATABASE {name}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run psql");
+    assert!(out.status.success(), "cannot create database {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let (base, query) = admin.split_once('?').map_or((admin.as_str(), None), |(b, q)| (b, Some(q)));
+    let base = base.rsplit_once('/').map_or(base, |(server, _)| server);
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+static NEXT_DATABASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The result of a finished CLI command.
 #[derive(Debug)]

@@ -260,6 +260,7 @@ fn a_server_whose_secret_key_cannot_open_the_stored_secrets_refuses_to_start_and
     let mut other = std::process::Command::new(crate::BIN)
         .args(["server", "--api-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
         .arg(server.data_dir())
+        .args(server.database_url().map(|url| ["--database-url", url]).into_iter().flatten())
         .env("HANGAR_SECRET_KEY", "11".repeat(32))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

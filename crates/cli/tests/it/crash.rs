@@ -122,12 +122,10 @@ fn a_server_that_cannot_load_one_app_serves_the_others_and_says_which() {
     }
     // While the server is down, the broken app's revision is damaged on disk.
     server.kill();
-    let db = rusqlite::Connection::open(server.data_dir().join("hangar.db")).unwrap();
-    let changed = db
-        .execute("UPDATE revisions SET manifest = 'not [valid toml' WHERE app_id = (SELECT id FROM apps WHERE name = 'broken')", [])
-        .unwrap();
+    let changed = server.execute_in_store(
+        "UPDATE revisions SET manifest = 'not [valid toml' WHERE app_id = (SELECT id FROM apps WHERE name = 'broken')",
+    );
     assert_eq!(changed, 1);
-    drop(db);
     server.restart();
 
     let http = testkit::Http::new();
