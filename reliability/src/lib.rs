@@ -53,9 +53,26 @@ pub fn open_files(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
-/// Checks the server's SQLite store as SQLite itself does: every page and index
-/// (`integrity_check`) and every foreign key.
-pub fn check_store(data_dir: &Path) -> anyhow::Result<()> {
+/// Checks the server's store. SQLite is checked as SQLite itself does: every page and
+/// index (`integrity_check`) and every foreign key. PostgreSQL enforces its constraints
+/// itself and recovers from its own log, so what is left to see is that it answers and
+/// that every table of the store reads.
+pub fn check_store(server: &TestServer) -> anyhow::Result<()> {
+    let Some(url) = server.database_url() else { return check_sqlite(&server.data_dir()) };
+    let tables = ["teams", "keys", "secrets", "apps", "revisions", "history", "queue_requests", "queue_attempts"];
+    let sql: String = tables.iter().map(|t| format!("SELECT count(*) FROM {t};")).collect();
+    let out = std::process::Command::new("psql")
+        .arg(url)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+        .output()
+        .context("cannot run psql")?;
+    if !out.status.success() {
+        bail!("PostgreSQL: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn check_sqlite(data_dir: &Path) -> anyhow::Result<()> {
     let path = data_dir.join("hangar.db");
     let db = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("cannot open {}", path.display()))?;
