@@ -303,7 +303,7 @@ fn clone_command(command: &std::process::Command) -> std::process::Command {
 
 /// What must hold once the server is back.
 fn check(server: &TestServer, http: &Http, leftovers: &[u32], accepted: &[Accepted]) -> anyhow::Result<()> {
-    check_store(&server).context("the store")?;
+    check_store(server).context("the store")?;
 
     // No revision stuck Deploying: the restarted server has settled every interrupted
     // deploy before it answers.
