@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use api::client::Client;
 
+mod cluster;
 pub mod pg;
 pub mod slurm;
 

@@ -4,13 +4,14 @@
 //! databases in it, runs SQL through `psql`, and stops it when dropped. See
 //! `scripts/pg/README.md` for what the cluster is and how it behaves.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+use crate::cluster::ClusterDir;
 
 /// A running private PostgreSQL cluster with its own directory.
 pub struct PgCluster {
-    dir: tempfile::TempDir,
-    env: Vec<(String, String)>,
+    cluster: ClusterDir,
     port: u16,
 }
 
@@ -18,43 +19,23 @@ impl PgCluster {
     /// Starts a cluster and waits until it accepts connections. Fails the test with
     /// the script's output if it does not start.
     pub fn start() -> PgCluster {
-        // The socket lives in the directory and a unix socket's path is short, so the
-        // directory is made in /tmp whatever TMPDIR says.
-        let dir = tempfile::Builder::new().prefix("hp-").tempdir_in("/tmp").expect("cannot make a temp dir");
-        assert!(dir.path().as_os_str().len() <= 40, "the cluster's dir is too long: {}", dir.path().display());
-        // tempfile makes it 0700. As root the script runs postgres as the `postgres`
-        // user (postgres refuses to run as root) and hands it the directory; 0755 lets
-        // that user, and clients of any user, reach it either way.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("cannot chmod the cluster's dir");
-        let out = Command::new(cluster_script())
-            .arg("start")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run scripts/pg/cluster.sh");
-        assert!(
-            out.status.success(),
-            "scripts/pg/cluster.sh start {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            dir.path().display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        let env_file = dir.path().join("env");
-        let text =
-            std::fs::read_to_string(&env_file).unwrap_or_else(|e| panic!("cannot read {}: {e}", env_file.display()));
-        let env = crate::slurm::parse_env(&text);
-        let mut cluster = PgCluster { dir, env, port: 0 };
+        // The socket lives in the directory. tempfile makes it 0700. As root the script
+        // runs postgres as the `postgres` user (postgres refuses to run as root) and hands
+        // it the directory; 0755 lets that user, and clients of any user, reach it either
+        // way.
+        let cluster = ClusterDir::start("pg", "hp-", "log/postgres.log", |dir| {
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("cannot chmod the cluster's dir");
+        });
         let port = cluster.var("HANGAR_PG_PORT");
-        cluster.port = port.parse().unwrap_or_else(|_| panic!("HANGAR_PG_PORT is not a port: {port:?}"));
-        cluster
+        let port = port.parse().unwrap_or_else(|_| panic!("HANGAR_PG_PORT is not a port: {port:?}"));
+        PgCluster { cluster, port }
     }
 
     /// The cluster's directory: `data/`, `log/postgres.log`, `pids`, `env` and the
     /// server's unix socket.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.cluster.path()
     }
 
     /// The port the server listens on, on 127.0.0.1 (and the socket's number).
@@ -122,41 +103,8 @@ impl PgCluster {
     }
 
     fn var(&self, key: &str) -> String {
-        let value = self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        value.unwrap_or_else(|| panic!("{} has no {key}", self.dir.path().join("env").display()))
+        self.cluster.var(key)
     }
-}
-
-impl Drop for PgCluster {
-    /// Stops the server and waits until it has exited. A failure to stop is reported,
-    /// not raised, so that it does not hide the test's own failure.
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // A failing test shows what the server said, which is otherwise lost with the
-            // temporary directory.
-            let log = std::fs::read_to_string(self.dir.path().join("log/postgres.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("--- postgres's last log lines ---");
-            for line in &lines[lines.len().saturating_sub(50)..] {
-                eprintln!("{line}");
-            }
-        }
-        let out = Command::new(cluster_script()).arg("stop").arg(self.dir.path()).stdin(Stdio::null()).output();
-        match out {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "scripts/pg/cluster.sh stop {} failed ({}):\n{}",
-                self.dir.path().display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
-            ),
-            Err(e) => eprintln!("cannot run scripts/pg/cluster.sh stop: {e}"),
-        }
-    }
-}
-
-fn cluster_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg/cluster.sh")
 }
 
 /// A name that PostgreSQL takes as it is, unquoted and not folded, and that a URL

@@ -5,13 +5,14 @@
 //! when dropped. See `scripts/slurm/README.md` for what the cluster is and how it
 //! behaves.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+use crate::cluster::ClusterDir;
 
 /// A running private Slurm cluster with its own directory.
 pub struct SlurmCluster {
-    dir: tempfile::TempDir,
-    env: Vec<(String, String)>,
+    cluster: ClusterDir,
 }
 
 /// One job as `squeue` shows it.
@@ -32,40 +33,19 @@ impl SlurmCluster {
     /// Starts a cluster and waits until its three nodes are idle. Fails the test with
     /// the script's output if it does not start.
     pub fn start() -> SlurmCluster {
-        // The munge socket lives in the directory and a unix socket's path is short,
-        // so the directory is made in /tmp whatever TMPDIR says.
-        let dir = tempfile::Builder::new().prefix("hs-").tempdir_in("/tmp").expect("cannot make a temp dir");
-        assert!(dir.path().as_os_str().len() <= 40, "the cluster's dir is too long: {}", dir.path().display());
-        let out = Command::new(cluster_script())
-            .arg("start")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run scripts/slurm/cluster.sh");
-        assert!(
-            out.status.success(),
-            "scripts/slurm/cluster.sh start {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            dir.path().display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        let env_file = dir.path().join("env");
-        let text =
-            std::fs::read_to_string(&env_file).unwrap_or_else(|e| panic!("cannot read {}: {e}", env_file.display()));
-        let env = parse_env(&text);
-        SlurmCluster { dir, env }
+        // The munge socket lives in the directory.
+        SlurmCluster { cluster: ClusterDir::start("slurm", "hs-", "log/slurmctld.log", |_| {}) }
     }
 
     /// The cluster's directory: its config, logs (`log/`) and `pids`.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.cluster.path()
     }
 
     /// What `DIR/env` exports: `SLURM_CONF`, `HANGAR_SLURM_PARTITION`,
     /// `HANGAR_SLURM_NODES` and the like.
     pub fn env(&self) -> &[(String, String)] {
-        &self.env
+        self.cluster.env()
     }
 
     /// The path of the cluster's `slurm.conf` (`SLURM_CONF`), all that a Slurm client
@@ -103,7 +83,7 @@ impl SlurmCluster {
     /// its `slurm-ID.out` where it was submitted unless told otherwise.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
-        command.envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(self.dir.path()).stdin(Stdio::null());
+        command.envs(self.env().iter().map(|(k, v)| (k, v))).current_dir(self.dir()).stdin(Stdio::null());
         command
     }
 
@@ -152,51 +132,8 @@ impl SlurmCluster {
     }
 
     fn var(&self, key: &str) -> String {
-        let value = self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        value.unwrap_or_else(|| panic!("{} has no {key}", self.dir.path().join("env").display()))
+        self.cluster.var(key)
     }
-}
-
-impl Drop for SlurmCluster {
-    /// Stops the cluster: cancels its jobs and ends exactly the daemons it started.
-    /// A failure to stop is reported, not raised, so that it does not hide the test's
-    /// own failure.
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // A failing test shows what the controller said, which is otherwise lost with
-            // the temporary directory.
-            let log = std::fs::read_to_string(self.dir.path().join("log/slurmctld.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("--- slurmctld's last log lines ---");
-            for line in &lines[lines.len().saturating_sub(50)..] {
-                eprintln!("{line}");
-            }
-        }
-        let out = Command::new(cluster_script()).arg("stop").arg(self.dir.path()).stdin(Stdio::null()).output();
-        match out {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "scripts/slurm/cluster.sh stop {} failed ({}):\n{}",
-                self.dir.path().display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
-            ),
-            Err(e) => eprintln!("cannot run scripts/slurm/cluster.sh stop: {e}"),
-        }
-    }
-}
-
-fn cluster_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slurm/cluster.sh")
-}
-
-/// `export KEY=VALUE` lines, as `cluster.sh` writes them (no quoting); the
-/// PostgreSQL cluster's script writes the same.
-pub(crate) fn parse_env(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| line.trim().strip_prefix("export ")?.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 /// One line of `squeue -o '%i|%j|%T|%r|%N'`. The name is the only field that can
@@ -219,18 +156,6 @@ fn parse_job(line: &str) -> Job {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn env_lines() {
-        let env = parse_env("export SLURM_CONF=/tmp/hs-1/slurm.conf\nexport HANGAR_SLURM_NODES=n1,n2,n3\n\n");
-        assert_eq!(
-            env,
-            [
-                ("SLURM_CONF".to_owned(), "/tmp/hs-1/slurm.conf".to_owned()),
-                ("HANGAR_SLURM_NODES".to_owned(), "n1,n2,n3".to_owned()),
-            ]
-        );
-    }
 
     #[test]
     fn squeue_lines() {
