@@ -553,7 +553,7 @@ async fn serve_api(
 /// and artifacts that no revision owns are removed.
 async fn recover(control: &Control) -> anyhow::Result<()> {
     let layout = &control.layout;
-    for (revision, _app) in control.store.fail_interrupted_deploys().await? {
+    for (revision, _app) in control.store.fail_interrupted_deploys(None).await? {
         tracing::warn!(revision = %revision.id, "deploy was interrupted by a server stop; marked failed");
         supervisor::end_leftover(&layout.build_pid(revision.id), &layout.revision_code(revision.id));
         supervisor::end_leftover_build(&control.fleet.shared.sandbox, &revision.id.to_string());

@@ -30,6 +30,7 @@ macro_rules! on_backend {
     };
 }
 
+mod fleet;
 mod postgres;
 mod queue;
 mod sqlite;
@@ -44,6 +45,7 @@ use model::records::{App, HistoryEntry, Key, Revision, Team};
 use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
 
+pub use fleet::{Fence, Lease, ServerRecord};
 pub use queue::{CancelOutcome, Completion, NewQueueRequest, QueuePayload};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,11 @@ pub enum StoreError {
     Task(String),
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    /// A write made under an app's lease that this server no longer holds.
+    #[error("{0}")]
+    Fenced(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -136,6 +143,9 @@ pub struct Activation {
     /// Runtime-tunable values to install, or `None` to keep the app's.
     pub scaling: Option<Scaling>,
     pub auth: Option<AuthMode>,
+    /// The lease the app's controller holds, where servers share the store: the
+    /// activation is refused ([`StoreError::Fenced`]) unless it is still in force.
+    pub fence: Option<Fence>,
 }
 
 /// An entry to append to an app's history.
@@ -295,10 +305,11 @@ impl Store {
         on_backend!(self, [], db => db.delete_revision(id))
     }
 
-    /// Every revision left Deploying by a server that stopped in the middle becomes
-    /// Failed with reason "interrupted". Returns the revisions it changed.
-    pub async fn fail_interrupted_deploys(&self) -> Result<Vec<(Revision, Uuid)>> {
-        on_backend!(self, [], db => db.fail_interrupted_deploys())
+    /// Every revision (of one app, if given) left Deploying by a server that stopped in
+    /// the middle becomes Failed with reason "interrupted". Returns the revisions it
+    /// changed.
+    pub async fn fail_interrupted_deploys(&self, app: Option<Uuid>) -> Result<Vec<(Revision, Uuid)>> {
+        on_backend!(self, [], db => db.fail_interrupted_deploys(app))
     }
 
     /// Digests of every artifact some revision refers to.

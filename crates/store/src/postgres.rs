@@ -2,6 +2,7 @@
 //! tables as the SQLite backend and writes values the same way (times as milliseconds,
 //! ids as text), so both answer every call alike; only the SQL dialect differs.
 
+mod fleet;
 mod queue;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -133,6 +134,31 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE teams (
         ended_at BIGINT,
         outcome TEXT,
         PRIMARY KEY (request_seq, n)
+    );",
+    // Servers sharing the store, the lease on each app's controller, revisions' built code.
+    "CREATE TABLE servers (
+        id TEXT PRIMARY KEY,
+        api_url TEXT NOT NULL,
+        gateway_url TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        seen_at BIGINT NOT NULL
+    );
+    CREATE TABLE app_leases (
+        app_id TEXT PRIMARY KEY REFERENCES apps(id) ON DELETE CASCADE,
+        owner TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE TABLE revision_code (
+        revision_id TEXT PRIMARY KEY REFERENCES revisions(id) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        parts BIGINT NOT NULL
+    );
+    CREATE TABLE revision_code_parts (
+        revision_id TEXT NOT NULL REFERENCES revision_code(revision_id) ON DELETE CASCADE,
+        part BIGINT NOT NULL,
+        bytes BYTEA NOT NULL,
+        PRIMARY KEY (revision_id, part)
     );"];
 
 /// The advisory lock that servers starting at once take around migrating, so that one
@@ -554,6 +580,9 @@ impl Postgres {
     pub(crate) async fn activate_revision(&self, a: &Activation, history: &NewHistory) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        if let Some(fence) = &a.fence {
+            fleet::check_fence(&tx, a.app_id, fence).await?;
+        }
         let app_id = a.app_id.to_string();
         let revision = a.revision.to_string();
         // Only a revision that still exists, is the app's, and has not failed may become
@@ -622,7 +651,7 @@ impl Postgres {
         Ok((!used).then_some(artifact))
     }
 
-    pub(crate) async fn fail_interrupted_deploys(&self) -> Result<Vec<(Revision, Uuid)>> {
+    pub(crate) async fn fail_interrupted_deploys(&self, app: Option<Uuid>) -> Result<Vec<(Revision, Uuid)>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // FOR UPDATE: a second server doing the same at once waits, then finds them
@@ -630,9 +659,10 @@ impl Postgres {
         let rows = tx
             .query(
                 &format!(
-                    "SELECT {REVISION_COLUMNS} FROM revisions WHERE status = $1 ORDER BY created_at, seq FOR UPDATE"
+                    "SELECT {REVISION_COLUMNS} FROM revisions WHERE status = $1 AND ($2::TEXT IS NULL OR app_id = $2) \
+                     ORDER BY created_at, seq FOR UPDATE"
                 ),
-                &[&RevisionStatus::Deploying.as_str()],
+                &[&RevisionStatus::Deploying.as_str(), &app.map(|a| a.to_string())],
             )
             .await?;
         let mut changed = Vec::new();

@@ -102,14 +102,14 @@ impl Store {
     }
 
     /// Every request not completed, oldest first.
-    pub async fn queue_unfinished(&self) -> Result<Vec<QueueRequest>> {
-        on_backend!(self, [], db => db.queue_unfinished())
+    pub async fn queue_unfinished(&self, app: Option<Uuid>) -> Result<Vec<QueueRequest>> {
+        on_backend!(self, [], db => db.queue_unfinished(app))
     }
 
     /// After a restart: every request left in progress goes back to the queue, its open
     /// attempt closed with `outcome` (not counted against the retry limit).
-    pub async fn queue_interrupted(&self, outcome: String) -> Result<u64> {
-        on_backend!(self, [], db => db.queue_interrupted(&outcome))
+    pub async fn queue_interrupted(&self, outcome: String, app: Option<Uuid>) -> Result<u64> {
+        on_backend!(self, [], db => db.queue_interrupted(&outcome, app))
     }
 
     pub async fn queue_set_webhook(&self, id: Uuid, state: WebhookState) -> Result<()> {

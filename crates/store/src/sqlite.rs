@@ -1,5 +1,6 @@
 //! The SQLite backend. All SQL of the embedded store lives here.
 
+mod fleet;
 mod queue;
 
 use std::path::Path;
@@ -134,6 +135,33 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(
         "ALTER TABLE apps ADD COLUMN num_gpus INTEGER;
     ALTER TABLE revisions ADD COLUMN num_gpus INTEGER;",
+    ),
+    // Servers sharing the store, the lease on each app's controller, revisions' built code.
+    M::up(
+        "CREATE TABLE servers (
+        id TEXT PRIMARY KEY,
+        api_url TEXT NOT NULL,
+        gateway_url TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        seen_at INTEGER NOT NULL
+    );
+    CREATE TABLE app_leases (
+        app_id TEXT PRIMARY KEY REFERENCES apps(id) ON DELETE CASCADE,
+        owner TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE TABLE revision_code (
+        revision_id TEXT PRIMARY KEY REFERENCES revisions(id) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        parts INTEGER NOT NULL
+    );
+    CREATE TABLE revision_code_parts (
+        revision_id TEXT NOT NULL REFERENCES revision_code(revision_id) ON DELETE CASCADE,
+        part INTEGER NOT NULL,
+        bytes BLOB NOT NULL,
+        PRIMARY KEY (revision_id, part)
+    );",
     ),
 ];
 
@@ -483,6 +511,9 @@ impl Sqlite {
     pub(crate) fn activate_revision(&self, a: &Activation, history: &NewHistory) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        if let Some(fence) = &a.fence {
+            fleet::check_fence(&tx, a.app_id, fence)?;
+        }
         // Only a revision that still exists, is the app's, and has not failed may become
         // current; nothing changes otherwise.
         let revised = tx.execute(
@@ -549,12 +580,15 @@ impl Sqlite {
         Ok((!used).then_some(artifact))
     }
 
-    pub(crate) fn fail_interrupted_deploys(&self) -> Result<Vec<(Revision, Uuid)>> {
+    pub(crate) fn fail_interrupted_deploys(&self, app: Option<Uuid>) -> Result<Vec<(Revision, Uuid)>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let revisions: Vec<Revision> = {
-            let mut stmt = tx.prepare(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE status = ?1"))?;
-            let rows = stmt.query_map([RevisionStatus::Deploying.as_str()], revision_from_row)?;
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {REVISION_COLUMNS} FROM revisions WHERE status = ?1 AND (?2 IS NULL OR app_id = ?2)"
+            ))?;
+            let rows = stmt
+                .query_map(params![RevisionStatus::Deploying.as_str(), app.map(|a| a.to_string())], revision_from_row)?;
             rows.map(|r| r?).collect::<Result<_>>()?
         };
         let mut changed = Vec::new();

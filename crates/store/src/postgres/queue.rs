@@ -181,27 +181,32 @@ impl Postgres {
         Ok(Some((result, row.try_get::<_, Option<String>>("logs")?.unwrap_or_default())))
     }
 
-    pub(crate) async fn queue_unfinished(&self) -> Result<Vec<QueueRequest>> {
+    pub(crate) async fn queue_unfinished(&self, app: Option<Uuid>) -> Result<Vec<QueueRequest>> {
         let mut client = self.client().await?;
         let tx = snapshot(&mut client).await?;
         let rows = tx
-            .query("SELECT id FROM queue_requests WHERE state != $1 ORDER BY seq", &[&QueueState::Completed.as_str()])
+            .query(
+                "SELECT id FROM queue_requests WHERE state != $1 AND ($2::TEXT IS NULL OR app_id = $2) ORDER BY seq",
+                &[&QueueState::Completed.as_str(), &app.map(|a| a.to_string())],
+            )
             .await?;
         requests(&tx, &rows).await
     }
 
-    pub(crate) async fn queue_interrupted(&self, outcome: &str) -> Result<u64> {
+    pub(crate) async fn queue_interrupted(&self, outcome: &str, app: Option<Uuid>) -> Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let app = app.map(|a| a.to_string());
         tx.execute(
-            "UPDATE queue_attempts SET ended_at = $1, outcome = $2 WHERE ended_at IS NULL",
-            &[&millis(now()), &outcome],
+            "UPDATE queue_attempts SET ended_at = $1, outcome = $2 WHERE ended_at IS NULL AND ($3::TEXT IS NULL OR \
+             request_seq IN (SELECT seq FROM queue_requests WHERE app_id = $3))",
+            &[&millis(now()), &outcome, &app],
         )
         .await?;
         let moved = tx
             .execute(
-                "UPDATE queue_requests SET state = $1, runner_id = NULL WHERE state = $2",
-                &[&QueueState::InQueue.as_str(), &QueueState::InProgress.as_str()],
+                "UPDATE queue_requests SET state = $1, runner_id = NULL WHERE state = $2 AND ($3::TEXT IS NULL OR app_id = $3)",
+                &[&QueueState::InQueue.as_str(), &QueueState::InProgress.as_str(), &app],
             )
             .await?;
         tx.commit().await?;

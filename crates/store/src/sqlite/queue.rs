@@ -170,25 +170,27 @@ impl Sqlite {
             .map_err(Into::into)
     }
 
-    pub(crate) fn queue_unfinished(&self) -> Result<Vec<QueueRequest>> {
+    pub(crate) fn queue_unfinished(&self, app: Option<Uuid>) -> Result<Vec<QueueRequest>> {
         let conn = self.conn();
         let ids: Vec<String> = conn
-            .prepare("SELECT id FROM queue_requests WHERE state != ?1 ORDER BY seq")?
-            .query_map([QueueState::Completed.as_str()], |r| r.get(0))?
+            .prepare("SELECT id FROM queue_requests WHERE state != ?1 AND (?2 IS NULL OR app_id = ?2) ORDER BY seq")?
+            .query_map(params![QueueState::Completed.as_str(), app.map(|a| a.to_string())], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         ids.into_iter().filter_map(|id| request(&conn, uuid(id).ok()?).transpose()).collect()
     }
 
-    pub(crate) fn queue_interrupted(&self, outcome: &str) -> Result<u64> {
+    pub(crate) fn queue_interrupted(&self, outcome: &str, app: Option<Uuid>) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let app = app.map(|a| a.to_string());
         tx.execute(
-            "UPDATE queue_attempts SET ended_at = ?1, outcome = ?2 WHERE ended_at IS NULL",
-            params![millis(now()), outcome],
+            "UPDATE queue_attempts SET ended_at = ?1, outcome = ?2 WHERE ended_at IS NULL AND (?3 IS NULL OR \
+             request_seq IN (SELECT seq FROM queue_requests WHERE app_id = ?3))",
+            params![millis(now()), outcome, app],
         )?;
         let moved = tx.execute(
-            "UPDATE queue_requests SET state = ?1, runner_id = NULL WHERE state = ?2",
-            params![QueueState::InQueue.as_str(), QueueState::InProgress.as_str()],
+            "UPDATE queue_requests SET state = ?1, runner_id = NULL WHERE state = ?2 AND (?3 IS NULL OR app_id = ?3)",
+            params![QueueState::InQueue.as_str(), QueueState::InProgress.as_str(), app],
         )?;
         tx.commit()?;
         Ok(moved as u64)

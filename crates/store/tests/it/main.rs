@@ -30,6 +30,7 @@ macro_rules! on_both_backends {
 mod accounts;
 mod apps;
 mod backend;
+mod fleet;
 mod migrations;
 mod queue;
 mod revisions;

@@ -59,7 +59,7 @@ async fn a_request_moves_through_its_states_and_keeps_its_attempts(store: Store)
     assert_eq!(outcomes, ["runner lost", "answered 200"]);
     let (result, _) = store.queue_result(first.id).await.unwrap().unwrap();
     assert_eq!(result.body, b"done");
-    let unfinished: Vec<_> = store.queue_unfinished().await.unwrap().into_iter().map(|r| r.id).collect();
+    let unfinished: Vec<_> = store.queue_unfinished(None).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(unfinished, [second.id]);
 }
 
@@ -97,7 +97,7 @@ async fn requests_wait_in_submission_order_per_app(store: Store) {
         let request = store.queue_insert(new_request(if i % 3 == 2 { other } else { app }, "x")).await.unwrap();
         ids.push(request);
     }
-    let unfinished: Vec<_> = store.queue_unfinished().await.unwrap().into_iter().map(|r| r.id).collect();
+    let unfinished: Vec<_> = store.queue_unfinished(None).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(unfinished, ids.iter().map(|r| r.id).collect::<Vec<_>>());
     let positions = [0, 1, 0, 2, 3, 1];
     for (request, position) in ids.iter().zip(positions) {
@@ -106,7 +106,7 @@ async fn requests_wait_in_submission_order_per_app(store: Store) {
     store.queue_start(ids[0].id, RunnerId(Uuid::new_v4())).await.unwrap();
     store.queue_cancel(ids[1].id, completion(400, Some("request_cancelled"))).await.unwrap();
     assert_eq!(store.queue_position(app, ids[4].seq).await.unwrap(), 1, "only waiting ones are ahead");
-    let unfinished: Vec<_> = store.queue_unfinished().await.unwrap().into_iter().map(|r| r.id).collect();
+    let unfinished: Vec<_> = store.queue_unfinished(None).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(unfinished, [ids[0].id, ids[2].id, ids[3].id, ids[4].id, ids[5].id], "running ones too");
 }
 
@@ -226,7 +226,7 @@ async fn a_restart_requeues_running_requests_and_expiry_spares_pending_webhooks(
     let app = Uuid::new_v4();
     let running = store.queue_insert(new_request(app, "1")).await.unwrap();
     store.queue_start(running.id, RunnerId(Uuid::new_v4())).await.unwrap();
-    assert_eq!(store.queue_interrupted("server restarted".to_owned()).await.unwrap(), 1);
+    assert_eq!(store.queue_interrupted("server restarted".to_owned(), None).await.unwrap(), 1);
     let back = store.queue_request(running.id).await.unwrap().unwrap();
     assert_eq!((back.state, back.failed_attempts), (QueueState::InQueue, 0));
     assert_eq!(back.attempts[0].outcome.as_deref(), Some("server restarted"));

@@ -95,6 +95,7 @@ async fn activation_moves_the_alias_and_takes_the_revisions_values(store: Store)
         runner: rev.runner.clone(),
         scaling: Some(scaling.clone()),
         auth: Some(AuthMode::Public),
+        fence: None,
     };
     store.activate_revision(activation, history(web.id, "deploy")).await.unwrap();
 
@@ -109,7 +110,7 @@ async fn activation_moves_the_alias_and_takes_the_revisions_values(store: Store)
     // Without runtime values or auth, the app keeps its own.
     let next = revision(web.id, RevisionStatus::Deploying, "b");
     store.insert_revision(next.clone()).await.unwrap();
-    let keep = Activation { app_id: web.id, revision: next.id, runner: next.runner.clone(), scaling: None, auth: None };
+    let keep = Activation { app_id: web.id, revision: next.id, runner: next.runner.clone(), scaling: None, auth: None, fence: None };
     store.activate_revision(keep, history(web.id, "deploy")).await.unwrap();
     let after = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
     assert_eq!((after.current_revision, after.scaling, after.auth), (Some(next.id), scaling, AuthMode::Public));
@@ -132,6 +133,7 @@ async fn activation_of_a_revision_that_may_not_go_live_is_a_conflict(store: Stor
             runner: RunnerSpec { max_multiplexing: 77, ..RunnerSpec::default() },
             scaling: None,
             auth: Some(AuthMode::Public),
+            fence: None,
         };
         let err = store.activate_revision(activation, history(web.id, "deploy")).await.unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
@@ -147,7 +149,7 @@ async fn activation_of_a_revision_whose_app_is_gone_is_a_conflict(store: Store) 
     let rev = revision(web.id, RevisionStatus::Deploying, "a");
     store.insert_revision(rev.clone()).await.unwrap();
     store.delete_app(web.id).await.unwrap();
-    let activation = Activation { app_id: web.id, revision: rev.id, runner: rev.runner, scaling: None, auth: None };
+    let activation = Activation { app_id: web.id, revision: rev.id, runner: rev.runner, scaling: None, auth: None, fence: None };
     let err = store.activate_revision(activation, history(web.id, "deploy")).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 }
@@ -161,7 +163,7 @@ async fn deploys_left_deploying_fail_as_interrupted(store: Store) {
     for rev in [&stuck, &stuck_too, &live] {
         store.insert_revision(rev.clone()).await.unwrap();
     }
-    let mut changed = store.fail_interrupted_deploys().await.unwrap();
+    let mut changed = store.fail_interrupted_deploys(None).await.unwrap();
     changed.sort_by_key(|(rev, _)| rev.id.0);
     let mut expected: Vec<_> = [(&stuck, web.id), (&stuck_too, api.id)]
         .into_iter()
@@ -180,7 +182,7 @@ async fn deploys_left_deploying_fail_as_interrupted(store: Store) {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].action, "deploy_failed");
     assert!(history[0].details.contains(&stuck.id.to_string()));
-    assert!(store.fail_interrupted_deploys().await.unwrap().is_empty(), "once");
+    assert!(store.fail_interrupted_deploys(None).await.unwrap().is_empty(), "once");
 }
 
 async fn artifacts_in_use_are_each_named_once(store: Store) {
