@@ -30,6 +30,9 @@ pub enum ErrorCode {
     Suspended,
     RunnerLost,
     RolloutForced,
+    /// The server that runs the app does not answer (another takes it over within the
+    /// lease time).
+    OwnerUnavailable,
     StartTimeout,
     RequestTimeout,
     RequestNotFound,
@@ -65,6 +68,7 @@ impl ErrorCode {
             ErrorCode::Suspended => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RunnerLost => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RolloutForced => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::OwnerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::StartTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::RequestNotFound => StatusCode::NOT_FOUND,
@@ -100,6 +104,7 @@ impl ErrorCode {
             ErrorCode::Suspended => "suspended",
             ErrorCode::RunnerLost => "runner_lost",
             ErrorCode::RolloutForced => "rollout_forced",
+            ErrorCode::OwnerUnavailable => "owner_unavailable",
             ErrorCode::StartTimeout => "start_timeout",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::RequestNotFound => "request_not_found",
@@ -134,6 +139,7 @@ impl ErrorCode {
         ErrorCode::Suspended,
         ErrorCode::RunnerLost,
         ErrorCode::RolloutForced,
+        ErrorCode::OwnerUnavailable,
         ErrorCode::StartTimeout,
         ErrorCode::RequestTimeout,
         ErrorCode::RequestNotFound,

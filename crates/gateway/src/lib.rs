@@ -6,6 +6,7 @@
 
 mod body;
 pub mod conn;
+pub mod forward;
 mod metrics;
 pub mod route;
 mod upstream;
@@ -82,6 +83,8 @@ pub struct Gateway {
     routes: RwLock<HashMap<String, Arc<AppRoute>>>,
     auth: Arc<dyn Authenticator>,
     queue: OnceLock<Arc<dyn QueueHandler>>,
+    /// Where servers share a store: which runs the apps this one does not.
+    locator: OnceLock<Arc<dyn forward::Locator>>,
     default_start_timeout: Duration,
     /// How long a connection may sit idle, and take to send a request's headers.
     timeouts: conn::Timeouts,
@@ -98,6 +101,7 @@ impl Gateway {
             routes: RwLock::default(),
             auth,
             queue: OnceLock::new(),
+            locator: OnceLock::new(),
             default_start_timeout,
             timeouts,
             metrics: Metrics::default(),
@@ -129,6 +133,26 @@ impl Gateway {
     /// Hands `/queue/...` calls to `handler` from now on. Without one they get 404.
     pub fn set_queue(&self, handler: Arc<dyn QueueHandler>) {
         let _ = self.queue.set(handler);
+    }
+
+    /// Forwards calls for apps this server does not run to the server `locator` names.
+    pub fn set_locator(&self, locator: Arc<dyn forward::Locator>) {
+        let _ = self.locator.set(locator);
+    }
+
+    /// Where to send `request` instead of answering it here: the server that runs its
+    /// app, when that is another (and the call has not been forwarded already).
+    fn elsewhere(&self, request: &Request) -> Option<(forward::Located, &dyn forward::Locator)> {
+        let locator = self.locator.get()?;
+        let path = request.uri().path();
+        let path = path.strip_prefix("/queue").filter(|rest| rest.starts_with('/')).unwrap_or(path);
+        let team_and_app = AppPath::parse(path)?.team_and_app;
+        if self.routes.read().unwrap_or_else(|e| e.into_inner()).contains_key(team_and_app)
+            || forward::was_forwarded(request)
+        {
+            return None;
+        }
+        Some((locator.locate(team_and_app)?, locator.as_ref()))
     }
 
     /// The default start deadline of calls that do not set one.
@@ -385,6 +409,13 @@ pub fn forwarded(name: &HeaderName) -> bool {
 }
 
 async fn call(gateway: Arc<Gateway>, request: Request, secure: bool) -> Response {
+    match gateway.elsewhere(&request) {
+        Some((forward::Located::Elsewhere(owner), locator)) => {
+            return forward::forward(owner.gateway, &owner.server, locator.me(), request).await;
+        }
+        Some((forward::Located::Nowhere, _)) => return forward::nowhere(request.uri().path()),
+        None => {}
+    }
     if request.uri().path().starts_with("/queue/") {
         return match gateway.queue.get() {
             Some(queue) => queue.clone().handle(request, secure).await,

@@ -97,11 +97,16 @@ impl Upstream {
         Ok(upstream)
     }
 
-    /// Waits, driving the connection, until it can take a request.
-    async fn ready(&mut self) -> Result<(), hyper::Error> {
+    /// Waits, driving the connection, until it can take a request. A connection that
+    /// ends meanwhile (its peer closed it while it sat in the pool) never will: it
+    /// would wait for ever, since the ended connection wakes nobody.
+    async fn ready(&mut self) -> Result<(), UpstreamError> {
         poll_fn(|cx| {
             self.drive(cx);
-            self.sender.poll_ready(cx)
+            if self.ended {
+                return Poll::Ready(Err(UpstreamError::Closed));
+            }
+            self.sender.poll_ready(cx).map_err(UpstreamError::from)
         })
         .await
     }
@@ -139,6 +144,8 @@ pub(crate) enum UpstreamError {
     Connect(#[from] std::io::Error),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error("the connection was closed")]
+    Closed,
 }
 
 /// Sends `request` to the runner at `addr` and waits for the head of its answer,

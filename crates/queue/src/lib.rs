@@ -78,6 +78,9 @@ pub struct Queue {
     output: Arc<dyn RunnerOutput>,
     /// The requests this process is working on.
     live: Mutex<HashMap<Uuid, Arc<Live>>>,
+    /// Per app whose requests this process works on: cancelled when it stops (the app
+    /// went to another server), leaving them as they are stored.
+    apps: Mutex<HashMap<Uuid, CancellationToken>>,
     /// For webhooks and cancel signals.
     client: reqwest::Client,
     shutdown: CancellationToken,
@@ -164,6 +167,7 @@ impl Queue {
             config,
             output,
             live: Mutex::default(),
+            apps: Mutex::default(),
             client,
             shutdown,
             tasks: TaskTracker::new(),
@@ -173,24 +177,60 @@ impl Queue {
     /// Picks up where the last run of the server left off: requests it left in
     /// progress go back to the queue, every unfinished request is worked on again, and
     /// undelivered webhooks are sent. Call it once the apps' routes are registered.
-    pub async fn start(self: &Arc<Self>) -> Result<(), store::StoreError> {
-        let requeued = self.store.queue_interrupted("the server stopped during the attempt".to_owned()).await?;
-        if requeued > 0 {
-            tracing::warn!(count = requeued, "queue requests interrupted by a server stop are queued again");
-        }
-        let unfinished = self.store.queue_unfinished().await?;
-        if !unfinished.is_empty() {
-            tracing::info!(count = unfinished.len(), "resuming queue requests");
-        }
-        for request in unfinished {
-            self.spawn_worker(request);
-        }
-        for request in self.store.queue_pending_webhooks().await? {
-            self.spawn_webhook(request.id);
+    ///
+    /// Where servers share the store (`every_app` false), each works on the requests of
+    /// the apps it runs, taking them up with [`adopt`](Self::adopt); this only starts
+    /// the expiry of old results.
+    pub async fn start(self: &Arc<Self>, every_app: bool) -> Result<(), store::StoreError> {
+        if every_app {
+            self.resume(None, "the server stopped during the attempt").await?;
         }
         let queue = self.clone();
         self.tasks.spawn(async move { queue.expire_results().await });
         Ok(())
+    }
+
+    /// Takes up the requests of an app this server has begun to run, after another
+    /// server (or an earlier run of this one) ran it: those left in progress go back to
+    /// the queue, each unfinished one is worked on, undelivered webhooks are sent.
+    pub async fn adopt(self: &Arc<Self>, app_id: Uuid) -> Result<(), store::StoreError> {
+        self.resume(Some(app_id), "the server running the app stopped during the attempt").await
+    }
+
+    /// Stops working on an app's requests (it runs on another server now): their tasks
+    /// end, and the requests stay as they are stored, for that server to take up.
+    pub fn release(&self, app_id: Uuid) {
+        if let Some(token) = self.apps.lock().unwrap_or_else(|e| e.into_inner()).remove(&app_id) {
+            token.cancel();
+        }
+    }
+
+    async fn resume(self: &Arc<Self>, app: Option<Uuid>, why: &str) -> Result<(), store::StoreError> {
+        let requeued = self.store.queue_interrupted(why.to_owned(), app).await?;
+        if requeued > 0 {
+            tracing::warn!(count = requeued, app = ?app, "queue requests interrupted by a server stop are queued again");
+        }
+        let unfinished = self.store.queue_unfinished(app).await?;
+        if !unfinished.is_empty() {
+            tracing::info!(count = unfinished.len(), app = ?app, "resuming queue requests");
+        }
+        for request in unfinished {
+            if self.live(request.id).is_none() {
+                self.spawn_worker(request);
+            }
+        }
+        for request in self.store.queue_pending_webhooks().await? {
+            if app.is_none_or(|a| a == request.app_id) {
+                self.spawn_webhook(request.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancelled when the server stops, or when the app's requests are released.
+    fn stop_token(&self, app_id: Uuid) -> CancellationToken {
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.entry(app_id).or_insert_with(|| self.shutdown.child_token()).clone()
     }
 
     /// Stops every task. Requests in progress stay so in the store and are queued

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use model::records::{QueueOutcome, QueueRequest, QueueResult};
 use store::Completion;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Live, LogEntry, Queue};
 
@@ -38,9 +39,10 @@ impl Queue {
         let live = Live::new();
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(request.id, live.clone());
         let queue = self.clone();
+        let stop = self.stop_token(request.app_id);
         self.tasks.spawn(async move {
             let id = request.id;
-            if let Err(e) = queue.work(request, &live).await {
+            if let Err(e) = queue.work(request, &live, &stop).await {
                 // The store failed; the request stays as it is stored and is picked up
                 // again on the next start.
                 tracing::error!(request = %id, error = %e, "queue request stopped by a store error");
@@ -49,7 +51,12 @@ impl Queue {
         });
     }
 
-    async fn work(self: &Arc<Self>, mut request: QueueRequest, live: &Arc<Live>) -> Result<(), store::StoreError> {
+    async fn work(
+        self: &Arc<Self>,
+        mut request: QueueRequest,
+        live: &Arc<Live>,
+        stop: &CancellationToken,
+    ) -> Result<(), store::StoreError> {
         let deadline = match request.start_deadline {
             Some(at) => {
                 let left = (at - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
@@ -59,12 +66,11 @@ impl Queue {
         };
         loop {
             let Some(route) = self.gateway.route(&request.route) else {
-                let gone = ApiError::new(ErrorCode::AppNotFound, format!("app {} was deleted", request.route));
-                return self.complete(&request, live, failure(gone, None, String::new())).await;
+                return self.route_gone(&request, live).await;
             };
             let acquired = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => return Ok(()),
+                () = stop.cancelled() => return Ok(()),
                 // Cancelled while waiting: the cancel has already completed it.
                 () = live.cancelled.cancelled() => return Ok(()),
                 acquired = route.acquire_waiting(deadline) => acquired,
@@ -79,8 +85,7 @@ impl Queue {
                     return self.complete(&request, live, failure(late, None, String::new())).await;
                 }
                 Err(AcquireError::Gone | AcquireError::NoRevision | AcquireError::Suspended) => {
-                    let gone = ApiError::new(ErrorCode::AppNotFound, format!("app {} was deleted", request.route));
-                    return self.complete(&request, live, failure(gone, None, String::new())).await;
+                    return self.route_gone(&request, live).await;
                 }
             };
             // The runner is known before the start is stored, so that a cancel that
@@ -93,7 +98,7 @@ impl Queue {
             live.log("hangar", format!("started on runner {}", lease.runner));
             live.touch();
             let runner = lease.runner;
-            let attempt = self.attempt(&request, &route, lease, live).await?;
+            let attempt = self.attempt(&request, &route, lease, live, stop).await?;
             {
                 let mut progress = live.progress();
                 progress.runner = None;
@@ -133,14 +138,27 @@ impl Queue {
         }
     }
 
+    /// The app's route is gone. If the app was deleted, the request completes as
+    /// such; if it now runs on another server, the request is left as it is stored,
+    /// for that server to take up.
+    async fn route_gone(self: &Arc<Self>, request: &QueueRequest, live: &Arc<Live>) -> Result<(), store::StoreError> {
+        let name = request.route.split_once('/').map_or(request.route.as_str(), |(_, app)| app);
+        if self.store.app_by_name(request.team_id, name).await?.is_some_and(|app| app.id == request.app_id) {
+            return Ok(());
+        }
+        let gone = ApiError::new(ErrorCode::AppNotFound, format!("app {} was deleted", request.route));
+        self.complete(request, live, failure(gone, None, String::new())).await
+    }
+
     /// Sends the request to the runner of `lease` and reads the whole answer. `None`
-    /// when the server is shutting down.
+    /// when the server is shutting down or the app has gone to another server.
     async fn attempt(
         &self,
         request: &QueueRequest,
         route: &gateway::AppRoute,
         lease: Lease,
         live: &Arc<Live>,
+        stop: &CancellationToken,
     ) -> Result<Option<Attempt>, store::StoreError> {
         let runner = lease.runner;
         let tap = self.output.subscribe(runner).map(|mut lines| {
@@ -202,7 +220,7 @@ impl Queue {
             progress.sent = true;
         }
         let sent = tokio::select! {
-            () = self.shutdown.cancelled() => return Ok(None),
+            () = stop.cancelled() => return Ok(None),
             sent = self.gateway.send(route, runner, &lease.addr, upstream, deadline) => sent,
         };
         let response = match sent {
@@ -212,7 +230,7 @@ impl Queue {
         };
         let (parts, incoming) = response.into_parts();
         let collected = tokio::select! {
-            () = self.shutdown.cancelled() => return Ok(None),
+            () = stop.cancelled() => return Ok(None),
             collected = tokio::time::timeout_at(deadline, Limited::new(incoming, self.config.max_payload).collect()) => collected,
         };
         let body = match collected {

@@ -123,6 +123,11 @@ pub struct ServerArgs {
     /// The Slurm partition runners' jobs go to (the [slurm] section's partition)
     #[arg(long, env = "HANGAR_SLURM_PARTITION")]
     pub slurm_partition: Option<String>,
+    /// Seconds an app's lease lasts where servers share a PostgreSQL store: a server
+    /// that stops renewing it (it died) loses its apps to the others this long after
+    /// its last renewal [default: 10]
+    #[arg(long, env = "HANGAR_LEASE_TTL")]
+    pub lease_ttl: Option<f64>,
 }
 
 /// The config file: the same settings as the flags.
@@ -133,6 +138,7 @@ struct FileConfig {
     api_addr: Option<SocketAddr>,
     gateway_addr: Option<SocketAddr>,
     database_url: Option<String>,
+    lease_ttl: Option<f64>,
     max_upload_bytes: Option<u64>,
     max_unpacked_bytes: Option<u64>,
     build_timeout: Option<u64>,
@@ -344,6 +350,8 @@ pub struct Config {
     pub gpus: Option<Vec<String>>,
     pub runner_backend: RunnerBackendKind,
     pub database: Database,
+    /// How long an app's lease lasts without renewal, where servers share the store.
+    pub lease_ttl: Duration,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -459,6 +467,10 @@ impl Config {
             },
             runner_backend,
             database,
+            lease_ttl: match seconds("lease_ttl", args.lease_ttl.or(file.lease_ttl), 10.0)? {
+                ttl if ttl < Duration::from_millis(500) => bail!("lease_ttl must be at least 0.5 seconds"),
+                ttl => ttl,
+            },
         })
     }
 }

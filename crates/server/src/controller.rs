@@ -177,6 +177,7 @@ impl Controller {
     ) -> anyhow::Result<Controller> {
         let current = match app.current_revision {
             Some(id) => {
+                crate::code::ensure(&shared, id).await?;
                 let revision = shared
                     .store
                     .revision(id)
@@ -398,15 +399,14 @@ impl Controller {
     /// then on the gateway. With `first_runner`, that set-up runner starts serving.
     async fn commit(&mut self, activate: Activate, first_runner: Option<RunnerId>) {
         let Activate { revision, manifest, scaling, auth, history, reply, .. } = activate;
-        let activation =
-            Activation {
-                app_id: self.app.id,
-                revision: revision.id,
-                runner: manifest.runner.clone(),
-                scaling,
-                auth,
-                fence: self.shared.fence(self.app.id),
-            };
+        let activation = Activation {
+            app_id: self.app.id,
+            revision: revision.id,
+            runner: manifest.runner.clone(),
+            scaling,
+            auth,
+            fence: self.shared.fence(self.app.id),
+        };
         if let Err(e) = self.shared.store.activate_revision(activation, history).await {
             tracing::error!(app = %self.app.name, error = %e, "cannot record the new current revision");
             let _ = reply.send(Err(format!("the new revision could not be recorded: {e}")));

@@ -284,6 +284,12 @@ impl Control {
                 .await
                 .map_err(internal)?,
         };
+        // Where servers share the store, the deploy is this server's from here on: it
+        // builds the revision and runs the app (the API sends an app's deploys to the
+        // server that runs it; a new app is run by the server that made it).
+        self.fleet.claim(app.id).await.map_err(|e| {
+            ApiError::new(ErrorCode::Conflict, format!("app {name:?} is run by another server right now: {e:#}"))
+        })?;
         let revision = Revision {
             id,
             app_id: app.id,
@@ -329,9 +335,12 @@ impl DeployJob {
         let id = self.revision.id;
         let outcome = self.build().await;
         let result = match outcome {
-            Ok(BuildOutcome::Succeeded { .. }) => match self.activate().await {
-                Ok(()) => Ok(()),
-                Err(reason) => self.fail(&reason).await,
+            Ok(BuildOutcome::Succeeded { .. }) => match crate::code::publish(&self.fleet.shared, id).await {
+                Err(e) => self.fail(&format!("the built code could not be stored for the other servers: {e:#}")).await,
+                Ok(()) => match self.activate().await {
+                    Ok(()) => Ok(()),
+                    Err(reason) => self.fail(&reason).await,
+                },
             },
             Ok(BuildOutcome::Failed { reason }) => self.fail(&reason).await,
             Ok(BuildOutcome::Cancelled) => self.fail("interrupted").await,

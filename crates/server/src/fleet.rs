@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::controller::{Command, Controller};
 use crate::layout::Layout;
+use crate::owners::{Acquired, Owners};
 use crate::placement::Capacity;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -110,6 +111,15 @@ pub(crate) struct Shared {
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) metrics: FleetMetrics,
     pub(crate) secrets: crate::secrets::SecretBox,
+    /// Which apps this server runs, where servers share the store.
+    pub(crate) owners: Owners,
+}
+
+impl Shared {
+    /// The lease the app's controller writes under (`None` where this server is alone).
+    pub(crate) fn fence(&self, app_id: Uuid) -> Option<store::Fence> {
+        self.owners.fence(app_id)
+    }
 }
 
 /// A running controller, as others reach it.
@@ -117,6 +127,9 @@ pub(crate) struct Shared {
 pub(crate) struct ControllerHandle {
     commands: mpsc::UnboundedSender<Command>,
     pub(crate) view: Arc<Mutex<Vec<RunnerInfo>>>,
+    /// The app's team and name, as the gateway knows its route.
+    team: String,
+    app: String,
 }
 
 impl ControllerHandle {
@@ -137,11 +150,56 @@ pub(crate) struct Fleet {
     closed: std::sync::atomic::AtomicBool,
     /// Apps whose controller could not be loaded, by id: `team/app` and why.
     problems: Mutex<HashMap<Uuid, (String, String)>>,
+    /// The queue, whose requests of an app go wherever the app goes.
+    queue: std::sync::OnceLock<Arc<queue::Queue>>,
+    /// Apps taken over whose queue requests are to be taken up once their route is
+    /// there (a request's task waits in its app's route).
+    adopting: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 impl Fleet {
     pub(crate) fn new(shared: Arc<Shared>) -> Fleet {
-        Fleet { shared, controllers: Mutex::default(), closed: Default::default(), problems: Mutex::default() }
+        Fleet {
+            shared,
+            controllers: Mutex::default(),
+            closed: Default::default(),
+            problems: Mutex::default(),
+            queue: std::sync::OnceLock::new(),
+            adopting: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn set_queue(&self, queue: Arc<queue::Queue>) {
+        let _ = self.queue.set(queue);
+    }
+
+    /// Makes this server the one that runs the app, where servers share the store:
+    /// it takes the app's lease if nobody holds it, and then takes up what the server
+    /// that ran it before left unfinished (its deploys in progress fail as interrupted;
+    /// its queue requests are worked on here once its controller runs). Fails if
+    /// another server runs it.
+    pub(crate) async fn claim(&self, app_id: Uuid) -> anyhow::Result<()> {
+        if self.shared.owners.acquire(app_id).await? == Acquired::Taken {
+            for (revision, _) in self.shared.store.fail_interrupted_deploys(Some(app_id)).await? {
+                tracing::warn!(revision = %revision.id, "deploy was interrupted: the server running it stopped");
+            }
+            self.adopting.lock().unwrap_or_else(|e| e.into_inner()).insert(app_id);
+        }
+        Ok(())
+    }
+
+    /// Stops running an app here (it has gone to another server): its queue requests'
+    /// tasks end, and its runners drain and stop in the background.
+    pub(crate) fn stop(&self, app_id: Uuid) {
+        if let Some(queue) = self.queue.get() {
+            queue.release(app_id);
+        }
+        let handle = self.controllers.lock().unwrap_or_else(|e| e.into_inner()).remove(&app_id);
+        if let Some(handle) = handle {
+            self.shared.gateway.unregister(&handle.team, &handle.app);
+            let (reply, _done) = oneshot::channel();
+            handle.send(Command::Shutdown { reply });
+        }
     }
 
     /// Why the app's controller could not be loaded, if it could not.
@@ -165,6 +223,7 @@ impl Fleet {
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             anyhow::bail!("the server is shutting down");
         }
+        self.claim(app.id).await?;
         let route = AppRoute::new(
             app.team_id,
             app.id,
@@ -191,7 +250,7 @@ impl Fleet {
                 }
             }
         };
-        let handle = ControllerHandle { commands: tx, view };
+        let handle = ControllerHandle { commands: tx, view, team: team.to_owned(), app: app.name.clone() };
         {
             let mut controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(existing) = controllers.get(&app.id) {
@@ -201,6 +260,12 @@ impl Fleet {
         }
         self.shared.gateway.register(team, route);
         tokio::spawn(controller.run(rx));
+        let adopt = self.adopting.lock().unwrap_or_else(|e| e.into_inner()).remove(&app.id);
+        if let (true, Some(queue)) = (adopt, self.queue.get())
+            && let Err(e) = queue.adopt(app.id).await
+        {
+            tracing::error!(app = %app.name, error = %e, "cannot take up the app's queue requests");
+        }
         Ok(handle)
     }
 

@@ -8,6 +8,7 @@
 mod access;
 mod agent;
 mod auth;
+mod code;
 mod config;
 mod control;
 mod controller;
@@ -15,6 +16,7 @@ mod deploy;
 mod fleet;
 mod layout;
 mod operate;
+mod owners;
 mod placement;
 mod secrets;
 #[cfg(test)]
@@ -130,24 +132,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             (Arc::new(jobs), Some(agents))
         }
     };
+    // Where servers share the store, each app runs on one of them at a time.
+    let owners = match &config.database {
+        config::Database::Embedded => owners::Owners::alone(),
+        config::Database::Postgres(_) => {
+            let me = server_id(&layout)?;
+            let owners = owners::Owners::shared(
+                store.clone(),
+                me.clone(),
+                config.lease_ttl,
+                advertised(api_addr),
+                advertised(gateway_addr),
+            );
+            // Leases an earlier run of this server held are given up, to be taken again
+            // (by this run or another server) with a new epoch.
+            owners.retire().await;
+            tracing::info!(server = %me, lease_ttl = ?config.lease_ttl, "store shared with other servers: each app runs on one of them");
+            owners
+        }
+    };
+    let shared_store = owners.is_shared();
     let config = Arc::new(config);
-    let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend, gpus)?;
+    let control = assemble(config.clone(), store.clone(), layout.clone(), sandbox, backend, gpus, owners)?;
     check_secrets(&store, &control.fleet.shared.secrets).await?;
     let gateway = control.fleet.shared.gateway.clone();
     let output = Arc::new(RunnerOutput(control.fleet.shared.backend.clone()));
     recover(&control).await?;
-    start_controllers(&control).await?;
     let own = own_addresses(&[config.api_addr, config.gateway_addr]);
     let queue =
         queue::Queue::new(store, gateway.clone(), queue_config(&config, own), output, control.shutdown.child_token());
-    queue.start().await.context("cannot resume the queue")?;
+    control.fleet.set_queue(queue.clone());
+    let leases = tokio_util::sync::CancellationToken::new();
+    let keeping = if shared_store {
+        // The other servers' apps are theirs: this one takes its share of the free ones
+        // (with their queue requests) as it looks at the leases, starting now.
+        gateway.set_locator(Arc::new(owners::GatewayLocator(control.fleet.clone())));
+        Some(tokio::spawn(owners::keep_leases(control.clone(), leases.clone())))
+    } else {
+        start_controllers(&control).await?;
+        None
+    };
+    queue.start(!shared_store).await.context("cannot resume the queue")?;
     gateway.set_queue(queue.clone());
 
     write_endpoints(&layout, api_addr, gateway_addr, config.tls.is_some())?;
     tracing::info!(api = %api_addr, gateway = %gateway_addr, data_dir = %layout.root().display(), "hangar server listening");
 
     let shutdown = control.shutdown.clone();
-    let mut api_app = api::router::router(control.clone()).merge(dashboard());
+    let mut api_app = api::router::router(control.clone())
+        .layer(axum::middleware::from_fn_with_state(control.clone(), owners::to_owner))
+        .merge(dashboard());
     if let Some(agents) = agents {
         api_app = api_app.merge(agent::routes(agents));
     }
@@ -160,10 +194,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         gateway.clone().serve_threads(gateway_listener.into_std()?, gateway_threads, tls, shutdown.clone());
 
     let signals = tokio::spawn({
-        let shutdown = shutdown.clone();
+        let (shutdown, control) = (shutdown.clone(), control.clone());
         async move {
             wait_for_signal().await;
             tracing::info!("shutting down");
+            if let Some(keeping) = keeping {
+                leases.cancel();
+                let _ = keeping.await;
+                hand_over(&control).await;
+            }
             shutdown.cancel();
         }
     });
@@ -279,6 +318,7 @@ fn assemble(
     sandbox: Arc<supervisor::Sandbox>,
     backend: Arc<dyn supervisor::RunnerBackend>,
     gpus: Arc<supervisor::Gpus>,
+    owners: owners::Owners,
 ) -> anyhow::Result<Arc<Control>> {
     let gateway = gateway::Gateway::new(
         Arc::new(auth::GatewayKeys { store: store.clone() }),
@@ -297,12 +337,48 @@ fn assemble(
         gateway: gateway.clone(),
         metrics: fleet::FleetMetrics::default(),
         secrets: secrets::SecretBox::load(&layout).context("cannot load the secret key")?,
+        owners,
     });
     let mut registry = prometheus_client::registry::Registry::default();
     gateway.metrics.register(&mut registry);
     shared.metrics.register(&mut registry);
     let fleet = Arc::new(fleet::Fleet::new(shared));
     Ok(Arc::new(Control::new(store, config, layout, fleet, registry)))
+}
+
+/// Gives this server's apps to the others before it stops serving: it releases their
+/// leases and keeps serving their calls until another server has taken each (or a few
+/// seconds have passed), so that calls forwarded meanwhile still find runners.
+async fn hand_over(control: &Control) {
+    let owners = &control.fleet.shared.owners;
+    let apps = owners.held();
+    owners.retire().await;
+    if apps.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+    while !owners.all_taken(&apps).await {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!("no other server took every app in time; their leases are free for the next one");
+            return;
+        }
+        tokio::time::sleep(owners.tick() / 2).await;
+    }
+    // The others' gateways learn of the new owners on their next look.
+    tokio::time::sleep(owners.tick()).await;
+}
+
+/// How long a stopping server waits for the others to take its apps.
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// The address other servers reach a listener at: the one it is bound to, or, bound to
+/// every address, the machine's first that is not loopback.
+fn advertised(bound: SocketAddr) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ip = own_addresses(&[bound]).into_iter().find(|ip| !ip.is_loopback()).unwrap_or(bound.ip());
+    SocketAddr::new(ip, bound.port())
 }
 
 fn queue_config(config: &Config, own: Vec<std::net::IpAddr>) -> queue::QueueConfig {
@@ -553,7 +629,13 @@ async fn serve_api(
 /// and artifacts that no revision owns are removed.
 async fn recover(control: &Control) -> anyhow::Result<()> {
     let layout = &control.layout;
-    for (revision, _app) in control.store.fail_interrupted_deploys(None).await? {
+    // Where servers share the store, another server's deploys are its own business: a
+    // server fails those of the apps it takes over, when it takes them.
+    let interrupted = match control.fleet.shared.owners.is_shared() {
+        true => Vec::new(),
+        false => control.store.fail_interrupted_deploys(None).await?,
+    };
+    for (revision, _app) in interrupted {
         tracing::warn!(revision = %revision.id, "deploy was interrupted by a server stop; marked failed");
         supervisor::end_leftover(&layout.build_pid(revision.id), &layout.revision_code(revision.id));
         supervisor::end_leftover_build(&control.fleet.shared.sandbox, &revision.id.to_string());

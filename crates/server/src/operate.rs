@@ -327,6 +327,9 @@ impl Control {
             details.push_str(&format!("; auth {}", auth.as_str()));
         }
         let controller = self.fleet.controller(&app, &caller.team).await.map_err(ApiError::internal)?;
+        crate::code::ensure(&self.fleet.shared, revision.id)
+            .await
+            .map_err(|e| conflict(format!("revision {} cannot run on this server: {e:#}", revision.id)))?;
         let (reply, answer) = oneshot::channel();
         let sent = controller.send(Command::Activate(Box::new(Activate {
             revision: revision.clone(),

@@ -213,8 +213,9 @@ impl Sim {
         let backend = Arc::new(SimBackend { world: world.clone() });
         let sandbox = Arc::new(supervisor::Sandbox::none());
         let gpus = supervisor::Gpus::given(&config.gpus.clone().unwrap_or_default()).expect("the GPUs are valid");
-        let control = crate::assemble(config, store, layout, sandbox, backend, Arc::new(gpus))
-            .expect("the server's parts assemble");
+        let control =
+            crate::assemble(config, store, layout, sandbox, backend, Arc::new(gpus), crate::owners::Owners::alone())
+                .expect("the server's parts assemble");
         let caller = Caller { key_id: "sim".to_owned(), scope: KeyScope::Admin, team_id: team.id, team: team.name };
         Sim { control, world, caller, requests: Vec::new(), route: None, last_target: None, _dir: dir }
     }

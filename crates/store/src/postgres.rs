@@ -22,7 +22,8 @@ use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey, Store
 /// Names compare byte by byte (`COLLATE "C"`) as they do in SQLite, so uniqueness and
 /// the order of lists do not depend on the locale the cluster was created with. The
 /// `seq` columns give rows their insertion order, which SQLite's rowid gives there.
-const MIGRATIONS: &[&str] = &["CREATE TABLE teams (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE teams (
         id TEXT PRIMARY KEY,
         name TEXT COLLATE \"C\" NOT NULL UNIQUE,
         created_at BIGINT NOT NULL
@@ -159,7 +160,8 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE teams (
         part BIGINT NOT NULL,
         bytes BYTEA NOT NULL,
         PRIMARY KEY (revision_id, part)
-    );"];
+    );",
+];
 
 /// The advisory lock that servers starting at once take around migrating, so that one
 /// migrates and the others then find the schema up to date. Any fixed number serves;

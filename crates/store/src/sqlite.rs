@@ -587,8 +587,10 @@ impl Sqlite {
             let mut stmt = tx.prepare(&format!(
                 "SELECT {REVISION_COLUMNS} FROM revisions WHERE status = ?1 AND (?2 IS NULL OR app_id = ?2)"
             ))?;
-            let rows = stmt
-                .query_map(params![RevisionStatus::Deploying.as_str(), app.map(|a| a.to_string())], revision_from_row)?;
+            let rows = stmt.query_map(
+                params![RevisionStatus::Deploying.as_str(), app.map(|a| a.to_string())],
+                revision_from_row,
+            )?;
             rows.map(|r| r?).collect::<Result<_>>()?
         };
         let mut changed = Vec::new();

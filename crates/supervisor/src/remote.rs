@@ -195,8 +195,37 @@ pub fn pack_code(code: &Path, archive: &Path) -> std::io::Result<String> {
     Ok(digest)
 }
 
-/// `sha256:<hex>` of the file at `path`.
-fn file_digest(path: &Path) -> std::io::Result<String> {
+/// Unpacks `archive`, made by [`pack_code`], into `dest`, which must not exist yet:
+/// into a staging directory beside it first, then renamed into place, so that `dest`
+/// is either absent or whole. Files keep their modes, and their owners where this runs
+/// as root. If another unpacking put `dest` there first, that copy is kept. Blocking.
+pub fn unpack_code(archive: &Path, dest: &Path) -> std::io::Result<()> {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staging =
+        dest.with_file_name(format!(".{name}.{}-{}", std::process::id(), hex::encode(rand::random::<[u8; 4]>())));
+    let unpacked = (|| {
+        std::fs::create_dir_all(&staging)?;
+        let mut unpacking = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(archive)?));
+        unpacking.set_preserve_permissions(true);
+        unpacking.set_preserve_ownerships(nix::unistd::geteuid().is_root());
+        unpacking.unpack(&staging)?;
+        std::fs::write(staging.join(".complete"), "")
+    })();
+    if let Err(e) = unpacked {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if std::fs::rename(&staging, dest).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+        if !dest.join(".complete").exists() {
+            return Err(std::io::Error::other(format!("cannot put the code in {}", dest.display())));
+        }
+    }
+    Ok(())
+}
+
+/// `sha256:<hex>` of the file at `path`. Blocking.
+pub fn file_digest(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
@@ -473,34 +502,16 @@ async fn fetch_code(link: &ServerLink, digest: &str, node_dir: &Path) -> Result<
         let _ = std::fs::remove_file(&download);
         return Err(e);
     }
-    let staging = code_root.join(format!(".{hex}.{unique}"));
+    // Another runner of the revision may have put it there first: then its copy is used.
     let unpacked = tokio::task::spawn_blocking({
-        let (download, staging) = (download.clone(), staging.clone());
-        move || -> std::io::Result<()> {
-            std::fs::create_dir_all(&staging)?;
-            let file = std::fs::File::open(&download)?;
-            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-            archive.set_preserve_permissions(true);
-            archive.unpack(&staging)?;
-            std::fs::write(staging.join(".complete"), "")
-        }
+        let (download, dest) = (download.clone(), dest.clone());
+        move || unpack_code(&download, &dest)
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r.map_err(|e| format!("cannot unpack the code: {e}")));
     let _ = std::fs::remove_file(&download);
-    if let Err(e) = unpacked {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
-    }
-    // Another runner of the revision may have put it there first: then its copy is used.
-    if std::fs::rename(&staging, &dest).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-        if !dest.join(".complete").exists() {
-            return Err(format!("cannot put the code in {}", dest.display()));
-        }
-    }
-    Ok(dest)
+    unpacked.map(|()| dest)
 }
 
 /// Streams the code into `path`, hashing it on the way. Returns its digest.

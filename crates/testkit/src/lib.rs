@@ -71,6 +71,42 @@ impl TestServer {
         server
     }
 
+    /// Starts the first of several servers sharing one store: always on a fresh
+    /// PostgreSQL database (of the server `HANGAR_TEST_PG_URL` names). Start the others
+    /// with [`join`](Self::join).
+    pub fn start_shared(bin: &str, extra_args: &[&str]) -> TestServer {
+        let database = fresh_postgres_database();
+        TestServer::start_with(bin, &[&["--database-url", database.as_str()], extra_args].concat())
+    }
+
+    /// Starts another server on this one's PostgreSQL store, with `extra_args`. It
+    /// shares the store's root key and the secret key, as an operator's servers would.
+    pub fn join(&self, extra_args: &[&str]) -> TestServer {
+        let url = self.database_url().expect("only a server on PostgreSQL can share its store").to_owned();
+        let dir = tempfile::Builder::new().prefix("hangar-test-").tempdir().expect("cannot make a temp dir");
+        let mut server = TestServer {
+            bin: self.bin.clone(),
+            dir,
+            extra_args: [&["--database-url", url.as_str()], extra_args]
+                .concat()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            env: self.env.clone(),
+            child: None,
+            api_url: String::new(),
+            gateway_url: String::new(),
+            root_key: String::new(),
+        };
+        std::fs::create_dir_all(server.data_dir()).expect("cannot make the data dir");
+        for file in ["admin.key", "secret.key"] {
+            std::fs::copy(self.data_dir().join(file), server.data_dir().join(file))
+                .unwrap_or_else(|e| panic!("cannot copy {file}: {e}"));
+        }
+        server.spawn().expect("the server did not start");
+        server
+    }
+
     /// The server's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

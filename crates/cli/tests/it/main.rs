@@ -17,6 +17,7 @@ mod queue;
 mod revisions;
 mod sandbox;
 mod scaling;
+mod servers;
 mod slurm;
 mod switching;
 mod tls;

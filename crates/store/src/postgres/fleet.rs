@@ -148,14 +148,16 @@ impl Postgres {
         let rows = self
             .client()
             .await?
-            .query(
-                &format!("SELECT app_id, owner, epoch, expires_at > {NOW_MS} FROM app_leases ORDER BY app_id"),
-                &[],
-            )
+            .query(&format!("SELECT app_id, owner, epoch, expires_at > {NOW_MS} FROM app_leases ORDER BY app_id"), &[])
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(Lease { app_id: uuid(r.try_get(0)?)?, owner: r.try_get(1)?, epoch: r.try_get(2)?, live: r.try_get(3)? })
+                Ok(Lease {
+                    app_id: uuid(r.try_get(0)?)?,
+                    owner: r.try_get(1)?,
+                    epoch: r.try_get(2)?,
+                    live: r.try_get(3)?,
+                })
             })
             .collect()
     }
@@ -196,10 +198,7 @@ impl Postgres {
         let mut file = tokio::fs::File::create(path).await?;
         for part in 0..parts {
             let row = client
-                .query_opt(
-                    "SELECT bytes FROM revision_code_parts WHERE revision_id = $1 AND part = $2",
-                    &[&id, &part],
-                )
+                .query_opt("SELECT bytes FROM revision_code_parts WHERE revision_id = $1 AND part = $2", &[&id, &part])
                 .await?
                 .ok_or_else(|| StoreError::Corrupt(format!("revision {revision}'s code lacks part {part}")))?;
             let bytes: Vec<u8> = row.try_get(0)?;

@@ -48,7 +48,13 @@ impl Sqlite {
             })?;
             rows.map(|row| {
                 let (id, api_url, gateway_url, started, seen) = row?;
-                Ok(ServerRecord { id, api_url, gateway_url, started_at: from_millis(started)?, seen_at: from_millis(seen)? })
+                Ok(ServerRecord {
+                    id,
+                    api_url,
+                    gateway_url,
+                    started_at: from_millis(started)?,
+                    seen_at: from_millis(seen)?,
+                })
             })
             .collect::<Result<Vec<_>>>()?
         };

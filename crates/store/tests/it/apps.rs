@@ -94,8 +94,14 @@ async fn suspending_shows_on_the_app_and_its_current_revision(store: Store) {
     let web = app(&store, "web").await;
     let rev = revision(web.id, RevisionStatus::Deploying, "a");
     store.insert_revision(rev.clone()).await.unwrap();
-    let activation =
-        Activation { app_id: web.id, revision: rev.id, runner: rev.runner.clone(), scaling: None, auth: None, fence: None };
+    let activation = Activation {
+        app_id: web.id,
+        revision: rev.id,
+        runner: rev.runner.clone(),
+        scaling: None,
+        auth: None,
+        fence: None,
+    };
     store.activate_revision(activation, history(web.id, "deploy")).await.unwrap();
 
     store.set_suspended(web.id, true, history(web.id, "suspend")).await.unwrap();

@@ -53,7 +53,10 @@ async fn a_stale_owners_fenced_write_is_refused_and_changes_nothing(store: Store
     store.insert_revision(second.clone()).await.unwrap();
     let epoch = store.take_lease(web.id, "a", SHORT).await.unwrap().unwrap();
     let stale = Fence { owner: "a".to_owned(), epoch };
-    store.activate_revision(activation(web.id, first.id, Some(stale.clone())), history(web.id, "deploy")).await.unwrap();
+    store
+        .activate_revision(activation(web.id, first.id, Some(stale.clone())), history(web.id, "deploy"))
+        .await
+        .unwrap();
 
     until_expired(&store, web.id).await;
     let epoch = store.take_lease(web.id, "b", LONG).await.unwrap().unwrap();
@@ -94,7 +97,10 @@ async fn a_released_lease_is_taken_at_once_and_a_retired_server_frees_all_of_its
 async fn servers_see_each_other_until_one_stops_announcing(store: Store) {
     let servers = store.announce_server("a", "http://127.0.0.1:1", "http://127.0.0.1:2", SHORT).await.unwrap();
     assert_eq!(servers.len(), 1);
-    assert_eq!((servers[0].api_url.as_str(), servers[0].gateway_url.as_str()), ("http://127.0.0.1:1", "http://127.0.0.1:2"));
+    assert_eq!(
+        (servers[0].api_url.as_str(), servers[0].gateway_url.as_str()),
+        ("http://127.0.0.1:1", "http://127.0.0.1:2")
+    );
     let servers = store.announce_server("b", "http://127.0.0.1:3", "http://127.0.0.1:4", SHORT).await.unwrap();
     assert_eq!(servers.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["a", "b"], "oldest first");
     // b keeps announcing; a does not.

@@ -28,8 +28,13 @@ async fn servers_starting_together_migrate_once() {
 
     let (client, connection) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
     tokio::spawn(connection);
-    let versions: Vec<i64> =
-        client.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let versions: Vec<i64> = client
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(versions, [1, 2]);
     drop(client);
     db.drop().await;

@@ -110,7 +110,14 @@ async fn activation_moves_the_alias_and_takes_the_revisions_values(store: Store)
     // Without runtime values or auth, the app keeps its own.
     let next = revision(web.id, RevisionStatus::Deploying, "b");
     store.insert_revision(next.clone()).await.unwrap();
-    let keep = Activation { app_id: web.id, revision: next.id, runner: next.runner.clone(), scaling: None, auth: None, fence: None };
+    let keep = Activation {
+        app_id: web.id,
+        revision: next.id,
+        runner: next.runner.clone(),
+        scaling: None,
+        auth: None,
+        fence: None,
+    };
     store.activate_revision(keep, history(web.id, "deploy")).await.unwrap();
     let after = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
     assert_eq!((after.current_revision, after.scaling, after.auth), (Some(next.id), scaling, AuthMode::Public));
@@ -149,7 +156,8 @@ async fn activation_of_a_revision_whose_app_is_gone_is_a_conflict(store: Store) 
     let rev = revision(web.id, RevisionStatus::Deploying, "a");
     store.insert_revision(rev.clone()).await.unwrap();
     store.delete_app(web.id).await.unwrap();
-    let activation = Activation { app_id: web.id, revision: rev.id, runner: rev.runner, scaling: None, auth: None, fence: None };
+    let activation =
+        Activation { app_id: web.id, revision: rev.id, runner: rev.runner, scaling: None, auth: None, fence: None };
     let err = store.activate_revision(activation, history(web.id, "deploy")).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 }
