@@ -64,6 +64,49 @@ pub fn nowhere(team_and_app: &str) -> Response {
 /// reached is a 503 `owner_unavailable`: it has died, and another server takes its apps
 /// over within the lease time.
 pub async fn forward(to: SocketAddr, server: &str, me: &str, request: Request) -> Response {
+    match try_forward(to, server, me, request).await {
+        Ok(response) => response,
+        Err((_, unavailable)) => unavailable,
+    }
+}
+
+/// [`forward`], but a server that cannot be reached gives the request back (nothing of
+/// it was sent) along with the answer that says so, so that it can be sent elsewhere.
+pub(crate) async fn try_forward(
+    to: SocketAddr,
+    server: &str,
+    me: &str,
+    request: Request,
+) -> Result<Response, (Request, Response)> {
+    let endpoint = netns::Endpoint::host(to);
+    let upstream = match crate::upstream::connect(&endpoint).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::debug!(server, %to, error = %e, "cannot reach the server running an app");
+            return Err((request, unreachable(to, server, &e)));
+        }
+    };
+    Ok(send(upstream, to, server, me, request).await)
+}
+
+fn unreachable(to: SocketAddr, server: &str, e: &dyn std::fmt::Display) -> Response {
+    ApiError::new(
+        ErrorCode::OwnerUnavailable,
+        format!(
+            "server {server} ({to}), which runs this app, does not answer ({e}); another server takes the app over \
+             once its lease runs out"
+        ),
+    )
+    .into_response()
+}
+
+async fn send(
+    upstream: crate::upstream::Upstream,
+    to: SocketAddr,
+    server: &str,
+    me: &str,
+    request: Request,
+) -> Response {
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(uri) = http::Uri::try_from(path) else {
@@ -84,19 +127,11 @@ pub async fn forward(to: SocketAddr, server: &str, me: &str, request: Request) -
     if let Ok(me) = HeaderValue::from_str(me) {
         parts.headers.insert(FORWARDED_HEADER, me);
     }
-    let endpoint = netns::Endpoint::host(to);
-    match crate::upstream::send(&endpoint, http::Request::from_parts(parts, body)).await {
+    match crate::upstream::send_on(upstream, http::Request::from_parts(parts, body)).await {
         Ok(response) => response.map(Body::new),
         Err(e) => {
             tracing::debug!(server, %to, error = %e, "cannot forward a call");
-            ApiError::new(
-                ErrorCode::OwnerUnavailable,
-                format!(
-                    "server {server} ({to}), which runs this app, does not answer ({e}); another server takes \
-                     the app over once its lease runs out"
-                ),
-            )
-            .into_response()
+            unreachable(to, server, &e)
         }
     }
 }

@@ -409,13 +409,10 @@ pub fn forwarded(name: &HeaderName) -> bool {
 }
 
 async fn call(gateway: Arc<Gateway>, request: Request, secure: bool) -> Response {
-    match gateway.elsewhere(&request) {
-        Some((forward::Located::Elsewhere(owner), locator)) => {
-            return forward::forward(owner.gateway, &owner.server, locator.me(), request).await;
-        }
-        Some((forward::Located::Nowhere, _)) => return forward::nowhere(request.uri().path()),
-        None => {}
-    }
+    let request = match relay(&gateway, request).await {
+        Ok(answer) => return answer,
+        Err(here) => here,
+    };
     if request.uri().path().starts_with("/queue/") {
         return match gateway.queue.get() {
             Some(queue) => queue.clone().handle(request, secure).await,
@@ -432,6 +429,40 @@ async fn call(gateway: Arc<Gateway>, request: Request, secure: bool) -> Response
     response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
     response
 }
+
+/// Sends a call for an app that another server runs there. While no server runs the
+/// app (the one that did has died or left, and another is taking it over), or the one
+/// that does cannot be reached, the call waits, within its start deadline, as it would
+/// for a runner to start. Gives the call back when it is this server's to answer.
+async fn relay(gateway: &Gateway, mut request: Request) -> Result<Response, Request> {
+    let Some(first) = gateway.elsewhere(&request) else { return Err(request) };
+    let wait = start_timeout(request.headers(), gateway.default_start_timeout).unwrap_or(gateway.default_start_timeout);
+    let deadline = Instant::now() + wait;
+    let mut located = Some(first);
+    loop {
+        let last = match located {
+            None => return Err(request),
+            Some((forward::Located::Elsewhere(owner), locator)) => {
+                match forward::try_forward(owner.gateway, &owner.server, locator.me(), request).await {
+                    Ok(answer) => return Ok(answer),
+                    Err((back, unavailable)) => {
+                        request = back;
+                        unavailable
+                    }
+                }
+            }
+            Some((forward::Located::Nowhere, _)) => forward::nowhere(request.uri().path()),
+        };
+        if Instant::now() >= deadline {
+            return Ok(last);
+        }
+        tokio::time::sleep(RELAY_RETRY).await;
+        located = gateway.elsewhere(&request);
+    }
+}
+
+/// How often a call waiting for an app's new server looks again.
+const RELAY_RETRY: Duration = Duration::from_millis(25);
 
 /// A call's path, `/{team}/{app}[/rest]`, split where its slashes are. Exactly one
 /// slash comes first: `//team/app` names no app (an empty team), as does any path with an

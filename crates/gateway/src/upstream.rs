@@ -154,7 +154,19 @@ pub(crate) async fn send(
     addr: &Endpoint,
     request: http::Request<Body>,
 ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
-    let mut upstream = Upstream::checkout(addr).await?;
+    send_on(Upstream::checkout(addr).await?, request).await
+}
+
+/// A connection to `addr` ready for a request: an idle one, or a new one.
+pub(crate) async fn connect(addr: &Endpoint) -> Result<Upstream, UpstreamError> {
+    Upstream::checkout(addr).await
+}
+
+/// [`send`] on a connection already made.
+pub(crate) async fn send_on(
+    mut upstream: Upstream,
+    request: http::Request<Body>,
+) -> Result<http::Response<UpstreamBody>, UpstreamError> {
     let mut response = std::pin::pin!(upstream.sender.send_request(request));
     let response = poll_fn(|cx| {
         upstream.drive(cx);

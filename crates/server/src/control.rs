@@ -229,7 +229,7 @@ impl ControlPlane for Control {
         Ok(apps
             .iter()
             .map(|app| {
-                AppJson::new(app, &caller.team, self.fleet.live_runners(app.id, None))
+                AppJson::new(app, &caller.team, self.fleet.runners_anywhere(app.id))
                     .with_problem(self.fleet.problem(app.id))
             })
             .collect())

@@ -278,6 +278,15 @@ impl Fleet {
         self.get(app_id).map(|h| h.runners()).unwrap_or_default()
     }
 
+    /// How many runners the app has, wherever it runs: here, or as the server running it
+    /// last said.
+    pub(crate) fn runners_anywhere(&self, app_id: Uuid) -> u32 {
+        match self.get(app_id) {
+            Some(_) => self.live_runners(app_id, None),
+            None => self.shared.owners.runners_elsewhere(app_id).unwrap_or(0),
+        }
+    }
+
     /// How many runners of the app (of one revision, if given) have not ended.
     pub(crate) fn live_runners(&self, app_id: Uuid, revision: Option<model::ids::RevisionId>) -> u32 {
         let runners = self.runners(app_id);

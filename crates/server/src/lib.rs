@@ -167,6 +167,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // The other servers' apps are theirs: this one takes its share of the free ones
         // (with their queue requests) as it looks at the leases, starting now.
         gateway.set_locator(Arc::new(owners::GatewayLocator(control.fleet.clone())));
+        // One look before listening, so that the apps this server takes at start are
+        // served from its first call, as a lone server's are.
+        owners::look_now(&control).await;
         Some(tokio::spawn(owners::keep_leases(control.clone(), leases.clone())))
     } else {
         start_controllers(&control).await?;

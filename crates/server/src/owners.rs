@@ -41,6 +41,12 @@ struct SharedStore {
     held: Mutex<HashMap<Uuid, Held>>,
     /// The apps this server does not run, by `team/app`.
     elsewhere: RwLock<HashMap<String, Located>>,
+    /// The other servers alive.
+    others: RwLock<Vec<Arc<Elsewhere>>>,
+    /// How many runners the apps that run elsewhere have, as their servers last said.
+    runners_elsewhere: RwLock<HashMap<Uuid, u32>>,
+    /// What this server last published of its own apps' runners.
+    published: Mutex<HashMap<Uuid, u32>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +81,9 @@ impl Owners {
                 gateway,
                 held: Mutex::default(),
                 elsewhere: RwLock::default(),
+                others: RwLock::default(),
+                runners_elsewhere: RwLock::default(),
+                published: Mutex::default(),
             }),
         }
     }
@@ -120,7 +129,7 @@ impl Owners {
     /// Every server alive and every lease, as the store has them now: renews this
     /// server's leases and says which it lost, which apps other servers run, and which
     /// free apps it should take (up to its share).
-    pub(crate) async fn survey(&self, apps: &[(Uuid, String)]) -> anyhow::Result<Survey> {
+    pub(crate) async fn survey(&self, apps: &[(Uuid, String)], running: HashMap<Uuid, u32>) -> anyhow::Result<Survey> {
         let Some(shared) = &self.shared else { return Ok(Survey::default()) };
         let asked = Instant::now();
         let servers = shared
@@ -148,7 +157,19 @@ impl Owners {
                 }
             });
         }
+        let changed: Vec<(Uuid, u32)> = {
+            let mut published = shared.published.lock().unwrap_or_else(|e| e.into_inner());
+            let changed =
+                running.iter().filter(|(app, n)| published.get(*app) != Some(*n)).map(|(a, n)| (*a, *n)).collect();
+            *published = running;
+            changed
+        };
+        if !changed.is_empty() {
+            shared.store.publish_runners(&shared.me, changed).await?;
+        }
         let leases = shared.store.leases().await?;
+        *shared.runners_elsewhere.write().unwrap_or_else(|e| e.into_inner()) =
+            leases.iter().filter(|l| l.live && l.owner != shared.me).map(|l| (l.app_id, l.runners)).collect();
         let by_id: HashMap<&str, &store::ServerRecord> = servers.iter().map(|s| (s.id.as_str(), s)).collect();
         let names: HashMap<Uuid, &str> = apps.iter().map(|(id, name)| (*id, name.as_str())).collect();
         let mut elsewhere = HashMap::new();
@@ -174,6 +195,15 @@ impl Owners {
             }
         }
         *shared.elsewhere.write().unwrap_or_else(|e| e.into_inner()) = elsewhere;
+        let others = servers
+            .iter()
+            .filter(|s| s.id != shared.me)
+            .filter_map(|s| {
+                let (api, gateway) = (address(&s.api_url)?, address(&s.gateway_url)?);
+                Some(Arc::new(Elsewhere { server: s.id.clone(), api, gateway }))
+            })
+            .collect();
+        *shared.others.write().unwrap_or_else(|e| e.into_inner()) = others;
 
         let share = apps.len().div_ceil(servers.len().max(1));
         let mut free: Vec<Uuid> = apps.iter().map(|(id, _)| *id).filter(|id| !owned.contains(id)).collect();
@@ -237,6 +267,17 @@ impl Owners {
         shared.elsewhere.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app).cloned()
     }
 
+    /// How many runners the app has on the server running it, when that is another.
+    pub(crate) fn runners_elsewhere(&self, app_id: Uuid) -> Option<u32> {
+        let shared = self.shared.as_ref()?;
+        shared.runners_elsewhere.read().unwrap_or_else(|e| e.into_inner()).get(&app_id).copied()
+    }
+
+    /// The other servers alive, as last seen.
+    pub(crate) fn others(&self) -> Vec<Arc<Elsewhere>> {
+        self.shared.as_ref().map_or_else(Vec::new, |s| s.others.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     pub(crate) fn me(&self) -> &str {
         self.shared.as_ref().map_or("", |s| s.me.as_str())
     }
@@ -298,13 +339,18 @@ pub(crate) async fn keep_leases(control: Arc<crate::control::Control>, stop: tok
             tracing::warn!(app = %app, "the app's lease could not be renewed in time; it stops here");
             fleet.stop(app);
         }
-        if let Err(e) = look(&control).await {
-            tracing::warn!(error = %format!("{e:#}"), "cannot renew the apps' leases; trying again");
-        }
+        look_now(&control).await;
         tokio::select! {
             () = tokio::time::sleep(owners.tick()) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+/// One look at the store, its failure logged.
+pub(crate) async fn look_now(control: &crate::control::Control) {
+    if let Err(e) = look(control).await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot renew the apps' leases; trying again");
     }
 }
 
@@ -320,7 +366,8 @@ async fn look(control: &crate::control::Control) -> anyhow::Result<()> {
         }
     }
     let names: Vec<(Uuid, String)> = apps.iter().map(|(app, team)| (app.id, format!("{team}/{}", app.name))).collect();
-    let survey = fleet.shared.owners.survey(&names).await?;
+    let running = fleet.shared.owners.held().into_iter().map(|app| (app, fleet.live_runners(app, None))).collect();
+    let survey = fleet.shared.owners.survey(&names, running).await?;
     for app in survey.lost {
         tracing::warn!(app = %app, "another server has taken the app over; it stops here");
         fleet.stop(app);
@@ -353,6 +400,9 @@ pub(crate) async fn to_owner(
     if !owners.is_shared() || gateway::forward::was_forwarded(&request) {
         return next.run(request).await;
     }
+    if request.uri().path().starts_with("/v1/runners/") {
+        return to_runners_server(&control, request, next).await;
+    }
     let Some(name) = app_of(request.uri()).map(str::to_owned) else { return next.run(request).await };
     let (key, team) = {
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -366,6 +416,51 @@ pub(crate) async fn to_owner(
         }
         _ => next.run(request).await,
     }
+}
+
+/// A request about one runner (`/v1/runners/{id}/…`) is answered here if this server
+/// has the runner, else by the other server that has it: each is asked in turn until
+/// one does not answer 404.
+async fn to_runners_server(
+    control: &crate::control::Control,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::body::Body;
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+        return api::error::ApiError::new(
+            api::error::ErrorCode::PayloadTooLarge,
+            "a runner request's body is at most 1 MiB",
+        )
+        .into_response();
+    };
+    // The other servers get the request as it came; this one as axum routed it (with
+    // its path parameters among the extensions).
+    let (method, uri, headers) = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+    let again = |body: Body| {
+        let mut request = axum::http::Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers.clone();
+        request
+    };
+    let here = next.run(axum::http::Request::from_parts(parts, Body::from(body.clone()))).await;
+    if here.status() != axum::http::StatusCode::NOT_FOUND {
+        return here;
+    }
+    let owners = &control.fleet.shared.owners;
+    for other in owners.others() {
+        let there =
+            gateway::forward::forward(other.api, &other.server, owners.me(), again(Body::from(body.clone()))).await;
+        if there.status() != axum::http::StatusCode::NOT_FOUND
+            && there.status() != axum::http::StatusCode::SERVICE_UNAVAILABLE
+        {
+            return there;
+        }
+    }
+    here
 }
 
 /// The app an API request is about: `/v1/apps/{app}[/...]`, or a deploy's `app_name`.

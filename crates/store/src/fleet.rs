@@ -36,6 +36,8 @@ pub struct Lease {
     pub epoch: i64,
     /// Whether it is still in force, by the database's clock.
     pub live: bool,
+    /// How many runners of the app its owner last said it runs.
+    pub runners: u32,
 }
 
 /// The lease a write is made under: it is made only while that lease is the app's and in
@@ -96,6 +98,12 @@ impl Store {
     /// Ends the lease now, if `fence` still holds it; false otherwise.
     pub async fn release_lease(&self, app_id: Uuid, fence: Fence) -> Result<bool> {
         on_backend!(self, [], db => db.release_lease(app_id, &fence))
+    }
+
+    /// Records how many runners `owner` runs of each app it holds, for the other
+    /// servers' listings.
+    pub async fn publish_runners(&self, owner: &str, counts: Vec<(Uuid, u32)>) -> Result<()> {
+        on_backend!(self, [owner], db => db.publish_runners(owner, &counts))
     }
 
     /// Every app's lease.

@@ -148,7 +148,8 @@ const MIGRATIONS: &[&str] = &[
         app_id TEXT PRIMARY KEY REFERENCES apps(id) ON DELETE CASCADE,
         owner TEXT NOT NULL,
         epoch BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL
+        expires_at BIGINT NOT NULL,
+        runners BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE revision_code (
         revision_id TEXT PRIMARY KEY REFERENCES revisions(id) ON DELETE CASCADE,

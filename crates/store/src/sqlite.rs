@@ -149,7 +149,8 @@ const MIGRATIONS: &[M<'static>] = &[
         app_id TEXT PRIMARY KEY REFERENCES apps(id) ON DELETE CASCADE,
         owner TEXT NOT NULL,
         epoch INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL
+        expires_at INTEGER NOT NULL,
+        runners INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE revision_code (
         revision_id TEXT PRIMARY KEY REFERENCES revisions(id) ON DELETE CASCADE,

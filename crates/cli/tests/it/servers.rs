@@ -71,7 +71,7 @@ fn three_servers_take_deploys_calls_and_set_revs_through_any_of_them_with_no_fai
     assert_eq!(current(&a, "web"), v2);
     let report = prober.finish();
     assert_no_failures(&report);
-    assert!(report.ok > 100, "{report:?}");
+    assert!(report.ok > 20, "{report:?}");
 
     // The app runs on one server: every server lists the same runners.
     let listed = |s: &TestServer| {
@@ -85,6 +85,14 @@ fn three_servers_take_deploys_calls_and_set_revs_through_any_of_them_with_no_fai
     assert!(!on_a.is_empty());
     assert_eq!(listed(&b), on_a);
     assert_eq!(listed(&c), on_a);
+    // Listings count its runners on every server, and a runner's log is found through
+    // any of them.
+    wait_until("apps list through C to count the runners", || {
+        let apps = c.run(&["apps", "list", "--json"]).ok().json();
+        (apps[0]["runners"] == on_a.len()).then_some(())
+    });
+    let log = c.run(&["runners", "logs", &on_a[0]]).ok();
+    assert!(log.success(), "{}", log.stderr);
     let history = b.run(&["apps", "history", "web", "--json"]).ok().json();
     let actions: Vec<&str> = history.as_array().unwrap().iter().map(|h| h["action"].as_str().unwrap()).collect();
     assert_eq!(actions.iter().filter(|a| **a == "set_rev").count(), 2, "{actions:?}");
@@ -107,33 +115,23 @@ fn when_the_server_running_an_app_is_killed_another_takes_it_over_within_the_lea
 
     let killed = Instant::now();
     a.kill();
-    // Calls through B fail, with a clear error, only until another server runs the app.
-    let mut first_failure = None;
-    let mut last_failure = None;
-    let mut failures = Vec::new();
-    let recovered = loop {
+    // Calls through B wait while no server runs the app, and are then served by the
+    // server that took it over: none fails. The longest wait is the failover window.
+    let mut longest = Duration::ZERO;
+    let mut served_after = 0;
+    while served_after < 20 {
+        let sent = Instant::now();
         let reply = http.get(&app_url(&b, "web", "/"), None);
-        if reply.status == 200 {
-            if last_failure.is_some_and(|at: Instant| at.elapsed() > Duration::from_secs(2))
-                || (first_failure.is_none() && killed.elapsed() > Duration::from_secs(20))
-            {
-                break last_failure.unwrap_or(killed);
-            }
-        } else {
-            first_failure.get_or_insert(Instant::now());
-            last_failure = Some(Instant::now());
-            failures.push((reply.status, reply.text()));
+        assert_eq!(reply.status, 200, "a call failed {:?} after the kill: {}", killed.elapsed(), reply.text());
+        let took = sent.elapsed();
+        longest = longest.max(took);
+        if longest > Duration::from_secs(1) {
+            served_after += 1;
         }
-        assert!(killed.elapsed() < Duration::from_secs(60), "the app was not taken over: {:?}", failures.last());
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let window = recovered.duration_since(killed);
-    eprintln!("failover window: {:.2} s after the kill ({} calls failed)", window.as_secs_f64(), failures.len());
-    for (status, body) in &failures {
-        assert_eq!(*status, 503, "{body}");
-        assert!(body.contains("owner_unavailable"), "{body}");
+        assert!(killed.elapsed() < Duration::from_secs(60), "the app was not taken over");
     }
-    assert!(window < Duration::from_secs(20), "calls failed for {window:?}");
+    eprintln!("failover window: the longest call after the kill took {:.2} s", longest.as_secs_f64());
+    assert!(longest < Duration::from_secs(20), "a call waited {longest:?}");
     assert_eq!(until_served(&c, "web")["path"], "/");
 
     // Every queue request completes (at least once), whichever server it ended on.

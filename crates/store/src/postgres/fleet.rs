@@ -144,11 +144,28 @@ impl Postgres {
         Ok(released == 1)
     }
 
+    pub(crate) async fn publish_runners(&self, owner: &str, counts: &[(Uuid, u32)]) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        for (app, n) in counts {
+            tx.execute(
+                "UPDATE app_leases SET runners = $3 WHERE app_id = $1 AND owner = $2",
+                &[&app.to_string(), &owner, &i64::from(*n)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub(crate) async fn leases(&self) -> Result<Vec<Lease>> {
         let rows = self
             .client()
             .await?
-            .query(&format!("SELECT app_id, owner, epoch, expires_at > {NOW_MS} FROM app_leases ORDER BY app_id"), &[])
+            .query(
+                &format!("SELECT app_id, owner, epoch, expires_at > {NOW_MS}, runners FROM app_leases ORDER BY app_id"),
+                &[],
+            )
             .await?;
         rows.iter()
             .map(|r| {
@@ -157,6 +174,7 @@ impl Postgres {
                     owner: r.try_get(1)?,
                     epoch: r.try_get(2)?,
                     live: r.try_get(3)?,
+                    runners: u32::try_from(r.try_get::<_, i64>(4)?).unwrap_or(0),
                 })
             })
             .collect()

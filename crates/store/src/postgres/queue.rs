@@ -88,8 +88,11 @@ impl Postgres {
         let at = millis(now());
         let started = tx
             .query_opt(
+                // A row another transaction holds (a cancel deciding, or a second
+                // start) is skipped, not waited for: that one decides the request.
                 "UPDATE queue_requests SET state = $2, runner_id = $3, started_at = COALESCE(started_at, $4)
-                 WHERE id = $1 AND state = $5 RETURNING seq",
+                 WHERE seq = (SELECT seq FROM queue_requests WHERE id = $1 AND state = $5 FOR UPDATE SKIP LOCKED)
+                 RETURNING seq",
                 &[
                     &id.to_string(),
                     &QueueState::InProgress.as_str(),

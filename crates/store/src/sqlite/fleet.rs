@@ -110,15 +110,35 @@ impl Sqlite {
         Ok(released == 1)
     }
 
+    pub(crate) fn publish_runners(&self, owner: &str, counts: &[(Uuid, u32)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (app, n) in counts {
+            tx.execute(
+                "UPDATE app_leases SET runners = ?3 WHERE app_id = ?1 AND owner = ?2",
+                params![app.to_string(), owner, n],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub(crate) fn leases(&self) -> Result<Vec<Lease>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT app_id, owner, epoch, expires_at > ?1 FROM app_leases ORDER BY app_id")?;
+        let mut stmt =
+            conn.prepare("SELECT app_id, owner, epoch, expires_at > ?1, runners FROM app_leases ORDER BY app_id")?;
         let rows = stmt.query_map([millis(now())], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
         })?;
         rows.map(|row| {
-            let (app, owner, epoch, live) = row?;
-            Ok(Lease { app_id: uuid(app)?, owner, epoch, live })
+            let (app, owner, epoch, live, runners) = row?;
+            Ok(Lease { app_id: uuid(app)?, owner, epoch, live, runners: u32::try_from(runners).unwrap_or(0) })
         })
         .collect()
     }
