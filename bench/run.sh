@@ -2,6 +2,8 @@
 # hangar's benchmarks: builds in release mode, finds or installs what it measures against
 # (nginx from Debian, oha from crates.io, matplotlib for the plot), runs every
 # benchmark against the real server, and writes BENCHMARKS.md and docs/benchmarks.png.
+# P6 starts a private PostgreSQL cluster (scripts/pg/cluster.sh installs Debian's
+# postgresql when it is missing).
 # Extra flags go to the benchmark (e.g. --rounds 1 --seconds 2 for a quick look).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +33,8 @@ fi
 cargo build --release --locked -p cli -p testkit -p bench --bins
 target/release/hangar-bench --hangar target/release/hangar --oha "$oha" --nginx "$nginx" \
   --out BENCHMARKS.md --json target/bench/results.json "$@"
+# --p5-only, --slurm-only and --stores-only print their figures and write nothing to plot.
+for arg in "$@"; do
+  case $arg in --p5-only | --slurm-only | --stores-only) exit 0 ;; esac
+done
 "$venv/bin/python" bench/plot.py target/bench/results.json docs/benchmarks.png

@@ -6,17 +6,22 @@
 //! - P2 ([`cold`]): what a cold start costs beyond the app's own start;
 //! - P3 and P4 ([`switching`]): how long switching revisions takes, and what deploys,
 //!   set-revs and rollouts do to calls flowing meanwhile;
-//! - P5 ([`listing`]): listing 10,000 revisions, and the wall time of CLI commands.
+//! - P5 ([`listing`]): listing 10,000 revisions, and the wall time of CLI commands;
+//! - P6 ([`stores`]): the store on PostgreSQL against SQLite: listing, deploys and queue
+//!   submissions through the real server on each.
 //!
 //! Every figure is set against a baseline measured in the same run, because this
 //! machine is shared and absolute figures drift. `bench/run.sh` builds everything in
-//! release mode, finds or installs nginx and oha, runs this, and plots the result.
+//! release mode, finds or installs nginx and oha, runs this, and plots the result. P6
+//! starts a private PostgreSQL cluster (`scripts/pg/cluster.sh`, which installs Debian's
+//! postgresql when it is missing).
 
 mod cold;
 mod listing;
 mod proxies;
 mod report;
 mod stats;
+mod stores;
 mod switching;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +31,8 @@ use clap::Parser;
 use testkit::{AppDir, TestServer};
 
 /// Measures hangar against a runner called directly and through nginx, cold starts,
-/// switching revisions under load and listing many revisions; writes BENCHMARKS.md.
+/// switching revisions under load, listing many revisions and the store on PostgreSQL
+/// against SQLite; writes BENCHMARKS.md.
 #[derive(Parser)]
 #[command(name = "hangar-bench")]
 struct Args {
@@ -61,6 +67,10 @@ struct Args {
     /// print the figures and write nothing (`--cold-starts` of each).
     #[arg(long)]
     slurm_only: bool,
+    /// Only measure the store on PostgreSQL against SQLite (P6), print the figures and
+    /// write nothing (`--rounds` rounds of `--seconds` s of each load).
+    #[arg(long)]
+    stores_only: bool,
 }
 
 /// Cold starts through Slurm against local ones, in one run.
@@ -96,6 +106,14 @@ fn p5_only(hangar: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store on PostgreSQL against SQLite alone.
+fn stores_only(hangar: &str, rounds: u32, seconds: u32) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let p6 = runtime.block_on(stores::stores(hangar, &testkit::testapp_bin(hangar), rounds, seconds))?;
+    print!("{}", report::stores_table(&p6));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let hangar = std::fs::canonicalize(&args.hangar).with_context(|| format!("no hangar binary at {}", args.hangar))?;
@@ -105,6 +123,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.slurm_only {
         return slurm_only(&hangar, args.cold_starts);
+    }
+    if args.stores_only {
+        return stores_only(&hangar, args.rounds, args.seconds);
     }
     let testapp = testkit::testapp_bin(&hangar);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -128,8 +149,10 @@ fn main() -> anyhow::Result<()> {
     drop(server);
     eprintln!("P5: {} revisions", listing::REVISIONS);
     let p5 = runtime.block_on(listing::listing(&hangar, &testapp))?;
+    eprintln!("P6: the store on PostgreSQL against SQLite");
+    let p6 = runtime.block_on(stores::stores(&hangar, &testapp, args.rounds, args.seconds))?;
 
-    let results = report::Results { machine, p1, p2, p34, p5 };
+    let results = report::Results { machine, p1, p2, p34, p5, p6 };
     let markdown = report::markdown(&results);
     print!("{markdown}");
     std::fs::write(&args.out, markdown).with_context(|| format!("cannot write {}", args.out.display()))?;

@@ -10,6 +10,7 @@ use crate::cold::Cold;
 use crate::listing::Listing;
 use crate::proxies::{CONNECTIONS, FIXED_RATE, Proxies};
 use crate::stats::{ms, ms_f};
+use crate::stores::{self, Stores};
 use crate::switching::{RATE, Switching};
 
 pub(crate) struct Results {
@@ -18,6 +19,7 @@ pub(crate) struct Results {
     pub(crate) p2: Cold,
     pub(crate) p34: Switching,
     pub(crate) p5: Listing,
+    pub(crate) p6: Stores,
 }
 
 /// What the figures were measured on and with.
@@ -253,13 +255,90 @@ pub(crate) fn markdown(r: &Results) -> String {
         c99 = ms(l.cli_list.p99),
         cv = verdict(l.cli_list.p50.as_secs_f64() <= 0.050),
     ));
+    out.push_str(&stores_table(&r.p6));
     out.push('\n');
     out.push_str(include_str!("../FIXES.md"));
     out
 }
 
+/// The P6 section: the store on PostgreSQL against SQLite. `--stores-only` prints it.
+pub(crate) fn stores_table(p: &Stores) -> String {
+    let (q, g) = (&p.sqlite, &p.postgres);
+    let mut out = format!(
+        "\n## P6: the store on PostgreSQL against SQLite\n\n\
+         Two servers side by side, one on the embedded SQLite store (the default) and one on a\n\
+         database of a private PostgreSQL {version} cluster on the same machine\n\
+         (`scripts/pg/cluster.sh`, reached over TCP on 127.0.0.1), measured in turns through the\n\
+         API and the gateway as a user would. Both sync every commit to disk: SQLite in WAL mode\n\
+         with `synchronous = FULL` (hangar's setting), PostgreSQL with its defaults (`fsync`,\n\
+         `synchronous_commit` and `full_page_writes` on, which the test cluster turns off and\n\
+         the benchmark turns back on). Load generator, both servers, their runners and PostgreSQL\n\
+         share the {cores} cores, so read the ratios. `bench/run.sh --stores-only` prints this\n\
+         section; the full `bench/run.sh` writes it here.\n\n\
+         - list-rev: `GET /v1/apps/many/revisions` (the newest 100 of {revisions} revisions, written\n  \
+           with the store's own `insert_revision` while the server was stopped), to the last byte,\n  \
+           from {list_clients} clients at once, each one call after the other; {rounds} rounds of {secs} s on each store.\n\
+         - deploy: a small app deployed with `--strategy recreate` (a new revision each time; recreate\n  \
+           starts no runner), {deploys} times on each store, alternating, through the API as `hangar deploy`\n  \
+           makes it: from the upload until the revision is deployed, asked every 2 ms (the CLI\n  \
+           asks every 250 ms, which would round most deploys up to a quarter of a second).\n\
+         - queue submit: `POST /queue/default/queued` of a public app from {queue_clients} clients at once,\n  \
+           {rounds} rounds of {secs} s on each store. A submission is acknowledged (202) only once it is\n  \
+           stored. The app's one runner (`max_multiplexing = 64`) answers at once and takes every\n  \
+           request, so that the backlog stays short (each submission counts the requests ahead of\n  \
+           it) and every request is also started and completed in the store while submissions go\n  \
+           on: the queue's whole write path, not the insert alone. Completed/s runs from a round's\n  \
+           first submission until its last request is completed.\n\n\
+         | | SQLite | PostgreSQL | PostgreSQL ÷ SQLite |\n|---|---|---|---|\n",
+        version = p.postgres_version,
+        cores = p.cores,
+        revisions = stores::REVISIONS,
+        list_clients = stores::LIST_CLIENTS,
+        rounds = p.rounds,
+        secs = p.seconds,
+        deploys = stores::DEPLOYS,
+        queue_clients = stores::QUEUE_CLIENTS,
+    );
+    let rate = |name: &str, q: f64, g: f64, digits: usize| {
+        format!("| {name} | {q:.digits$} | {g:.digits$} | **{:.2}** |\n", Stores::ratio(g, q))
+    };
+    let time = |name: &str, q: Duration, g: Duration| {
+        format!("| {name} | {} | {} | **{:.2}** |\n", ms(q), ms(g), Stores::ratio(g.as_secs_f64(), q.as_secs_f64()))
+    };
+    out.push_str(&rate("list-rev: calls/s", q.list.per_s, g.list.per_s, 0));
+    out.push_str(&time("list-rev: p50", q.list.latency.p50, g.list.latency.p50));
+    out.push_str(&time("list-rev: p99", q.list.latency.p99, g.list.latency.p99));
+    out.push_str(&rate("deploy: deploys/s", q.deploys_per_s, g.deploys_per_s, 1));
+    out.push_str(&time("deploy: p50", q.deploy.p50, g.deploy.p50));
+    out.push_str(&time("deploy: p99", q.deploy.p99, g.deploy.p99));
+    out.push_str(&rate("queue submit: acknowledged/s", q.submit.per_s, g.submit.per_s, 0));
+    out.push_str(&time("queue submit: p50", q.submit.latency.p50, g.submit.latency.p50));
+    out.push_str(&time("queue submit: p99", q.submit.latency.p99, g.submit.latency.p99));
+    out.push_str(&rate("queue: completed/s", q.completed_per_s, g.completed_per_s, 0));
+    out.push_str(&format!(
+        "\nCalls: list-rev {} on SQLite, {} on PostgreSQL; queue submissions {} and {}. The most\n\
+         requests still waiting when a round of submissions ended: {} on SQLite, {} on PostgreSQL.\n",
+        q.list.calls, g.list.calls, q.submit.calls, g.submit.calls, q.backlog, g.backlog,
+    ));
+    out
+}
+
 /// The figures as JSON, for the plot.
 pub(crate) fn json(r: &Results) -> Value {
+    let p6: Vec<Value> = [("sqlite", &r.p6.sqlite), ("postgres", &r.p6.postgres)]
+        .iter()
+        .map(|(name, b)| {
+            json!({
+                "store": name,
+                "list_rev_per_s": b.list.per_s, "list_rev_p50_ms": ms_f(b.list.latency.p50),
+                "list_rev_p99_ms": ms_f(b.list.latency.p99),
+                "deploy_p50_ms": ms_f(b.deploy.p50), "deploy_p99_ms": ms_f(b.deploy.p99),
+                "deploys_per_s": b.deploys_per_s,
+                "submit_per_s": b.submit.per_s, "submit_p50_ms": ms_f(b.submit.latency.p50),
+                "submit_p99_ms": ms_f(b.submit.latency.p99), "completed_per_s": b.completed_per_s,
+            })
+        })
+        .collect();
     json!({
         "p1": r.p1.figures.iter().map(|f| json!({
             "name": f.name, "max_rps": f.max_rps, "p50_ms": ms_f(f.p50), "p99_ms": ms_f(f.p99),
@@ -273,5 +352,6 @@ pub(crate) fn json(r: &Results) -> Value {
         "p2_overhead_ms": ms_f(r.p2.overhead()),
         "p2_sandbox_cost_ms": ms_f(r.p2.sandbox_cost()),
         "p5_api_p50_ms": ms_f(r.p5.api.p50),
+        "p6": p6,
     })
 }
