@@ -17,6 +17,7 @@
 //! postgresql when it is missing).
 
 mod cold;
+mod failover;
 mod listing;
 mod proxies;
 mod report;
@@ -71,6 +72,10 @@ struct Args {
     /// write nothing (`--rounds` rounds of `--seconds` s of each load).
     #[arg(long)]
     stores_only: bool,
+    /// Only measure the failover window of servers sharing a store (P7), print the
+    /// figures and write nothing (`--rounds` kills per lease time).
+    #[arg(long)]
+    failover_only: bool,
 }
 
 /// Cold starts through Slurm against local ones, in one run.
@@ -127,6 +132,11 @@ fn main() -> anyhow::Result<()> {
     if args.stores_only {
         return stores_only(&hangar, args.rounds, args.seconds);
     }
+    if args.failover_only {
+        let p7 = failover::failover(&hangar, &testkit::testapp_bin(&hangar), args.rounds)?;
+        print!("{}", report::failover_table(&p7));
+        return Ok(());
+    }
     let testapp = testkit::testapp_bin(&hangar);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let machine = report::Machine::describe(&args.oha, &args.nginx);
@@ -152,7 +162,10 @@ fn main() -> anyhow::Result<()> {
     eprintln!("P6: the store on PostgreSQL against SQLite");
     let p6 = runtime.block_on(stores::stores(&hangar, &testapp, args.rounds, args.seconds))?;
 
-    let results = report::Results { machine, p1, p2, p34, p5, p6 };
+    eprintln!("P7: the failover window of servers sharing a store");
+    let p7 = failover::failover(&hangar, &testapp, args.rounds)?;
+
+    let results = report::Results { machine, p1, p2, p34, p5, p6, p7 };
     let markdown = report::markdown(&results);
     print!("{markdown}");
     std::fs::write(&args.out, markdown).with_context(|| format!("cannot write {}", args.out.display()))?;

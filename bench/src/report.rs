@@ -20,6 +20,7 @@ pub(crate) struct Results {
     pub(crate) p34: Switching,
     pub(crate) p5: Listing,
     pub(crate) p6: Stores,
+    pub(crate) p7: Vec<crate::failover::Failover>,
 }
 
 /// What the figures were measured on and with.
@@ -256,6 +257,7 @@ pub(crate) fn markdown(r: &Results) -> String {
         cv = verdict(l.cli_list.p50.as_secs_f64() <= 0.050),
     ));
     out.push_str(&stores_table(&r.p6));
+    out.push_str(&failover_table(&r.p7));
     out.push('\n');
     out.push_str(include_str!("../FIXES.md"));
     out
@@ -323,6 +325,37 @@ pub(crate) fn stores_table(p: &Stores) -> String {
     out
 }
 
+/// The P7 section: the failover window. `--failover-only` prints it.
+pub(crate) fn failover_table(p: &[crate::failover::Failover]) -> String {
+    let mut out = String::from(
+        "\n## P7: failover of servers sharing a PostgreSQL store\n\n\
+         Three servers on one database of a private PostgreSQL cluster; an app made through the\n\
+         first runs there with one runner kept up; calls go through the second, one after\n\
+         another; the first is killed (SIGKILL). Calls wait while no server runs the app and\n\
+         are then served by the one that took it over, so the longest call after the kill is\n\
+         the window. Fresh servers each round (`bench/run.sh --failover-only` prints this).\n\n\
+         | `--lease-ttl` | rounds | window: each | longest | failed calls |\n|---|---|---|---|---|\n",
+    );
+    for f in p {
+        let each: Vec<String> = f.windows.iter().map(|w| format!("{:.2} s", w.as_secs_f64())).collect();
+        let longest = f.windows.iter().max().copied().unwrap_or_default();
+        out.push_str(&format!(
+            "| {} s | {} | {} | **{:.2} s** | {} |\n",
+            f.ttl_s,
+            f.windows.len(),
+            each.join(", "),
+            longest.as_secs_f64(),
+            f.failed
+        ));
+    }
+    out.push_str(
+        "\nThe window is what was left of the dead server's lease since its last renewal (by the\n\
+         database's clock), up to a tenth of the lease time until another server looks, and the\n\
+         new runner's start. No call failed: they waited within their start deadline.\n",
+    );
+    out
+}
+
 /// The figures as JSON, for the plot.
 pub(crate) fn json(r: &Results) -> Value {
     let p6: Vec<Value> = [("sqlite", &r.p6.sqlite), ("postgres", &r.p6.postgres)]
@@ -353,5 +386,10 @@ pub(crate) fn json(r: &Results) -> Value {
         "p2_sandbox_cost_ms": ms_f(r.p2.sandbox_cost()),
         "p5_api_p50_ms": ms_f(r.p5.api.p50),
         "p6": p6,
+        "p7": r.p7.iter().map(|f| json!({
+            "lease_ttl_s": f.ttl_s,
+            "windows_s": f.windows.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+            "failed": f.failed,
+        })).collect::<Vec<_>>(),
     })
 }

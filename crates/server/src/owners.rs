@@ -414,7 +414,12 @@ pub(crate) async fn to_owner(
         Some(Located::Elsewhere(owner)) => {
             gateway::forward::forward(owner.api, &owner.server, owners.me(), request).await
         }
-        _ => next.run(request).await,
+        _ => {
+            // Answered here: the router need not check the key again.
+            let mut request = request;
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
     }
 }
 
