@@ -335,13 +335,17 @@ impl DeployJob {
         let id = self.revision.id;
         let outcome = self.build().await;
         let result = match outcome {
-            Ok(BuildOutcome::Succeeded { .. }) => match crate::code::publish(&self.fleet.shared, id).await {
-                Err(e) => self.fail(&format!("the built code could not be stored for the other servers: {e:#}")).await,
-                Ok(()) => match self.activate().await {
-                    Ok(()) => Ok(()),
-                    Err(reason) => self.fail(&reason).await,
-                },
-            },
+            Ok(BuildOutcome::Succeeded { .. }) => {
+                match crate::code::publish(&self.fleet.shared, id, &self.revision.artifact).await {
+                    Err(e) => {
+                        self.fail(&format!("the built code could not be stored for the other servers: {e:#}")).await
+                    }
+                    Ok(()) => match self.activate().await {
+                        Ok(()) => Ok(()),
+                        Err(reason) => self.fail(&reason).await,
+                    },
+                }
+            }
             Ok(BuildOutcome::Failed { reason }) => self.fail(&reason).await,
             Ok(BuildOutcome::Cancelled) => self.fail("interrupted").await,
             Err(e) => self.fail(&format!("the build could not be run: {e}")).await,

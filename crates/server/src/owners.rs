@@ -334,14 +334,30 @@ impl Owners {
 pub(crate) async fn keep_leases(control: Arc<crate::control::Control>, stop: tokio_util::sync::CancellationToken) {
     let fleet = &control.fleet;
     let owners = &fleet.shared.owners;
+    // Released leases are announced (LISTEN/NOTIFY), so that their apps are taken at
+    // once; the tick is the fallback, and the only way where the listening fails.
+    let mut changes = match control.store.listen_leases().await {
+        Ok(changes) => Some(changes),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for released leases; looking every tick");
+            None
+        }
+    };
     loop {
         for app in owners.expired() {
             tracing::warn!(app = %app, "the app's lease could not be renewed in time; it stops here");
             fleet.stop(app);
         }
         look_now(&control).await;
+        let announced = async {
+            match changes.as_mut() {
+                Some(changes) => changes.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep(owners.tick()) => {}
+            released = announced => tracing::debug!(released, "leases released; looking now"),
             () = stop.cancelled() => return,
         }
     }

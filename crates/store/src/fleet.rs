@@ -48,7 +48,45 @@ pub struct Fence {
     pub epoch: i64,
 }
 
-/// Parts a revision's code is stored in, at most this many bytes each.
+/// Announcements that leases were released (a server left, or gave an app up), for the
+/// other servers to look at once rather than at their next tick. Only PostgreSQL has
+/// them (LISTEN/NOTIFY); elsewhere [`next`](Self::next) never returns.
+pub struct LeaseChanges {
+    pub(crate) changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// The listening connection's client: the connection ends when it is dropped.
+    pub(crate) _client: Option<tokio_postgres::Client>,
+}
+
+impl LeaseChanges {
+    /// The next announcement (what was released: a server's or an app's id). Pending
+    /// for ever once the listening connection has ended: polling takes over then.
+    pub async fn next(&mut self) -> String {
+        match self.changes.recv().await {
+            Some(change) => change,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The files of a revision the store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevisionFile {
+    /// Its built files, packed (`supervisor::remote::pack_code`).
+    Code,
+    /// The archive it was deployed from.
+    Upload,
+}
+
+impl RevisionFile {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RevisionFile::Code => "code",
+            RevisionFile::Upload => "upload",
+        }
+    }
+}
+
+/// Parts a revision's files are stored in, at most this many bytes each.
 pub(crate) const CODE_PART: usize = 1 << 20;
 
 /// Milliseconds of a lease's time to live.
@@ -106,20 +144,38 @@ impl Store {
         on_backend!(self, [owner], db => db.publish_runners(owner, &counts))
     }
 
+    /// Listens for leases being released (PostgreSQL's LISTEN/NOTIFY, on a connection
+    /// of its own).
+    pub async fn listen_leases(&self) -> Result<LeaseChanges> {
+        match &*self.backend {
+            Backend::Sqlite(_) => {
+                let (_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+                Ok(LeaseChanges { changes, _client: None })
+            }
+            Backend::Postgres(db) => db.listen_leases().await,
+        }
+    }
+
     /// Every app's lease.
     pub async fn leases(&self) -> Result<Vec<Lease>> {
         on_backend!(self, [], db => db.leases())
     }
 
-    /// Stores the file at `path`, the revision's built code, with its digest (replacing
-    /// what was stored for it before). It goes with the revision.
-    pub async fn put_revision_code(&self, revision: RevisionId, digest: &str, path: &Path) -> Result<()> {
-        on_backend!(self, [digest, path], db => db.put_revision_code(revision, digest, path))
+    /// Stores the file at `path`, the revision's built code or its upload, with its
+    /// digest (replacing what was stored for it before). It goes with the revision.
+    pub async fn put_revision_file(
+        &self,
+        revision: RevisionId,
+        kind: RevisionFile,
+        digest: &str,
+        path: &Path,
+    ) -> Result<()> {
+        on_backend!(self, [digest, path], db => db.put_revision_file(revision, kind, digest, path))
     }
 
-    /// Writes the revision's stored code to `path` and returns its digest as stored;
-    /// `None` (and no file) if none is stored.
-    pub async fn revision_code(&self, revision: RevisionId, path: &Path) -> Result<Option<String>> {
-        on_backend!(self, [path], db => db.revision_code(revision, path))
+    /// Writes the revision's stored file of `kind` to `path` and returns its digest as
+    /// stored; `None` (and no file) if none is stored.
+    pub async fn revision_file(&self, revision: RevisionId, kind: RevisionFile, path: &Path) -> Result<Option<String>> {
+        on_backend!(self, [path], db => db.revision_file(revision, kind, path))
     }
 }

@@ -45,7 +45,7 @@ use model::records::{App, HistoryEntry, Key, Revision, Team};
 use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
 
-pub use fleet::{Fence, Lease, ServerRecord};
+pub use fleet::{Fence, Lease, LeaseChanges, RevisionFile, ServerRecord};
 pub use queue::{CancelOutcome, Completion, NewQueueRequest, QueuePayload};
 
 #[derive(Debug, thiserror::Error)]

@@ -136,7 +136,7 @@ const MIGRATIONS: &[&str] = &[
         outcome TEXT,
         PRIMARY KEY (request_seq, n)
     );",
-    // Servers sharing the store, the lease on each app's controller, revisions' built code.
+    // Servers sharing the store, the lease on each app's controller, revisions' built code and upload.
     "CREATE TABLE servers (
         id TEXT PRIMARY KEY,
         api_url TEXT NOT NULL,
@@ -151,16 +151,20 @@ const MIGRATIONS: &[&str] = &[
         expires_at BIGINT NOT NULL,
         runners BIGINT NOT NULL DEFAULT 0
     );
-    CREATE TABLE revision_code (
-        revision_id TEXT PRIMARY KEY REFERENCES revisions(id) ON DELETE CASCADE,
+    CREATE TABLE revision_files (
+        revision_id TEXT NOT NULL REFERENCES revisions(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
         digest TEXT NOT NULL,
-        parts BIGINT NOT NULL
+        parts BIGINT NOT NULL,
+        PRIMARY KEY (revision_id, kind)
     );
-    CREATE TABLE revision_code_parts (
-        revision_id TEXT NOT NULL REFERENCES revision_code(revision_id) ON DELETE CASCADE,
+    CREATE TABLE revision_file_parts (
+        revision_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
         part BIGINT NOT NULL,
         bytes BYTEA NOT NULL,
-        PRIMARY KEY (revision_id, part)
+        PRIMARY KEY (revision_id, kind, part),
+        FOREIGN KEY (revision_id, kind) REFERENCES revision_files(revision_id, kind) ON DELETE CASCADE
     );",
 ];
 
@@ -186,6 +190,8 @@ const KEY_COLUMNS: &str = "id, team_id, scope, description, created_at, revoked_
 
 pub(crate) struct Postgres {
     pool: Pool,
+    /// How to connect, for a connection of its own that listens for notifications.
+    config: Box<tokio_postgres::Config>,
 }
 
 impl Postgres {
@@ -195,12 +201,13 @@ impl Postgres {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .build()
             .map_err(|e| StoreError::Postgres(format!("cannot build the connection pool: {e}")))?;
-        let db = Postgres { pool };
+        let db = Postgres { pool, config: Box::new(config) };
         db.migrate().await?;
         Ok(db)
     }

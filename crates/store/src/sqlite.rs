@@ -136,7 +136,7 @@ const MIGRATIONS: &[M<'static>] = &[
         "ALTER TABLE apps ADD COLUMN num_gpus INTEGER;
     ALTER TABLE revisions ADD COLUMN num_gpus INTEGER;",
     ),
-    // Servers sharing the store, the lease on each app's controller, revisions' built code.
+    // Servers sharing the store, the lease on each app's controller, revisions' built code and upload.
     M::up(
         "CREATE TABLE servers (
         id TEXT PRIMARY KEY,
@@ -152,16 +152,20 @@ const MIGRATIONS: &[M<'static>] = &[
         expires_at INTEGER NOT NULL,
         runners INTEGER NOT NULL DEFAULT 0
     );
-    CREATE TABLE revision_code (
-        revision_id TEXT PRIMARY KEY REFERENCES revisions(id) ON DELETE CASCADE,
+    CREATE TABLE revision_files (
+        revision_id TEXT NOT NULL REFERENCES revisions(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
         digest TEXT NOT NULL,
-        parts INTEGER NOT NULL
+        parts INTEGER NOT NULL,
+        PRIMARY KEY (revision_id, kind)
     );
-    CREATE TABLE revision_code_parts (
-        revision_id TEXT NOT NULL REFERENCES revision_code(revision_id) ON DELETE CASCADE,
+    CREATE TABLE revision_file_parts (
+        revision_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
         part INTEGER NOT NULL,
         bytes BLOB NOT NULL,
-        PRIMARY KEY (revision_id, part)
+        PRIMARY KEY (revision_id, kind, part),
+        FOREIGN KEY (revision_id, kind) REFERENCES revision_files(revision_id, kind) ON DELETE CASCADE
     );",
     ),
 ];

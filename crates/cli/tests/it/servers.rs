@@ -102,7 +102,7 @@ fn three_servers_take_deploys_calls_and_set_revs_through_any_of_them_with_no_fai
 fn when_the_server_running_an_app_is_killed_another_takes_it_over_within_the_lease_and_no_queue_request_is_lost() {
     let (mut a, b, c) = three_servers();
     // Made through A, so A runs it; one runner is kept up.
-    deploy(&a, "web", "[scaling]\nmin_concurrency = 1\n[runner]\nmax_multiplexing = 16\n", &[]);
+    let rev = deploy(&a, "web", "[scaling]\nmin_concurrency = 1\n[runner]\nmax_multiplexing = 16\n", &[]);
     until_served(&b, "web");
     let http = Http::new();
     let requests: Vec<_> =
@@ -133,6 +133,15 @@ fn when_the_server_running_an_app_is_killed_another_takes_it_over_within_the_lea
     eprintln!("failover window: the longest call after the kill took {:.2} s", longest.as_secs_f64());
     assert!(longest < Duration::from_secs(20), "a call waited {longest:?}");
     assert_eq!(until_served(&c, "web")["path"], "/");
+
+    // The server that took it over has the revision's built code and its upload, from
+    // the store: A, which built it, is gone.
+    let has = |s: &TestServer| {
+        let code = s.data_dir().join("revisions").join(&rev).join("app");
+        let uploads = std::fs::read_dir(s.data_dir().join("artifacts/sha256")).map_or(0, |d| d.count());
+        code.is_dir() && uploads == 1
+    };
+    assert!(has(&b) || has(&c), "no server has the code and upload of {rev}");
 
     // Every queue request completes (at least once), whichever server it ended on.
     for request in &requests {

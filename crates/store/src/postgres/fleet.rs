@@ -9,12 +9,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use super::Postgres;
-use crate::fleet::{CODE_PART, fenced};
+use crate::fleet::{CODE_PART, RevisionFile, fenced};
 use crate::values::{from_millis, uuid};
 use crate::{Fence, Lease, Result, ServerRecord, StoreError};
 
 /// The database's clock, in milliseconds since the epoch.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The channel on which a change of who holds which lease is announced.
+const LEASES_CHANNEL: &str = "hangar_leases";
 
 /// Servers not seen for this many lease times are forgotten.
 const FORGET_AFTER_TTLS: i64 = 60;
@@ -36,6 +39,34 @@ pub(super) async fn check_fence(conn: &impl GenericClient, app_id: Uuid, fence: 
 }
 
 impl Postgres {
+    /// A connection of its own that listens on the leases' channel: each notification
+    /// (leases released) comes out of the returned [`LeaseChanges`], which ends when the
+    /// connection does.
+    pub(crate) async fn listen_leases(&self) -> Result<crate::fleet::LeaseChanges> {
+        use futures_util::StreamExt;
+        let (client, mut connection) = self.config.connect(tokio_postgres::NoTls).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the connection listening for lease changes ended");
+                        return;
+                    }
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {LEASES_CHANNEL}")).await?;
+        Ok(crate::fleet::LeaseChanges { changes: rx, _client: Some(client) })
+    }
+
     pub(crate) async fn announce_server(
         &self,
         id: &str,
@@ -84,6 +115,9 @@ impl Postgres {
         tx.execute("DELETE FROM servers WHERE id = $1", &[&id]).await?;
         let released =
             tx.execute("UPDATE app_leases SET expires_at = 0 WHERE owner = $1 AND expires_at > 0", &[&id]).await?;
+        if released > 0 {
+            tx.execute("SELECT pg_notify($1, $2)", &[&LEASES_CHANNEL, &id]).await?;
+        }
         tx.commit().await?;
         Ok(released)
     }
@@ -130,9 +164,9 @@ impl Postgres {
     }
 
     pub(crate) async fn release_lease(&self, app_id: Uuid, fence: &Fence) -> Result<bool> {
-        let released = self
-            .client()
-            .await?
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let released = tx
             .execute(
                 &format!(
                     "UPDATE app_leases SET expires_at = 0
@@ -141,6 +175,10 @@ impl Postgres {
                 &[&app_id.to_string(), &fence.owner, &fence.epoch],
             )
             .await?;
+        if released == 1 {
+            tx.execute("SELECT pg_notify($1, $2)", &[&LEASES_CHANNEL, &app_id.to_string()]).await?;
+        }
+        tx.commit().await?;
         Ok(released == 1)
     }
 
@@ -180,14 +218,23 @@ impl Postgres {
             .collect()
     }
 
-    pub(crate) async fn put_revision_code(&self, revision: RevisionId, digest: &str, path: &Path) -> Result<()> {
+    pub(crate) async fn put_revision_file(
+        &self,
+        revision: RevisionId,
+        kind: RevisionFile,
+        digest: &str,
+        path: &Path,
+    ) -> Result<()> {
         let mut file = tokio::fs::File::open(path).await?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let id = revision.to_string();
-        tx.execute("DELETE FROM revision_code WHERE revision_id = $1", &[&id]).await?;
-        tx.execute("INSERT INTO revision_code (revision_id, digest, parts) VALUES ($1, $2, 0)", &[&id, &digest])
-            .await?;
+        tx.execute("DELETE FROM revision_files WHERE revision_id = $1 AND kind = $2", &[&id, &kind.as_str()]).await?;
+        tx.execute(
+            "INSERT INTO revision_files (revision_id, kind, digest, parts) VALUES ($1, $2, $3, 0)",
+            &[&id, &kind.as_str(), &digest],
+        )
+        .await?;
         let mut parts = 0_i64;
         loop {
             let mut part = Vec::with_capacity(CODE_PART);
@@ -196,29 +243,48 @@ impl Postgres {
                 break;
             }
             tx.execute(
-                "INSERT INTO revision_code_parts (revision_id, part, bytes) VALUES ($1, $2, $3)",
-                &[&id, &parts, &part],
+                "INSERT INTO revision_file_parts (revision_id, kind, part, bytes) VALUES ($1, $2, $3, $4)",
+                &[&id, &kind.as_str(), &parts, &part],
             )
             .await?;
             parts += 1;
         }
-        tx.execute("UPDATE revision_code SET parts = $2 WHERE revision_id = $1", &[&id, &parts]).await?;
+        tx.execute(
+            "UPDATE revision_files SET parts = $3 WHERE revision_id = $1 AND kind = $2",
+            &[&id, &kind.as_str(), &parts],
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    pub(crate) async fn revision_code(&self, revision: RevisionId, path: &Path) -> Result<Option<String>> {
+    pub(crate) async fn revision_file(
+        &self,
+        revision: RevisionId,
+        kind: RevisionFile,
+        path: &Path,
+    ) -> Result<Option<String>> {
         let client = self.client().await?;
         let id = revision.to_string();
-        let stored = client.query_opt("SELECT digest, parts FROM revision_code WHERE revision_id = $1", &[&id]).await?;
+        let stored = client
+            .query_opt(
+                "SELECT digest, parts FROM revision_files WHERE revision_id = $1 AND kind = $2",
+                &[&id, &kind.as_str()],
+            )
+            .await?;
         let Some(stored) = stored else { return Ok(None) };
         let (digest, parts): (String, i64) = (stored.try_get(0)?, stored.try_get(1)?);
         let mut file = tokio::fs::File::create(path).await?;
         for part in 0..parts {
             let row = client
-                .query_opt("SELECT bytes FROM revision_code_parts WHERE revision_id = $1 AND part = $2", &[&id, &part])
+                .query_opt(
+                    "SELECT bytes FROM revision_file_parts WHERE revision_id = $1 AND kind = $2 AND part = $3",
+                    &[&id, &kind.as_str(), &part],
+                )
                 .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("revision {revision}'s code lacks part {part}")))?;
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("revision {revision}'s {} lacks part {part}", kind.as_str()))
+                })?;
             let bytes: Vec<u8> = row.try_get(0)?;
             file.write_all(&bytes).await?;
         }

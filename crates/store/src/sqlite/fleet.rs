@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::Sqlite;
-use crate::fleet::{CODE_PART, fenced};
+use crate::fleet::{CODE_PART, RevisionFile, fenced};
 use crate::values::{from_millis, millis, now, uuid};
 use crate::{Fence, Lease, Result, ServerRecord, StoreError};
 
@@ -143,13 +143,22 @@ impl Sqlite {
         .collect()
     }
 
-    pub(crate) fn put_revision_code(&self, revision: RevisionId, digest: &str, path: &Path) -> Result<()> {
+    pub(crate) fn put_revision_file(
+        &self,
+        revision: RevisionId,
+        kind: RevisionFile,
+        digest: &str,
+        path: &Path,
+    ) -> Result<()> {
         let mut file = std::fs::File::open(path)?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let id = revision.to_string();
-        tx.execute("DELETE FROM revision_code WHERE revision_id = ?1", [&id])?;
-        tx.execute("INSERT INTO revision_code (revision_id, digest, parts) VALUES (?1, ?2, 0)", params![id, digest])?;
+        tx.execute("DELETE FROM revision_files WHERE revision_id = ?1 AND kind = ?2", params![id, kind.as_str()])?;
+        tx.execute(
+            "INSERT INTO revision_files (revision_id, kind, digest, parts) VALUES (?1, ?2, ?3, 0)",
+            params![id, kind.as_str(), digest],
+        )?;
         let mut parts = 0_i64;
         loop {
             let mut part = Vec::with_capacity(CODE_PART);
@@ -158,35 +167,47 @@ impl Sqlite {
                 break;
             }
             tx.execute(
-                "INSERT INTO revision_code_parts (revision_id, part, bytes) VALUES (?1, ?2, ?3)",
-                params![id, parts, part],
+                "INSERT INTO revision_file_parts (revision_id, kind, part, bytes) VALUES (?1, ?2, ?3, ?4)",
+                params![id, kind.as_str(), parts, part],
             )?;
             parts += 1;
         }
-        tx.execute("UPDATE revision_code SET parts = ?2 WHERE revision_id = ?1", params![id, parts])?;
+        tx.execute(
+            "UPDATE revision_files SET parts = ?3 WHERE revision_id = ?1 AND kind = ?2",
+            params![id, kind.as_str(), parts],
+        )?;
         tx.commit()?;
         Ok(())
     }
 
-    pub(crate) fn revision_code(&self, revision: RevisionId, path: &Path) -> Result<Option<String>> {
+    pub(crate) fn revision_file(
+        &self,
+        revision: RevisionId,
+        kind: RevisionFile,
+        path: &Path,
+    ) -> Result<Option<String>> {
         let conn = self.conn();
         let id = revision.to_string();
         let stored: Option<(String, i64)> = conn
-            .query_row("SELECT digest, parts FROM revision_code WHERE revision_id = ?1", [&id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT digest, parts FROM revision_files WHERE revision_id = ?1 AND kind = ?2",
+                params![id, kind.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
         let Some((digest, parts)) = stored else { return Ok(None) };
         let mut file = std::fs::File::create(path)?;
         for part in 0..parts {
             let bytes: Vec<u8> = conn
                 .query_row(
-                    "SELECT bytes FROM revision_code_parts WHERE revision_id = ?1 AND part = ?2",
-                    params![id, part],
+                    "SELECT bytes FROM revision_file_parts WHERE revision_id = ?1 AND kind = ?2 AND part = ?3",
+                    params![id, kind.as_str(), part],
                     |r| r.get(0),
                 )
                 .optional()?
-                .ok_or_else(|| StoreError::Corrupt(format!("revision {revision}'s code lacks part {part}")))?;
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("revision {revision}'s {} lacks part {part}", kind.as_str()))
+                })?;
             file.write_all(&bytes)?;
         }
         file.sync_all()?;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use model::ids::RevisionId;
 use model::revision::RevisionStatus;
-use store::{Activation, Fence, Store, StoreError};
+use store::{Activation, Fence, RevisionFile, Store, StoreError};
 
 use crate::{app, history, revision};
 
@@ -144,20 +144,29 @@ async fn a_revisions_code_is_stored_in_parts_read_back_whole_and_goes_with_it(st
     let code: Vec<u8> = (0..(2 << 20) + 12345).map(|i: u32| (i * 7 % 251) as u8).collect();
     std::fs::write(dir.path().join("in"), &code).unwrap();
     let out = dir.path().join("out");
-    assert_eq!(store.revision_code(rev.id, &out).await.unwrap(), None);
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Code, &out).await.unwrap(), None);
     assert!(!out.exists());
 
-    store.put_revision_code(rev.id, "sha256:abc", &dir.path().join("in")).await.unwrap();
-    assert_eq!(store.revision_code(rev.id, &out).await.unwrap().as_deref(), Some("sha256:abc"));
+    store.put_revision_file(rev.id, RevisionFile::Code, "sha256:abc", &dir.path().join("in")).await.unwrap();
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Code, &out).await.unwrap().as_deref(), Some("sha256:abc"));
     assert!(std::fs::read(&out).unwrap() == code, "the same bytes");
     std::fs::write(dir.path().join("in"), b"again").unwrap();
-    store.put_revision_code(rev.id, "sha256:def", &dir.path().join("in")).await.unwrap();
-    assert_eq!(store.revision_code(rev.id, &out).await.unwrap().as_deref(), Some("sha256:def"));
+    store.put_revision_file(rev.id, RevisionFile::Code, "sha256:def", &dir.path().join("in")).await.unwrap();
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Code, &out).await.unwrap().as_deref(), Some("sha256:def"));
     assert_eq!(std::fs::read(&out).unwrap(), b"again");
+
+    // The upload is kept beside it, apart.
+    std::fs::write(dir.path().join("up"), b"the upload").unwrap();
+    store.put_revision_file(rev.id, RevisionFile::Upload, "sha256:up", &dir.path().join("up")).await.unwrap();
+    let up = dir.path().join("up-out");
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Upload, &up).await.unwrap().as_deref(), Some("sha256:up"));
+    assert_eq!(std::fs::read(&up).unwrap(), b"the upload");
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Code, &out).await.unwrap().as_deref(), Some("sha256:def"));
 
     store.delete_revision(rev.id).await.unwrap();
     std::fs::remove_file(&out).unwrap();
-    assert_eq!(store.revision_code(rev.id, &out).await.unwrap(), None);
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Code, &out).await.unwrap(), None);
+    assert_eq!(store.revision_file(rev.id, RevisionFile::Upload, &up).await.unwrap(), None);
 }
 
 on_both_backends!(
