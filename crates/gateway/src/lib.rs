@@ -147,12 +147,16 @@ impl Gateway {
         let path = request.uri().path();
         let path = path.strip_prefix("/queue").filter(|rest| rest.starts_with('/')).unwrap_or(path);
         let team_and_app = AppPath::parse(path)?.team_and_app;
-        if self.routes.read().unwrap_or_else(|e| e.into_inner()).contains_key(team_and_app)
-            || forward::was_forwarded(request)
-        {
+        if self.routes.read().unwrap_or_else(|e| e.into_inner()).contains_key(team_and_app) {
             return None;
         }
-        Some((locator.locate(team_and_app)?, locator.as_ref()))
+        let located = locator.locate(team_and_app)?;
+        // A forwarded call is not passed on again; but one that came just before this
+        // server has the app's route (it has just taken the app) waits for it.
+        if forward::was_forwarded(request) && matches!(located, forward::Located::Elsewhere(_)) {
+            return None;
+        }
+        Some((located, locator.as_ref()))
     }
 
     /// The default start deadline of calls that do not set one.

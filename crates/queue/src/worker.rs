@@ -66,7 +66,7 @@ impl Queue {
         };
         loop {
             let Some(route) = self.gateway.route(&request.route) else {
-                return self.route_gone(&request, live).await;
+                return self.route_gone(&request, live, stop).await;
             };
             let acquired = tokio::select! {
                 biased;
@@ -85,7 +85,7 @@ impl Queue {
                     return self.complete(&request, live, failure(late, None, String::new())).await;
                 }
                 Err(AcquireError::Gone | AcquireError::NoRevision | AcquireError::Suspended) => {
-                    return self.route_gone(&request, live).await;
+                    return self.route_gone(&request, live, stop).await;
                 }
             };
             // The runner is known before the start is stored, so that a cancel that
@@ -138,12 +138,16 @@ impl Queue {
         }
     }
 
-    /// The app's route is gone. If the app was deleted, the request completes as
-    /// such; if it now runs on another server, the request is left as it is stored,
-    /// for that server to take up.
-    async fn route_gone(self: &Arc<Self>, request: &QueueRequest, live: &Arc<Live>) -> Result<(), store::StoreError> {
-        let name = request.route.split_once('/').map_or(request.route.as_str(), |(_, app)| app);
-        if self.store.app_by_name(request.team_id, name).await?.is_some_and(|app| app.id == request.app_id) {
+    /// The app's route is gone. If the app went to another server (its requests were
+    /// released first, which `stop` says), the request is left as it is stored, for that
+    /// server to take up; otherwise the app was deleted, and the request completes so.
+    async fn route_gone(
+        self: &Arc<Self>,
+        request: &QueueRequest,
+        live: &Arc<Live>,
+        stop: &CancellationToken,
+    ) -> Result<(), store::StoreError> {
+        if stop.is_cancelled() {
             return Ok(());
         }
         let gone = ApiError::new(ErrorCode::AppNotFound, format!("app {} was deleted", request.route));

@@ -41,6 +41,8 @@ struct SharedStore {
     held: Mutex<HashMap<Uuid, Held>>,
     /// The apps this server does not run, by `team/app`.
     elsewhere: RwLock<HashMap<String, Located>>,
+    /// Every app with a current revision, by `team/app`, as last seen.
+    ids: RwLock<HashMap<String, Uuid>>,
     /// The other servers alive.
     others: RwLock<Vec<Arc<Elsewhere>>>,
     /// How many runners the apps that run elsewhere have, as their servers last said.
@@ -81,6 +83,7 @@ impl Owners {
                 gateway,
                 held: Mutex::default(),
                 elsewhere: RwLock::default(),
+                ids: RwLock::default(),
                 others: RwLock::default(),
                 runners_elsewhere: RwLock::default(),
                 published: Mutex::default(),
@@ -195,6 +198,8 @@ impl Owners {
             }
         }
         *shared.elsewhere.write().unwrap_or_else(|e| e.into_inner()) = elsewhere;
+        *shared.ids.write().unwrap_or_else(|e| e.into_inner()) =
+            apps.iter().map(|(id, name)| (name.clone(), *id)).collect();
         let others = servers
             .iter()
             .filter(|s| s.id != shared.me)
@@ -261,10 +266,15 @@ impl Owners {
         apps.iter().all(|app| leases.iter().any(|l| l.app_id == *app && l.live && l.owner != shared.me))
     }
 
-    /// Where `team/app` runs, when it is not here.
+    /// Where `team/app` runs, when it is not here. An app this server has just taken,
+    /// whose route is not there yet, is nowhere for the moment: its calls wait for it.
     pub(crate) fn elsewhere(&self, team_and_app: &str) -> Option<Located> {
         let shared = self.shared.as_ref()?;
-        shared.elsewhere.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app).cloned()
+        if let Some(located) = shared.elsewhere.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app) {
+            return Some(located.clone());
+        }
+        let id = *shared.ids.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app)?;
+        shared.lock().contains_key(&id).then_some(Located::Nowhere)
     }
 
     /// How many runners the app has on the server running it, when that is another.
