@@ -49,6 +49,8 @@ struct SharedStore {
     runners_elsewhere: RwLock<HashMap<Uuid, u32>>,
     /// What this server last published of its own apps' runners.
     published: Mutex<HashMap<Uuid, u32>>,
+    /// Apps this server holds but could not load: not waited for.
+    broken: Mutex<HashSet<Uuid>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +89,7 @@ impl Owners {
                 others: RwLock::default(),
                 runners_elsewhere: RwLock::default(),
                 published: Mutex::default(),
+                broken: Mutex::default(),
             }),
         }
     }
@@ -154,6 +157,8 @@ impl Owners {
                     h.until = asked + shared.ttl;
                     true
                 }
+                // Taken (by a deploy, say) after this renewal was asked for.
+                _ if h.until > asked + shared.ttl => true,
                 _ => {
                     lost.push(*app);
                     false
@@ -237,17 +242,6 @@ impl Owners {
         gone
     }
 
-    /// Forgets the app (it was deleted, or its controller could not run here) and lets
-    /// its lease go, so another server can take it.
-    pub(crate) async fn release(&self, app_id: Uuid) {
-        let Some(shared) = &self.shared else { return };
-        let Some(held) = shared.lock().remove(&app_id) else { return };
-        let fence = Fence { owner: shared.me.clone(), epoch: held.epoch };
-        if let Err(e) = shared.store.release_lease(app_id, fence).await {
-            tracing::warn!(app = %app_id, error = %e, "cannot release the app's lease; it runs out by itself");
-        }
-    }
-
     /// This server is leaving: it gives up every lease at once, and the others take
     /// its apps on their next look.
     pub(crate) async fn retire(&self) {
@@ -274,7 +268,15 @@ impl Owners {
             return Some(located.clone());
         }
         let id = *shared.ids.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app)?;
-        shared.lock().contains_key(&id).then_some(Located::Nowhere)
+        let broken = shared.broken.lock().unwrap_or_else(|e| e.into_inner()).contains(&id);
+        (shared.lock().contains_key(&id) && !broken).then_some(Located::Nowhere)
+    }
+
+    /// The app, whose lease this server holds, could not be loaded here.
+    pub(crate) fn mark_broken(&self, app_id: Uuid) {
+        if let Some(shared) = &self.shared {
+            shared.broken.lock().unwrap_or_else(|e| e.into_inner()).insert(app_id);
+        }
     }
 
     /// How many runners the app has on the server running it, when that is another.
@@ -385,10 +387,10 @@ async fn look(control: &crate::control::Control) -> anyhow::Result<()> {
     let fleet = &control.fleet;
     let mut apps = Vec::new();
     for team in control.store.list_teams().await? {
+        // Every app has an owner, those with no revision yet too: the owner is who
+        // fails a first deploy its last server was in the middle of.
         for app in control.store.list_apps(team.id).await? {
-            if app.current_revision.is_some() {
-                apps.push((app, team.name.clone()));
-            }
+            apps.push((app, team.name.clone()));
         }
     }
     let names: Vec<(Uuid, String)> = apps.iter().map(|(app, team)| (app.id, format!("{team}/{}", app.name))).collect();
@@ -402,12 +404,14 @@ async fn look(control: &crate::control::Control) -> anyhow::Result<()> {
         let Some((app, team)) = apps.iter().find(|(app, _)| app.id == id) else { continue };
         match fleet.controller(app, team).await {
             Ok(_) => tracing::info!(app = %app.name, team = %team, servers = survey.servers, "runs the app here now"),
-            Err(e) => {
-                tracing::debug!(app = %app.name, error = %format!("{e:#}"), "did not take the app");
-                if fleet.get(app.id).is_none() {
-                    fleet.shared.owners.release(app.id).await;
-                }
+            // This server holds the app but cannot run it: the app keeps its problem
+            // (in listings and /healthz) and is not served, as on a server alone, rather
+            // than pass from server to server every tick.
+            Err(e) if fleet.problem(app.id).is_some() => {
+                fleet.shared.owners.mark_broken(app.id);
+                tracing::error!(app = %app.name, team = %team, error = %format!("{e:#}"), "cannot load an app; it is not served");
             }
+            Err(e) => tracing::debug!(app = %app.name, error = %format!("{e:#}"), "did not take the app"),
         }
     }
     Ok(())
