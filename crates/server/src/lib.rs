@@ -148,6 +148,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // (by this run or another server) with a new epoch.
             owners.retire().await;
             tracing::info!(server = %me, lease_ttl = ?config.lease_ttl, "store shared with other servers: each app runs on one of them");
+            if config.tls.is_some() {
+                tracing::warn!(
+                    "the gateway speaks TLS, but servers sharing a store forward calls to each other's gateways in \
+                     plain HTTP: calls for this server's apps that reach another server will fail; serve TLS in \
+                     front of the gateways instead"
+                );
+            }
             owners
         }
     };
