@@ -144,9 +144,7 @@ impl Gateway {
     /// app, when that is another (and the call has not been forwarded already).
     fn elsewhere(&self, request: &Request) -> Option<(forward::Located, &dyn forward::Locator)> {
         let locator = self.locator.get()?;
-        let path = request.uri().path();
-        let path = path.strip_prefix("/queue").filter(|rest| rest.starts_with('/')).unwrap_or(path);
-        let team_and_app = AppPath::parse(path)?.team_and_app;
+        let team_and_app = call_app(request.uri().path())?;
         if self.routes.read().unwrap_or_else(|e| e.into_inner()).contains_key(team_and_app) {
             return None;
         }
@@ -465,6 +463,13 @@ async fn relay(gateway: &Gateway, mut request: Request) -> Result<Response, Requ
     }
 }
 
+/// The `team/app` a call (`/{team}/{app}…`) or a queue call (`/queue/{team}/{app}…`) is
+/// for.
+fn call_app(path: &str) -> Option<&str> {
+    let path = path.strip_prefix("/queue").filter(|rest| rest.starts_with('/')).unwrap_or(path);
+    Some(AppPath::parse(path)?.team_and_app)
+}
+
 /// How often a call waiting for an app's new server looks again.
 const RELAY_RETRY: Duration = Duration::from_millis(25);
 
@@ -619,6 +624,26 @@ mod tests {
         ];
         for (path, want) in cases {
             assert_eq!(AppPath::parse(path), want, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn a_call_and_a_queue_call_name_their_app_alike() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("/default/web", Some("default/web")),
+            ("/default/web/predict?x=1", Some("default/web")),
+            ("/queue/default/web", Some("default/web")),
+            ("/queue/default/web/requests/1234/status", Some("default/web")),
+            // Every `/queue/…` path is the queue's, as the gateway routes it.
+            ("/queue/web", None),
+            ("/queuex/default/web", Some("queuex/default")),
+            ("/queue", None),
+            ("/queue/", None),
+            ("/", None),
+            ("//web", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(call_app(path), *want, "{path}");
         }
     }
 }

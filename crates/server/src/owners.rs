@@ -509,3 +509,49 @@ fn app_of(uri: &axum::http::Uri) -> Option<&str> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_app_an_api_request_is_about_comes_from_its_path_or_a_deploys_app_name() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("/v1/apps/web", Some("web")),
+            ("/v1/apps/web/", Some("web")),
+            ("/v1/apps/web/set-rev", Some("web")),
+            ("/v1/apps/web/revisions/1234/log?follow=true", Some("web")),
+            ("/v1/apps/", None),
+            ("/v1/apps", None),
+            ("/v1/apps//runners", None),
+            ("/v1/deploys?app_name=web&auth=public", Some("web")),
+            ("/v1/deploys?auth=public&app_name=api", Some("api")),
+            ("/v1/deploys?auth=public", None),
+            ("/v1/deploys?app_name=", None),
+            ("/v1/deploys", None),
+            ("/v1/runners/abcd/log", None),
+            ("/v1/keys", None),
+            ("/healthz", None),
+        ];
+        for (uri, want) in cases {
+            let uri: axum::http::Uri = uri.parse().unwrap();
+            assert_eq!(app_of(&uri), *want, "{uri}");
+        }
+    }
+
+    #[test]
+    fn a_servers_address_is_read_from_its_http_url_only() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("http://127.0.0.1:8700", Some("127.0.0.1:8700")),
+            ("http://127.0.0.1:8700/", Some("127.0.0.1:8700")),
+            ("http://[::1]:8701", Some("[::1]:8701")),
+            ("https://127.0.0.1:8700", None),
+            ("http://localhost:8700", None),
+            ("127.0.0.1:8700", None),
+            ("", None),
+        ];
+        for (url, want) in cases {
+            assert_eq!(address(url), want.map(|a| a.parse().unwrap()), "{url}");
+        }
+    }
+}
