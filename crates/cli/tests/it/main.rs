@@ -38,6 +38,17 @@ fn server_with(extra: &[&str]) -> TestServer {
     TestServer::start_with(BIN, &[FAST, extra].concat())
 }
 
+/// Fails, showing the first few, if any of a prober's calls failed.
+pub(crate) fn assert_no_failures(report: &testkit::ProbeReport) {
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} calls failed: {:?}",
+        report.failures.len(),
+        report.sent,
+        &report.failures[..report.failures.len().min(5)]
+    );
+}
+
 /// The controllable test app's binary.
 fn testapp() -> String {
     testkit::testapp_bin(BIN).display().to_string()

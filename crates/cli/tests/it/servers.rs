@@ -8,7 +8,7 @@ use serde_json::json;
 use testkit::{Http, Prober, TestServer, wait_until};
 
 use crate::queue::{completed, submit};
-use crate::{BIN, FAST, app_url, revisions, testapp_dir};
+use crate::{BIN, FAST, app_url, assert_no_failures, revisions, testapp_dir};
 
 /// A short lease, so that failover takes seconds.
 const TTL: &str = "2";
@@ -40,16 +40,6 @@ fn until_served(server: &TestServer, app: &str) -> serde_json::Value {
         let reply = http.get(&app_url(server, app, "/"), None);
         (reply.status == 200).then(|| reply.json())
     })
-}
-
-fn assert_no_failures(report: &testkit::ProbeReport) {
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} calls failed: {:?}",
-        report.failures.len(),
-        report.sent,
-        &report.failures[..report.failures.len().min(5)]
-    );
 }
 
 #[test]

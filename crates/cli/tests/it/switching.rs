@@ -2,7 +2,7 @@
 
 use testkit::{Http, Prober, wait_until};
 
-use crate::{app_url, app_with_build, revisions, runners, server, testapp_dir};
+use crate::{app_url, app_with_build, assert_no_failures, revisions, runners, server, testapp_dir};
 
 /// Deploys the test app as `name` with `extra` manifest lines; returns the revision id.
 fn deploy(server: &testkit::TestServer, name: &str, extra: &str, flags: &[&str]) -> String {
@@ -47,13 +47,7 @@ pub(crate) fn no_call_fails_through_deploys_set_revs_and_scale_down_on(server: &
     wait_until("the scale-down", || (runners(server, "live", &[]).len() < 3).then_some(()));
 
     let report = prober.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} calls failed: {:?}",
-        report.failures.len(),
-        report.sent,
-        &report.failures[..report.failures.len().min(5)]
-    );
+    assert_no_failures(&report);
     assert!(report.ok > 200, "{report:?}");
     let history = server.run(&["apps", "history", "live", "--json"]).ok().json();
     let actions: Vec<&str> = history.as_array().unwrap().iter().map(|h| h["action"].as_str().unwrap()).collect();
