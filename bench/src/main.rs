@@ -3,6 +3,8 @@
 //!
 //! - P1 ([`proxies`]): the most calls per second, and latency at a fixed rate, for a
 //!   runner called directly, through nginx, and through hangar's gateway (load by `oha`);
+//!   and the same with a fast runner, nginx serving a static file ([`fast_runner`], load by
+//!   `wrk` and `oha`), with what holding 10,000 idle connections costs;
 //! - P2 ([`cold`]): what a cold start costs beyond the app's own start;
 //! - P3 and P4 ([`switching`]): how long switching revisions takes, and what deploys,
 //!   set-revs and rollouts do to calls flowing meanwhile;
@@ -18,6 +20,7 @@
 
 mod cold;
 mod failover;
+mod fast_runner;
 mod listing;
 mod proxies;
 mod report;
@@ -43,6 +46,9 @@ struct Args {
     /// The `oha` load generator.
     #[arg(long, default_value = "oha")]
     oha: PathBuf,
+    /// The `wrk` load generator.
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
     /// The `nginx` binary, run as a reverse proxy to the same runner.
     #[arg(long, default_value = "nginx")]
     nginx: PathBuf,
@@ -61,6 +67,9 @@ struct Args {
     /// How many cold starts to time.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     cold_starts: u32,
+    /// Only measure P1 with the fast runner, print the figures and write nothing.
+    #[arg(long)]
+    p1_only: bool,
     /// Only time the listings (P5), print the figures and write nothing.
     #[arg(long)]
     p5_only: bool,
@@ -119,12 +128,36 @@ fn stores_only(hangar: &str, rounds: u32, seconds: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Lets this process, and the servers and proxies it starts, open as many files as the
+/// system allows: holding 10,000 connections takes more than the usual soft limit.
+fn raise_open_files() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    raise_open_files()?;
     let hangar = std::fs::canonicalize(&args.hangar).with_context(|| format!("no hangar binary at {}", args.hangar))?;
     let hangar = hangar.to_str().context("path is not UTF-8")?.to_owned();
     if args.p5_only {
         return p5_only(&hangar);
+    }
+    let fast_settings = fast_runner::Settings {
+        oha: args.oha.clone(),
+        wrk: args.wrk.clone(),
+        nginx: args.nginx.clone(),
+        rounds: args.rounds,
+        seconds: args.seconds,
+    };
+    if args.p1_only {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let unconfined = TestServer::start_with(&hangar, &["--machine-type", "cpu=64", "--sandbox", "none"]);
+        let fast = runtime.block_on(fast_runner::compare(&unconfined, &fast_settings))?;
+        print!("{}", report::fast_runner_table(&fast));
+        return Ok(());
     }
     if args.slurm_only {
         return slurm_only(&hangar, args.cold_starts);
@@ -151,6 +184,8 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("P1: direct, nginx and hangar under oha ({} rounds)", args.rounds);
     let p1 = runtime.block_on(proxies::compare(&unconfined, &server, &testapp, &settings))?;
+    eprintln!("P1 with a fast runner: direct, nginx and hangar under wrk and oha");
+    let p1_fast = runtime.block_on(fast_runner::compare(&unconfined, &fast_settings))?;
     eprintln!("P2: {} cold starts", args.cold_starts);
     let p2 = runtime.block_on(cold::cold_start(&server, &unconfined, &testapp, args.cold_starts))?;
     drop(unconfined);
@@ -165,7 +200,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("P7: the failover window of servers sharing a store");
     let p7 = failover::failover(&hangar, &testapp, args.rounds)?;
 
-    let results = report::Results { machine, p1, p2, p34, p5, p6, p7 };
+    let results = report::Results { machine, p1, p1_fast, p2, p34, p5, p6, p7 };
     let markdown = report::markdown(&results);
     print!("{markdown}");
     std::fs::write(&args.out, markdown).with_context(|| format!("cannot write {}", args.out.display()))?;

@@ -92,7 +92,7 @@ pub(crate) async fn compare(
     let via_sandboxed = format!("{}/default/bench/", sandboxed.gateway_url);
     let env: serde_json::Value = reqwest::get(format!("{via_gateway}env")).await?.json().await?;
     let port: u16 = env["PORT"].as_str().context("the runner has no PORT")?.parse()?;
-    let nginx = Nginx::start(&settings.nginx, port)?;
+    let nginx = Nginx::start(&settings.nginx, port, "auto")?;
     let urls = [format!("http://127.0.0.1:{port}/"), format!("http://{}/", nginx.addr), via_gateway, via_sandboxed];
     // Warm every path (which also has nginx's workers running by the time they are listed).
     for url in &urls {
@@ -156,7 +156,7 @@ struct Samples {
 }
 
 /// User and system clock ticks used so far by the processes `pids`, from `/proc`.
-fn cpu_ticks(pids: &[u32]) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn cpu_ticks(pids: &[u32]) -> anyhow::Result<(u64, u64)> {
     let mut total = (0, 0);
     for pid in pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -172,21 +172,21 @@ fn cpu_ticks(pids: &[u32]) -> anyhow::Result<(u64, u64)> {
     Ok(total)
 }
 
-fn per_call(before: (u64, u64), after: (u64, u64), calls: u64) -> Cpu {
+pub(crate) fn per_call(before: (u64, u64), after: (u64, u64), calls: u64) -> Cpu {
     let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let each = |ticks: u64| Duration::from_secs_f64(ticks as f64 / ticks_per_second / calls.max(1) as f64);
     Cpu { user: each(after.0 - before.0), system: each(after.1 - before.1) }
 }
 
-struct Run {
-    rps: f64,
-    calls: u64,
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Run {
+    pub(crate) rps: f64,
+    pub(crate) calls: u64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
 }
 
 /// Runs oha against `url` and reads its JSON summary. A run with any failed call fails.
-fn oha(oha: &Path, url: &str, args: &[&str]) -> anyhow::Result<Run> {
+pub(crate) fn oha(oha: &Path, url: &str, args: &[&str]) -> anyhow::Result<Run> {
     let out = Command::new(oha)
         .args(args)
         .args(["--no-tui", "-w", "--output-format", "json", url])
@@ -214,43 +214,46 @@ fn oha(oha: &Path, url: &str, args: &[&str]) -> anyhow::Result<Run> {
     })
 }
 
-fn median(mut values: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut values: Vec<Duration>) -> Duration {
     values.sort();
     values[values.len() / 2]
 }
 
-fn median_f64(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median_f64(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
 /// nginx from the system, as a reverse proxy to the runner: keep-alive connections to
-/// it, no access log, one worker per core; the usual production settings.
-struct Nginx {
+/// it, no access log, `workers` workers (`auto`: one per core); the usual production
+/// settings, with no limit on calls per connection that would make the load reconnect.
+pub(crate) struct Nginx {
     child: Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
-    fn start(nginx: &Path, upstream_port: u16) -> anyhow::Result<Nginx> {
+    pub(crate) fn start(nginx: &Path, upstream_port: u16, workers: &str) -> anyhow::Result<Nginx> {
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let prefix = dir.path().display();
         let config = format!(
-            "worker_processes auto;\n\
+            "worker_processes {workers};\n\
+             worker_rlimit_nofile 65536;\n\
              error_log {prefix}/error.log warn;\n\
              pid {prefix}/nginx.pid;\n\
-             events {{ worker_connections 4096; }}\n\
+             events {{ worker_connections 16384; }}\n\
              http {{\n\
                access_log off;\n\
+               keepalive_requests 1000000;\n\
                client_body_temp_path {prefix}/body;\n\
                proxy_temp_path {prefix}/proxy;\n\
                fastcgi_temp_path {prefix}/fastcgi;\n\
                uwsgi_temp_path {prefix}/uwsgi;\n\
                scgi_temp_path {prefix}/scgi;\n\
-               upstream runner {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}\n\
+               upstream runner {{ server 127.0.0.1:{upstream_port}; keepalive 128; keepalive_requests 1000000; }}\n\
                server {{\n\
                  listen {addr};\n\
                  location / {{\n\
@@ -281,7 +284,7 @@ impl Nginx {
     }
 
     /// The master process and its workers.
-    fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         let master = self.child.id();
         let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default();
         std::iter::once(master).chain(children.split_whitespace().filter_map(|p| p.parse().ok())).collect()

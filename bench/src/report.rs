@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cold::Cold;
+use crate::fast_runner::{self, FastRunner};
 use crate::listing::Listing;
 use crate::proxies::{CONNECTIONS, FIXED_RATE, Proxies};
 use crate::stats::{ms, ms_f};
@@ -16,6 +17,7 @@ use crate::switching::{RATE, Switching};
 pub(crate) struct Results {
     pub(crate) machine: Machine,
     pub(crate) p1: Proxies,
+    pub(crate) p1_fast: FastRunner,
     pub(crate) p2: Cold,
     pub(crate) p34: Switching,
     pub(crate) p5: Listing,
@@ -161,6 +163,8 @@ pub(crate) fn markdown(r: &Results) -> String {
         ms(nginx_added_p99),
         verdict(added_p99.as_secs_f64() <= 0.001),
     ));
+
+    out.push_str(&fast_runner_table(&r.p1_fast));
 
     let c = &r.p2;
     out.push_str(&format!(
@@ -378,6 +382,17 @@ pub(crate) fn json(r: &Results) -> Value {
             "cpu_us_per_call": f.cpu_per_call.map(|c| micros(c.total())),
         })).collect::<Vec<_>>(),
         "p1_fixed_rate": FIXED_RATE,
+        "p1_fast": r.p1_fast.contenders.iter().map(|c| json!({
+            "name": c.name, "p50_ms": ms_f(c.p50), "p99_ms": ms_f(c.p99),
+            "loads": c.loads.iter().map(|l| json!({
+                "tool": l.tool, "connections": l.connections, "rps": l.rps,
+                "cpu_us_per_call": l.cpu.map(|c| micros(c.total())),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "p1_idle": r.p1_fast.idle.iter().map(|i| json!({
+            "name": i.name, "bytes_per_connection": i.bytes_per_connection,
+            "rps_alone": i.rps_alone, "rps_holding": i.rps_holding,
+        })).collect::<Vec<_>>(),
         "p4_steady_p95_ms": ms_f(r.p34.steady_p95),
         "p4": r.p34.during.iter().map(|(name, n, p95)| json!({
             "name": name, "calls": n, "p95_ms": ms_f(*p95),
@@ -392,4 +407,89 @@ pub(crate) fn json(r: &Results) -> Value {
             "failed": f.failed,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// P1 with the fast runner: calls per second and CPU per call by load, latency at a fixed
+/// rate, idle connections, and the targets.
+pub(crate) fn fast_runner_table(f: &FastRunner) -> String {
+    let loads: Vec<(&str, u32)> = f.contenders[0].loads.iter().map(|l| (l.tool, l.connections)).collect();
+    let columns: Vec<String> = loads.iter().map(|(tool, c)| format!("{tool}, {c} conns")).collect();
+    let mut out = format!(
+        "\n### P1 with a fast runner\n\n\
+         The runner is nginx serving a 17-byte static file (`examples/static-nginx`, one worker),\n\
+         deployed as a hangar app on the `--sandbox none` server; a runner this fast leaves the\n\
+         proxy's own cost per call to show. It is called straight, through nginx as a reverse\n\
+         proxy (one worker, and `auto`: one per core; keep-alive upstream, no access log, no limit\n\
+         on calls per connection) and through hangar's gateway. Each figure is the median of\n\
+         {rounds} rounds (the order rotates each round) of {secs} s runs of `wrk -t1` and of `oha`;\n\
+         the proxy's CPU per call (user + system, from `/proc`) is in brackets.\n\n\
+         | | {} | p50 at {fixed}/s | p99 at {fixed}/s |\n|---|{}---|---|\n",
+        columns.join(" | "),
+        "---|".repeat(columns.len()),
+        rounds = f.rounds,
+        secs = f.seconds,
+        fixed = FIXED_RATE,
+    );
+    for c in &f.contenders {
+        let cells: Vec<String> = c
+            .loads
+            .iter()
+            .map(|l| match l.cpu {
+                Some(cpu) => format!("{:.0} ({:.1} µs)", l.rps, micros(cpu.total())),
+                None => format!("{:.0}", l.rps),
+            })
+            .collect();
+        out.push_str(&format!("| {} | {} | {} | {} |\n", c.name, cells.join(" | "), ms(c.p50), ms(c.p99)));
+    }
+    let hangar = f.get("hangar");
+    let nginxes = [f.get(fast_runner::NGINX_ONE), f.get(fast_runner::NGINX_AUTO)];
+    out.push_str("\n| target (against the better nginx of the two, per load) | figure | |\n|---|---|---|\n");
+    for (tool, connections) in &loads {
+        let mine = hangar.load(tool, *connections);
+        let best_rps = nginxes.iter().map(|n| n.load(tool, *connections).rps).fold(0.0, f64::max);
+        let ratio = mine.rps / best_rps.max(1e-9);
+        out.push_str(&format!(
+            "| {tool}, {connections} conns: hangar calls/s ÷ nginx's ≥ 1.1 | **{ratio:.2}** | {} |\n",
+            verdict(ratio >= 1.1)
+        ));
+    }
+    for (tool, connections) in &loads {
+        let cpu = |l: &fast_runner::Load| l.cpu.map_or(f64::INFINITY, |c| micros(c.total()));
+        let mine = cpu(hangar.load(tool, *connections));
+        let best = nginxes.iter().map(|n| cpu(n.load(tool, *connections))).fold(f64::INFINITY, f64::min);
+        let ratio = mine / best;
+        out.push_str(&format!(
+            "| {tool}, {connections} conns: hangar CPU per call ÷ nginx's ≤ 0.9 | **{ratio:.2}** ({mine:.1} µs against {best:.1} µs) | {} |\n",
+            verdict(ratio <= 0.9)
+        ));
+    }
+    let direct = f.get("direct");
+    let added = hangar.p50.saturating_sub(direct.p50);
+    let nginx_added = nginxes.iter().map(|n| n.p50.saturating_sub(direct.p50)).min().unwrap_or_default();
+    out.push_str(&format!(
+        "| hangar p50 − direct p50 at {FIXED_RATE}/s ≤ 0.1 ms | **{}** (nginx: {}) | {} |\n",
+        ms(added),
+        ms(nginx_added),
+        verdict(added.as_secs_f64() <= 0.0001)
+    ));
+    out.push_str(&format!(
+        "\n{held} idle keep-alive connections, each of which has made one call, held open while\n\
+         `wrk -t1 -c32` runs {secs} s: the proxy's resident memory grown per connection, and\n\
+         calls per second against the same run without them.\n\n\
+         | | memory per idle connection | calls/s, 32 connections | with {held} idle held | ratio |\n\
+         |---|---|---|---|---|\n",
+        held = fast_runner::IDLE,
+        secs = f.seconds,
+    ));
+    for i in &f.idle {
+        out.push_str(&format!(
+            "| {} | {:.1} KiB | {:.0} | {:.0} | {:.2} |\n",
+            i.name,
+            i.bytes_per_connection / 1024.0,
+            i.rps_alone,
+            i.rps_holding,
+            i.rps_holding / i.rps_alone.max(1e-9)
+        ));
+    }
+    out
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// How long a connection may stay in each phase.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,9 +60,14 @@ impl Activity {
     }
 
     /// The answer is done: the connection waits for the next request.
-    fn request_ended(&self) {
+    pub(crate) fn request_ended(&self) {
         self.first_byte.store(NONE, Relaxed);
         self.idle_since.store(self.now(), Relaxed);
+    }
+
+    /// Between requests, with no byte of the next one read.
+    fn waiting(&self) -> bool {
+        self.idle_since.load(Relaxed) != NONE && self.first_byte.load(Relaxed) == NONE
     }
 
     fn bytes_read(&self) {
@@ -103,9 +109,17 @@ impl Timeouts {
 
     /// Drives `connection` (the connection `activity` belongs to) until it ends, or until
     /// it has been idle or reading headers for too long, when it is dropped (closed).
-    /// None when it was closed so.
-    pub async fn serve<F: Future>(&self, activity: &Activity, connection: F) -> Option<F::Output> {
+    /// With `closing`, once that is cancelled the connection is also dropped as soon as
+    /// it waits for a request (one in progress is answered first). None when it was
+    /// closed so.
+    pub async fn serve<F: Future>(
+        &self,
+        activity: &Activity,
+        connection: F,
+        closing: Option<&CancellationToken>,
+    ) -> Option<F::Output> {
         let mut connection = std::pin::pin!(connection);
+        let mut closed = closing.is_none();
         loop {
             let (wake, _) = activity.deadline(*self);
             tokio::select! {
@@ -116,6 +130,12 @@ impl Timeouts {
                         return None;
                     }
                 }
+                () = async { if let Some(closing) = closing { closing.cancelled().await } }, if !closed => {
+                    closed = true;
+                }
+            }
+            if closed && closing.is_some() && activity.waiting() {
+                return None;
             }
         }
     }

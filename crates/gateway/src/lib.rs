@@ -5,7 +5,9 @@
 //! [`AppRoute`] per app and its controller keeps the route's runners up to date.
 
 mod body;
+mod chunked;
 pub mod conn;
+mod fast;
 pub mod forward;
 mod metrics;
 pub mod route;
@@ -29,6 +31,7 @@ use model::ids::RunnerId;
 use model::revision::AuthMode;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use metrics::{CallLabels, Metrics};
@@ -167,20 +170,20 @@ impl Gateway {
         self.routes.read().unwrap_or_else(|e| e.into_inner()).get(team_and_app).cloned()
     }
 
-    /// Serves calls on `listener` until `shutdown` resolves, then lets the calls in
-    /// flight finish. HTTP/1.1 straight on hyper, without a router in between: this
-    /// is the hot path of every call.
+    /// Serves calls on `listener` until `shutdown` is cancelled, then lets the calls in
+    /// flight finish. HTTP/1.1, on the gateway's own path for the common calls
+    /// ([`fast`]) and on hyper for the rest, without a router in between: this is the
+    /// hot path of every call.
     ///
     /// With `tls`, every connection is TLS (rustls); without, plain HTTP.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-        shutdown: impl Future<Output = ()>,
+        shutdown: CancellationToken,
     ) {
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let graceful = GracefulShutdown::new();
-        let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -192,19 +195,19 @@ impl Gateway {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = shutdown.cancelled() => break,
             };
             // Calls are small request/response exchanges: send each write at once.
             let _ = stream.set_nodelay(true);
             let secure = acceptor.is_some();
             let Some(acceptor) = acceptor.clone() else {
-                let connection = self.clone().connection(stream, secure, graceful.watcher());
+                let connection = self.clone().connection(stream, secure, graceful.watcher(), shutdown.clone());
                 tokio::spawn(connection);
                 continue;
             };
             // The TLS handshake runs in the connection's own task, so a slow or broken
             // client never holds up the accept loop.
-            let watcher = graceful.watcher();
+            let (watcher, closing) = (graceful.watcher(), shutdown.clone());
             let gateway = self.clone();
             tokio::spawn(async move {
                 let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
@@ -212,40 +215,49 @@ impl Gateway {
                     Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!("TLS handshake timed out"),
                 };
-                gateway.connection(stream, secure, watcher).await;
+                gateway.connection(stream, secure, watcher, closing).await;
             });
         }
         graceful.shutdown().await;
     }
 
-    /// Serves the calls of one connection, watched by `graceful`, until the client closes
-    /// it or it sits idle, or sends a request's headers, for too long.
+    /// Serves the calls of one connection until the client closes it or it sits idle, or
+    /// sends a request's headers, for too long: on the gateway's own path ([`fast`]) while
+    /// its calls are the common kind, then on hyper's. `graceful` keeps the server's
+    /// shutdown waiting for it; `closing` says that shutdown has begun.
     fn connection<S>(
         self: Arc<Self>,
         stream: S,
         secure: bool,
         graceful: hyper_util::server::graceful::Watcher,
+        closing: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let timeouts = self.timeouts;
-        let (activity, stream) = timeouts.watch(stream);
-        let http1 = self.http1();
-        let service = hyper::service::service_fn({
-            let activity = activity.clone();
-            move |request: http::Request<Incoming>| {
-                activity.request_started();
-                let (gateway, activity) = (self.clone(), activity.clone());
-                async move {
-                    let answer = call(gateway, request.map(Body::new), secure).await;
-                    Ok::<_, std::convert::Infallible>(answer.map(|body| conn::Answer::new(body, activity)))
-                }
-            }
-        });
-        let connection = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
         async move {
-            match timeouts.serve(&activity, connection).await {
+            let (activity, stream) = timeouts.watch(stream);
+            let fast = fast::serve(&self, stream, &activity, &closing);
+            let stream = match timeouts.serve(&activity, fast, Some(&closing)).await {
+                Some(fast::Ended::HandOver(stream)) => stream,
+                Some(fast::Ended::Done) => return,
+                None => return tracing::debug!("gateway connection closed: idle, or its headers too slow"),
+            };
+            let http1 = self.http1();
+            let service = hyper::service::service_fn({
+                let activity = activity.clone();
+                move |request: http::Request<Incoming>| {
+                    activity.request_started();
+                    let (gateway, activity) = (self.clone(), activity.clone());
+                    async move {
+                        let answer = call(gateway, request.map(Body::new), secure).await;
+                        Ok::<_, std::convert::Infallible>(answer.map(|body| conn::Answer::new(body, activity)))
+                    }
+                }
+            });
+            let connection = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+            match timeouts.serve(&activity, connection, None).await {
                 Some(Err(e)) => tracing::debug!(error = %e, "gateway connection ended with an error"),
                 None => tracing::debug!("gateway connection closed: idle, or its headers too slow"),
                 Some(Ok(())) => {}
@@ -275,7 +287,7 @@ impl Gateway {
             std::thread::Builder::new().name(format!("gateway-{n}")).spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => gateway.serve(listener, tls, shutdown.cancelled_owned()).await,
+                        Ok(listener) => gateway.serve(listener, tls, shutdown).await,
                         Err(e) => tracing::error!(error = %e, "a gateway thread cannot listen"),
                     }
                 });
@@ -294,12 +306,23 @@ impl Gateway {
     /// no valid key the answer is 401, whether or not there is such an app; with another
     /// team's key to a private app it is the 404 of an app that does not exist.
     pub async fn authorize(&self, team_and_app: &str, headers: &HeaderMap) -> Result<Arc<AppRoute>, ApiError> {
-        let route = self.route(team_and_app);
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        self.authorize_key(self.route(team_and_app), team_and_app, authorization).await
+    }
+
+    /// [`authorize`](Self::authorize), given the app's route (if there is one here) and
+    /// the `Authorization` header's value.
+    async fn authorize_key(
+        &self,
+        route: Option<Arc<AppRoute>>,
+        team_and_app: &str,
+        authorization: Option<&str>,
+    ) -> Result<Arc<AppRoute>, ApiError> {
         let auth = route.as_ref().map(|r| r.config().auth);
         if let (Some(route), Some(AuthMode::Public)) = (&route, auth) {
             return Ok(route.clone());
         }
-        let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        let Some(authorization) = authorization else {
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 format!("app {team_and_app} needs an API key: send 'Authorization: Key <id>:<secret>'"),
@@ -510,22 +533,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
     let config = route.config();
     let start_timeout = start_timeout(request.headers(), gateway.default_start_timeout)?;
 
-    let lease = route.acquire(arrived + start_timeout).await.map_err(|e| match e {
-        AcquireError::NoRevision => {
-            ApiError::new(ErrorCode::NoRevision, format!("app {team}/{app} has no deployed revision"))
-        }
-        AcquireError::Suspended => {
-            ApiError::new(ErrorCode::Suspended, format!("app {team}/{app} is suspended; resume it to call it"))
-        }
-        AcquireError::Gone => ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")),
-        AcquireError::Deadline => ApiError::new(
-            ErrorCode::StartTimeout,
-            format!(
-                "the call did not start within its start deadline of {start_timeout:?} \
-                 (set with the {START_TIMEOUT_HEADER} header); no runner of {team}/{app} was free"
-            ),
-        ),
-    })?;
+    let lease = route.acquire(arrived + start_timeout).await.map_err(|e| acquire_error(e, team, app, start_timeout))?;
     let app_label = route.label.get().cloned().unwrap_or_else(|| Arc::new(team_and_app.to_owned()));
     let labels = CallLabels { app: app_label, revision: lease.labels.revision_label.clone(), status: 0 };
 
@@ -546,20 +554,7 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
         Ok(response) => response,
         Err(SendError::Lost(cut)) => {
             gateway.metrics.record(&labels, 503, arrived.elapsed());
-            return Err(match cut {
-                Some(CutOff::ForcedRollout) => ApiError::new(
-                    ErrorCode::RolloutForced,
-                    format!("the call was cut off by a forced rollout of {team}/{app}; send it again"),
-                ),
-                Some(CutOff::Killed) => ApiError::new(
-                    ErrorCode::RunnerLost,
-                    format!("runner {runner} of {team}/{app} was killed during the call"),
-                ),
-                None => ApiError::new(
-                    ErrorCode::RunnerLost,
-                    format!("runner {runner} of {team}/{app} stopped before answering the call"),
-                ),
-            });
+            return Err(lost_error(cut, runner, team, app));
         }
         Err(SendError::Timeout) => {
             gateway.metrics.record(&labels, 504, arrived.elapsed());
@@ -579,13 +574,55 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
     Ok(Response::from_parts(parts, Body::new(LeaseBody::new(incoming, lease, timer))))
 }
 
+/// Why a call got no slot, as its caller is told.
+fn acquire_error(e: AcquireError, team: &str, app: &str, start_timeout: Duration) -> ApiError {
+    match e {
+        AcquireError::NoRevision => {
+            ApiError::new(ErrorCode::NoRevision, format!("app {team}/{app} has no deployed revision"))
+        }
+        AcquireError::Suspended => {
+            ApiError::new(ErrorCode::Suspended, format!("app {team}/{app} is suspended; resume it to call it"))
+        }
+        AcquireError::Gone => ApiError::new(ErrorCode::AppNotFound, format!("app {team}/{app} not found")),
+        AcquireError::Deadline => ApiError::new(
+            ErrorCode::StartTimeout,
+            format!(
+                "the call did not start within its start deadline of {start_timeout:?} \
+                 (set with the {START_TIMEOUT_HEADER} header); no runner of {team}/{app} was free"
+            ),
+        ),
+    }
+}
+
+/// A call whose runner went away before it answered, as its caller is told.
+fn lost_error(cut: Option<CutOff>, runner: RunnerId, team: &str, app: &str) -> ApiError {
+    match cut {
+        Some(CutOff::ForcedRollout) => ApiError::new(
+            ErrorCode::RolloutForced,
+            format!("the call was cut off by a forced rollout of {team}/{app}; send it again"),
+        ),
+        Some(CutOff::Killed) => {
+            ApiError::new(ErrorCode::RunnerLost, format!("runner {runner} of {team}/{app} was killed during the call"))
+        }
+        None => ApiError::new(
+            ErrorCode::RunnerLost,
+            format!("runner {runner} of {team}/{app} stopped before answering the call"),
+        ),
+    }
+}
+
 /// The call's start deadline from its header, else the server's default.
 pub fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
-    let Some(value) = headers.get(START_TIMEOUT_HEADER).or_else(|| headers.get(FAL_START_TIMEOUT_HEADER)) else {
+    let value = headers.get(START_TIMEOUT_HEADER).or_else(|| headers.get(FAL_START_TIMEOUT_HEADER));
+    parse_start_timeout(value.map(HeaderValue::as_bytes), default)
+}
+
+/// [`start_timeout`] from the header's value, if the call sent one.
+fn parse_start_timeout(value: Option<&[u8]>, default: Duration) -> Result<Duration, ApiError> {
+    let Some(value) = value else {
         return Ok(default);
     };
-    value
-        .to_str()
+    std::str::from_utf8(value)
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
@@ -593,7 +630,10 @@ pub fn start_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration,
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::InvalidRequest,
-                format!("{START_TIMEOUT_HEADER} must be a number of seconds between 0 and 86400, got {value:?}"),
+                format!(
+                    "{START_TIMEOUT_HEADER} must be a number of seconds between 0 and 86400, got {:?}",
+                    String::from_utf8_lossy(value)
+                ),
             )
         })
 }

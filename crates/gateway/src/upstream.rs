@@ -1,5 +1,8 @@
-//! Connections to runners, kept alive between calls in a pool per thread, and driven
-//! by the task of the call using them.
+//! Connections to runners and to other servers' gateways through hyper's client, kept
+//! alive between calls in a pool per thread, and driven by the task of the call using
+//! them: for calls on hyper's path, the durable queue's calls, cancel notices and
+//! forwarded calls. The common call goes on the gateway's own path ([`crate::fast`]),
+//! which keeps a pool of its own.
 //!
 //! A connection is usually a task of its own that the call talks to through channels.
 //! Here a call takes a connection out of the pool and polls it itself, while it waits

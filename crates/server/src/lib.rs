@@ -623,7 +623,7 @@ async fn serve_api(
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            match timeouts.serve(&activity, connection).await {
+            match timeouts.serve(&activity, connection, None).await {
                 Some(Err(e)) => tracing::debug!(error = %e, "an API connection ended with an error"),
                 None => tracing::debug!("an API connection closed: idle, or its headers too slow"),
                 Some(Ok(())) => {}

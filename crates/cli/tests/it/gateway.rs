@@ -551,3 +551,126 @@ fn metrics_take_a_key_and_a_teams_key_sees_only_its_own_apps() {
     let public = crate::server_with(&["--metrics-public"]);
     assert_eq!(http.get(&format!("{}/metrics", public.api_url), None).status, 200);
 }
+
+/// One answer read off a raw connection: status, headers (names lowercased) and body,
+/// decoded when chunked.
+struct RawAnswer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one answer from `reader`; `head_only` for the answer to a HEAD request.
+fn read_raw_answer(reader: &mut impl std::io::BufRead, head_only: bool) -> RawAnswer {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let Some((name, value)) = line.trim_end().split_once(':') else { break };
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let mut answer = RawAnswer { status, headers, body: Vec::new() };
+    if head_only {
+        return answer;
+    }
+    if answer.header("transfer-encoding") == Some("chunked") {
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap(), 16).unwrap();
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).unwrap();
+            if size == 0 {
+                break;
+            }
+            answer.body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        let length: usize = answer.header("content-length").map_or(0, |v| v.parse().unwrap());
+        answer.body = vec![0; length];
+        reader.read_exact(&mut answer.body).unwrap();
+    }
+    answer
+}
+
+#[test]
+fn one_kept_alive_connection_carries_every_kind_of_call_in_turn() {
+    use std::io::{BufReader, Read, Write};
+    let server = server();
+    let app = testapp_dir("turns", "[scaling]\nmin_concurrency = 1\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let mut stream = std::net::TcpStream::connect(server.gateway_url.trim_start_matches("http://")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let get = |path: &str| format!("GET /default/turns{path} HTTP/1.1\r\nhost: x\r\n\r\n");
+
+    // A plain call: the runner sees the path after the app, and the answer names runner,
+    // revision and call.
+    stream.write_all(get("/a/b?x=1").as_bytes()).unwrap();
+    let first = read_raw_answer(&mut reader, false);
+    assert_eq!(first.status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(seen["path"], "/a/b", "{seen}");
+    for name in ["x-hangar-runner-id", "x-hangar-revision", "x-hangar-request-id"] {
+        assert!(first.header(name).is_some_and(|v| !v.is_empty()), "{name} missing: {:?}", first.headers);
+    }
+    // Two calls sent at once are answered in order, each with its own id.
+    stream.write_all(format!("{}{}", get("/one"), get("/two")).as_bytes()).unwrap();
+    let (one, two) = (read_raw_answer(&mut reader, false), read_raw_answer(&mut reader, false));
+    let path = |a: &RawAnswer| serde_json::from_slice::<serde_json::Value>(&a.body).unwrap()["path"].clone();
+    assert_eq!((path(&one), path(&two)), ("/one".into(), "/two".into()));
+    assert_ne!(one.header("x-hangar-request-id"), two.header("x-hangar-request-id"));
+    // HEAD gets a head and no body; the next answer on the connection is still whole.
+    stream.write_all(b"HEAD /default/turns/h HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    assert_eq!(read_raw_answer(&mut reader, true).status, 200);
+    // A streamed answer comes chunked, as the runner sent it.
+    stream.write_all(get("/stream?chunks=3&interval_ms=20").as_bytes()).unwrap();
+    let streamed = read_raw_answer(&mut reader, false);
+    assert_eq!(String::from_utf8_lossy(&streamed.body), "chunk 0\nchunk 1\nchunk 2\n");
+    // A small body of known length, and then a chunked one, are echoed.
+    let body = vec![b'z'; 3000];
+    let post = format!("POST /default/turns/echo HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
+    stream.write_all(&[post.as_bytes(), &body].concat()).unwrap();
+    assert_eq!(read_raw_answer(&mut reader, false).body, body);
+    // A call refused is answered, and the connection serves on.
+    stream.write_all(b"GET /default/turns/ HTTP/1.1\r\nhost: x\r\nx-hangar-request-timeout: soon\r\n\r\n").unwrap();
+    let refused = read_raw_answer(&mut reader, false);
+    assert_eq!(refused.status, 400);
+    let error: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+    assert_eq!(error["error"]["code"], "invalid_request", "{error}");
+    // A chunked upload; then an unknown app, and a plain call, on the same connection.
+    stream
+        .write_all(b"POST /default/turns/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_raw_answer(&mut reader, false).body, b"abcde");
+    stream.write_all(b"GET /default/nothing/ HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    assert_eq!(read_raw_answer(&mut reader, false).status, 401);
+    stream.write_all(get("/again").as_bytes()).unwrap();
+    assert_eq!(path(&read_raw_answer(&mut reader, false)), "/again");
+
+    // A caller that asks to close gets its answer, then the end of the connection: first
+    // thing on a connection, and after a chunked upload.
+    let close = b"GET /default/turns/last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let upload = b"POST /default/turns/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    for before in [&b""[..], &upload[..]] {
+        let mut stream = std::net::TcpStream::connect(server.gateway_url.trim_start_matches("http://")).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        stream.write_all(&[before, &close[..]].concat()).unwrap();
+        if !before.is_empty() {
+            assert_eq!(read_raw_answer(&mut reader, false).status, 200);
+        }
+        assert_eq!(read_raw_answer(&mut reader, false).status, 200);
+        let mut rest = Vec::new();
+        assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "more after the last answer: {rest:?}");
+    }
+}
