@@ -21,13 +21,11 @@
 //! ([`Ended::HandOver`]), and hyper's path answers as it always has.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::io::Write as _;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Duration;
 
 use api::error::{ApiError, ErrorCode};
 use axum::response::IntoResponse;
@@ -40,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chunked::Chunked;
 use crate::conn::Activity;
+use crate::pool::{Pool, Pooled};
 use crate::route::{AppRoute, Lease};
 use crate::{AppPath, CallLabels, Gateway};
 
@@ -82,15 +81,17 @@ where
                 match parse_request(gateway, &conn.input, &mut conn.forward) {
                     Parsed::Call(call) => break call,
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
-                    Parsed::Partial | Parsed::NotMine => return Ended::HandOver(Prefixed::new(conn.input, stream)),
+                    Parsed::Partial | Parsed::NotMine => {
+                        return Ended::HandOver(Prefixed::new(conn.input, stream));
+                    }
                 }
             }
-            if !read_more(&mut stream, &mut conn.input).await {
+            if !read_more(&mut stream, &mut conn).await {
                 return Ended::Done;
             }
         };
         while conn.input.len() < call.head_len + call.body_len {
-            if !read_more(&mut stream, &mut conn.input).await {
+            if !read_more(&mut stream, &mut conn).await {
                 return Ended::Done;
             }
         }
@@ -102,22 +103,80 @@ where
             let _ = stream.shutdown().await;
             return Ended::Done;
         }
-        if conn.input.is_empty() && conn.input.capacity() > 4 * READ_CHUNK {
-            // A large body has passed: give its memory back.
-            conn.input = BytesMut::new();
+        if conn.input.is_empty() {
+            // Idle until the next request: the buffers serve other connections meanwhile.
+            spare::give(std::mem::take(&mut conn));
         }
     }
 }
 
-/// Reads what has come into `input`. False when the peer has closed the connection.
-async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, input: &mut BytesMut) -> bool {
-    if input.capacity() - input.len() < 1024 {
-        input.reserve(4096);
-    }
-    matches!(stream.read_buf(input).await, Ok(n) if n > 0)
+/// Reads what has come into the connection's input. False when the peer has closed it.
+///
+/// A connection waiting for its next request holds no buffers: they are lent from the
+/// thread's spares for as long as bytes are coming, and go back whenever a read would
+/// wait with nothing read, so that an idle kept-alive connection costs little memory.
+async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, conn: &mut Connection) -> bool {
+    std::future::poll_fn(|cx| {
+        if conn.input.capacity() == 0 {
+            *conn = spare::take();
+        } else if conn.input.capacity() - conn.input.len() < 1024 {
+            conn.input.reserve(4096);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut conn.input) {
+            Poll::Pending => {
+                if conn.input.is_empty() {
+                    spare::give(std::mem::take(conn));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(read) => Poll::Ready(matches!(read, Ok(n) if n > 0)),
+        }
+    })
+    .await
 }
 
-/// What one connection keeps between its calls.
+/// Buffers that connections of this thread are not using now.
+mod spare {
+    use std::cell::RefCell;
+
+    use super::{Connection, READ_CHUNK};
+
+    /// Spares kept per thread; past that, buffers given back are freed.
+    const KEPT: usize = 256;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Connection>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Empty buffers, with room to read a request into.
+    pub(super) fn take() -> Connection {
+        let mut conn = SPARE.with(|spare| spare.borrow_mut().pop()).unwrap_or_default();
+        conn.input.reserve(4096);
+        conn
+    }
+
+    /// Buffers no longer used, unless they have grown large (a big body has passed).
+    pub(super) fn give(mut conn: Connection) {
+        conn.input.clear();
+        // Takes back the room that reading moved past: the buffer is this handle's alone.
+        conn.input.reserve(4096);
+        if conn.input.capacity() > 4 * READ_CHUNK || conn.output.capacity() > 4 * READ_CHUNK {
+            return;
+        }
+        conn.output.clear();
+        conn.forward.clear();
+        conn.answer.clear();
+        SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < KEPT {
+                spare.push(conn);
+            }
+        });
+    }
+}
+
+/// What one connection uses for a call: its buffers, lent from the thread's spares
+/// while it has a request to read or answer.
 #[derive(Default)]
 struct Connection {
     /// Bytes from the caller, from the start of the current request.
@@ -358,7 +417,7 @@ impl Connection {
         let answer = &upstream.input[..];
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
-        let _ = write!(out, "{}", head.status);
+        push_decimal(out, u64::from(head.status));
         out.push(b' ');
         out.extend_from_slice(&answer[head.reason.clone()]);
         out.extend_from_slice(b"\r\n");
@@ -371,7 +430,9 @@ impl Connection {
         }
         match head.framing {
             Framing::Length(n) => {
-                let _ = write!(out, "content-length: {n}\r\n");
+                out.extend_from_slice(b"content-length: ");
+                push_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
             }
             Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             Framing::Empty | Framing::Close => {}
@@ -407,6 +468,21 @@ impl Connection {
             }
         }
     }
+}
+
+/// `n` in decimal, without the formatting machinery (this runs for every call).
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -626,36 +702,8 @@ async fn relay<S: AsyncWrite + Unpin>(
     }
 }
 
-/// Idle connections kept per runner and thread.
-const IDLE_PER_RUNNER: usize = 256;
-/// An idle connection unused for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a thread's pool is swept of connections that ended or timed out, at most.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
-
 thread_local! {
-    /// Idle connections by runner endpoint. Per thread, because a connection is
-    /// registered with the runtime of the thread that opened it.
-    static IDLE: RefCell<Pool> = RefCell::new(Pool { by_addr: HashMap::new(), swept: StdInstant::now() });
-}
-
-struct Pool {
-    by_addr: HashMap<Endpoint, Vec<Upstream>>,
-    swept: StdInstant,
-}
-
-impl Pool {
-    /// Closes the idle connections whose runner has closed them (it stopped, or timed
-    /// them out) and those unused for [`IDLE_TIMEOUT`], and forgets runners with none
-    /// left: runners come and go with every rollout and scale-down.
-    fn sweep(&mut self) {
-        let now = StdInstant::now();
-        self.by_addr.retain(|_, list| {
-            list.retain(|c| c.alive() && now.duration_since(c.idle_since) < IDLE_TIMEOUT);
-            !list.is_empty()
-        });
-        self.swept = now;
-    }
+    static IDLE: RefCell<Pool<Upstream>> = RefCell::new(Pool::new());
 }
 
 /// A connection to a runner, with what has been read from it and not yet used.
@@ -663,26 +711,32 @@ struct Upstream {
     addr: Endpoint,
     stream: TcpStream,
     input: BytesMut,
-    idle_since: StdInstant,
 }
 
 impl Upstream {
     /// An idle connection to `addr` that the runner has not closed, or a new one.
     async fn checkout(addr: &Endpoint) -> std::io::Result<Upstream> {
-        while let Some(idle) = IDLE.with(|pool| pool.borrow_mut().by_addr.get_mut(addr).and_then(Vec::pop)) {
-            if idle.alive() {
-                return Ok(idle);
-            }
+        if let Some(idle) = IDLE.with(|pool| pool.borrow_mut().take(addr)) {
+            return Ok(idle);
         }
         let stream = addr.connect().await?;
         let _ = stream.set_nodelay(true);
-        Ok(Upstream { addr: addr.clone(), stream, input: BytesMut::new(), idle_since: StdInstant::now() })
+        Ok(Upstream { addr: addr.clone(), stream, input: BytesMut::new() })
     }
 
-    /// Whether the connection can still carry a call, as far as can be told without
-    /// waiting: an idle connection has nothing to read unless its runner closed it (or
-    /// sent what was not asked for).
-    fn alive(&self) -> bool {
+    fn give_back(mut self) {
+        if self.input.capacity() > 4 * READ_CHUNK {
+            self.input = BytesMut::new();
+        }
+        let addr = self.addr.clone();
+        IDLE.with(|pool| pool.borrow_mut().put(&addr, self));
+    }
+}
+
+impl Pooled for Upstream {
+    /// An idle connection has nothing to read unless its runner closed it (or sent what
+    /// was not asked for).
+    fn usable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match self.stream.poll_read_ready(&mut cx) {
             Poll::Pending => true,
@@ -692,23 +746,6 @@ impl Upstream {
                 matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
         }
-    }
-
-    fn give_back(mut self) {
-        self.idle_since = StdInstant::now();
-        if self.input.capacity() > 4 * READ_CHUNK {
-            self.input = BytesMut::new();
-        }
-        IDLE.with(|pool| {
-            let mut pool = pool.borrow_mut();
-            let list = pool.by_addr.entry(self.addr.clone()).or_default();
-            if list.len() < IDLE_PER_RUNNER {
-                list.push(self);
-            }
-            if pool.swept.elapsed() >= SWEEP_EVERY {
-                pool.sweep();
-            }
-        });
     }
 }
 
@@ -795,6 +832,15 @@ mod tests {
             Parsed::Call(_) => Ok(forward.iter().map(|(n, _)| head[n.clone()].to_ascii_lowercase()).collect()),
             Parsed::Partial => Err("partial"),
             Parsed::NotMine => Err("hyper"),
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 200, 404, 65_536, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
         }
     }
 

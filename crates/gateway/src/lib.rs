@@ -10,6 +10,7 @@ pub mod conn;
 mod fast;
 pub mod forward;
 mod metrics;
+mod pool;
 pub mod route;
 mod upstream;
 

@@ -12,11 +12,9 @@
 //! per-call cost (see BENCHMARKS.md).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
-use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -27,44 +25,12 @@ use hyper_util::rt::TokioIo;
 use netns::Endpoint;
 use tokio::net::TcpStream;
 
+use crate::pool::{Pool, Pooled};
+
 type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
 
-/// Idle connections kept per runner and thread.
-const IDLE_PER_RUNNER: usize = 256;
-/// An idle connection unused for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a thread's pool is swept of connections that ended or timed out, at most.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
-
 thread_local! {
-    /// Idle connections by runner endpoint. Per thread, because a connection belongs to
-    /// the runtime of the thread that opened it.
-    static IDLE: RefCell<Pool> = RefCell::new(Pool { by_addr: HashMap::new(), swept: Instant::now() });
-}
-
-struct Pool {
-    by_addr: HashMap<Endpoint, Vec<Upstream>>,
-    swept: Instant,
-}
-
-impl Pool {
-    /// Closes the idle connections whose runner has closed them (it stopped, or timed
-    /// them out) and those unused for [`IDLE_TIMEOUT`], and forgets runners with none
-    /// left. Runners come and go with every rollout and scale-down; without this their
-    /// connections would stay open, one file each, for as long as the server runs.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        // Polled once without anyone to wake: a connection whose peer has gone ends.
-        let mut cx = Context::from_waker(Waker::noop());
-        self.by_addr.retain(|_, list| {
-            list.retain_mut(|c| {
-                c.drive(&mut cx);
-                !c.ended && !c.sender.is_closed() && now.duration_since(c.idle_since) < IDLE_TIMEOUT
-            });
-            !list.is_empty()
-        });
-        self.swept = now;
-    }
+    static IDLE: RefCell<Pool<Upstream>> = RefCell::new(Pool::new());
 }
 
 /// One connection to a runner: the handle to send on and the connection itself.
@@ -74,14 +40,20 @@ pub(crate) struct Upstream {
     connection: Pin<Box<Connection>>,
     /// The connection has ended; it must not be polled again.
     ended: bool,
-    /// When it last went back to the pool.
-    idle_since: Instant,
+}
+
+impl Pooled for Upstream {
+    /// Polled once without anyone to wake: a connection whose peer has gone ends.
+    fn usable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop()));
+        !self.ended && !self.sender.is_closed()
+    }
 }
 
 impl Upstream {
     /// An idle connection to `addr` that is ready for a request, or a new one.
     async fn checkout(addr: &Endpoint) -> Result<Upstream, UpstreamError> {
-        while let Some(mut idle) = IDLE.with(|pool| pool.borrow_mut().by_addr.get_mut(addr).and_then(Vec::pop)) {
+        while let Some(mut idle) = IDLE.with(|pool| pool.borrow_mut().take(addr)) {
             if idle.ready().await.is_ok() {
                 return Ok(idle);
             }
@@ -89,13 +61,7 @@ impl Upstream {
         let stream = addr.connect().await?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        let mut upstream = Upstream {
-            addr: addr.clone(),
-            sender,
-            connection: Box::pin(connection),
-            ended: false,
-            idle_since: Instant::now(),
-        };
+        let mut upstream = Upstream { addr: addr.clone(), sender, connection: Box::pin(connection), ended: false };
         upstream.ready().await?;
         Ok(upstream)
     }
@@ -122,21 +88,12 @@ impl Upstream {
     }
 
     /// Back to the pool, if it can serve again.
-    fn give_back(mut self) {
+    fn give_back(self) {
         if self.ended || self.sender.is_closed() {
             return;
         }
-        self.idle_since = Instant::now();
-        IDLE.with(|pool| {
-            let mut pool = pool.borrow_mut();
-            let list = pool.by_addr.entry(self.addr.clone()).or_default();
-            if list.len() < IDLE_PER_RUNNER {
-                list.push(self);
-            }
-            if pool.swept.elapsed() >= SWEEP_EVERY {
-                pool.sweep();
-            }
-        });
+        let addr = self.addr.clone();
+        IDLE.with(|pool| pool.borrow_mut().put(&addr, self));
     }
 }
 
