@@ -18,6 +18,11 @@ if [ -z "$nginx" ]; then
   nginx=/usr/sbin/nginx
 fi
 
+if ! command -v wrk >/dev/null 2>&1; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+fi
+
 oha=$(command -v oha || true)
 if [ -z "$oha" ]; then
   oha=target/bench-tools/bin/oha
@@ -32,9 +37,10 @@ fi
 
 cargo build --release --locked -p cli -p testkit -p bench --bins
 target/release/hangar-bench --hangar target/release/hangar --oha "$oha" --nginx "$nginx" \
-  --out BENCHMARKS.md --json target/bench/results.json "$@"
-# --p5-only, --slurm-only and --stores-only print their figures and write nothing to plot.
+  --wrk "$(command -v wrk)" --out BENCHMARKS.md --json target/bench/results.json "$@"
+# --p1-only, --p5-only, --slurm-only, --stores-only and --failover-only print their
+# figures and write nothing to plot.
 for arg in "$@"; do
-  case $arg in --p5-only | --slurm-only | --stores-only) exit 0 ;; esac
+  case $arg in --p1-only | --p5-only | --slurm-only | --stores-only | --failover-only) exit 0 ;; esac
 done
 "$venv/bin/python" bench/plot.py target/bench/results.json docs/benchmarks.png

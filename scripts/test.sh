@@ -22,6 +22,8 @@ need_deb bwrap bubblewrap
 need_deb setpriv util-linux
 # Each sandbox has a network namespace of its own; slirp4netns gives it its way out.
 need_deb slirp4netns slirp4netns
+# The static-nginx example serves its files with nginx.
+need_deb nginx nginx
 # The Slurm tests start private clusters of their own; this installs munge and Slurm.
 scripts/slurm/cluster.sh install
 # The store and end-to-end tests on PostgreSQL start private clusters; this installs PostgreSQL.

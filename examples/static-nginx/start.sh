@@ -6,10 +6,12 @@ set -eu
 : "${PORT:?the platform sets PORT}"
 nginx=$(command -v nginx || echo /usr/sbin/nginx)
 run=$(mktemp -d /tmp/static-nginx.XXXXXX)
-# Workers run as whoever runs this (nginx started as root would otherwise switch them
-# to nobody, who may not read the app's files).
+# Workers run as whoever runs this: nginx started as root would otherwise switch them
+# to nobody, who may not read the app's files.
+user=
+if [ "$(id -u)" = 0 ]; then user="user root root;"; fi
 cat > "$run/nginx.conf" <<CONF
-user $(id -un) $(id -gn);
+$user
 worker_processes ${NGINX_WORKERS:-1};
 daemon off;
 pid $run/nginx.pid;

@@ -40,7 +40,7 @@ use crate::chunked::Chunked;
 use crate::conn::Activity;
 use crate::pool::{Pool, Pooled};
 use crate::route::{AppRoute, Lease};
-use crate::{AppPath, CallLabels, Gateway};
+use crate::{AppPath, Gateway};
 
 /// The longest request head this path reads; a longer one goes to hyper (which answers
 /// 431 past its own limit).
@@ -238,8 +238,8 @@ fn parse_request(gateway: &Gateway, input: &[u8], forward: &mut Vec<(Range<usize
     if method == "CONNECT" || !target.bytes().all(|b| b.is_ascii_graphic()) || target.starts_with("/queue") {
         return Parsed::NotMine;
     }
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    let (path, query) = match target.bytes().position(|b| b == b'?') {
+        Some(at) => (&target[..at], Some(&target[at + 1..])),
         None => (target, None),
     };
     let Some(route) = AppPath::parse(path).and_then(|p| gateway.route(p.team_and_app)) else {
@@ -367,7 +367,6 @@ impl Connection {
         };
         let config = route.config();
         let app_label = route.label.get().cloned().unwrap_or_else(|| Arc::new(team_and_app.to_owned()));
-        let labels = CallLabels { app: app_label, revision: lease.labels.revision_label.clone(), status: 0 };
 
         // The request the runner gets: the path after `/{team}/{app}`, and the query.
         let out = &mut self.output;
@@ -406,12 +405,12 @@ impl Connection {
                         (504, timed_out(config.request_timeout))
                     }
                 };
-                gateway.metrics.record(&labels, status, arrived.elapsed());
+                gateway.metrics.record(&app_label, &lease.labels, status, arrived.elapsed());
                 drop(lease);
                 return answer_error(stream, out, e, request_id, call.close).await;
             }
         };
-        gateway.metrics.record(&labels, head.status, arrived.elapsed());
+        gateway.metrics.record(&app_label, &lease.labels, head.status, arrived.elapsed());
 
         // The answer's head: the runner's, without its hop-by-hop headers, framed here.
         let answer = &upstream.input[..];

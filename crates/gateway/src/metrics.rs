@@ -1,7 +1,7 @@
 //! What the gateway counts, in Prometheus terms. The server registers these in its
 //! registry next to its own.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,6 +9,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::route::SlotLabels;
 
 /// Shared strings, so that labelling a call allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -21,6 +23,13 @@ pub struct CallLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct AppLabel {
     app: Arc<String>,
+}
+
+/// Handles to the series of one runner's calls, made on its first call.
+#[derive(Debug, Default)]
+pub(crate) struct SeriesCache {
+    ok: OnceLock<Counter>,
+    latency: OnceLock<Histogram>,
 }
 
 pub struct Metrics {
@@ -42,11 +51,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts a call by its status and records the time to its response head.
-    pub(crate) fn record(&self, labels: &CallLabels, status: u16, elapsed: Duration) {
-        let labels = CallLabels { status, ..labels.clone() };
-        self.calls.get_or_create(&labels).inc();
-        self.latency.get_or_create(&AppLabel { app: labels.app }).observe(elapsed.as_secs_f64());
+    /// Counts a call to `app` on the runner `slot` by its status and records the time to
+    /// its response head. A runner's series for 200 and its app's latency are looked up
+    /// once and kept in its [`SeriesCache`], so that the common call hashes no labels.
+    pub(crate) fn record(&self, app: &Arc<String>, slot: &SlotLabels, status: u16, elapsed: Duration) {
+        let series = |status| CallLabels { app: app.clone(), revision: slot.revision_label.clone(), status };
+        if status == 200 {
+            slot.series.ok.get_or_init(|| self.calls.get_or_create(&series(200)).clone()).inc();
+        } else {
+            self.calls.get_or_create(&series(status)).inc();
+        }
+        let latency =
+            slot.series.latency.get_or_init(|| self.latency.get_or_create(&AppLabel { app: app.clone() }).clone());
+        latency.observe(elapsed.as_secs_f64());
     }
 
     pub fn register(&self, registry: &mut Registry) {

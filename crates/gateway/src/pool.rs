@@ -21,13 +21,14 @@ pub(crate) trait Pooled {
 }
 
 pub(crate) struct Pool<C> {
-    by_addr: HashMap<Endpoint, Vec<(C, Instant)>>,
+    /// Keyed by endpoints of this server's runners, not by anything a caller sends.
+    by_addr: HashMap<Endpoint, Vec<(C, Instant)>, foldhash::fast::RandomState>,
     swept: Instant,
 }
 
 impl<C: Pooled> Pool<C> {
     pub(crate) fn new() -> Pool<C> {
-        Pool { by_addr: HashMap::new(), swept: Instant::now() }
+        Pool { by_addr: HashMap::default(), swept: Instant::now() }
     }
 
     /// An idle connection to `addr` that looks usable; the unusable ones met on the way

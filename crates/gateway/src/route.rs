@@ -124,6 +124,8 @@ pub struct SlotLabels {
     pub revision: http::HeaderValue,
     /// The revision, as a metrics label.
     pub revision_label: Arc<String>,
+    /// Its calls' metrics series, once looked up.
+    pub(crate) series: Arc<crate::metrics::SeriesCache>,
 }
 
 impl SlotLabels {
@@ -134,6 +136,7 @@ impl SlotLabels {
             runner: value(id.to_string()),
             revision: value(revision.to_string()),
             revision_label: Arc::new(revision.to_string()),
+            series: Arc::default(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use testkit::{Http, wait_until};
 
-use crate::{app_url, example, server_with};
+use crate::{app_url, example, server, server_with};
 
 /// `target/embeddings-wheels`: the wheels of `examples/embeddings/requirements.txt`, which
 /// `scripts/test.sh` downloads once (and again when the requirements change), so that
@@ -90,4 +90,20 @@ fn the_embeddings_example_serves_unit_vectors_that_put_similar_sentences_closer(
     assert_eq!(refused.status, 422, "{}", refused.text());
     let detail: Value = refused.json();
     assert!(detail["detail"].as_str().unwrap().contains("texts"), "{detail}");
+}
+
+#[test]
+fn the_static_nginx_example_serves_its_files_from_its_sandbox() {
+    let server = server();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/static-nginx");
+    server.run(&["deploy", dir.to_str().unwrap(), "--auth", "public"]).ok();
+    let http = Http::new();
+    let reply = http.get(&app_url(&server, "static-nginx", "/"), None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "hello from nginx\n");
+    assert!(reply.headers.get("x-hangar-runner-id").is_some());
+    // It listens on the port the platform gave it, and answers what nginx answers.
+    let port: u16 = http.get(&app_url(&server, "static-nginx", "/port"), None).text().parse().unwrap();
+    assert!(port > 0);
+    assert_eq!(http.get(&app_url(&server, "static-nginx", "/missing"), None).status, 404);
 }
