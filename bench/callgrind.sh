@@ -24,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 600); do curl -sf "$1" >/dev/null && return; sleep 0.2; done; echo "nothing answered at $1" >&2; exit 1; }
+wait_for() { for _ in $(seq 600); do curl -sf "$1" >/dev/null && return; sleep 0.2; done; echo "nothing answered at $1" >&2; cat "$work"/*.log >&2; exit 1; }
 
 # Counts `calls` calls to `url` in the callgrind run of `pid` whose output is `out`, and
 # prints the instructions per call.
@@ -32,7 +32,9 @@ count() {
   local pid=$1 url=$2 out=$3 name=$4
   "$oha" --no-tui -n 2000 -c 8 "$url" >/dev/null
   callgrind_control -i on "$pid" >/dev/null
-  "$oha" --no-tui -n "$calls" -c 8 "$url" | grep -q "Success rate:.*100.00%" || { echo "$name: calls failed" >&2; exit 1; }
+  local summary
+  summary=$("$oha" --no-tui -n "$calls" -c 8 "$url")
+  grep -q "Success rate:.*100.00%" <<<"$summary" || { echo "$name: calls failed: $summary" >&2; exit 1; }
   callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
   local total
@@ -41,13 +43,14 @@ count() {
 }
 
 api=$(free_port) gw=$(free_port)
+mkdir -p "$work/data"
 export HANGAR_DATA_DIR=$work/data HANGAR_URL=http://127.0.0.1:$api
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/hangar.out" \
   target/release/hangar server --sandbox none --api-addr "127.0.0.1:$api" --gateway-addr "127.0.0.1:$gw" \
   >"$work/server.log" 2>&1 &
 pids+=($!)
 server=$!
-wait_for "http://127.0.0.1:$api/health"
+wait_for "http://127.0.0.1:$api/healthz"
 target/release/hangar deploy examples/static-nginx --auth public >/dev/null 2>&1
 target/release/hangar apps scale static-nginx --min-concurrency 1 --keep-alive 3600 >/dev/null
 url=http://127.0.0.1:$gw/default/static-nginx/
