@@ -17,20 +17,12 @@ use anyhow::{Context, bail};
 use testkit::TestServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::proxies::{Cpu, FIXED_RATE, Nginx, cpu_ticks, median, median_f64, oha, per_call};
+use crate::proxies::{Cpu, FIXED_RATE, Nginx, Settings, cpu_ticks, median, median_f64, oha, per_call};
 
 /// The connection counts of the throughput runs.
 pub(crate) const CONNECTIONS: [u32; 2] = [32, 256];
 /// Idle keep-alive connections held in the last part.
 pub(crate) const IDLE: usize = 10_000;
-
-pub(crate) struct Settings {
-    pub(crate) oha: PathBuf,
-    pub(crate) wrk: PathBuf,
-    pub(crate) nginx: PathBuf,
-    pub(crate) rounds: u32,
-    pub(crate) seconds: u32,
-}
 
 /// One contender's figures, medians over the rounds.
 #[derive(Debug, Clone)]

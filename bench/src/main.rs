@@ -145,7 +145,7 @@ fn main() -> anyhow::Result<()> {
     if args.p5_only {
         return p5_only(&hangar);
     }
-    let fast_settings = fast_runner::Settings {
+    let settings = proxies::Settings {
         oha: args.oha.clone(),
         wrk: args.wrk.clone(),
         nginx: args.nginx.clone(),
@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
     if args.p1_only {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let unconfined = TestServer::start_with(&hangar, &["--machine-type", "cpu=64", "--sandbox", "none"]);
-        let fast = runtime.block_on(fast_runner::compare(&unconfined, &fast_settings))?;
+        let fast = runtime.block_on(fast_runner::compare(&unconfined, &settings))?;
         print!("{}", report::fast_runner_table(&fast));
         return Ok(());
     }
@@ -176,16 +176,10 @@ fn main() -> anyhow::Result<()> {
 
     let server = TestServer::start_with(&hangar, &["--machine-type", "cpu=64"]);
     let unconfined = TestServer::start_with(&hangar, &["--machine-type", "cpu=64", "--sandbox", "none"]);
-    let settings = proxies::Settings {
-        oha: args.oha.clone(),
-        nginx: args.nginx.clone(),
-        rounds: args.rounds,
-        seconds: args.seconds,
-    };
     eprintln!("P1: direct, nginx and hangar under oha ({} rounds)", args.rounds);
     let p1 = runtime.block_on(proxies::compare(&unconfined, &server, &testapp, &settings))?;
     eprintln!("P1 with a fast runner: direct, nginx and hangar under wrk and oha");
-    let p1_fast = runtime.block_on(fast_runner::compare(&unconfined, &fast_settings))?;
+    let p1_fast = runtime.block_on(fast_runner::compare(&unconfined, &settings))?;
     eprintln!("P2: {} cold starts", args.cold_starts);
     let p2 = runtime.block_on(cold::cold_start(&server, &unconfined, &testapp, args.cold_starts))?;
     drop(unconfined);

@@ -20,8 +20,11 @@ pub(crate) const FIXED_RATE: u32 = 1000;
 /// Connections of the throughput runs.
 pub(crate) const CONNECTIONS: u32 = 32;
 
+/// The load generators and nginx of both parts of P1, and how long each measures.
 pub(crate) struct Settings {
     pub(crate) oha: PathBuf,
+    /// Only the fast runner's part uses wrk.
+    pub(crate) wrk: PathBuf,
     pub(crate) nginx: PathBuf,
     pub(crate) rounds: u32,
     pub(crate) seconds: u32,

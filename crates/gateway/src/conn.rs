@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -104,7 +104,7 @@ impl Timeouts {
     /// A new connection's activity, and its stream wrapped to keep it.
     pub fn watch<S>(&self, stream: S) -> (Arc<Activity>, Watched<S>) {
         let activity = Activity::new();
-        (activity.clone(), Watched { stream, activity })
+        (activity.clone(), Watched { stream, activity, unread: BytesMut::new() })
     }
 
     /// Drives `connection` (the connection `activity` belongs to) until it ends, or until
@@ -141,14 +141,30 @@ impl Timeouts {
     }
 }
 
-/// A connection's stream, noting when a request's first byte arrives.
+/// A connection's stream, noting when a request's first byte arrives. Bytes read
+/// already can be put back ([`unread`](Watched::unread)), to be read again first.
 pub struct Watched<S> {
     stream: S,
     activity: Arc<Activity>,
+    unread: BytesMut,
+}
+
+impl<S> Watched<S> {
+    /// Puts `bytes`, read from this stream, back in front of what it reads next.
+    pub(crate) fn unread(&mut self, bytes: BytesMut) {
+        self.unread = bytes;
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.unread.is_empty() {
+            // Their arrival was noted when they were first read.
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {

@@ -31,7 +31,7 @@ use api::error::{ApiError, ErrorCode};
 use axum::response::IntoResponse;
 use bytes::{Buf, BytesMut};
 use netns::Endpoint;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -59,8 +59,8 @@ const READ_CHUNK: usize = 16 * 1024;
 pub(crate) enum Ended<S> {
     /// It is closed, or is to be.
     Done,
-    /// It is hyper's from now on, starting with the bytes already read.
-    HandOver(Prefixed<S>),
+    /// It is hyper's from now on, starting with these bytes, read already.
+    HandOver(S, BytesMut),
 }
 
 /// Serves calls on one connection until it closes, or until one comes that this path
@@ -82,7 +82,7 @@ where
                     Parsed::Call(call) => break call,
                     Parsed::Partial if conn.input.len() < MAX_HEAD => {}
                     Parsed::Partial | Parsed::NotMine => {
-                        return Ended::HandOver(Prefixed::new(conn.input, stream));
+                        return Ended::HandOver(stream, conn.input);
                     }
                 }
             }
@@ -195,8 +195,10 @@ struct Call {
     head_len: usize,
     body_len: usize,
     method: Range<usize>,
-    /// `/{team}/{app}[/rest]`, without the query.
-    path: Range<usize>,
+    /// The parts of `/{team}/{app}[/rest]` (the query left out).
+    team: Range<usize>,
+    app: Range<usize>,
+    rest: Range<usize>,
     query: Option<Range<usize>>,
     authorization: Option<Range<usize>>,
     start_timeout: Option<Range<usize>>,
@@ -242,7 +244,10 @@ fn parse_request(gateway: &Gateway, input: &[u8], forward: &mut Vec<(Range<usize
         Some(at) => (&target[..at], Some(&target[at + 1..])),
         None => (target, None),
     };
-    let Some(route) = AppPath::parse(path).and_then(|p| gateway.route(p.team_and_app)) else {
+    let Some(app_path) = AppPath::parse(path) else {
+        return Parsed::NotMine;
+    };
+    let Some(route) = gateway.route(app_path.team_and_app) else {
         // No such app here: it may be another server's, or none; hyper's path says.
         return Parsed::NotMine;
     };
@@ -252,7 +257,9 @@ fn parse_request(gateway: &Gateway, input: &[u8], forward: &mut Vec<(Range<usize
         head_len,
         body_len: 0,
         method: range_in(input, method.as_bytes()),
-        path: range_in(input, path.as_bytes()),
+        team: range_in(input, app_path.team.as_bytes()),
+        app: range_in(input, app_path.app.as_bytes()),
+        rest: range_in(input, app_path.rest.as_bytes()),
         query: query.map(|q| range_in(input, q.as_bytes())),
         authorization: None,
         start_timeout: None,
@@ -344,10 +351,11 @@ impl Connection {
         let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
         let request_id: &[u8] = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id).as_bytes();
         let input = &self.input[..];
-        let path = std::str::from_utf8(&input[call.path.clone()]).unwrap_or_default();
-        let Some(AppPath { team_and_app, team, app, rest }) = AppPath::parse(path) else {
-            return false;
-        };
+        // Visible ASCII, as `parse_request` checked.
+        let text = |r: Range<usize>| std::str::from_utf8(&input[r]).unwrap_or_default();
+        let (team_and_app, team, app) =
+            (text(call.team.start..call.app.end), text(call.team.clone()), text(call.app.clone()));
+        let rest = text(call.rest.clone());
         let authorization = call.authorization.clone().and_then(|r| std::str::from_utf8(&input[r]).ok());
         let route = match gateway.authorize_key(Some(call.route.clone()), team_and_app, authorization).await {
             Ok(route) => route,
@@ -745,56 +753,6 @@ impl Pooled for Upstream {
                 matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
         }
-    }
-}
-
-/// A stream whose first bytes were read already: they are read again first.
-pub(crate) struct Prefixed<S> {
-    prefix: BytesMut,
-    stream: S,
-}
-
-impl<S> Prefixed<S> {
-    fn new(prefix: BytesMut, stream: S) -> Prefixed<S> {
-        Prefixed { prefix, stream }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -241,7 +241,10 @@ impl Gateway {
             let (activity, stream) = timeouts.watch(stream);
             let fast = fast::serve(&self, stream, &activity, &closing);
             let stream = match timeouts.serve(&activity, fast, Some(&closing)).await {
-                Some(fast::Ended::HandOver(stream)) => stream,
+                Some(fast::Ended::HandOver(mut stream, read)) => {
+                    stream.unread(read);
+                    stream
+                }
                 Some(fast::Ended::Done) => return,
                 None => return tracing::debug!("gateway connection closed: idle, or its headers too slow"),
             };
