@@ -40,6 +40,16 @@ pub struct App {
     pub runner: RunnerSpec,
     pub suspended: bool,
     pub created_at: OffsetDateTime,
+    /// Shares of new calls sent to other Deployed revisions (canaries); the current
+    /// revision takes the rest. Empty: it takes every call.
+    pub traffic: Vec<TrafficShare>,
+}
+
+/// A share of an app's new calls, in percent, sent to one of its revisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrafficShare {
+    pub revision: RevisionId,
+    pub percent: u8,
 }
 
 /// One immutable deploy of an app's code.

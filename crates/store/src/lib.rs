@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{App, HistoryEntry, Key, Revision, Team};
+use model::records::{App, HistoryEntry, Key, Revision, Team, TrafficShare};
 use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
 
@@ -315,6 +315,13 @@ impl Store {
     /// Digests of every artifact some revision refers to.
     pub async fn artifacts_in_use(&self) -> Result<Vec<String>> {
         on_backend!(self, [], db => db.artifacts_in_use())
+    }
+
+    /// Sets the app's traffic split (empty: none), with its history entry. Every
+    /// revision named must be one of the app's Deployed revisions other than the
+    /// current one ([`StoreError::Conflict`] otherwise, and nothing changes).
+    pub async fn set_traffic(&self, app_id: Uuid, shares: &[TrafficShare], history: NewHistory) -> Result<()> {
+        on_backend!(self, [shares], db => db.set_traffic(app_id, shares, &history))
     }
 
     /// Sets an app's scaling values (runtime-tunable and code-specific) and records the

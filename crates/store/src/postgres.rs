@@ -8,12 +8,12 @@ mod queue;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{App, HistoryEntry, Key, Revision, Team};
+use model::records::{App, HistoryEntry, Key, Revision, Team, TrafficShare};
 use model::revision::{AuthMode, KeyScope, RevisionStatus};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use crate::values::{corrupt, from_millis, millis, now, revision_id, uuid};
+use crate::values::{corrupt, from_millis, millis, now, revision_id, traffic_from, traffic_text, uuid};
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey, StoredSecret};
 
 /// Schema migrations, applied in order; the number of each one applied is recorded in
@@ -166,6 +166,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (revision_id, kind, part),
         FOREIGN KEY (revision_id, kind) REFERENCES revision_files(revision_id, kind) ON DELETE CASCADE
     );",
+    // The app's traffic split: `revision=percent` pairs (empty: none).
+    "ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The advisory lock that servers starting at once take around migrating, so that one
@@ -181,7 +183,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
     max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
-    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus";
+    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus, traffic";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
     startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
@@ -418,6 +420,7 @@ impl Postgres {
             runner: new.runner.clone(),
             suspended: false,
             created_at: now(),
+            traffic: Vec::new(),
         };
         let s = &app.scaling;
         let r = &app.runner;
@@ -427,7 +430,7 @@ impl Postgres {
             .execute(
                 &format!(
                     "INSERT INTO apps ({APP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                     $14, $15, $16, $17, $18, $19)
+                     $14, $15, $16, $17, $18, $19, $20)
                      ON CONFLICT (team_id, name) DO NOTHING"
                 ),
                 &[
@@ -450,6 +453,7 @@ impl Postgres {
                     &false,
                     &millis(app.created_at),
                     &r.num_gpus.map(i64::from),
+                    &"",
                 ],
             )
             .await?;
@@ -616,7 +620,10 @@ impl Postgres {
                 a.revision
             )));
         }
-        let moved = tx.execute("UPDATE apps SET current_revision = $2 WHERE id = $1", &[&app_id, &revision]).await?;
+        // A switch ends any split: the new current revision takes every call.
+        let moved = tx
+            .execute("UPDATE apps SET current_revision = $2, traffic = '' WHERE id = $1", &[&app_id, &revision])
+            .await?;
         if moved != 1 {
             return Err(StoreError::Conflict(format!("app {} no longer exists", a.app_id)));
         }
@@ -627,6 +634,39 @@ impl Postgres {
         if let Some(auth) = a.auth {
             tx.execute("UPDATE apps SET auth = $2 WHERE id = $1", &[&app_id, &auth.as_str()]).await?;
         }
+        insert_history(&tx, history).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_traffic(&self, app_id: Uuid, shares: &[TrafficShare], history: &NewHistory) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let app = app_id.to_string();
+        // The app's row is locked first, so a switch running beside this either comes
+        // first (and the check below sees its new current revision) or waits.
+        let locked = tx.execute("SELECT 1 FROM apps WHERE id = $1 FOR UPDATE", &[&app]).await?;
+        if locked != 1 {
+            return Err(StoreError::Conflict(format!("app {app_id} no longer exists")));
+        }
+        for share in shares {
+            let ok: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM revisions r JOIN apps a ON a.id = r.app_id \
+                     WHERE r.id = $1 AND r.app_id = $2 AND r.status = $3 \
+                     AND (a.current_revision IS NULL OR a.current_revision <> r.id))",
+                    &[&share.revision.to_string(), &app, &RevisionStatus::Deployed.as_str()],
+                )
+                .await?
+                .try_get(0)?;
+            if !ok {
+                return Err(StoreError::Conflict(format!(
+                    "revision {} is not one of this app's Deployed revisions other than the current one",
+                    share.revision
+                )));
+            }
+        }
+        tx.execute("UPDATE apps SET traffic = $2 WHERE id = $1", &[&app, &traffic_text(shares)]).await?;
         insert_history(&tx, history).await?;
         tx.commit().await?;
         Ok(())
@@ -855,6 +895,7 @@ fn app_from_row(row: &Row) -> Result<App> {
         runner: runner_spec_from_row(row)?,
         suspended: row.try_get("suspended")?,
         created_at: from_millis(row.try_get("created_at")?)?,
+        traffic: traffic_from(row.try_get("traffic")?)?,
     })
 }
 

@@ -8,13 +8,13 @@ use std::sync::{Mutex, MutexGuard};
 
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{App, HistoryEntry, Key, Revision, Team};
+use model::records::{App, HistoryEntry, Key, Revision, Team, TrafficShare};
 use model::revision::{AuthMode, KeyScope, RevisionStatus};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
 use uuid::Uuid;
 
-use crate::values::{corrupt, from_millis, millis, now, revision_id, uuid};
+use crate::values::{corrupt, from_millis, millis, now, revision_id, traffic_from, traffic_text, uuid};
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey};
 
 /// Schema migrations, applied in order and recorded in `user_version`. Only ever append.
@@ -168,6 +168,8 @@ const MIGRATIONS: &[M<'static>] = &[
         FOREIGN KEY (revision_id, kind) REFERENCES revision_files(revision_id, kind) ON DELETE CASCADE
     );",
     ),
+    // The app's traffic split: `revision=percent` pairs (empty: none).
+    M::up("ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';"),
 ];
 
 pub(crate) struct Sqlite {
@@ -176,7 +178,7 @@ pub(crate) struct Sqlite {
 
 const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
     max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
-    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus";
+    max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus, traffic";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
     startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
@@ -372,12 +374,13 @@ impl Sqlite {
             runner: new.runner.clone(),
             suspended: false,
             created_at: now(),
+            traffic: Vec::new(),
         };
         let s = &app.scaling;
         let r = &app.runner;
         let inserted = self.conn().execute(
             &format!(
-                "INSERT INTO apps ({APP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+                "INSERT INTO apps ({APP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
                  ON CONFLICT (team_id, name) DO NOTHING"
             ),
             params![
@@ -400,6 +403,7 @@ impl Sqlite {
                 false,
                 millis(app.created_at),
                 r.num_gpus,
+                "",
             ],
         )?;
         if inserted == 0 {
@@ -538,8 +542,9 @@ impl Sqlite {
                 a.revision
             )));
         }
+        // A switch ends any split: the new current revision takes every call.
         let moved = tx.execute(
-            "UPDATE apps SET current_revision = ?2 WHERE id = ?1",
+            "UPDATE apps SET current_revision = ?2, traffic = '' WHERE id = ?1",
             params![a.app_id.to_string(), a.revision.to_string()],
         )?;
         if moved != 1 {
@@ -568,6 +573,38 @@ impl Sqlite {
         let tx = conn.transaction()?;
         set_scaling(&tx, app_id, s)?;
         set_runner_spec(&tx, app_id, r)?;
+        insert_history(&tx, history)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sets the app's traffic split. Every revision in it must be one of the app's
+    /// Deployed revisions other than the current one; nothing changes otherwise.
+    pub(crate) fn set_traffic(&self, app_id: Uuid, shares: &[TrafficShare], history: &NewHistory) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for share in shares {
+            let ok: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM revisions r JOIN apps a ON a.id = r.app_id \
+                 WHERE r.id = ?1 AND r.app_id = ?2 AND r.status = ?3 \
+                 AND (a.current_revision IS NULL OR a.current_revision <> r.id))",
+                params![share.revision.to_string(), app_id.to_string(), RevisionStatus::Deployed.as_str()],
+                |r| r.get(0),
+            )?;
+            if !ok {
+                return Err(StoreError::Conflict(format!(
+                    "revision {} is not one of this app's Deployed revisions other than the current one",
+                    share.revision
+                )));
+            }
+        }
+        let set = tx.execute(
+            "UPDATE apps SET traffic = ?2 WHERE id = ?1",
+            params![app_id.to_string(), traffic_text(shares)],
+        )?;
+        if set != 1 {
+            return Err(StoreError::Conflict(format!("app {app_id} no longer exists")));
+        }
         insert_history(&tx, history)?;
         tx.commit()?;
         Ok(())
@@ -729,6 +766,7 @@ fn app_from_row(row: &Row<'_>) -> rusqlite::Result<Result<App>> {
             },
             suspended: row.get(16)?,
             created_at: from_millis(row.get(17)?)?,
+            traffic: traffic_from(&row.get::<_, String>(19)?)?,
         })
     })())
 }

@@ -3,6 +3,7 @@
 //! lower-case text.
 
 use model::ids::RevisionId;
+use model::records::TrafficShare;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -33,4 +34,23 @@ pub(crate) fn revision_id(s: String) -> Result<RevisionId, StoreError> {
 
 pub(crate) fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("unreadable {what}"))
+}
+
+/// An app's traffic split as one column: `revision=percent` pairs, comma-separated
+/// (empty: no split).
+pub(crate) fn traffic_text(shares: &[TrafficShare]) -> String {
+    shares.iter().map(|s| format!("{}={}", s.revision, s.percent)).collect::<Vec<_>>().join(",")
+}
+
+pub(crate) fn traffic_from(text: &str) -> Result<Vec<TrafficShare>, StoreError> {
+    text.split(',')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (revision, percent) = pair.split_once('=').ok_or_else(|| corrupt("traffic split"))?;
+            Ok(TrafficShare {
+                revision: revision_id(revision.to_owned())?,
+                percent: percent.parse().map_err(|_| corrupt("traffic split"))?,
+            })
+        })
+        .collect()
 }

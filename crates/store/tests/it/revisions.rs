@@ -2,7 +2,7 @@
 
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::Revision;
+use model::records::{Revision, TrafficShare};
 use model::revision::{AuthMode, RevisionStatus};
 use store::{Activation, Store, StoreError};
 use uuid::Uuid;
@@ -204,6 +204,50 @@ async fn artifacts_in_use_are_each_named_once(store: Store) {
     assert_eq!(in_use, ["a", "b", "c"]);
 }
 
+async fn a_split_names_deployed_revisions_other_than_the_current_and_a_switch_ends_it(store: Store) {
+    let web = app(&store, "web").await;
+    let other = app(&store, "other").await;
+    let [current, canary, second] = [0, 1, 2].map(|i| revision(web.id, RevisionStatus::Deployed, &format!("a{i}")));
+    let failed = revision(web.id, RevisionStatus::Failed, "f");
+    let elsewhere = revision(other.id, RevisionStatus::Deployed, "e");
+    for rev in [&current, &canary, &second, &failed, &elsewhere] {
+        store.insert_revision(rev.clone()).await.unwrap();
+    }
+    let activate = |rev: &Revision| Activation {
+        app_id: web.id,
+        revision: rev.id,
+        runner: rev.runner.clone(),
+        scaling: None,
+        auth: None,
+        fence: None,
+    };
+    store.activate_revision(activate(&current), history(web.id, "deploy")).await.unwrap();
+    let split = [TrafficShare { revision: canary.id, percent: 10 }, TrafficShare { revision: second.id, percent: 5 }];
+    store.set_traffic(web.id, &split, history(web.id, "traffic")).await.unwrap();
+    let read = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
+    assert_eq!(read.traffic, split, "kept in order");
+    assert_eq!(store.list_apps(web.team_id).await.unwrap()[0].traffic, split);
+
+    for refused in [&current, &failed, &elsewhere] {
+        let one = [TrafficShare { revision: refused.id, percent: 10 }];
+        let err = store.set_traffic(web.id, &one, history(web.id, "traffic")).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+    let unknown = [TrafficShare { revision: RevisionId(Uuid::new_v4()), percent: 1 }];
+    assert!(matches!(store.set_traffic(web.id, &unknown, history(web.id, "traffic")).await, Err(StoreError::Conflict(_))));
+    let read = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
+    assert_eq!(read.traffic, split, "a refused split changes nothing");
+    let actions: Vec<String> = store.list_history(web.id).await.unwrap().into_iter().map(|h| h.action).collect();
+    assert_eq!(actions.iter().filter(|a| *a == "traffic").count(), 1, "{actions:?}");
+
+    store.activate_revision(activate(&second), history(web.id, "set-rev")).await.unwrap();
+    let read = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
+    assert_eq!((read.current_revision, read.traffic), (Some(second.id), vec![]), "a switch ends the split");
+    store.set_traffic(web.id, &split[..1], history(web.id, "traffic")).await.unwrap();
+    store.set_traffic(web.id, &[], history(web.id, "traffic")).await.unwrap();
+    assert_eq!(store.app_by_name(web.team_id, "web").await.unwrap().unwrap().traffic, []);
+}
+
 on_both_backends!(
     revisions_are_listed_newest_first_with_a_limit,
     revisions_are_found_by_a_prefix_of_their_id,
@@ -213,4 +257,5 @@ on_both_backends!(
     activation_of_a_revision_whose_app_is_gone_is_a_conflict,
     deploys_left_deploying_fail_as_interrupted,
     artifacts_in_use_are_each_named_once,
+    a_split_names_deployed_revisions_other_than_the_current_and_a_switch_ends_it,
 );
