@@ -42,6 +42,7 @@ try {
     id: tr.dataset.revision,
     status: tr.querySelector("[data-status]")?.dataset.status,
     current: !!tr.querySelector(".badge.current"),
+    traffic: tr.querySelector(".traffic")?.innerText.trim(),
     rollback: !!tr.querySelector("button.rollback"),
     delete: !!tr.querySelector("button.delete"),
   })));

@@ -9,7 +9,7 @@ use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
     GpuJson, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
-    TeamJson,
+    TeamJson, TrafficRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +231,11 @@ impl Client {
 
     pub async fn set_rev(&self, app: &str, request: &SetRevRequest) -> Result<AppJson> {
         self.json(self.request(Method::POST, &format!("/v1/apps/{}/set-rev", seg(app))).json(request)).await
+    }
+
+    /// Sets the app's traffic split (no shares: ends it).
+    pub async fn traffic(&self, app: &str, request: &TrafficRequest) -> Result<AppJson> {
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/traffic", seg(app))).json(request)).await
     }
 
     pub async fn rollout(&self, app: &str, force: bool) -> Result<RolloutJson> {

@@ -26,7 +26,7 @@ use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
     GpuJson, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
-    TeamJson,
+    TeamJson, TrafficRequest,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -119,6 +119,14 @@ pub trait ControlPlane: Send + Sync + 'static {
         app: &str,
         request: SetRevRequest,
     ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
+    /// Splits the app's new calls between its current revision and others (no shares:
+    /// ends the split).
+    fn traffic(
+        &self,
+        caller: &Caller,
+        app: &str,
+        request: TrafficRequest,
+    ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
     /// Replaces every runner of the app, same revision.
     fn rollout(
         &self,
@@ -194,6 +202,7 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .routes(routes!(deploy))
         .routes(routes!(scale))
         .routes(routes!(set_rev))
+        .routes(routes!(traffic))
         .routes(routes!(rollout))
         .routes(routes!(suspend))
         .routes(routes!(resume))
@@ -552,6 +561,22 @@ async fn scale<C: ControlPlane>(
     JsonBody(request): JsonBody<ScaleRequest>,
 ) -> Result<Json<ScaleJson>, ApiError> {
     c.scale(&caller, &path.app, request).await.map(Json)
+}
+
+/// Sends shares of the app's new calls to other Deployed revisions (canaries), the
+/// current revision taking the rest; no shares end the split. Calls already running
+/// finish where they are.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/traffic", tag = "apps", params(AppPath), request_body = TrafficRequest,
+    responses((status = OK, body = AppJson))
+)]
+async fn traffic<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+    JsonBody(request): JsonBody<TrafficRequest>,
+) -> Result<Json<AppJson>, ApiError> {
+    c.traffic(&caller, &path.app, request).await.map(Json)
 }
 
 /// Makes another Deployed revision the current one (rollback or roll forward).

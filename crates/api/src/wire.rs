@@ -40,6 +40,10 @@ pub struct AppJson {
     pub num_gpus: Option<u32>,
     pub termination_grace_period: u64,
     pub suspended: bool,
+    /// Shares of new calls sent to other revisions (canaries); the current revision
+    /// takes the rest. Empty: it takes every call.
+    #[serde(default)]
+    pub traffic: Vec<TrafficShareJson>,
     #[schema(format = DateTime)]
     pub created_at: String,
     /// Why the server could not load the app, which it then does not serve.
@@ -68,6 +72,10 @@ pub struct RevisionJson {
     pub termination_grace_period: u64,
     pub runners: u32,
     pub failure: Option<String>,
+    /// The percent of the app's new calls it takes: the rest for the current revision,
+    /// its share for a canary, 0 for any other.
+    #[serde(default)]
+    pub traffic: u8,
 }
 
 /// One entry of an app's history: who did what, when.
@@ -208,6 +216,11 @@ impl AppJson {
             num_gpus: app.runner.num_gpus,
             termination_grace_period: app.runner.termination_grace_period,
             suspended: app.suspended,
+            traffic: app
+                .traffic
+                .iter()
+                .map(|s| TrafficShareJson { revision: s.revision.to_string(), percent: s.percent })
+                .collect(),
             created_at: rfc3339(app.created_at),
             problem: None,
         }
@@ -221,8 +234,16 @@ impl AppJson {
 }
 
 impl RevisionJson {
-    pub fn new(rev: &Revision, current: bool, runners: u32) -> RevisionJson {
+    /// Revision `rev` of `app`, with its runners.
+    pub fn new(rev: &Revision, app: &App, runners: u32) -> RevisionJson {
+        let current = app.current_revision == Some(rev.id);
+        let share = |r| app.traffic.iter().find(|s| s.revision == r).map_or(0, |s| s.percent);
+        let traffic = match current {
+            true => 100 - app.traffic.iter().map(|s| s.percent).sum::<u8>(),
+            false => share(rev.id),
+        };
         RevisionJson {
+            traffic,
             id: rev.id.to_string(),
             status: rev.status.as_str().to_owned(),
             current,
@@ -404,6 +425,18 @@ mod whole_number {
         }
     }
 
+    /// A whole number of type `T`.
+    pub(super) fn required<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + Bounded,
+    {
+        let WholeNumber(n) = WholeNumber::deserialize(deserializer)?;
+        T::try_from(n).map_err(|_| {
+            de::Error::invalid_value(Unexpected::Unsigned(n), &format!("a whole number at most {}", T::MAX).as_str())
+        })
+    }
+
     /// An optional whole number of type `T` (`null` is absent).
     pub(super) fn option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
     where
@@ -424,6 +457,10 @@ mod whole_number {
     /// The largest value of an unsigned type, for the message that refuses a larger one.
     pub(super) trait Bounded {
         const MAX: u64;
+    }
+
+    impl Bounded for u8 {
+        const MAX: u64 = u8::MAX as u64;
     }
 
     impl Bounded for u32 {
@@ -464,6 +501,26 @@ impl RunnerJson {
             reason: r.reason.clone(),
         }
     }
+}
+
+/// A share of an app's new calls, in percent, sent to one revision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficShareJson {
+    /// Revision id (in answers, in full; in requests, or a unique prefix of it).
+    #[schema(pattern = r"^[0-9a-fA-F-]{1,36}$")]
+    pub revision: String,
+    #[serde(deserialize_with = "whole_number::required")]
+    #[schema(minimum = 1, maximum = 99)]
+    pub percent: u8,
+}
+
+/// Split an app's new calls between its current revision and others: each named
+/// revision gets its share, the current one the rest. No shares: end the split.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    pub shares: Vec<TrafficShareJson>,
 }
 
 /// Switch an app to another revision.

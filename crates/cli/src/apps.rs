@@ -62,6 +62,17 @@ pub(crate) enum AppsCommand {
         #[arg(long, value_parser = ["private", "public", "shared"])]
         auth: Option<String>,
     },
+    /// Send shares of the app's new calls to other Deployed revisions (canaries); the
+    /// current revision takes the rest. A set-rev, or --clear, ends the split
+    Traffic {
+        app: String,
+        /// REVISION=PERCENT, the revision by id or any unique prefix, e.g. 7f3a=10
+        #[arg(value_name = "REVISION=PERCENT", required_unless_present = "clear", conflicts_with = "clear")]
+        shares: Vec<String>,
+        /// End the split: the current revision takes every call
+        #[arg(long)]
+        clear: bool,
+    },
     /// Restart every runner of the app (same revision, fresh secrets and settings)
     Rollout {
         app: String,
@@ -123,7 +134,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 out!("No apps yet. Deploy one with `hangar deploy PATH`.");
             }
             out.table(
-                &["APP", "REVISION", "AUTH", "RUNNERS", "MIN", "MAX", "KEEP ALIVE", "MACHINE"],
+                &["APP", "REVISION", "AUTH", "RUNNERS", "MIN", "MAX", "KEEP ALIVE", "MACHINE", "SPLIT"],
                 apps.iter()
                     .map(|a| {
                         vec![
@@ -135,6 +146,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                             a.max_concurrency.to_string(),
                             format!("{}s", a.keep_alive),
                             a.machine_type.clone(),
+                            split_text(&a.traffic),
                         ]
                     })
                     .collect(),
@@ -154,7 +166,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 eprintln!("Showing {shown} of {} revisions, newest first; --all shows every one.", list.total);
             }
             out.table(
-                &["REVISION", "STATUS", "", "CREATED", "MESSAGE", "MACHINE", "MULTIPLEXING", "FAILURE"],
+                &["REVISION", "STATUS", "", "TRAFFIC", "CREATED", "MESSAGE", "MACHINE", "MULTIPLEXING", "FAILURE"],
                 revisions
                     .iter()
                     .map(|r| {
@@ -162,6 +174,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                             short(&r.id),
                             status_badge(&r.status),
                             current_badge(r.current),
+                            if r.traffic > 0 { format!("{}%", r.traffic) } else { String::new() },
                             when(&r.created_at),
                             r.message.clone().unwrap_or_default(),
                             r.machine_type.clone(),
@@ -225,6 +238,23 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 "{}",
                 success(format!("{app} now serves revision {revision} ({})", strategy.as_deref().unwrap_or("rolling")))
             );
+        }
+        AppsCommand::Traffic { app, shares, clear } => {
+            let shares = if clear { Vec::new() } else { parse_shares(&shares)? };
+            let updated = client.traffic(&app, &api::wire::TrafficRequest { shares }).await?;
+            if out.is_json() {
+                return json(cx, &updated);
+            }
+            let current = updated.revision.as_deref().map_or_else(|| "-".to_owned(), short);
+            if updated.traffic.is_empty() {
+                out!("{}", success(format!("{app}: split ended; revision {current} takes every call")));
+            } else {
+                let rest = 100 - updated.traffic.iter().map(|s| u32::from(s.percent)).sum::<u32>();
+                out!(
+                    "{}",
+                    success(format!("{app}: {}, revision {current} (current) {rest}%", split_text(&updated.traffic)))
+                );
+            }
         }
         AppsCommand::Rollout { app, force } => {
             let rollout = client.rollout(&app, force).await?;
@@ -298,6 +328,33 @@ async fn scale(cx: &Context, args: ScaleArgs) -> anyhow::Result<ExitCode> {
         out!("{}", success(format!("{}: changed {}", args.app, result.changed.join(", "))));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `REVISION=PERCENT` arguments as shares, or what is wrong with the first bad one.
+fn parse_shares(args: &[String]) -> anyhow::Result<Vec<api::wire::TrafficShareJson>> {
+    args.iter()
+        .map(|arg| {
+            let (revision, percent) = arg
+                .split_once('=')
+                .filter(|(r, _)| !r.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("{arg:?} is not REVISION=PERCENT (say 7f3a=10)"))?;
+            let percent = percent
+                .trim_end_matches('%')
+                .parse::<u8>()
+                .ok()
+                .filter(|p| (1..=99).contains(p))
+                .ok_or_else(|| anyhow::anyhow!("{arg:?}: the percent must be a whole number from 1 to 99"))?;
+            Ok(api::wire::TrafficShareJson { revision: revision.to_owned(), percent })
+        })
+        .collect()
+}
+
+/// A split as `7f3a1b2c=10%, 0c9d8e7f=5%`, or `-` for none.
+fn split_text(shares: &[api::wire::TrafficShareJson]) -> String {
+    if shares.is_empty() {
+        return "-".to_owned();
+    }
+    shares.iter().map(|s| format!("{}={}%", short(&s.revision), s.percent)).collect::<Vec<_>>().join(", ")
 }
 
 fn json<T: serde::Serialize>(cx: &Context, value: &T) -> anyhow::Result<ExitCode> {

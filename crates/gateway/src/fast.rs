@@ -277,7 +277,8 @@ fn parse_request(gateway: &Gateway, input: &[u8], forward: &mut Vec<(Range<usize
                 Some(n) if length.is_none() && n <= MAX_BODY => length = Some(n),
                 _ => return Parsed::NotMine,
             }
-        } else if is("transfer-encoding") || is("expect") || is("upgrade") {
+        } else if is("transfer-encoding") || is("expect") || is("upgrade") || is(crate::REVISION_HEADER) {
+            // A pinned call's revision is looked up in the store, on hyper's path.
             return Parsed::NotMine;
         } else if is("connection") {
             call.close |= value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
@@ -366,7 +367,7 @@ impl Connection {
             Ok(t) => t,
             Err(e) => return answer_error(stream, &mut self.output, e, request_id, call.close).await,
         };
-        let lease = match route.acquire(arrived + start_timeout).await {
+        let lease = match route.acquire(arrived + start_timeout, None).await {
             Ok(lease) => lease,
             Err(e) => {
                 let e = crate::acquire_error(e, team, app, start_timeout);

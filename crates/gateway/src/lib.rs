@@ -28,7 +28,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use model::ids::RunnerId;
+use model::ids::{RevisionId, RunnerId};
 use model::revision::AuthMode;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -74,6 +74,18 @@ pub enum SendError {
     Timeout,
 }
 
+/// Finds the revision a call pins with [`REVISION_HEADER`]. The server implements it
+/// over its store.
+pub trait RevisionFinder: Send + Sync + 'static {
+    /// The Deployed revision of the route's app whose id starts with `prefix`, or the
+    /// error its caller gets: a 4xx naming what was wrong.
+    fn deployed<'a>(
+        &'a self,
+        route: &'a AppRoute,
+        prefix: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<RevisionId, ApiError>> + Send + 'a>>;
+}
+
 /// Checks the keys callers present. The server implements it over its store.
 pub trait Authenticator: Send + Sync + 'static {
     /// The owner of the key in an `Authorization` header, or `None` if the key is
@@ -89,6 +101,8 @@ pub struct Gateway {
     queue: OnceLock<Arc<dyn QueueHandler>>,
     /// Where servers share a store: which runs the apps this one does not.
     locator: OnceLock<Arc<dyn forward::Locator>>,
+    /// Finds pinned revisions; without one, a call that pins a revision is refused.
+    revisions: OnceLock<Arc<dyn RevisionFinder>>,
     default_start_timeout: Duration,
     /// How long a connection may sit idle, and take to send a request's headers.
     timeouts: conn::Timeouts,
@@ -106,6 +120,7 @@ impl Gateway {
             auth,
             queue: OnceLock::new(),
             locator: OnceLock::new(),
+            revisions: OnceLock::new(),
             default_start_timeout,
             timeouts,
             metrics: Metrics::default(),
@@ -142,6 +157,34 @@ impl Gateway {
     /// Forwards calls for apps this server does not run to the server `locator` names.
     pub fn set_locator(&self, locator: Arc<dyn forward::Locator>) {
         let _ = self.locator.set(locator);
+    }
+
+    /// Finds the revisions calls pin with `finder` from now on.
+    pub fn set_revision_finder(&self, finder: Arc<dyn RevisionFinder>) {
+        let _ = self.revisions.set(finder);
+    }
+
+    /// The revision a call pins with [`REVISION_HEADER`], if it pins one: a Deployed
+    /// revision of the route's app, found by a prefix of its id.
+    pub async fn pinned(&self, route: &AppRoute, headers: &HeaderMap) -> Result<Option<RevisionId>, ApiError> {
+        let Some(value) = headers.get(REVISION_HEADER) else { return Ok(None) };
+        let prefix = value.to_str().map(str::trim).unwrap_or("");
+        if prefix.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{REVISION_HEADER} must name a revision by its id or a prefix of it"),
+            ));
+        }
+        // The current revision, named in full, needs no lookup.
+        if let Some(current) = route.revision()
+            && current.to_string() == prefix
+        {
+            return Ok(Some(current));
+        }
+        let Some(finder) = self.revisions.get() else {
+            return Err(ApiError::new(ErrorCode::RevisionNotFound, format!("no revision matches {prefix:?}")));
+        };
+        finder.deployed(route, prefix).await.map(Some)
     }
 
     /// Where to send `request` instead of answering it here: the server that runs its
@@ -539,8 +582,10 @@ async fn proxy(gateway: &Gateway, request: Request, request_id: &HeaderValue) ->
     let route = gateway.authorize(team_and_app, request.headers()).await?;
     let config = route.config();
     let start_timeout = start_timeout(request.headers(), gateway.default_start_timeout)?;
+    let pin = gateway.pinned(&route, request.headers()).await?;
 
-    let lease = route.acquire(arrived + start_timeout).await.map_err(|e| acquire_error(e, team, app, start_timeout))?;
+    let lease =
+        route.acquire(arrived + start_timeout, pin).await.map_err(|e| acquire_error(e, team, app, start_timeout))?;
     let app_label = route.label.get().cloned().unwrap_or_else(|| Arc::new(team_and_app.to_owned()));
 
     let (parts, body) = request.into_parts();

@@ -1,9 +1,12 @@
-//! One app's routing state: its current revision, its runners' call slots, and the fair
-//! queue of calls waiting for a slot.
+//! One app's routing state: its current revision and any split of its traffic, its
+//! runners' call slots, and the fair queue of calls waiting for a slot.
 //!
-//! Calls take a [`Lease`] on a runner's slot and give it back when dropped (when the
-//! response body has ended). A freed slot goes straight to the oldest waiting call, so
-//! the queue is first-in, first-out and no new call overtakes one that waits. The
+//! Each call is for one revision: the one it pins (`X-Hangar-Revision`), or else the
+//! one the split picks (the current revision when there is no split). Calls take a
+//! [`Lease`] on a slot of a runner of that revision and give it back when dropped (when
+//! the response body has ended). A freed slot goes straight to the oldest call waiting
+//! for that revision, so each revision's queue is first-in, first-out and no new call
+//! overtakes one that waits. The
 //! app's controller adds and removes runners here and is woken through
 //! [`AppRoute::changed`] whenever demand or occupancy moves, then reads a
 //! [`RouteSnapshot`] to decide.
@@ -63,8 +66,10 @@ struct RouteState {
     closed: bool,
     cut: VecDeque<(RunnerId, CutOff)>,
     revision: Option<RevisionId>,
+    split: Split,
     runners: Vec<Slot>,
-    queue: VecDeque<Waiter>,
+    /// Calls waiting for a slot, by the revision they are for.
+    lanes: Vec<Lane>,
     next_waiter: u64,
     /// Calls holding a slot, on any runner (also one since removed).
     in_flight: u32,
@@ -86,7 +91,47 @@ struct Slot {
 struct Waiter {
     id: u64,
     enqueued: Instant,
+    /// It named its revision; otherwise it follows the split wherever that goes.
+    pinned: bool,
     tx: oneshot::Sender<Lease>,
+}
+
+/// The calls waiting for runners of one revision, oldest first.
+struct Lane {
+    revision: RevisionId,
+    queue: VecDeque<Waiter>,
+}
+
+/// Which revision each unpinned call goes to: shares in percent of other revisions,
+/// the current one taking the rest, dealt by smooth weighted round robin (as nginx
+/// weighs its upstreams), so that any run of 100 calls divides exactly.
+#[derive(Default)]
+struct Split {
+    shares: Vec<(RevisionId, u8)>,
+    /// Each revision's running credit, the current revision's last.
+    credit: Vec<i32>,
+}
+
+impl Split {
+    /// The revision for the next unpinned call.
+    fn pick(&mut self, current: RevisionId) -> RevisionId {
+        if self.shares.is_empty() {
+            return current;
+        }
+        let rest = 100 - self.shares.iter().map(|(_, p)| i32::from(*p)).sum::<i32>();
+        let weights = self.shares.iter().map(|(_, p)| i32::from(*p)).chain(std::iter::once(rest));
+        for (credit, weight) in self.credit.iter_mut().zip(weights) {
+            *credit += weight;
+        }
+        // On a tie the later one, so the current revision, which is last, goes first.
+        let (best, _) = self.credit.iter().enumerate().max_by_key(|(i, c)| (**c, *i)).expect("one or more");
+        self.credit[best] -= 100;
+        self.shares.get(best).map_or(current, |(revision, _)| *revision)
+    }
+
+    fn has(&self, revision: RevisionId) -> bool {
+        self.shares.iter().any(|(r, _)| *r == revision)
+    }
 }
 
 /// A held call slot on one runner. Dropping it frees the slot.
@@ -158,11 +203,14 @@ pub struct RouteSnapshot {
     pub runners: Vec<SlotView>,
     /// How long each queued call has waited.
     pub queued: Vec<Duration>,
+    /// The revision each of those calls waits for.
+    pub queued_for: Vec<RevisionId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotView {
     pub id: RunnerId,
+    pub revision: RevisionId,
     pub in_flight: u32,
     pub accepting: bool,
     /// How long it has had no call, if it has none.
@@ -179,6 +227,24 @@ impl RouteSnapshot {
     pub fn runner(&self, id: RunnerId) -> Option<&SlotView> {
         self.runners.iter().find(|r| r.id == id)
     }
+
+    /// How long each call waiting for runners of `revision` has waited.
+    pub fn queued_on(&self, revision: RevisionId) -> Vec<Duration> {
+        self.queued.iter().zip(&self.queued_for).filter(|(_, r)| **r == revision).map(|(d, _)| *d).collect()
+    }
+
+    /// The calls in flight on runners of `revision`.
+    pub fn in_flight_on(&self, revision: RevisionId) -> u32 {
+        self.runners.iter().filter(|r| r.revision == revision).map(|r| r.in_flight).sum()
+    }
+
+    /// Revisions with calls waiting for them, each once.
+    pub fn waited_for(&self) -> Vec<RevisionId> {
+        let mut revisions = self.queued_for.clone();
+        revisions.sort_unstable();
+        revisions.dedup();
+        revisions
+    }
 }
 
 impl AppRoute {
@@ -193,8 +259,9 @@ impl AppRoute {
                 closed: false,
                 cut: VecDeque::new(),
                 revision: None,
+                split: Split::default(),
                 runners: Vec::new(),
-                queue: VecDeque::new(),
+                lanes: Vec::new(),
                 next_waiter: 0,
                 in_flight: 0,
             }),
@@ -218,10 +285,15 @@ impl AppRoute {
     #[cfg(feature = "sim")]
     pub fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
         let mut state = self.state();
-        if state.closed || state.config.suspended || !state.queue.is_empty() {
+        let current = state.revision?;
+        if state.closed || state.config.suspended {
             return None;
         }
-        self.take_slot(&mut state)
+        let revision = state.split.pick(current);
+        if state.lanes.iter().any(|l| l.revision == revision) {
+            return None;
+        }
+        self.take_slot(&mut state, revision)
     }
 
     /// Where another thread may act between two of the controller's steps.
@@ -262,21 +334,77 @@ impl AppRoute {
         self.interleave();
     }
 
-    /// Points the app at a revision: from now on only its runners get calls.
+    /// Points the app at a revision: from now on only its runners get calls that pin
+    /// no other.
     pub fn set_revision(self: &Arc<Self>, revision: Option<RevisionId>) {
         let mut state = self.state();
         state.revision = revision;
+        Self::follow_split(&mut state);
         self.dispatch(&mut state);
         drop(state);
         self.generation.send_modify(|g| *g += 1);
         self.interleave();
     }
 
+    /// Sends these shares (percent) of new calls that pin no revision to other
+    /// revisions; the current revision takes the rest. Empty: it takes them all.
+    /// Calls already waiting for a revision that no longer has a share wait for the
+    /// current one instead, in their turn.
+    pub fn set_split(self: &Arc<Self>, shares: Vec<(RevisionId, u8)>) {
+        let mut state = self.state();
+        state.split = Split { credit: vec![0; shares.len() + 1], shares };
+        Self::follow_split(&mut state);
+        self.dispatch(&mut state);
+        drop(state);
+        self.generation.send_modify(|g| *g += 1);
+        self.interleave();
+    }
+
+    /// The shares of the split now in force.
+    pub fn split(&self) -> Vec<(RevisionId, u8)> {
+        self.state().split.shares.clone()
+    }
+
+    /// Moves unpinned waiting calls whose revision is neither current nor in the split
+    /// to the current revision's queue, keeping the order they came in.
+    fn follow_split(state: &mut RouteState) {
+        let Some(current) = state.revision else { return };
+        let mut moved: Vec<Waiter> = Vec::new();
+        for lane in &mut state.lanes {
+            if lane.revision == current || state.split.has(lane.revision) {
+                continue;
+            }
+            let (go, stay): (VecDeque<Waiter>, VecDeque<Waiter>) = lane.queue.drain(..).partition(|w| !w.pinned);
+            lane.queue = stay;
+            moved.extend(go);
+        }
+        if moved.is_empty() {
+            return;
+        }
+        let lane = Self::lane(state, current);
+        moved.extend(lane.queue.drain(..));
+        moved.sort_by_key(|w| w.id);
+        lane.queue = moved.into();
+        state.lanes.retain(|l| !l.queue.is_empty());
+    }
+
+    /// The queue of calls for `revision`, made if there is none.
+    fn lane(state: &mut RouteState, revision: RevisionId) -> &mut Lane {
+        let at = match state.lanes.iter().position(|l| l.revision == revision) {
+            Some(at) => at,
+            None => {
+                state.lanes.push(Lane { revision, queue: VecDeque::new() });
+                state.lanes.len() - 1
+            }
+        };
+        &mut state.lanes[at]
+    }
+
     /// The app is gone: waiting calls give up with [`AcquireError::Gone`].
     pub fn close(&self) {
         let mut state = self.state();
         state.closed = true;
-        state.queue.clear();
+        state.lanes.clear();
         drop(state);
         self.generation.send_modify(|g| *g += 1);
     }
@@ -373,27 +501,33 @@ impl AppRoute {
     pub fn snapshot(&self) -> RouteSnapshot {
         let state = self.state();
         let now = Instant::now();
+        let waiting = || {
+            state.lanes.iter().flat_map(|l| l.queue.iter().map(|w| (l.revision, w))).filter(|(_, w)| !w.tx.is_closed())
+        };
         let snapshot = RouteSnapshot {
             runners: state
                 .runners
                 .iter()
                 .map(|s| SlotView {
                     id: s.id,
+                    revision: s.revision,
                     in_flight: s.in_flight,
                     accepting: s.accepting,
                     idle_for: s.idle_since.map(|t| now.saturating_duration_since(t)),
                     timed_out: s.timed_out,
                 })
                 .collect(),
-            queued: state.queue.iter().filter(|w| !w.tx.is_closed()).map(|w| now - w.enqueued).collect(),
+            queued: waiting().map(|(_, w)| now - w.enqueued).collect(),
+            queued_for: waiting().map(|(revision, _)| revision).collect(),
         };
         drop(state);
         self.interleave();
         snapshot
     }
 
-    /// Takes a slot for one call, waiting in the queue until `deadline` if none is free.
-    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Lease, AcquireError> {
+    /// Takes a slot for one call, waiting in the queue until `deadline` if none is free:
+    /// on a runner of `pin`, or else of the revision the split picks.
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant, pin: Option<RevisionId>) -> Result<Lease, AcquireError> {
         let (id, rx) = {
             let mut state = self.state();
             if state.closed {
@@ -402,18 +536,20 @@ impl AppRoute {
             if state.config.suspended {
                 return Err(AcquireError::Suspended);
             }
-            if state.revision.is_none() {
+            let Some(current) = state.revision else {
                 return Err(AcquireError::NoRevision);
-            }
-            if state.queue.is_empty()
-                && let Some(lease) = self.take_slot(&mut state)
+            };
+            let revision = pin.unwrap_or_else(|| state.split.pick(current));
+            if !state.lanes.iter().any(|l| l.revision == revision)
+                && let Some(lease) = self.take_slot(&mut state, revision)
             {
                 return Ok(lease);
             }
             let (tx, rx) = oneshot::channel();
             let id = state.next_waiter;
             state.next_waiter += 1;
-            state.queue.push_back(Waiter { id, enqueued: Instant::now(), tx });
+            let waiter = Waiter { id, enqueued: Instant::now(), pinned: pin.is_some(), tx };
+            Self::lane(&mut state, revision).queue.push_back(waiter);
             (id, rx)
         };
         self.changed.notify_one();
@@ -424,7 +560,13 @@ impl AppRoute {
             Ok(Err(_)) if self.state().config.suspended => Err(AcquireError::Suspended),
             Ok(Err(_)) => Err(AcquireError::NoRevision),
             Err(_) => {
-                self.state().queue.retain(|w| w.id != id);
+                let mut state = self.state();
+                // It may have been moved to another revision's queue meanwhile.
+                for lane in &mut state.lanes {
+                    lane.queue.retain(|w| w.id != id);
+                }
+                state.lanes.retain(|l| !l.queue.is_empty());
+                drop(state);
                 self.changed.notify_one();
                 Err(AcquireError::Deadline)
             }
@@ -434,10 +576,14 @@ impl AppRoute {
     /// Like [`acquire`](Self::acquire), but while the app is suspended or has no
     /// revision the call keeps waiting (until `deadline`) instead of failing: queued
     /// requests outlive a suspension.
-    pub async fn acquire_waiting(self: &Arc<Self>, deadline: Instant) -> Result<Lease, AcquireError> {
+    pub async fn acquire_waiting(
+        self: &Arc<Self>,
+        deadline: Instant,
+        pin: Option<RevisionId>,
+    ) -> Result<Lease, AcquireError> {
         loop {
             let mut generation = self.generation.subscribe();
-            match self.acquire(deadline).await {
+            match self.acquire(deadline, pin).await {
                 Err(AcquireError::Suspended | AcquireError::NoRevision) => {
                     if tokio::time::timeout_at(deadline, generation.changed()).await.is_err() {
                         return Err(AcquireError::Deadline);
@@ -448,13 +594,12 @@ impl AppRoute {
         }
     }
 
-    /// A free slot on a runner of the current revision: on the busiest runner that still
-    /// has one, the longest-serving of those on a tie. Packing calls onto as few runners
+    /// A free slot on a runner of `revision`: on the busiest runner that still has one,
+    /// the longest-serving of those on a tie. Packing calls onto as few runners
     /// as they fit lets the others go idle, so that the autoscaler can stop them once
     /// load falls; spreading calls evenly would keep every runner just busy enough to
     /// live forever.
-    fn take_slot(self: &Arc<Self>, state: &mut RouteState) -> Option<Lease> {
-        let revision = state.revision?;
+    fn take_slot(self: &Arc<Self>, state: &mut RouteState, revision: RevisionId) -> Option<Lease> {
         let (_, slot) = state
             .runners
             .iter_mut()
@@ -502,16 +647,25 @@ impl AppRoute {
     fn dispatch(self: &Arc<Self>, state: &mut RouteState) {
         if state.config.suspended {
             // Dropping the senders tells the waiters to give up.
-            state.queue.clear();
+            state.lanes.clear();
             return;
         }
-        while let Some(front) = state.queue.front() {
+        for at in 0..state.lanes.len() {
+            self.dispatch_lane(state, at);
+        }
+        state.lanes.retain(|l| !l.queue.is_empty());
+    }
+
+    /// Hands free slots of one revision's runners to the calls waiting for them.
+    fn dispatch_lane(self: &Arc<Self>, state: &mut RouteState, at: usize) {
+        let revision = state.lanes[at].revision;
+        while let Some(front) = state.lanes[at].queue.front() {
             if front.tx.is_closed() {
-                state.queue.pop_front();
+                state.lanes[at].queue.pop_front();
                 continue;
             }
-            let Some(lease) = self.take_slot(state) else { break };
-            let waiter = state.queue.pop_front().expect("the queue has a front");
+            let Some(lease) = self.take_slot(state, revision) else { break };
+            let waiter = state.lanes[at].queue.pop_front().expect("the queue has a front");
             if let Err(mut lease) = waiter.tx.send(lease) {
                 // The caller gave up at this very moment: give the slot back without
                 // re-entering this lock, and offer it to the next waiter.
@@ -560,19 +714,19 @@ mod tests {
         let b = add(&route, 11, 3);
         let mut leases = Vec::new();
         for _ in 0..4 {
-            leases.push(route.acquire(later()).await.unwrap());
+            leases.push(route.acquire(later(), None).await.unwrap());
         }
         let on: Vec<RunnerId> = leases.iter().map(|l| l.runner).collect();
         assert_eq!(on, [a, a, a, b], "the longest-serving runner fills first; a full one takes no more");
         leases.remove(0);
-        leases.push(route.acquire(later()).await.unwrap());
+        leases.push(route.acquire(later(), None).await.unwrap());
         assert_eq!(leases[3].runner, a, "of two runners with room, the busier takes the call");
-        leases.push(route.acquire(later()).await.unwrap());
-        leases.push(route.acquire(later()).await.unwrap());
+        leases.push(route.acquire(later(), None).await.unwrap());
+        leases.push(route.acquire(later(), None).await.unwrap());
         let snapshot = route.snapshot();
         assert_eq!(snapshot.runner(a).unwrap().in_flight, 3);
         assert_eq!(snapshot.runner(b).unwrap().in_flight, 3);
-        let err = route.acquire(Instant::now() + Duration::from_millis(20)).await.err();
+        let err = route.acquire(Instant::now() + Duration::from_millis(20), None).await.err();
         assert_eq!(err, Some(AcquireError::Deadline), "no slot is free");
         assert!(route.snapshot().queued.is_empty(), "a call that gave up leaves the queue");
         leases.pop();
@@ -586,13 +740,13 @@ mod tests {
         let b = add(&route, 11, 4);
         // What the controller saw, then a call that came in before routing stopped.
         let before = route.snapshot();
-        let lease = route.acquire(later()).await.unwrap();
+        let lease = route.acquire(later(), None).await.unwrap();
         assert_eq!(lease.runner, a);
         route.stop_routing(a);
         assert_eq!(before.runner(a).unwrap().in_flight, 0, "the snapshot misses the call");
         assert_eq!(route.in_flight(a), 1, "counted now, the call is there");
         // No call reaches it any more; once its call ends, 0 is final.
-        let other = route.acquire(later()).await.unwrap();
+        let other = route.acquire(later(), None).await.unwrap();
         assert_eq!(other.runner, b);
         drop(lease);
         assert_eq!(route.in_flight(a), 0);
@@ -603,13 +757,13 @@ mod tests {
     async fn waiting_calls_are_served_first_in_first_out() {
         let route = route();
         add(&route, 10, 1);
-        let held = route.acquire(later()).await.unwrap();
+        let held = route.acquire(later(), None).await.unwrap();
         let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for n in 0..5 {
             let (waiter_route, order_tx) = (route.clone(), order_tx.clone());
             waiters.push(tokio::spawn(async move {
-                let lease = waiter_route.acquire(later()).await.unwrap();
+                let lease = waiter_route.acquire(later(), None).await.unwrap();
                 order_tx.send(n).unwrap();
                 tokio::task::yield_now().await;
                 drop(lease);
@@ -632,7 +786,7 @@ mod tests {
         let route = route();
         let waiting = tokio::spawn({
             let route = route.clone();
-            async move { route.acquire(later()).await.map(|l| l.runner) }
+            async move { route.acquire(later(), None).await.map(|l| l.runner) }
         });
         while route.snapshot().queued.is_empty() {
             tokio::task::yield_now().await;
@@ -641,7 +795,7 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Ok(a));
         route.stop_routing(a);
         add(&route, 11, 1);
-        let lease = route.acquire(later()).await.unwrap();
+        let lease = route.acquire(later(), None).await.unwrap();
         assert_eq!(lease.runner, RunnerId(Uuid::from_u128(11)));
     }
 
@@ -653,17 +807,17 @@ mod tests {
         route.configure(suspended.clone());
         let waiting = tokio::spawn({
             let route = route.clone();
-            async move { route.acquire_waiting(later()).await.map(|l| l.runner) }
+            async move { route.acquire_waiting(later(), None).await.map(|l| l.runner) }
         });
         tokio::task::yield_now().await;
         let a = add(&route, 10, 1);
         route.configure(RouteConfig { suspended: false, ..suspended });
         assert_eq!(waiting.await.unwrap(), Ok(a), "it is served once the app is resumed");
 
-        let _busy = route.acquire(later()).await;
+        let _busy = route.acquire(later(), None).await;
         let waiting = tokio::spawn({
             let route = route.clone();
-            async move { route.acquire_waiting(later()).await.map(|l| l.runner) }
+            async move { route.acquire_waiting(later(), None).await.map(|l| l.runner) }
         });
         while route.snapshot().queued.is_empty() {
             tokio::task::yield_now().await;
@@ -676,13 +830,114 @@ mod tests {
     async fn suspended_and_revisionless_apps_refuse_at_once() {
         let route = route();
         route.set_revision(None);
-        assert_eq!(route.acquire(later()).await.err(), Some(AcquireError::NoRevision));
+        assert_eq!(route.acquire(later(), None).await.err(), Some(AcquireError::NoRevision));
         route.set_revision(Some(RevisionId(Uuid::from_u128(1))));
         route.configure(RouteConfig {
             auth: AuthMode::Public,
             request_timeout: Duration::from_secs(1),
             suspended: true,
         });
-        assert_eq!(route.acquire(later()).await.err(), Some(AcquireError::Suspended));
+        assert_eq!(route.acquire(later(), None).await.err(), Some(AcquireError::Suspended));
+    }
+
+    fn add_of(route: &Arc<AppRoute>, n: u128, revision: u128, max: u32) -> RunnerId {
+        let id = RunnerId(Uuid::from_u128(n));
+        route.add_runner(
+            id,
+            RevisionId(Uuid::from_u128(revision)),
+            Endpoint::host(SocketAddr::from(([127, 0, 0, 1], 1))),
+            max,
+        );
+        id
+    }
+
+    #[test]
+    fn a_split_deals_every_run_of_a_hundred_calls_exactly() {
+        const A: RevisionId = RevisionId(Uuid::from_u128(2));
+        const B: RevisionId = RevisionId(Uuid::from_u128(3));
+        let (current, a, b) = (RevisionId(Uuid::from_u128(1)), A, B);
+        type Shares = &'static [(RevisionId, u8)];
+        let (a_10, a_20, a_1, a_99) = (&[(A, 10), (B, 5)], &[(A, 20)], &[(A, 1)], &[(A, 99)]);
+        let cases: [(Shares, usize, usize); 5] =
+            [(&[], 0, 0), (a_20, 20, 0), (a_1, 1, 0), (a_10, 10, 5), (a_99, 99, 0)];
+        for (shares, want_a, want_b) in cases {
+            let mut split = Split { shares: shares.to_vec(), credit: vec![0; shares.len() + 1] };
+            for round in 0..3 {
+                let picks: Vec<RevisionId> = (0..100).map(|_| split.pick(current)).collect();
+                let count = |r| picks.iter().filter(|p| **p == r).count();
+                assert_eq!(
+                    (count(a), count(b), count(current)),
+                    (want_a, want_b, 100 - want_a - want_b),
+                    "{shares:?} round {round}"
+                );
+            }
+        }
+        // Spread out, not in a block: a 20 % share gets one of every 5 calls.
+        let mut split = Split { shares: vec![(a, 20)], credit: vec![0; 2] };
+        let picks: Vec<bool> = (0..10).map(|_| split.pick(current) == a).collect();
+        assert_eq!(picks.iter().filter(|p| **p).count(), 2);
+        assert!(picks.windows(2).all(|w| !(w[0] && w[1])), "{picks:?}");
+    }
+
+    #[tokio::test]
+    async fn pinned_calls_wait_for_their_revision_without_holding_up_the_others() {
+        let route = route();
+        let current = add_of(&route, 10, 1, 4);
+        let pinned_rev = RevisionId(Uuid::from_u128(2));
+        let waiting = tokio::spawn({
+            let route = route.clone();
+            async move { route.acquire(later(), Some(pinned_rev)).await.map(|l| (l.runner, l.revision)) }
+        });
+        while route.snapshot().queued.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(route.snapshot().queued_for, [pinned_rev]);
+        assert_eq!(route.snapshot().waited_for(), [pinned_rev]);
+        let unpinned = route.acquire(later(), None).await.unwrap();
+        assert_eq!(unpinned.runner, current, "an unpinned call passes the pinned one waiting");
+        let other = add_of(&route, 11, 2, 1);
+        assert_eq!(waiting.await.unwrap(), Ok((other, pinned_rev)));
+        let snapshot = route.snapshot();
+        assert_eq!((snapshot.in_flight_on(RevisionId(Uuid::from_u128(1))), snapshot.in_flight_on(pinned_rev)), (1, 0));
+        // Its runner takes only calls pinned to it.
+        drop(unpinned);
+        for _ in 0..3 {
+            assert_eq!(route.acquire(later(), None).await.unwrap().runner, current);
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_for_a_canary_go_to_the_current_revision_when_the_split_ends() {
+        let route = route();
+        let canary = RevisionId(Uuid::from_u128(2));
+        let current = add_of(&route, 10, 1, 1);
+        route.set_split(vec![(canary, 50)]);
+        let held = route.acquire(later(), None).await.unwrap();
+        let mut waiting = Vec::new();
+        for n in 0..4 {
+            let route2 = route.clone();
+            waiting.push(tokio::spawn(async move { route2.acquire(later(), None).await.map(|l| l.revision) }));
+            while route.snapshot().queued.len() < n + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let pinned = tokio::spawn({
+            let route = route.clone();
+            async move { route.acquire(Instant::now() + Duration::from_millis(50), Some(canary)).await.map(|l| l.revision) }
+        });
+        while route.snapshot().queued.len() < 5 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(route.snapshot().queued_on(canary).len(), 3, "two by the split, one pinned");
+        route.set_split(Vec::new());
+        assert_eq!(route.snapshot().queued_on(canary).len(), 1, "only the pinned call still waits for the canary");
+        assert_eq!(route.split(), []);
+        drop(held);
+        for call in waiting {
+            // Served one by one by the current revision's runner, as each frees it.
+            assert_eq!(call.await.unwrap(), Ok(RevisionId(Uuid::from_u128(1))));
+        }
+        assert_eq!(pinned.await.unwrap(), Err(AcquireError::Deadline));
+        let _ = current;
     }
 }

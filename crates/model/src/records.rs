@@ -132,6 +132,8 @@ pub struct QueueRequest {
     pub outcome: Option<QueueOutcome>,
     pub attempts: Vec<QueueAttempt>,
     pub webhook_state: Option<crate::revision::WebhookState>,
+    /// The revision it pins; `None`: it goes where the app's split sends it.
+    pub revision: Option<RevisionId>,
 }
 
 /// How a queue request ended.

@@ -131,6 +131,7 @@ impl Queue {
             ),
             false => None,
         };
+        let revision = self.gateway.pinned(route, headers).await?;
         let (query, webhook) = split_query(request.uri().query())?;
         if let Some(url) = &webhook
             && let Ok(parsed) = reqwest::Url::parse(url)
@@ -173,6 +174,7 @@ impl Queue {
                 body: body.to_vec(),
                 webhook,
                 start_deadline,
+                revision,
             })
             .await
             .map_err(ApiError::internal)?;

@@ -73,7 +73,7 @@ impl Queue {
                 () = stop.cancelled() => return Ok(()),
                 // Cancelled while waiting: the cancel has already completed it.
                 () = live.cancelled.cancelled() => return Ok(()),
-                acquired = route.acquire_waiting(deadline) => acquired,
+                acquired = route.acquire_waiting(deadline, request.revision) => acquired,
             };
             let lease = match acquired {
                 Ok(lease) => lease,

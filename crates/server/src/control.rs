@@ -11,7 +11,7 @@ use api::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DEFAULT_REVISION_LIMIT, DeployJson,
     DeployParams, GpuJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
     RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
-    TeamJson,
+    TeamJson, TrafficRequest,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -101,28 +101,7 @@ impl Control {
 
     /// Finds the one revision of `app` whose id starts with `prefix`.
     pub(crate) async fn find_revision(&self, app: &App, prefix: &str) -> Result<Revision, ApiError> {
-        if !is_id_prefix(prefix) {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("{prefix:?} is not a revision id or a prefix of one (hex digits and '-')"),
-            ));
-        }
-        let mut found = self.store.revisions_by_prefix(app.id, prefix).await.map_err(internal)?;
-        match found.len() {
-            0 => Err(ApiError::new(
-                ErrorCode::RevisionNotFound,
-                format!("app {:?} has no revision matching {prefix:?}", app.name),
-            )),
-            1 => Ok(found.remove(0)),
-            n => Err(ApiError::new(
-                ErrorCode::AmbiguousRevision,
-                format!(
-                    "{prefix:?} matches {n} revisions of app {:?} ({}); give more of the id",
-                    app.name,
-                    found.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(", ")
-                ),
-            )),
-        }
+        revision_by_prefix(&self.store, app.id, &app.name, prefix).await
     }
 
     /// Removes an artifact's file; the caller has made sure no revision uses it.
@@ -312,7 +291,7 @@ impl ControlPlane for Control {
             .iter()
             .map(|r| {
                 let runners = live.get(&r.id).copied().unwrap_or(0);
-                RevisionJson::new(r, app.current_revision == Some(r.id), runners)
+                RevisionJson::new(r, &app, runners)
             })
             .collect();
         Ok(RevisionList { revisions, total })
@@ -322,7 +301,7 @@ impl ControlPlane for Control {
         require_manage(caller)?;
         let app = self.find_app(caller, app).await?;
         let rev = self.find_revision(&app, revision).await?;
-        Ok(RevisionJson::new(&rev, app.current_revision == Some(rev.id), self.fleet.live_runners(app.id, Some(rev.id))))
+        Ok(RevisionJson::new(&rev, &app, self.fleet.live_runners(app.id, Some(rev.id))))
     }
 
     async fn revision_log(
@@ -353,6 +332,16 @@ impl ControlPlane for Control {
                 ),
             ));
         }
+        if app.traffic.iter().any(|s| s.revision == rev.id) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "revision {} takes a share of app {:?}'s calls and cannot be deleted; \
+                     end the split first (hangar apps traffic {} --clear)",
+                    rev.id, app.name, app.name
+                ),
+            ));
+        }
         let _artifacts = self.artifact_lock.lock().await;
         let orphaned = self.store.delete_revision(rev.id).await.map_err(internal)?;
         self.store
@@ -368,7 +357,7 @@ impl ControlPlane for Control {
         if let Some(artifact) = orphaned {
             self.free_artifact(&artifact).await;
         }
-        Ok(RevisionJson::new(&rev, false, 0))
+        Ok(RevisionJson::new(&rev, &App { current_revision: None, traffic: Vec::new(), ..app }, 0))
     }
 
     async fn scale(&self, caller: &Caller, app: &str, request: ScaleRequest) -> Result<ScaleJson, ApiError> {
@@ -432,6 +421,11 @@ impl ControlPlane for Control {
     async fn set_rev(&self, caller: &Caller, app: &str, request: SetRevRequest) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         self.set_revision(caller, app, request).await
+    }
+
+    async fn traffic(&self, caller: &Caller, app: &str, request: TrafficRequest) -> Result<AppJson, ApiError> {
+        require_manage(caller)?;
+        self.set_traffic(caller, app, request).await
     }
 
     async fn rollout(&self, caller: &Caller, app: &str, request: RolloutRequest) -> Result<RolloutJson, ApiError> {
@@ -510,4 +504,63 @@ async fn read_log_chunk(path: &std::path::Path, offset: u64) -> Result<LogChunk,
     file.take(64 * 1024).read_to_end(&mut buf).await.map_err(ApiError::internal)?;
     let next_offset = offset + buf.len() as u64;
     Ok(LogChunk { data: String::from_utf8_lossy(&buf).into_owned(), next_offset })
+}
+
+/// The one revision of the app `app_id` (called `name`) whose id starts with `prefix`.
+pub(crate) async fn revision_by_prefix(
+    store: &Store,
+    app_id: Uuid,
+    name: &str,
+    prefix: &str,
+) -> Result<Revision, ApiError> {
+    if !is_id_prefix(prefix) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{prefix:?} is not a revision id or a prefix of one (hex digits and '-')"),
+        ));
+    }
+    let mut found = store.revisions_by_prefix(app_id, prefix).await.map_err(internal)?;
+    match found.len() {
+        0 => {
+            Err(ApiError::new(ErrorCode::RevisionNotFound, format!("app {name:?} has no revision matching {prefix:?}")))
+        }
+        1 => Ok(found.remove(0)),
+        n => Err(ApiError::new(
+            ErrorCode::AmbiguousRevision,
+            format!(
+                "{prefix:?} matches {n} revisions of app {name:?} ({}); give more of the id",
+                found.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+/// Finds the revisions that calls through the gateway pin.
+pub(crate) struct GatewayRevisions {
+    pub(crate) store: Store,
+}
+
+impl gateway::RevisionFinder for GatewayRevisions {
+    fn deployed<'a>(
+        &'a self,
+        route: &'a gateway::AppRoute,
+        prefix: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<model::ids::RevisionId, ApiError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let revision = revision_by_prefix(&self.store, route.app_id, &route.app, prefix).await?;
+            match revision.status {
+                model::revision::RevisionStatus::Deployed => Ok(revision.id),
+                status => Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "revision {} of app {:?} is {}; only a deployed revision can be called",
+                        revision.id,
+                        route.app,
+                        status.as_str()
+                    ),
+                )),
+            }
+        })
+    }
 }

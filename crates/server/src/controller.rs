@@ -152,6 +152,10 @@ pub(crate) struct Controller {
     shared: Arc<Shared>,
     view: Arc<Mutex<Vec<RunnerInfo>>>,
     current: Option<(RevisionId, Arc<Manifest>)>,
+    /// Other revisions that take calls: those with a share of the split, and those that
+    /// calls pin. Each scales on its own calls; one with neither a share nor runners
+    /// left is forgotten.
+    others: Vec<(RevisionId, Arc<Manifest>)>,
     runners: Vec<Runner>,
     pending: Option<PendingActivation>,
     /// Failed starts in a row of the current revision, for the back-off.
@@ -176,20 +180,11 @@ impl Controller {
         view: Arc<Mutex<Vec<RunnerInfo>>>,
     ) -> anyhow::Result<Controller> {
         let current = match app.current_revision {
-            Some(id) => {
-                crate::code::ensure(&shared, id).await?;
-                let revision = shared
-                    .store
-                    .revision(id)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("app {} points at missing revision {id}", app.name))?;
-                let manifest = Manifest::parse(&revision.manifest, None)
-                    .map_err(|e| anyhow::anyhow!("revision {id} has an unreadable manifest: {e}"))?;
-                Some((id, Arc::new(manifest)))
-            }
+            Some(id) => Some((id, load_revision(&shared, &app, id).await?)),
             None => None,
         };
         route.set_revision(current.as_ref().map(|(id, _)| *id));
+        route.set_split(app.traffic.iter().map(|s| (s.revision, s.percent)).collect());
         let (events_tx, events) = mpsc::unbounded_channel();
         Ok(Controller {
             app,
@@ -198,6 +193,7 @@ impl Controller {
             shared,
             view,
             current,
+            others: Vec::new(),
             runners: Vec::new(),
             pending: None,
             failures: 0,
@@ -298,6 +294,9 @@ impl Controller {
             request_timeout: Duration::from_secs(app.scaling.request_timeout),
             suspended: app.suspended,
         });
+        if app.traffic != self.app.traffic {
+            self.route.set_split(app.traffic.iter().map(|s| (s.revision, s.percent)).collect());
+        }
         if let Some((revision, _)) = &self.current {
             for runner in self.runners.iter().filter(|r| r.revision == *revision && r.is_set_up()) {
                 self.route.set_runner_max(runner.id, app.runner.max_multiplexing);
@@ -318,21 +317,51 @@ impl Controller {
         Ok(())
     }
 
-    /// Marks a runner for replacement. A set-up runner of the current revision keeps
-    /// serving until its replacement is set up (or finds no room); any other runner
-    /// just goes, and the autoscaler starts what is needed.
+    /// Marks a runner for replacement. A set-up runner of a revision that takes calls
+    /// keeps serving until its replacement is set up (or finds no room); any other
+    /// runner just goes, and the autoscaler starts what is needed.
     fn replace(&mut self, index: usize) {
-        let current = self.current.clone();
+        let serving = self.serves(self.runners[index].revision);
         let runner = &mut self.runners[index];
         runner.replacing = true;
-        match current {
-            Some((revision, manifest)) if runner.is_set_up() && runner.revision == revision => {
-                let replacement = Runner::new(revision, manifest);
-                runner.replacement = Some(replacement.id);
-                self.runners.push(replacement);
-            }
-            _ => begin_drain(&self.route, &self.shared.capacity, runner, "replaced"),
+        if serving && runner.is_set_up() {
+            let replacement = Runner::new(runner.revision, runner.manifest.clone());
+            runner.replacement = Some(replacement.id);
+            self.runners.push(replacement);
+        } else {
+            begin_drain(&self.route, &self.shared.capacity, runner, "replaced");
         }
+    }
+
+    /// Whether runners of `revision` take calls: it is current, has a share of the
+    /// split, or calls pin it.
+    fn serves(&self, revision: RevisionId) -> bool {
+        self.current.as_ref().is_some_and(|(r, _)| *r == revision) || self.others.iter().any(|(r, _)| *r == revision)
+    }
+
+    /// Takes on the revisions that now take calls besides the current one (a share of
+    /// the split, calls waiting that pin it), and forgets those that have none of that
+    /// and no runners left.
+    async fn follow_traffic(&mut self, snapshot: &RouteSnapshot) {
+        let current = self.current.as_ref().map(|(r, _)| *r);
+        let shared_out = self.app.traffic.iter().map(|s| s.revision);
+        let wanted: Vec<RevisionId> = shared_out.chain(snapshot.waited_for()).collect();
+        for revision in wanted {
+            if Some(revision) == current || self.others.iter().any(|(r, _)| *r == revision) {
+                continue;
+            }
+            match load_revision(&self.shared, &self.app, revision).await {
+                Ok(manifest) => self.others.push((revision, manifest)),
+                Err(e) => tracing::warn!(app = %self.app.name, %revision, error = %e, "cannot serve a revision"),
+            }
+        }
+        let (traffic, runners) = (&self.app.traffic, &self.runners);
+        self.others.retain(|(revision, _)| {
+            Some(*revision) != current
+                && (traffic.iter().any(|s| s.revision == *revision)
+                    || !snapshot.queued_on(*revision).is_empty()
+                    || runners.iter().any(|r| r.revision == *revision && r.is_live()))
+        });
     }
 
     /// Replaces every live runner, except the one a rolling switch waits for: that one
@@ -439,8 +468,9 @@ impl Controller {
                 if !apply(&self.route, &self.shared.capacity, runner, RunnerEvent::Healthy, "") {
                     return;
                 }
-                // Routing is done here rather than by `apply`: only a runner of the
-                // current revision (or the one a rolling switch waits for) gets calls.
+                // Routing is done here rather than by `apply`: only a runner of a
+                // revision that takes calls (or the one a rolling switch waits for)
+                // gets them.
                 let revision = runner.revision;
                 let addr = runner.handle.as_ref().map(|h| h.addr.clone());
                 let max = match &self.current {
@@ -450,8 +480,10 @@ impl Controller {
                 if self.pending.as_ref().is_some_and(|p| p.runner == id) {
                     let pending = self.pending.take().expect("checked above");
                     self.commit(pending.activate, Some(id)).await;
-                } else if self.current.as_ref().is_some_and(|(rev, _)| *rev == revision) {
-                    self.failures = 0;
+                } else if self.serves(revision) {
+                    if self.current.as_ref().is_some_and(|(rev, _)| *rev == revision) {
+                        self.failures = 0;
+                    }
                     if let Some(addr) = addr {
                         self.route.add_runner(id, revision, addr, max);
                     }
@@ -538,6 +570,9 @@ impl Controller {
         let snapshot = self.route.snapshot();
         let now = Instant::now();
         self.loaded = snapshot.in_flight() > 0 || !snapshot.queued.is_empty();
+        if self.shutting_down.is_none() {
+            self.follow_traffic(&snapshot).await;
+        }
 
         // A call ran past the request timeout: its runner may be stuck; let it go.
         for runner in &mut self.runners {
@@ -582,13 +617,14 @@ impl Controller {
         if self.shutting_down.is_none() {
             self.autoscale(&snapshot);
         }
-        // Runners of a revision that is no longer current leave.
-        let current = self.current.as_ref().map(|(rev, _)| *rev);
+        // Runners of a revision that no longer takes calls leave.
         let candidate = self.pending.as_ref().map(|p| p.runner);
-        for runner in &mut self.runners {
-            if Some(runner.revision) != current && Some(runner.id) != candidate {
-                begin_drain(&self.route, &self.shared.capacity, runner, "its revision is no longer current");
-            }
+        let leaving: Vec<usize> = (0..self.runners.len())
+            .filter(|&i| !self.serves(self.runners[i].revision) && Some(self.runners[i].id) != candidate)
+            .collect();
+        for index in leaving {
+            let runner = &mut self.runners[index];
+            begin_drain(&self.route, &self.shared.capacity, runner, "its revision is no longer current");
         }
 
         // Draining runners with nothing in flight are told to stop. Their calls are
@@ -689,17 +725,50 @@ impl Controller {
 
     fn autoscale(&mut self, snapshot: &RouteSnapshot) {
         self.recheck_at = None;
-        let Some((revision, manifest)) = self.current.clone() else { return };
+        let Some((current, manifest)) = self.current.clone() else { return };
         if self.app.suspended {
             for runner in &mut self.runners {
                 begin_drain(&self.route, &self.shared.capacity, runner, "the app is suspended");
             }
             return;
         }
+        // Calls in flight on runners of no other revision (those of a revision being
+        // replaced, say) are the current revision's load.
+        let others = self.others.clone();
+        let elsewhere: u32 = others.iter().map(|(rev, _)| snapshot.in_flight_on(*rev)).sum();
+        let in_flight = snapshot.in_flight().saturating_sub(elsewhere);
+        self.scale(current, &manifest, self.policy(), in_flight, &snapshot.queued_on(current), snapshot);
+        for (revision, manifest) in others {
+            let mut policy = self.policy();
+            policy.max_multiplexing = manifest.runner.max_multiplexing;
+            // A revision only calls pin keeps no runner waiting for them.
+            if !self.app.traffic.iter().any(|s| s.revision == revision) {
+                policy.min_concurrency = 0;
+                policy.concurrency_buffer = 0;
+                policy.concurrency_buffer_perc = 0;
+            }
+            let queued = snapshot.queued_on(revision);
+            self.scale(revision, &manifest, policy, snapshot.in_flight_on(revision), &queued, snapshot);
+        }
+    }
+
+    /// Starts and stops runners of one revision as the autoscaler decides for its load.
+    fn scale(
+        &mut self,
+        revision: RevisionId,
+        manifest: &Arc<Manifest>,
+        policy: Policy,
+        in_flight: u32,
+        queued: &[Duration],
+        snapshot: &RouteSnapshot,
+    ) {
+        // The runner a rolling switch waits for is the switch's, not the autoscaler's,
+        // even when its revision takes calls already (a canary being made current).
+        let candidate = self.pending.as_ref().map(|p| p.runner);
         let counted: Vec<ScaleRunner> = self
             .runners
             .iter()
-            .filter(|r| r.revision == revision && !r.replacing)
+            .filter(|r| r.revision == revision && !r.replacing && Some(r.id) != candidate)
             .filter_map(|r| {
                 let phase = match r.state {
                     RunnerState::Pending => ScalePhase::Pending,
@@ -713,14 +782,14 @@ impl Controller {
                 Some(ScaleRunner { id: r.id, phase })
             })
             .collect();
-        let decision: Decision = autoscaler::decide(
-            &self.policy(),
-            &Observed { in_flight: snapshot.in_flight(), queued: &snapshot.queued, runners: &counted },
-        );
-        self.recheck_at = decision.recheck_in.map(|after| Instant::now() + after);
+        let decision: Decision = autoscaler::decide(&policy, &Observed { in_flight, queued, runners: &counted });
+        if let Some(after) = decision.recheck_in {
+            let at = Instant::now() + after;
+            self.recheck_at = Some(self.recheck_at.map_or(at, |t| t.min(at)));
+        }
         let no_runner_up = !self.runners.iter().any(|r| r.revision == revision && r.is_set_up());
         for _ in 0..decision.start {
-            if no_runner_up && !snapshot.queued.is_empty() {
+            if no_runner_up && !queued.is_empty() {
                 self.shared.metrics.cold_starts.get_or_create(&AppLabels { app: self.label() }).inc();
             }
             self.runners.push(Runner::new(revision, manifest.clone()));
@@ -1003,4 +1072,14 @@ fn begin_drain(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, reaso
 /// Kills a runner now; its calls in flight fail.
 fn kill(route: &AppRoute, capacity: &Capacity, runner: &mut Runner, reason: &str) {
     apply(route, capacity, runner, RunnerEvent::Kill, reason);
+}
+
+/// A revision of `app`, with its code here and its manifest read.
+async fn load_revision(shared: &Shared, app: &App, id: RevisionId) -> anyhow::Result<Arc<Manifest>> {
+    crate::code::ensure(shared, id).await?;
+    let revision =
+        shared.store.revision(id).await?.ok_or_else(|| anyhow::anyhow!("app {} has no revision {id}", app.name))?;
+    let manifest = Manifest::parse(&revision.manifest, None)
+        .map_err(|e| anyhow::anyhow!("revision {id} has an unreadable manifest: {e}"))?;
+    Ok(Arc::new(manifest))
 }

@@ -335,6 +335,7 @@ fn assemble(
         config.start_timeout,
         config.connection_timeouts(),
     );
+    gateway.set_revision_finder(Arc::new(control::GatewayRevisions { store: store.clone() }));
     let cluster = backend.cluster().is_some();
     let shared = Arc::new(fleet::Shared {
         store: store.clone(),

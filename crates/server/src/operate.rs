@@ -3,11 +3,13 @@
 
 use api::error::{ApiError, ErrorCode};
 use api::router::Caller;
-use api::wire::{AppJson, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest};
+use api::wire::{
+    AppJson, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest, TrafficRequest,
+};
 use model::ids::{RunnerId, is_id_prefix};
 use model::lifecycle::{RevisionEvent, revision_next};
 use model::manifest::{MAX_SECONDS, Manifest};
-use model::records::{App, Revision, RunnerInfo};
+use model::records::{App, Revision, RunnerInfo, TrafficShare};
 use model::revision::{AuthMode, RevisionStatus, RunnerState, Strategy};
 use store::NewHistory;
 use time::OffsetDateTime;
@@ -376,6 +378,86 @@ impl Control {
             )));
         }
         let app = self.find_app(caller, name).await?;
+        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
+    }
+
+    /// Sets the app's traffic split: each share to a Deployed revision other than the
+    /// current one, which takes the rest. No shares end the split. Calls in flight go
+    /// on where they are; new ones follow the new split at once.
+    pub(crate) async fn set_traffic(
+        &self,
+        caller: &Caller,
+        name: &str,
+        request: TrafficRequest,
+    ) -> Result<AppJson, ApiError> {
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let invalid = |m: String| ApiError::new(ErrorCode::InvalidRequest, m);
+        let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
+        if app.suspended {
+            return Err(conflict(format!("app {name:?} is suspended; resume it first (hangar apps resume {name})")));
+        }
+        let Some(current) = app.current_revision else {
+            return Err(conflict(format!("app {name:?} has no current revision to split calls with")));
+        };
+        let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
+        let mut shares: Vec<TrafficShare> = Vec::new();
+        for share in &request.shares {
+            if !(1..=99).contains(&share.percent) {
+                return Err(invalid(format!(
+                    "the share of revision {:?} must be between 1 and 99 percent, got {}",
+                    share.revision, share.percent
+                )));
+            }
+            let revision = self.find_revision(&app, &share.revision).await?;
+            if revision.id == current {
+                return Err(conflict(format!(
+                    "revision {} is the current revision of app {name:?}: it takes the calls the shares leave",
+                    revision.id
+                )));
+            }
+            if revision.status != RevisionStatus::Deployed {
+                return Err(conflict(format!(
+                    "revision {} is {}; only a Deployed revision can take a share of the calls",
+                    revision.id,
+                    revision.status.as_str()
+                )));
+            }
+            if shares.iter().any(|s| s.revision == revision.id) {
+                return Err(invalid(format!("revision {} is named twice", revision.id)));
+            }
+            let manifest = Manifest::parse(&revision.manifest, Some(&machine_types))
+                .map_err(|e| conflict(format!("revision {} cannot run on this server any more: {e}", revision.id)))?;
+            if let Some(why) = self.fleet.shared.capacity.never_fits(Need::of(&manifest.runner)) {
+                return Err(conflict(format!("revision {} cannot run on this server: {why}", revision.id)));
+            }
+            shares.push(TrafficShare { revision: revision.id, percent: share.percent });
+        }
+        let given: u32 = shares.iter().map(|s| u32::from(s.percent)).sum();
+        if given > 99 {
+            return Err(invalid(format!(
+                "the shares add up to {given} percent; they must leave the current revision at least 1"
+            )));
+        }
+        let details = if shares.is_empty() {
+            format!("split ended: revision {current} takes every call")
+        } else {
+            let named: Vec<String> = shares.iter().map(|s| format!("{}={}%", s.revision, s.percent)).collect();
+            format!("{}; revision {current} (current) takes {}%", named.join(", "), 100 - given)
+        };
+        let history =
+            NewHistory { app_id: app.id, action: "traffic".to_owned(), key_id: Some(caller.key_id.clone()), details };
+        self.store.set_traffic(app.id, &shares, history).await.map_err(|e| match e {
+            store::StoreError::Conflict(m) => conflict(m),
+            e => internal(e),
+        })?;
+        let app = self.find_app(caller, name).await?;
+        if let Some(controller) = self.fleet.get(app.id) {
+            let (reply, done) = oneshot::channel();
+            if controller.send(Command::Configure { app: app.clone(), reply }) {
+                let _ = done.await;
+            }
+        }
         Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
     }
 

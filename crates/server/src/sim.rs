@@ -299,7 +299,7 @@ impl Sim {
                     let hold = Duration::from_millis(hold_ms * u64::from(i + 1) / u64::from(count));
                     tokio::spawn(async move {
                         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-                        let Ok(lease) = route.acquire(deadline).await else { return };
+                        let Ok(lease) = route.acquire(deadline, None).await else { return };
                         let Some(n) = lock(&world).admit(lease) else { return };
                         tokio::time::sleep(hold).await;
                         lock(&world).end_call(n);

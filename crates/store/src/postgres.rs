@@ -167,7 +167,9 @@ const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (revision_id, kind) REFERENCES revision_files(revision_id, kind) ON DELETE CASCADE
     );",
     // The app's traffic split: `revision=percent` pairs (empty: none).
-    "ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';",
+    // The revision a queue request pins (NULL: it follows the app's split).
+    "ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_requests ADD COLUMN revision TEXT;",
 ];
 
 /// The advisory lock that servers starting at once take around migrating, so that one

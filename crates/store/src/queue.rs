@@ -22,6 +22,8 @@ pub struct NewQueueRequest {
     pub body: Vec<u8>,
     pub webhook: Option<String>,
     pub start_deadline: Option<OffsetDateTime>,
+    /// The revision it pins, if it pins one.
+    pub revision: Option<model::ids::RevisionId>,
 }
 
 /// What is sent to a runner for a request.

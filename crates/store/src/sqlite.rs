@@ -169,7 +169,11 @@ const MIGRATIONS: &[M<'static>] = &[
     );",
     ),
     // The app's traffic split: `revision=percent` pairs (empty: none).
-    M::up("ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';"),
+    // The revision a queue request pins (NULL: it follows the app's split).
+    M::up(
+        "ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_requests ADD COLUMN revision TEXT;",
+    ),
 ];
 
 pub(crate) struct Sqlite {
@@ -598,10 +602,8 @@ impl Sqlite {
                 )));
             }
         }
-        let set = tx.execute(
-            "UPDATE apps SET traffic = ?2 WHERE id = ?1",
-            params![app_id.to_string(), traffic_text(shares)],
-        )?;
+        let set = tx
+            .execute("UPDATE apps SET traffic = ?2 WHERE id = ?1", params![app_id.to_string(), traffic_text(shares)])?;
         if set != 1 {
             return Err(StoreError::Conflict(format!("app {app_id} no longer exists")));
         }

@@ -23,6 +23,7 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     let broken = app_with_build("web", "exit 1");
     server.run(&["deploy", broken.path_str(), "--message", "broken build"]).failed();
     let v3 = deploy("env = { V = \"3\" }\n");
+    server.run(&["apps", "traffic", "web", &format!("{}=10", &v1[..8])]).ok();
     let cli_revisions = revisions(&server, "web");
 
     let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
@@ -50,6 +51,9 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
         assert_eq!(shown["id"], listed["id"]);
         assert_eq!(shown["status"], listed["status"]);
         assert_eq!(shown["current"], listed["current"]);
+        let traffic = listed["traffic"].as_u64().unwrap();
+        let want = if traffic > 0 { format!("{traffic} %") } else { String::new() };
+        assert_eq!(shown["traffic"], want.as_str(), "the split is shown: {shown}");
         let current = listed["current"] == true;
         assert_eq!(shown["delete"], !current, "Delete on every non-current revision, never the current: {shown}");
         assert_eq!(shown["rollback"], !current && listed["status"] == "deployed", "{shown}");

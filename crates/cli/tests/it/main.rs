@@ -21,6 +21,7 @@ mod servers;
 mod slurm;
 mod switching;
 mod tls;
+mod traffic;
 
 use testkit::{AppDir, TestServer};
 

@@ -7,7 +7,7 @@
 //! it decides, so no start can slip in between its read and its write.
 
 use deadpool_postgres::GenericClient;
-use model::ids::RunnerId;
+use model::ids::{RevisionId, RunnerId};
 use model::records::{QueueAttempt, QueueOutcome, QueueRequest, QueueResult};
 use model::revision::{QueueState, WebhookState};
 use tokio_postgres::{IsolationLevel, Row};
@@ -19,7 +19,7 @@ use crate::{CancelOutcome, Completion, NewQueueRequest, QueuePayload, Result};
 
 const COLUMNS: &str = "seq, id, team_id, app_id, route, path, webhook, state, created_at, start_deadline, \
     started_at, completed_at, runner_id, cancel_requested, failed_attempts, result_status, error, error_type, \
-    webhook_state";
+    webhook_state, revision";
 
 impl Postgres {
     pub(crate) async fn queue_insert(&self, new: &NewQueueRequest) -> Result<QueueRequest> {
@@ -28,7 +28,7 @@ impl Postgres {
         client
             .execute(
                 "INSERT INTO queue_requests (id, team_id, app_id, route, path, headers, body, webhook, state,
-                 created_at, start_deadline) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 created_at, start_deadline, revision) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &[
                     &new.id.to_string(),
                     &new.team_id.to_string(),
@@ -41,6 +41,7 @@ impl Postgres {
                     &QueueState::InQueue.as_str(),
                     &millis(now()),
                     &new.start_deadline.map(millis),
+                    &new.revision.map(|r| r.to_string()),
                 ],
             )
             .await?;
@@ -365,5 +366,6 @@ fn request_from_row(row: &Row) -> Result<QueueRequest> {
             .try_get::<_, Option<String>>("webhook_state")?
             .map(|s| WebhookState::parse(&s).ok_or_else(|| corrupt("webhook state")))
             .transpose()?,
+        revision: row.try_get::<_, Option<String>>("revision")?.map(|r| uuid(r).map(RevisionId)).transpose()?,
     })
 }

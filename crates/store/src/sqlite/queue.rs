@@ -5,7 +5,7 @@
 //! `UPDATE … WHERE state = …`, so a cancel and a start racing each other cannot both
 //! win: whichever commits first decides.
 
-use model::ids::RunnerId;
+use model::ids::{RevisionId, RunnerId};
 use model::records::{QueueAttempt, QueueOutcome, QueueRequest, QueueResult};
 use model::revision::{QueueState, WebhookState};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -17,7 +17,7 @@ use crate::{CancelOutcome, Completion, NewQueueRequest, QueuePayload, Result};
 
 const COLUMNS: &str = "seq, id, team_id, app_id, route, path, webhook, state, created_at, start_deadline, \
     started_at, completed_at, runner_id, cancel_requested, failed_attempts, result_status, error, error_type, \
-    webhook_state";
+    webhook_state, revision";
 
 impl Sqlite {
     pub(crate) fn queue_insert(&self, new: &NewQueueRequest) -> Result<QueueRequest> {
@@ -25,7 +25,7 @@ impl Sqlite {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO queue_requests (id, team_id, app_id, route, path, headers, body, webhook, state,
-             created_at, start_deadline) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             created_at, start_deadline, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 new.id.to_string(),
                 new.team_id.to_string(),
@@ -38,6 +38,7 @@ impl Sqlite {
                 QueueState::InQueue.as_str(),
                 millis(now()),
                 new.start_deadline.map(millis),
+                new.revision.map(|r| r.to_string()),
             ],
         )?;
         request(&conn, new.id)?.ok_or_else(|| corrupt("queue request just written"))
@@ -316,6 +317,7 @@ fn request_from_row(row: &Row<'_>) -> rusqlite::Result<Result<QueueRequest>> {
                 .get::<_, Option<String>>(18)?
                 .map(|s| WebhookState::parse(&s).ok_or_else(|| corrupt("webhook state")))
                 .transpose()?,
+            revision: row.get::<_, Option<String>>(19)?.map(|r| uuid(r).map(RevisionId)).transpose()?,
         })
     })())
 }

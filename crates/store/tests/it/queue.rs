@@ -20,6 +20,7 @@ fn new_request(app_id: Uuid, body: &str) -> NewQueueRequest {
         body: body.as_bytes().to_vec(),
         webhook: None,
         start_deadline: None,
+        revision: None,
     }
 }
 
@@ -71,6 +72,7 @@ async fn a_new_request_reads_back_as_it_was_written(store: Store) {
     new.start_deadline = Some(now_millis() + time::Duration::seconds(30));
     new.headers.push(("x-trace".to_owned(), "a: b".to_owned()));
     new.body = vec![0, 255, 10, 13];
+    new.revision = Some(model::ids::RevisionId(Uuid::new_v4()));
     let written = store.queue_insert(new.clone()).await.unwrap();
     assert_eq!(store.queue_request(new.id).await.unwrap(), Some(written.clone()));
     assert_eq!(
@@ -80,6 +82,7 @@ async fn a_new_request_reads_back_as_it_was_written(store: Store) {
     assert_eq!((written.state, written.webhook.as_deref()), (QueueState::InQueue, Some("http://127.0.0.1:9/hook")));
     assert_eq!((written.start_deadline, written.started_at, written.completed_at), (new.start_deadline, None, None));
     assert!(written.created_at >= before && written.runner.is_none() && !written.cancel_requested);
+    assert_eq!(written.revision, new.revision, "the revision it pins");
     assert!(written.outcome.is_none() && written.attempts.is_empty() && written.webhook_state.is_none());
     let payload = store.queue_payload(new.id).await.unwrap().unwrap();
     assert_eq!((payload.headers, payload.body), (new.headers, new.body));

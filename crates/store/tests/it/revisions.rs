@@ -234,7 +234,10 @@ async fn a_split_names_deployed_revisions_other_than_the_current_and_a_switch_en
         assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     }
     let unknown = [TrafficShare { revision: RevisionId(Uuid::new_v4()), percent: 1 }];
-    assert!(matches!(store.set_traffic(web.id, &unknown, history(web.id, "traffic")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.set_traffic(web.id, &unknown, history(web.id, "traffic")).await,
+        Err(StoreError::Conflict(_))
+    ));
     let read = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
     assert_eq!(read.traffic, split, "a refused split changes nothing");
     let actions: Vec<String> = store.list_history(web.id).await.unwrap().into_iter().map(|h| h.action).collect();
