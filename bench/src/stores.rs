@@ -323,6 +323,7 @@ async fn timed_deploy(server: &TestServer, testapp: &Path, n: usize) -> anyhow::
         strategy: Some("recreate".to_owned()),
         reset_scale: false,
         message: None,
+        guard: false,
     };
     let api = server.client();
     let start = Instant::now();

@@ -72,7 +72,8 @@ pub(crate) async fn switching(server: &TestServer, testapp: &Path) -> anyhow::Re
     windows.push(("rolling deploy", start, Instant::now()));
 
     let start = Instant::now();
-    api.set_rev(app, &api::wire::SetRevRequest { revision: v1.clone(), strategy: None, auth: None }).await?;
+    api.set_rev(app, &api::wire::SetRevRequest { revision: v1.clone(), strategy: None, auth: None, guard: false })
+        .await?;
     settle(start).await;
     windows.push(("rolling set-rev", start, Instant::now()));
 
@@ -83,8 +84,11 @@ pub(crate) async fn switching(server: &TestServer, testapp: &Path) -> anyhow::Re
     windows.push(("graceful rollout (until every runner is replaced)", start, Instant::now()));
 
     let start = Instant::now();
-    api.set_rev(app, &api::wire::SetRevRequest { revision: v2.clone(), strategy: Some("recreate".into()), auth: None })
-        .await?;
+    api.set_rev(
+        app,
+        &api::wire::SetRevRequest { revision: v2.clone(), strategy: Some("recreate".into()), auth: None, guard: false },
+    )
+    .await?;
     settle(start).await;
     windows.push(("recreate set-rev", start, Instant::now()));
 
@@ -109,8 +113,12 @@ pub(crate) async fn switching(server: &TestServer, testapp: &Path) -> anyhow::Re
     let (mut recreate, mut rolling) = (Vec::new(), Vec::new());
     for i in 0..40 {
         let target = if i % 2 == 0 { &v1 } else { &v2 };
-        let request =
-            api::wire::SetRevRequest { revision: target.clone(), strategy: Some("recreate".into()), auth: None };
+        let request = api::wire::SetRevRequest {
+            revision: target.clone(),
+            strategy: Some("recreate".into()),
+            auth: None,
+            guard: false,
+        };
         let start = Instant::now();
         api.set_rev(app, &request).await?;
         recreate.push(start.elapsed());
@@ -121,7 +129,11 @@ pub(crate) async fn switching(server: &TestServer, testapp: &Path) -> anyhow::Re
         own.push(own_time_to_healthy(&client, testapp).await?);
         let target = if i % 2 == 0 { &v1 } else { &v2 };
         let start = Instant::now();
-        api.set_rev(app, &api::wire::SetRevRequest { revision: target.clone(), strategy: None, auth: None }).await?;
+        api.set_rev(
+            app,
+            &api::wire::SetRevRequest { revision: target.clone(), strategy: None, auth: None, guard: false },
+        )
+        .await?;
         rolling.push(start.elapsed());
     }
     Ok(Switching {

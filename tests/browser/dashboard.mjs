@@ -47,6 +47,7 @@ try {
     delete: !!tr.querySelector("button.delete"),
   })));
   seen.versions = await rows();
+  seen.guard = await page.locator("#guard").innerText();
   if (shots) await page.screenshot({ path: `${shots}/versions.png`, fullPage: true });
 
   const row = (id) => page.locator(`#versions tr[data-revision="${id}"]`);

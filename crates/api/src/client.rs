@@ -7,9 +7,9 @@ use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    GpuJson, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
-    RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
-    TeamJson, TrafficRequest,
+    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery,
+    RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest,
+    SetSecretsRequest, TeamJson, TrafficRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +236,11 @@ impl Client {
     /// Sets the app's traffic split (no shares: ends it).
     pub async fn traffic(&self, app: &str, request: &TrafficRequest) -> Result<AppJson> {
         self.json(self.request(Method::POST, &format!("/v1/apps/{}/traffic", seg(app))).json(request)).await
+    }
+
+    /// Changes how the app's guard judges revisions.
+    pub async fn guard(&self, app: &str, request: &GuardRequest) -> Result<AppJson> {
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/guard", seg(app))).json(request)).await
     }
 
     pub async fn rollout(&self, app: &str, force: bool) -> Result<RolloutJson> {

@@ -84,10 +84,12 @@ pub(crate) fn finish(mut api: OpenApi) -> serde_json::Value {
         .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
         .build();
     components.responses.insert(ERROR_RESPONSE.to_owned(), RefOr::T(error));
-    // A scale names at least one value. (utoipa's `min_properties` attribute writes
-    // `maxProperties`, so this is set here.)
-    if let Some(RefOr::T(Schema::Object(scale))) = components.schemas.get_mut("ScaleRequest") {
-        scale.min_properties = Some(1);
+    // A scale, and a change of the guard, name at least one value. (utoipa's
+    // `min_properties` attribute writes `maxProperties`, so this is set here.)
+    for name in ["ScaleRequest", "GuardRequest"] {
+        if let Some(RefOr::T(Schema::Object(request))) = components.schemas.get_mut(name) {
+            request.min_properties = Some(1);
+        }
     }
     for item in api.paths.paths.values_mut() {
         for operation in operations(item) {

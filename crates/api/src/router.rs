@@ -24,9 +24,9 @@ use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
 use crate::openapi;
 use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    GpuJson, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
-    RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
-    TeamJson, TrafficRequest,
+    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery,
+    RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest,
+    SetSecretsRequest, TeamJson, TrafficRequest,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -127,6 +127,13 @@ pub trait ControlPlane: Send + Sync + 'static {
         app: &str,
         request: TrafficRequest,
     ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
+    /// Changes how the app's guard judges revisions.
+    fn guard(
+        &self,
+        caller: &Caller,
+        app: &str,
+        request: GuardRequest,
+    ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
     /// Replaces every runner of the app, same revision.
     fn rollout(
         &self,
@@ -203,6 +210,7 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .routes(routes!(scale))
         .routes(routes!(set_rev))
         .routes(routes!(traffic))
+        .routes(routes!(guard))
         .routes(routes!(rollout))
         .routes(routes!(suspend))
         .routes(routes!(resume))
@@ -577,6 +585,21 @@ async fn traffic<C: ControlPlane>(
     JsonBody(request): JsonBody<TrafficRequest>,
 ) -> Result<Json<AppJson>, ApiError> {
     c.traffic(&caller, &path.app, request).await.map(Json)
+}
+
+/// Changes how the app's guard judges a revision after a guarded switch (or a guarded
+/// canary): its window and thresholds, and whether every deploy and set-rev is guarded.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/guard", tag = "apps", params(AppPath), request_body = GuardRequest,
+    responses((status = OK, body = AppJson))
+)]
+async fn guard<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+    JsonBody(request): JsonBody<GuardRequest>,
+) -> Result<Json<AppJson>, ApiError> {
+    c.guard(&caller, &path.app, request).await.map(Json)
 }
 
 /// Makes another Deployed revision the current one (rollback or roll forward).

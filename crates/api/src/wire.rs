@@ -44,6 +44,7 @@ pub struct AppJson {
     /// takes the rest. Empty: it takes every call.
     #[serde(default)]
     pub traffic: Vec<TrafficShareJson>,
+    pub guard: GuardJson,
     #[schema(format = DateTime)]
     pub created_at: String,
     /// Why the server could not load the app, which it then does not serve.
@@ -186,6 +187,10 @@ pub struct DeployParams {
     /// A note kept with the revision.
     #[param(nullable = false)]
     pub message: Option<String>,
+    /// Watch the new revision after the switch, and switch back by itself if it answers
+    /// clearly worse than the one before (the app's guard setting may do so anyway).
+    #[serde(default)]
+    pub guard: bool,
 }
 
 /// A time as RFC 3339 in UTC with exactly three decimals, so that times sort as strings.
@@ -221,6 +226,15 @@ impl AppJson {
                 .iter()
                 .map(|s| TrafficShareJson { revision: s.revision.to_string(), percent: s.percent })
                 .collect(),
+            guard: GuardJson {
+                enabled: app.guard.enabled,
+                window: app.guard.window,
+                max_error_increase: app.guard.max_error_increase,
+                max_p95_ratio: app.guard.max_p95_ratio,
+                watching: app.guard_watch.as_ref().map(|w| w.revision.to_string()),
+                previous: app.guard_watch.as_ref().and_then(|w| w.previous).map(|p| p.to_string()),
+                until: app.guard_watch.as_ref().map(|w| rfc3339(w.until)),
+            },
             created_at: rfc3339(app.created_at),
             problem: None,
         }
@@ -437,6 +451,15 @@ mod whole_number {
         })
     }
 
+    /// A whole number of type `T` that may be left out but, when given, is not null.
+    pub(super) fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + Bounded,
+    {
+        required(deserializer).map(Some)
+    }
+
     /// An optional whole number of type `T` (`null` is absent).
     pub(super) fn option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
     where
@@ -503,6 +526,53 @@ impl RunnerJson {
     }
 }
 
+/// An app's guard: how it judges a revision after a switch (or a canary), and what it
+/// watches now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct GuardJson {
+    /// Every deploy and set-rev is guarded, not only those that ask.
+    pub enabled: bool,
+    /// Seconds after a switch during which the guard watches.
+    pub window: u64,
+    /// Percentage points by which the new revision's share of 5xx may exceed the old one's.
+    pub max_error_increase: u32,
+    /// Percent of the old revision's p95 the new one's may reach (200: twice as slow).
+    pub max_p95_ratio: u32,
+    /// The revision watched now, if any.
+    pub watching: Option<String>,
+    /// The revision it goes back to if the watched one trips; null for a canary, whose
+    /// share ends instead.
+    pub previous: Option<String>,
+    /// When the watch ends.
+    #[schema(format = DateTime)]
+    pub until: Option<String>,
+}
+
+/// Change how an app's guard judges: at least one value. Values not given stay as
+/// they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuardRequest {
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub enabled: Option<bool>,
+    /// Seconds.
+    #[serde(default, deserialize_with = "whole_number::present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 86400)]
+    pub window: Option<u64>,
+    #[serde(default, deserialize_with = "whole_number::present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, maximum = 100)]
+    pub max_error_increase: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number::present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 100, maximum = 100000)]
+    pub max_p95_ratio: Option<u32>,
+}
+
+/// A value that may be left out but, when given, is not null.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
+}
+
 /// A share of an app's new calls, in percent, sent to one revision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -521,6 +591,10 @@ pub struct TrafficShareJson {
 #[serde(deny_unknown_fields)]
 pub struct TrafficRequest {
     pub shares: Vec<TrafficShareJson>,
+    /// Watch the one canary named and end its share by itself if it answers clearly
+    /// worse than the current revision meanwhile.
+    #[serde(default)]
+    pub guard: bool,
 }
 
 /// Switch an app to another revision.
@@ -536,6 +610,10 @@ pub struct SetRevRequest {
     /// private, public or shared (default: unchanged)
     #[schema(schema_with = crate::openapi::nullable_auth_mode)]
     pub auth: Option<String>,
+    /// Watch the revision after the switch and switch back by itself if it answers
+    /// clearly worse than the one before.
+    #[serde(default)]
+    pub guard: bool,
 }
 
 /// Restart every runner of an app.

@@ -61,6 +61,10 @@ pub(crate) enum AppsCommand {
         /// Change who may call the app at the same time
         #[arg(long, value_parser = ["private", "public", "shared"])]
         auth: Option<String>,
+        /// Watch REVISION after the switch and go back by itself if it answers clearly
+        /// worse than the one before (see `apps guard`)
+        #[arg(long)]
+        guard: bool,
     },
     /// Send shares of the app's new calls to other Deployed revisions (canaries); the
     /// current revision takes the rest. A set-rev, or --clear, ends the split
@@ -72,7 +76,14 @@ pub(crate) enum AppsCommand {
         /// End the split: the current revision takes every call
         #[arg(long)]
         clear: bool,
+        /// Watch the canary (one only) and end its share by itself if it answers clearly
+        /// worse than the current revision meanwhile
+        #[arg(long, conflicts_with = "clear")]
+        guard: bool,
     },
+    /// Show or change how the app's guard judges a revision after a guarded switch (or a
+    /// guarded canary), and whether every deploy and set-rev is guarded
+    Guard(GuardArgs),
     /// Restart every runner of the app (same revision, fresh secrets and settings)
     Rollout {
         app: String,
@@ -84,6 +95,27 @@ pub(crate) enum AppsCommand {
     Suspend { app: String },
     /// Serve a suspended app again
     Resume { app: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct GuardArgs {
+    app: String,
+    /// Guard every deploy and set-rev, not only those given --guard
+    #[arg(long, conflicts_with = "off")]
+    on: bool,
+    /// Guard only deploys and set-revs given --guard
+    #[arg(long)]
+    off: bool,
+    /// Seconds after a switch during which the guard watches [default: 300]
+    #[arg(long)]
+    window: Option<u64>,
+    /// Percentage points by which the new revision's share of 5xx may exceed the old
+    /// one's [default: 5]
+    #[arg(long)]
+    max_error_increase: Option<u32>,
+    /// Percent of the old revision's p95 the new one's may reach [default: 200, twice]
+    #[arg(long)]
+    max_p95_ratio: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,7 +166,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 out!("No apps yet. Deploy one with `hangar deploy PATH`.");
             }
             out.table(
-                &["APP", "REVISION", "AUTH", "RUNNERS", "MIN", "MAX", "KEEP ALIVE", "MACHINE", "SPLIT"],
+                &["APP", "REVISION", "AUTH", "RUNNERS", "MIN", "MAX", "KEEP ALIVE", "MACHINE", "SPLIT", "GUARD"],
                 apps.iter()
                     .map(|a| {
                         vec![
@@ -147,6 +179,10 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                             format!("{}s", a.keep_alive),
                             a.machine_type.clone(),
                             split_text(&a.traffic),
+                            a.guard.watching.as_deref().map_or_else(
+                                || if a.guard.enabled { "on".to_owned() } else { "-".to_owned() },
+                                |w| format!("watching {}", short(w)),
+                            ),
                         ]
                     })
                     .collect(),
@@ -227,8 +263,8 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             );
         }
         AppsCommand::Runners { app, filter } => return crate::runners::list(cx, Some(&app), &filter).await,
-        AppsCommand::SetRev { app, revision, strategy, auth } => {
-            let request = api::wire::SetRevRequest { revision, strategy: strategy.clone(), auth };
+        AppsCommand::SetRev { app, revision, strategy, auth, guard } => {
+            let request = api::wire::SetRevRequest { revision, strategy: strategy.clone(), auth, guard };
             let updated = client.set_rev(&app, &request).await?;
             if out.is_json() {
                 return json(cx, &updated);
@@ -239,9 +275,9 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 success(format!("{app} now serves revision {revision} ({})", strategy.as_deref().unwrap_or("rolling")))
             );
         }
-        AppsCommand::Traffic { app, shares, clear } => {
+        AppsCommand::Traffic { app, shares, clear, guard } => {
             let shares = if clear { Vec::new() } else { parse_shares(&shares)? };
-            let updated = client.traffic(&app, &api::wire::TrafficRequest { shares }).await?;
+            let updated = client.traffic(&app, &api::wire::TrafficRequest { shares, guard }).await?;
             if out.is_json() {
                 return json(cx, &updated);
             }
@@ -293,6 +329,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
             out!("{}", success(format!("Resumed {app}")));
         }
         AppsCommand::Scale(args) => return scale(cx, args).await,
+        AppsCommand::Guard(args) => return guard(cx, args).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -355,6 +392,47 @@ fn split_text(shares: &[api::wire::TrafficShareJson]) -> String {
         return "-".to_owned();
     }
     shares.iter().map(|s| format!("{}={}%", short(&s.revision), s.percent)).collect::<Vec<_>>().join(", ")
+}
+
+async fn guard(cx: &Context, args: GuardArgs) -> anyhow::Result<ExitCode> {
+    let enabled = match (args.on, args.off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    let request = api::wire::GuardRequest {
+        enabled,
+        window: args.window,
+        max_error_increase: args.max_error_increase,
+        max_p95_ratio: args.max_p95_ratio,
+    };
+    let app = if request == api::wire::GuardRequest::default() {
+        cx.client.get_app(&args.app).await?
+    } else {
+        cx.client.guard(&args.app, &request).await?
+    };
+    if cx.out.is_json() {
+        return json(cx, &app.guard);
+    }
+    let g = &app.guard;
+    out!(
+        "Guard of {}: {}, window {} s, at most {} points more 5xx, p95 at most {}% of before",
+        args.app,
+        if g.enabled { "every switch" } else { "switches given --guard" },
+        g.window,
+        g.max_error_increase,
+        g.max_p95_ratio
+    );
+    if let Some(watching) = &g.watching {
+        let back =
+            g.previous.as_deref().map_or_else(|| "its share ends".to_owned(), |p| format!("back to {}", short(p)));
+        out!(
+            "Watching {} until {} (if it trips: {back})",
+            short(watching),
+            g.until.as_deref().map(when).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn json<T: serde::Serialize>(cx: &Context, value: &T) -> anyhow::Result<ExitCode> {

@@ -31,6 +31,10 @@ pub(crate) struct DeployArgs {
     /// Take runtime-tunable scaling values from the manifest instead of keeping the app's
     #[arg(long)]
     reset_scale: bool,
+    /// Watch the new revision after the switch and go back by itself if it answers
+    /// clearly worse than the one before (see `apps guard`)
+    #[arg(long)]
+    guard: bool,
     /// A note stored with the revision
     #[arg(long)]
     message: Option<String>,
@@ -73,6 +77,7 @@ pub(crate) async fn run(cx: &Context, args: DeployArgs) -> anyhow::Result<ExitCo
         strategy: args.strategy.clone(),
         reset_scale: args.reset_scale,
         message: args.message.clone(),
+        guard: args.guard,
     };
     let deployed = upload(cx, &params, packed.bytes).await?;
     for note in &deployed.notes {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use metrics::{CallLabels, Metrics};
+pub use metrics::{CallLabels, Figures, Metrics};
 pub use route::{AcquireError, AppRoute, CutOff, Lease, RouteConfig, RouteSnapshot, SlotView};
 pub use upstream::UpstreamBody;
 

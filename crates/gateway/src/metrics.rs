@@ -1,6 +1,7 @@
 //! What the gateway counts, in Prometheus terms. The server registers these in its
 //! registry next to its own.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,6 +65,7 @@ impl Metrics {
         let latency =
             slot.series.latency.get_or_init(|| self.latency.get_or_create(&AppLabel { app: app.clone() }).clone());
         latency.observe(elapsed.as_secs_f64());
+        slot.figures.record(status, elapsed);
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -73,5 +75,143 @@ impl Metrics {
             "Time from a call's arrival to its response head, by app",
             self.latency.clone(),
         );
+    }
+}
+
+/// How many latency buckets a revision's figures keep: a quarter of a power of two each
+/// (about 19 % apart), from 64 µs up; the last takes everything slower (over 18 h).
+const BUCKETS: usize = 128;
+
+/// One revision's calls as its app's guard reads them: how many, how many answered 5xx,
+/// and their times to the response head. Counted since the route was made, by every
+/// gateway thread.
+#[derive(Debug)]
+pub(crate) struct RevisionFigures {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; BUCKETS],
+}
+
+impl Default for RevisionFigures {
+    fn default() -> RevisionFigures {
+        RevisionFigures {
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl RevisionFigures {
+    fn record(&self, status: u16, elapsed: Duration) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.buckets[bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The figures as they stand.
+    pub(crate) fn read(&self) -> Figures {
+        Figures {
+            calls: self.calls.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            buckets: self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
+        }
+    }
+}
+
+/// The bucket of a call that took `elapsed`.
+fn bucket(elapsed: Duration) -> usize {
+    let micros = elapsed.as_micros().max(64) as f64;
+    ((4.0 * (micros / 64.0).log2()) as usize).min(BUCKETS - 1)
+}
+
+/// A revision's calls, read at one moment, or between two ([`Figures::since`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub calls: u64,
+    /// Of those, the ones answered 5xx.
+    pub errors: u64,
+    buckets: Vec<u64>,
+}
+
+impl Figures {
+    /// Figures with `calls` calls, `errors` of them 5xx, all as slow as `p95` (as a
+    /// guard's stored baseline is read back).
+    pub fn summary(calls: u64, errors: u64, p95: Option<Duration>) -> Figures {
+        let mut buckets = vec![0; BUCKETS];
+        if let Some(p95) = p95 {
+            buckets[bucket(p95)] = calls;
+        }
+        Figures { calls, errors, buckets }
+    }
+
+    /// What happened after `earlier`, a reading of the same revision.
+    pub fn since(&self, earlier: &Figures) -> Figures {
+        let at = |b: &Vec<u64>, i: usize| b.get(i).copied().unwrap_or(0);
+        Figures {
+            calls: self.calls.saturating_sub(earlier.calls),
+            errors: self.errors.saturating_sub(earlier.errors),
+            buckets: (0..BUCKETS).map(|i| at(&self.buckets, i).saturating_sub(at(&earlier.buckets, i))).collect(),
+        }
+    }
+
+    /// The share of calls answered 5xx, 0 to 1 (0 with no calls).
+    pub fn error_share(&self) -> f64 {
+        if self.calls == 0 { 0.0 } else { self.errors as f64 / self.calls as f64 }
+    }
+
+    /// The time within which 95 % of the calls had their answer's head, to the upper
+    /// edge of its bucket (within 19 %); `None` with no calls.
+    pub fn p95(&self) -> Option<Duration> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let wanted = total - total / 20;
+        let mut seen = 0;
+        let at = self.buckets.iter().position(|n| {
+            seen += n;
+            seen >= wanted
+        })?;
+        Some(Duration::from_micros((64.0 * ((at + 1) as f64 / 4.0).exp2()) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_count_errors_and_place_the_p95_within_a_bucket() {
+        let figures = RevisionFigures::default();
+        for ms in 1..=100 {
+            figures.record(if ms % 10 == 0 { 503 } else { 200 }, Duration::from_millis(ms));
+        }
+        let read = figures.read();
+        assert_eq!((read.calls, read.errors), (100, 10));
+        assert!((read.error_share() - 0.1).abs() < 1e-9);
+        let p95 = read.p95().unwrap();
+        assert!(p95 >= Duration::from_millis(95) && p95 <= Duration::from_millis(95 * 120 / 100), "{p95:?}");
+
+        // What came after an earlier reading.
+        for _ in 0..50 {
+            figures.record(500, Duration::from_secs(2));
+        }
+        let later = figures.read().since(&read);
+        assert_eq!((later.calls, later.errors), (50, 50));
+        let p95 = later.p95().unwrap();
+        assert!(p95 >= Duration::from_secs(2) && p95 <= Duration::from_millis(2400), "{p95:?}");
+        assert_eq!(Figures::default().p95(), None);
+        assert_eq!(Figures::default().error_share(), 0.0);
+
+        // A stored summary reads back within a bucket.
+        let summary = Figures::summary(40, 2, Some(Duration::from_millis(30)));
+        assert_eq!((summary.calls, summary.errors), (40, 2));
+        let p95 = summary.p95().unwrap();
+        assert!(p95 >= Duration::from_millis(30) && p95 <= Duration::from_millis(36), "{p95:?}");
+        // Very fast and very slow calls land in the first and the last bucket.
+        assert_eq!((bucket(Duration::ZERO), bucket(Duration::from_secs(1 << 40))), (0, BUCKETS - 1));
     }
 }

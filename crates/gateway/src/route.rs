@@ -19,6 +19,8 @@ use std::time::Duration;
 use model::ids::{RevisionId, RunnerId};
 use model::revision::AuthMode;
 use netns::Endpoint;
+
+use crate::metrics::{Figures, RevisionFigures};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -73,6 +75,8 @@ struct RouteState {
     next_waiter: u64,
     /// Calls holding a slot, on any runner (also one since removed).
     in_flight: u32,
+    /// Each revision's calls so far, for the app's guard.
+    figures: Vec<(RevisionId, Arc<RevisionFigures>)>,
 }
 
 struct Slot {
@@ -171,10 +175,12 @@ pub struct SlotLabels {
     pub revision_label: Arc<String>,
     /// Its calls' metrics series, once looked up.
     pub(crate) series: Arc<crate::metrics::SeriesCache>,
+    /// Its revision's figures, shared by the revision's runners.
+    pub(crate) figures: Arc<RevisionFigures>,
 }
 
 impl SlotLabels {
-    fn new(id: RunnerId, revision: RevisionId, addr: SocketAddr) -> SlotLabels {
+    fn new(id: RunnerId, revision: RevisionId, addr: SocketAddr, figures: Arc<RevisionFigures>) -> SlotLabels {
         let value = |s: String| http::HeaderValue::from_str(&s).unwrap_or(http::HeaderValue::from_static("-"));
         SlotLabels {
             host: value(addr.to_string()),
@@ -182,6 +188,7 @@ impl SlotLabels {
             revision: value(revision.to_string()),
             revision_label: Arc::new(revision.to_string()),
             series: Arc::default(),
+            figures,
         }
     }
 }
@@ -264,6 +271,7 @@ impl AppRoute {
                 lanes: Vec::new(),
                 next_waiter: 0,
                 in_flight: 0,
+                figures: Vec::new(),
             }),
             changed: Notify::new(),
             busy: Notify::new(),
@@ -360,6 +368,20 @@ impl AppRoute {
         self.interleave();
     }
 
+    /// The calls `revision` has answered through this route so far.
+    pub fn figures(&self, revision: RevisionId) -> Figures {
+        Self::figures_of(&mut self.state(), revision).read()
+    }
+
+    fn figures_of(state: &mut RouteState, revision: RevisionId) -> Arc<RevisionFigures> {
+        if let Some((_, figures)) = state.figures.iter().find(|(r, _)| *r == revision) {
+            return figures.clone();
+        }
+        let figures = Arc::new(RevisionFigures::default());
+        state.figures.push((revision, figures.clone()));
+        figures
+    }
+
     /// The shares of the split now in force.
     pub fn split(&self) -> Vec<(RevisionId, u8)> {
         self.state().split.shares.clone()
@@ -417,10 +439,11 @@ impl AppRoute {
     pub fn add_runner(self: &Arc<Self>, id: RunnerId, revision: RevisionId, addr: Endpoint, max: u32) {
         let mut state = self.state();
         state.runners.retain(|s| s.id != id);
+        let figures = Self::figures_of(&mut state, revision);
         state.runners.push(Slot {
             id,
             revision,
-            labels: SlotLabels::new(id, revision, addr.addr),
+            labels: SlotLabels::new(id, revision, addr.addr, figures),
             addr,
             max: max.max(1),
             in_flight: 0,

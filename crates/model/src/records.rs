@@ -43,6 +43,44 @@ pub struct App {
     /// Shares of new calls sent to other Deployed revisions (canaries); the current
     /// revision takes the rest. Empty: it takes every call.
     pub traffic: Vec<TrafficShare>,
+    pub guard: GuardSettings,
+    /// What the guard watches now, if anything.
+    pub guard_watch: Option<GuardWatch>,
+}
+
+/// How an app's guard judges a revision after a switch (or a canary while it has its
+/// share), against the revision before it (or the current one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardSettings {
+    /// Every deploy and set-rev is guarded, not only those that ask (`--guard`).
+    pub enabled: bool,
+    /// Seconds after a switch during which the guard watches.
+    pub window: u64,
+    /// Percentage points by which the new revision's share of 5xx answers may exceed the
+    /// old one's.
+    pub max_error_increase: u32,
+    /// Percent of the old revision's p95 the new one's may reach (200: twice as slow).
+    pub max_p95_ratio: u32,
+}
+
+impl Default for GuardSettings {
+    fn default() -> GuardSettings {
+        GuardSettings { enabled: false, window: 300, max_error_increase: 5, max_p95_ratio: 200 }
+    }
+}
+
+/// A revision the guard watches, until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardWatch {
+    pub revision: RevisionId,
+    /// After a switch: the revision to go back to, whose figures from before the switch
+    /// are the baseline. `None` for a canary, which is compared with the current
+    /// revision over the same time.
+    pub previous: Option<RevisionId>,
+    pub until: OffsetDateTime,
+    pub baseline_calls: u64,
+    pub baseline_errors: u64,
+    pub baseline_p95_micros: Option<u64>,
 }
 
 /// A share of an app's new calls, in percent, sent to one of its revisions.

@@ -9,9 +9,9 @@ use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DEFAULT_REVISION_LIMIT, DeployJson,
-    DeployParams, GpuJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery, RolloutJson,
-    RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest,
-    TeamJson, TrafficRequest,
+    DeployParams, GpuJson, GuardRequest, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery,
+    RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest,
+    SetSecretsRequest, TeamJson, TrafficRequest,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -426,6 +426,11 @@ impl ControlPlane for Control {
     async fn traffic(&self, caller: &Caller, app: &str, request: TrafficRequest) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         self.set_traffic(caller, app, request).await
+    }
+
+    async fn guard(&self, caller: &Caller, app: &str, request: GuardRequest) -> Result<AppJson, ApiError> {
+        require_manage(caller)?;
+        self.set_guard(caller, app, request).await
     }
 
     async fn rollout(&self, caller: &Caller, app: &str, request: RolloutRequest) -> Result<RolloutJson, ApiError> {

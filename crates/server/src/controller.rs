@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use autoscaler::{Decision, Observed, Phase as ScalePhase, Policy, Runner as ScaleRunner};
-use gateway::{AppRoute, CutOff, RouteConfig, RouteSnapshot};
+use gateway::{AppRoute, CutOff, Figures, RouteConfig, RouteSnapshot};
 use model::ids::{RevisionId, RunnerId};
 use model::lifecycle::{self, RunnerEffect, RunnerEvent};
 use model::manifest::{Manifest, RunnerSpec, Scaling};
-use model::records::{App, Revision, RunnerInfo};
+use model::records::{App, GuardWatch, Revision, RunnerInfo, TrafficShare};
 use model::revision::{AuthMode, RunnerState, Strategy};
 use store::{Activation, NewHistory};
 use supervisor::{Event, HealthPolicy, Phase, RunnerHandle, RunnerLaunch};
@@ -45,7 +45,7 @@ pub(crate) enum Command {
     /// Make a built revision current.
     Activate(Box<Activate>),
     /// Change the app's scaling values (the store is already updated).
-    Configure { app: App, reply: oneshot::Sender<()> },
+    Configure { app: Box<App>, reply: oneshot::Sender<()> },
     /// Drain and stop one runner; with `replace`, start its replacement first.
     StopRunner { id: RunnerId, replace: bool, reply: oneshot::Sender<Result<(), String>> },
     /// Kill one runner at once.
@@ -64,6 +64,8 @@ pub(crate) struct Activate {
     /// Runtime-tunable values to install, or `None` to keep the app's.
     pub(crate) scaling: Option<Scaling>,
     pub(crate) auth: Option<AuthMode>,
+    /// Watch the revision after the switch (so does the app's guard setting).
+    pub(crate) guard: bool,
     pub(crate) history: NewHistory,
     /// `Err` carries the reason the revision failed.
     pub(crate) reply: oneshot::Sender<Result<(), String>>,
@@ -168,6 +170,16 @@ pub(crate) struct Controller {
     recheck_at: Option<Instant>,
     /// Whether calls were in flight or waiting when the controller last looked.
     loaded: bool,
+    /// What the guard watches, with the figures it counts from.
+    watch: Option<Watch>,
+}
+
+/// A revision the guard watches: what the store keeps of it, and the figures of the
+/// watched revision (and, for a canary, of the current one) when the watch began here.
+struct Watch {
+    stored: GuardWatch,
+    start: Figures,
+    current_start: Figures,
 }
 
 impl Controller {
@@ -185,6 +197,7 @@ impl Controller {
         };
         route.set_revision(current.as_ref().map(|(id, _)| *id));
         route.set_split(app.traffic.iter().map(|s| (s.revision, s.percent)).collect());
+        let watch = app.guard_watch.clone().map(|stored| Watch::begin(&route, stored, current.as_ref().map(|c| c.0)));
         let (events_tx, events) = mpsc::unbounded_channel();
         Ok(Controller {
             app,
@@ -202,6 +215,7 @@ impl Controller {
             shutting_down: None,
             recheck_at: None,
             loaded: false,
+            watch,
         })
     }
 
@@ -262,7 +276,7 @@ impl Controller {
         match command {
             Command::Activate(activate) => self.activate(*activate).await,
             Command::Configure { app, reply } => {
-                self.set_app(app);
+                self.set_app(*app);
                 let _ = reply.send(());
             }
             Command::StopRunner { id, replace, reply } => {
@@ -296,6 +310,11 @@ impl Controller {
         });
         if app.traffic != self.app.traffic {
             self.route.set_split(app.traffic.iter().map(|s| (s.revision, s.percent)).collect());
+        }
+        // A watch begun elsewhere (a guarded canary) is taken on; one ended, dropped.
+        if app.guard_watch.as_ref() != self.watch.as_ref().map(|w| &w.stored) {
+            let current = self.current.as_ref().map(|c| c.0);
+            self.watch = app.guard_watch.clone().map(|stored| Watch::begin(&self.route, stored, current));
         }
         if let Some((revision, _)) = &self.current {
             for runner in self.runners.iter().filter(|r| r.revision == *revision && r.is_set_up()) {
@@ -427,7 +446,11 @@ impl Controller {
     /// Makes the activation's revision current: in the store first (one transaction),
     /// then on the gateway. With `first_runner`, that set-up runner starts serving.
     async fn commit(&mut self, activate: Activate, first_runner: Option<RunnerId>) {
-        let Activate { revision, manifest, scaling, auth, history, reply, .. } = activate;
+        let Activate { revision, manifest, scaling, auth, guard, history, reply, .. } = activate;
+        let previous = self.current.as_ref().map(|c| c.0).filter(|p| *p != revision.id);
+        // The previous revision's figures up to the switch are what the new one is
+        // judged against.
+        let baseline = previous.map(|p| self.route.figures(p));
         let activation = Activation {
             app_id: self.app.id,
             revision: revision.id,
@@ -457,6 +480,163 @@ impl Controller {
         }
         tracing::info!(app = %self.app.name, revision = %revision.id, "revision is current");
         let _ = reply.send(Ok(()));
+        self.watch_switch(revision.id, previous.zip(baseline), guard).await;
+    }
+
+    /// After a switch to `revision`: a guarded one is watched against the revision it
+    /// replaced (with that one's figures so far); any other ends what was watched.
+    async fn watch_switch(&mut self, revision: RevisionId, previous: Option<(RevisionId, Figures)>, asked: bool) {
+        let guarded = asked || self.app.guard.enabled;
+        let watch = match previous {
+            Some((previous, baseline)) if guarded => {
+                let until = OffsetDateTime::now_utc() + Duration::from_secs(self.app.guard.window);
+                Some(GuardWatch {
+                    revision,
+                    previous: Some(previous),
+                    until,
+                    baseline_calls: baseline.calls,
+                    baseline_errors: baseline.errors,
+                    baseline_p95_micros: baseline.p95().map(|d| d.as_micros() as u64),
+                })
+            }
+            _ => None,
+        };
+        if watch.is_none() && self.watch.is_none() {
+            return;
+        }
+        let history = watch.as_ref().map(|w| NewHistory {
+            app_id: self.app.id,
+            action: "guard_watch".to_owned(),
+            key_id: None,
+            details: format!(
+                "watching revision {revision} for {} s against revision {} ({} calls, {:.1}% 5xx before)",
+                self.app.guard.window,
+                w.previous.map_or_else(String::new, |p| p.to_string()),
+                w.baseline_calls,
+                if w.baseline_calls == 0 { 0.0 } else { w.baseline_errors as f64 * 100.0 / w.baseline_calls as f64 }
+            ),
+        });
+        if let Err(e) = self.shared.store.set_guard_watch(self.app.id, watch.clone(), history).await {
+            tracing::error!(app = %self.app.name, error = %e, "cannot record what the guard watches");
+        }
+        self.app.guard_watch = watch.clone();
+        let current = self.current.as_ref().map(|c| c.0);
+        self.watch = watch.map(|stored| Watch::begin(&self.route, stored, current));
+    }
+
+    /// Judges the watched revision: back to the previous revision (or the canary's share
+    /// ended) when it is clearly worse, the watch ended when its window has passed.
+    async fn check_guard(&mut self) {
+        let Some(watch) = &self.watch else { return };
+        let stored = watch.stored.clone();
+        let after = self.route.figures(stored.revision).since(&watch.start);
+        let current = self.current.as_ref().map(|c| c.0);
+        let before = match stored.previous {
+            Some(_) => Figures::summary(
+                stored.baseline_calls,
+                stored.baseline_errors,
+                stored.baseline_p95_micros.map(Duration::from_micros),
+            ),
+            None => current.map(|c| self.route.figures(c).since(&watch.current_start)).unwrap_or_default(),
+        };
+        let verdict = crate::guard::verdict(&self.app.guard, &before, &after);
+        let over = OffsetDateTime::now_utc() >= stored.until;
+        if verdict.is_none() && !over {
+            return;
+        }
+        self.watch = None;
+        self.app.guard_watch = None;
+        let app_id = self.app.id;
+        let entry =
+            |action: &str, details: String| NewHistory { app_id, action: action.to_owned(), key_id: None, details };
+        let Some(why) = verdict else {
+            let held = entry(
+                "guard_passed",
+                format!(
+                    "revision {} held through the guard's window: {:.1}% 5xx of {} calls",
+                    stored.revision,
+                    after.error_share() * 100.0,
+                    after.calls
+                ),
+            );
+            if let Err(e) = self.shared.store.set_guard_watch(app_id, None, Some(held)).await {
+                tracing::error!(app = %self.app.name, error = %e, "cannot end the guard's watch");
+            }
+            return;
+        };
+        tracing::warn!(app = %self.app.name, revision = %stored.revision, %why, "the guard tripped");
+        match stored.previous {
+            Some(previous) => self.guard_rollback(stored.revision, previous, why).await,
+            None => self.guard_end_canary(stored.revision, why).await,
+        }
+    }
+
+    /// Sets the alias back to `previous` (rolling), recording why.
+    async fn guard_rollback(&mut self, revision: RevisionId, previous: RevisionId, why: String) {
+        let details = format!("revision {revision} {why}; back to revision {previous}");
+        let tripped = NewHistory {
+            app_id: self.app.id,
+            action: "guard_tripped".to_owned(),
+            key_id: None,
+            details: details.clone(),
+        };
+        if let Err(e) = self.shared.store.set_guard_watch(self.app.id, None, Some(tripped)).await {
+            tracing::error!(app = %self.app.name, error = %e, "cannot record the guard's trip");
+        }
+        let target = match self.shared.store.revision(previous).await {
+            Ok(Some(target)) => target,
+            other => {
+                tracing::error!(app = %self.app.name, %previous, ?other, "the guard cannot go back: no such revision");
+                return;
+            }
+        };
+        let manifest = match Manifest::parse(&target.manifest, None) {
+            Ok(manifest) => manifest,
+            Err(e) => return tracing::error!(app = %self.app.name, error = %e, "the guard cannot go back"),
+        };
+        let (reply, answer) = oneshot::channel();
+        let name = self.app.name.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(reason)) = answer.await {
+                tracing::error!(app = %name, %reason, "the guard's switch back did not come up");
+            }
+        });
+        let history = NewHistory {
+            app_id: self.app.id,
+            action: "set_rev".to_owned(),
+            key_id: None,
+            details: format!("revision {revision} -> {previous} (rolling), by the guard: {why}"),
+        };
+        let activate = Activate {
+            revision: target,
+            manifest,
+            strategy: Strategy::Rolling,
+            scaling: None,
+            auth: None,
+            guard: false,
+            history,
+            reply,
+        };
+        self.activate(activate).await;
+    }
+
+    /// Ends a watched canary's share of the calls, recording why.
+    async fn guard_end_canary(&mut self, revision: RevisionId, why: String) {
+        let shares: Vec<TrafficShare> = self.app.traffic.iter().filter(|s| s.revision != revision).copied().collect();
+        let details = format!("canary {revision} {why}; its share ended");
+        let tripped = NewHistory { app_id: self.app.id, action: "guard_tripped".to_owned(), key_id: None, details };
+        let ended = async {
+            self.shared.store.set_traffic(self.app.id, &shares, tripped).await?;
+            self.shared.store.set_guard_watch(self.app.id, None, None).await
+        };
+        if let Err(e) = ended.await {
+            tracing::error!(app = %self.app.name, error = %e, "cannot end the canary's share");
+            return;
+        }
+        match self.shared.store.app_by_name(self.app.team_id, &self.app.name).await {
+            Ok(Some(app)) => self.set_app(app),
+            _ => tracing::warn!(app = %self.app.name, "cannot re-read the app after ending a canary"),
+        }
     }
 
     async fn event(&mut self, event: Event) {
@@ -572,6 +752,7 @@ impl Controller {
         self.loaded = snapshot.in_flight() > 0 || !snapshot.queued.is_empty();
         if self.shutting_down.is_none() {
             self.follow_traffic(&snapshot).await;
+            self.check_guard().await;
         }
 
         // A call ran past the request timeout: its runner may be stuck; let it go.
@@ -1082,4 +1263,13 @@ async fn load_revision(shared: &Shared, app: &App, id: RevisionId) -> anyhow::Re
     let manifest = Manifest::parse(&revision.manifest, None)
         .map_err(|e| anyhow::anyhow!("revision {id} has an unreadable manifest: {e}"))?;
     Ok(Arc::new(manifest))
+}
+
+impl Watch {
+    /// Begins watching here: what comes after now is counted.
+    fn begin(route: &AppRoute, stored: GuardWatch, current: Option<RevisionId>) -> Watch {
+        let start = route.figures(stored.revision);
+        let current_start = current.map(|c| route.figures(c)).unwrap_or_default();
+        Watch { stored, start, current_start }
+    }
 }

@@ -103,6 +103,7 @@ impl Control {
             strategy,
             auth,
             reset_scale: params.reset_scale,
+            guarded: params.guard,
             _guard: guard,
         };
         self.tasks.spawn(job.run());
@@ -327,6 +328,8 @@ struct DeployJob {
     strategy: Strategy,
     auth: Option<AuthMode>,
     reset_scale: bool,
+    /// The deploy asked for the guard.
+    guarded: bool,
     _guard: OwnedMutexGuard<()>,
 }
 
@@ -441,6 +444,7 @@ impl DeployJob {
             strategy: self.strategy,
             scaling,
             auth: self.auth,
+            guard: self.guarded,
             history: NewHistory {
                 app_id: self.app.id,
                 action: "deploy".to_owned(),

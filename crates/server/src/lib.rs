@@ -14,6 +14,7 @@ mod control;
 mod controller;
 mod deploy;
 mod fleet;
+mod guard;
 mod layout;
 mod operate;
 mod owners;

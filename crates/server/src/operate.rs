@@ -4,12 +4,13 @@
 use api::error::{ApiError, ErrorCode};
 use api::router::Caller;
 use api::wire::{
-    AppJson, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest, TrafficRequest,
+    AppJson, GuardRequest, LogChunk, RolloutJson, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SetRevRequest,
+    TrafficRequest,
 };
 use model::ids::{RunnerId, is_id_prefix};
 use model::lifecycle::{RevisionEvent, revision_next};
 use model::manifest::{MAX_SECONDS, Manifest};
-use model::records::{App, Revision, RunnerInfo, TrafficShare};
+use model::records::{App, GuardSettings, GuardWatch, Revision, RunnerInfo, TrafficShare};
 use model::revision::{AuthMode, RevisionStatus, RunnerState, Strategy};
 use store::NewHistory;
 use time::OffsetDateTime;
@@ -269,12 +270,7 @@ impl Control {
                 .map_err(internal)?;
         }
         let app = self.find_app(caller, name).await?;
-        if let Some(controller) = self.fleet.get(app.id) {
-            let (reply, done) = oneshot::channel();
-            if controller.send(Command::Configure { app: app.clone(), reply }) {
-                let _ = done.await;
-            }
-        }
+        self.configure(&app).await;
         let runners = self.fleet.live_runners(app.id, None);
         Ok(ScaleJson { app: AppJson::new(&app, &caller.team, runners), changed, warnings })
     }
@@ -339,6 +335,7 @@ impl Control {
             strategy,
             scaling: None,
             auth,
+            guard: request.guard,
             history: NewHistory {
                 app_id: app.id,
                 action: "set_rev".to_owned(),
@@ -381,6 +378,17 @@ impl Control {
         Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
     }
 
+    /// Has the app's controller, if it runs here, take the app's values as they now are
+    /// in the store, and waits until it has.
+    async fn configure(&self, app: &App) {
+        if let Some(controller) = self.fleet.get(app.id) {
+            let (reply, done) = oneshot::channel();
+            if controller.send(Command::Configure { app: Box::new(app.clone()), reply }) {
+                let _ = done.await;
+            }
+        }
+    }
+
     /// Sets the app's traffic split: each share to a Deployed revision other than the
     /// current one, which takes the rest. No shares end the split. Calls in flight go
     /// on where they are; new ones follow the new split at once.
@@ -400,6 +408,12 @@ impl Control {
         let Some(current) = app.current_revision else {
             return Err(conflict(format!("app {name:?} has no current revision to split calls with")));
         };
+        if request.guard && request.shares.len() != 1 {
+            return Err(invalid(format!(
+                "the guard watches one canary at a time; {} shares were given",
+                request.shares.len()
+            )));
+        }
         let machine_types: Vec<&str> = self.config.machine_types.keys().map(String::as_str).collect();
         let mut shares: Vec<TrafficShare> = Vec::new();
         for share in &request.shares {
@@ -451,13 +465,87 @@ impl Control {
             store::StoreError::Conflict(m) => conflict(m),
             e => internal(e),
         })?;
-        let app = self.find_app(caller, name).await?;
-        if let Some(controller) = self.fleet.get(app.id) {
-            let (reply, done) = oneshot::channel();
-            if controller.send(Command::Configure { app: app.clone(), reply }) {
-                let _ = done.await;
-            }
+        // A guarded canary is watched from now on; a canary's watch ends with its share.
+        let watch = match (&shares[..], request.guard || app.guard.enabled) {
+            ([one], true) => Some(GuardWatch {
+                revision: one.revision,
+                previous: None,
+                until: OffsetDateTime::now_utc() + std::time::Duration::from_secs(app.guard.window),
+                baseline_calls: 0,
+                baseline_errors: 0,
+                baseline_p95_micros: None,
+            }),
+            _ => None,
+        };
+        let canary_watched = app.guard_watch.as_ref().is_some_and(|w| w.previous.is_none());
+        if watch.is_some() || canary_watched {
+            let history = watch.as_ref().map(|w| NewHistory {
+                app_id: app.id,
+                action: "guard_watch".to_owned(),
+                key_id: Some(caller.key_id.clone()),
+                details: format!(
+                    "watching canary {} for {} s against the current revision",
+                    w.revision, app.guard.window
+                ),
+            });
+            self.store.set_guard_watch(app.id, watch, history).await.map_err(internal)?;
         }
+        let app = self.find_app(caller, name).await?;
+        self.configure(&app).await;
+        Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
+    }
+
+    /// Changes how the app's guard judges revisions; what it watches now goes on.
+    pub(crate) async fn set_guard(
+        &self,
+        caller: &Caller,
+        name: &str,
+        request: GuardRequest,
+    ) -> Result<AppJson, ApiError> {
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let invalid = |m: String| ApiError::new(ErrorCode::InvalidRequest, m);
+        if request == GuardRequest::default() {
+            return Err(invalid(
+                "no values given: name at least one of enabled, window, max_error_increase, max_p95_ratio".to_owned(),
+            ));
+        }
+        let mut guard: GuardSettings = app.guard;
+        let mut changed = Vec::new();
+        if let Some(enabled) = request.enabled {
+            guard.enabled = enabled;
+            changed.push(format!("enabled={enabled}"));
+        }
+        if let Some(window) = request.window {
+            if !(1..=86_400).contains(&window) {
+                return Err(invalid(format!("window must be between 1 and 86400 seconds, got {window}")));
+            }
+            guard.window = window;
+            changed.push(format!("window={window}"));
+        }
+        if let Some(points) = request.max_error_increase {
+            if points > 100 {
+                return Err(invalid(format!("max_error_increase must be between 0 and 100 points, got {points}")));
+            }
+            guard.max_error_increase = points;
+            changed.push(format!("max_error_increase={points}"));
+        }
+        if let Some(ratio) = request.max_p95_ratio {
+            if !(100..=100_000).contains(&ratio) {
+                return Err(invalid(format!("max_p95_ratio must be between 100 and 100000 percent, got {ratio}")));
+            }
+            guard.max_p95_ratio = ratio;
+            changed.push(format!("max_p95_ratio={ratio}"));
+        }
+        let history = NewHistory {
+            app_id: app.id,
+            action: "guard".to_owned(),
+            key_id: Some(caller.key_id.clone()),
+            details: changed.join(", "),
+        };
+        self.store.set_guard(app.id, guard, history).await.map_err(internal)?;
+        let app = self.find_app(caller, name).await?;
+        self.configure(&app).await;
         Ok(AppJson::new(&app, &caller.team, self.fleet.live_runners(app.id, None)))
     }
 
@@ -552,7 +640,7 @@ impl Control {
         if app.current_revision.is_some() {
             let controller = self.fleet.controller(&app, &caller.team).await.map_err(ApiError::internal)?;
             let (reply, done) = oneshot::channel();
-            if controller.send(Command::Configure { app: app.clone(), reply }) {
+            if controller.send(Command::Configure { app: Box::new(app.clone()), reply }) {
                 let _ = done.await;
             }
         }

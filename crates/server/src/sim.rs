@@ -240,7 +240,7 @@ impl Sim {
             Step::SetRev { pick, recreate } => {
                 let Some(revision) = self.pick_revision(pick).await else { return };
                 self.last_target = Some(revision.clone());
-                let request = SetRevRequest { revision, strategy: Some(strategy(recreate)), auth: None };
+                let request = SetRevRequest { revision, strategy: Some(strategy(recreate)), auth: None, guard: false };
                 self.request(format!("set-rev {}", request.revision), move |c, caller| async move {
                     c.set_rev(&caller, APP, request).await.map(drop)
                 });

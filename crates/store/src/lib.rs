@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{App, HistoryEntry, Key, Revision, Team, TrafficShare};
+use model::records::{App, GuardSettings, GuardWatch, HistoryEntry, Key, Revision, Team, TrafficShare};
 use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
 
@@ -322,6 +322,22 @@ impl Store {
     /// current one ([`StoreError::Conflict`] otherwise, and nothing changes).
     pub async fn set_traffic(&self, app_id: Uuid, shares: &[TrafficShare], history: NewHistory) -> Result<()> {
         on_backend!(self, [shares], db => db.set_traffic(app_id, shares, &history))
+    }
+
+    /// Sets how the app's guard judges, with its history entry.
+    pub async fn set_guard(&self, app_id: Uuid, guard: GuardSettings, history: NewHistory) -> Result<()> {
+        on_backend!(self, [], db => db.set_guard(app_id, &guard, &history))
+    }
+
+    /// Sets (or, with `None`, ends) what the app's guard watches, with a history entry
+    /// if one is given.
+    pub async fn set_guard_watch(
+        &self,
+        app_id: Uuid,
+        watch: Option<GuardWatch>,
+        history: Option<NewHistory>,
+    ) -> Result<()> {
+        on_backend!(self, [], db => db.set_guard_watch(app_id, watch.as_ref(), history.as_ref()))
     }
 
     /// Sets an app's scaling values (runtime-tunable and code-specific) and records the

@@ -8,12 +8,15 @@ mod queue;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{App, HistoryEntry, Key, Revision, Team, TrafficShare};
+use model::records::{App, GuardSettings, GuardWatch, HistoryEntry, Key, Revision, Team, TrafficShare};
 use model::revision::{AuthMode, KeyScope, RevisionStatus};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use crate::values::{corrupt, from_millis, millis, now, revision_id, traffic_from, traffic_text, uuid};
+use crate::values::{
+    corrupt, from_millis, guard_watch_from, guard_watch_text, millis, now, revision_id, traffic_from, traffic_text,
+    uuid,
+};
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey, StoredSecret};
 
 /// Schema migrations, applied in order; the number of each one applied is recorded in
@@ -170,6 +173,12 @@ const MIGRATIONS: &[&str] = &[
     // The revision a queue request pins (NULL: it follows the app's split).
     "ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';
     ALTER TABLE queue_requests ADD COLUMN revision TEXT;",
+    // The app's guard: its settings, and what it watches (`key=value` pairs; empty: nothing).
+    "ALTER TABLE apps ADD COLUMN guard_enabled BOOLEAN NOT NULL DEFAULT FALSE;
+    ALTER TABLE apps ADD COLUMN guard_window BIGINT NOT NULL DEFAULT 300;
+    ALTER TABLE apps ADD COLUMN guard_errors BIGINT NOT NULL DEFAULT 5;
+    ALTER TABLE apps ADD COLUMN guard_p95 BIGINT NOT NULL DEFAULT 200;
+    ALTER TABLE apps ADD COLUMN guard_watch TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The advisory lock that servers starting at once take around migrating, so that one
@@ -186,6 +195,9 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
     max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
     max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus, traffic";
+
+/// The guard's columns, which a new app takes the defaults of.
+const GUARD_COLUMNS: &str = "guard_enabled, guard_window, guard_errors, guard_p95, guard_watch";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
     startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
@@ -394,7 +406,10 @@ impl Postgres {
         let rows = self
             .client()
             .await?
-            .query(&format!("SELECT {APP_COLUMNS} FROM apps WHERE team_id = $1 ORDER BY name"), &[&team_id.to_string()])
+            .query(
+                &format!("SELECT {APP_COLUMNS}, {GUARD_COLUMNS} FROM apps WHERE team_id = $1 ORDER BY name"),
+                &[&team_id.to_string()],
+            )
             .await?;
         rows.iter().map(app_from_row).collect()
     }
@@ -404,7 +419,7 @@ impl Postgres {
             .client()
             .await?
             .query_opt(
-                &format!("SELECT {APP_COLUMNS} FROM apps WHERE team_id = $1 AND name = $2"),
+                &format!("SELECT {APP_COLUMNS}, {GUARD_COLUMNS} FROM apps WHERE team_id = $1 AND name = $2"),
                 &[&team_id.to_string(), &name],
             )
             .await?;
@@ -423,6 +438,8 @@ impl Postgres {
             suspended: false,
             created_at: now(),
             traffic: Vec::new(),
+            guard: GuardSettings::default(),
+            guard_watch: None,
         };
         let s = &app.scaling;
         let r = &app.runner;
@@ -674,6 +691,46 @@ impl Postgres {
         Ok(())
     }
 
+    pub(crate) async fn set_guard(&self, app_id: Uuid, guard: &GuardSettings, history: &NewHistory) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let set = tx
+            .execute(
+                "UPDATE apps SET guard_enabled = $2, guard_window = $3, guard_errors = $4, guard_p95 = $5 WHERE id = $1",
+                &[
+                    &app_id.to_string(),
+                    &guard.enabled,
+                    &(guard.window as i64),
+                    &i64::from(guard.max_error_increase),
+                    &i64::from(guard.max_p95_ratio),
+                ],
+            )
+            .await?;
+        if set != 1 {
+            return Err(StoreError::Conflict(format!("app {app_id} no longer exists")));
+        }
+        insert_history(&tx, history).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_guard_watch(
+        &self,
+        app_id: Uuid,
+        watch: Option<&GuardWatch>,
+        history: Option<&NewHistory>,
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("UPDATE apps SET guard_watch = $2 WHERE id = $1", &[&app_id.to_string(), &guard_watch_text(watch)])
+            .await?;
+        if let Some(history) = history {
+            insert_history(&tx, history).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub(crate) async fn update_app_values(
         &self,
         app_id: Uuid,
@@ -898,6 +955,13 @@ fn app_from_row(row: &Row) -> Result<App> {
         suspended: row.try_get("suspended")?,
         created_at: from_millis(row.try_get("created_at")?)?,
         traffic: traffic_from(row.try_get("traffic")?)?,
+        guard: GuardSettings {
+            enabled: row.try_get("guard_enabled")?,
+            window: u64_at(row, "guard_window")?,
+            max_error_increase: u32_at(row, "guard_errors")?,
+            max_p95_ratio: u32_at(row, "guard_p95")?,
+        },
+        guard_watch: guard_watch_from(row.try_get("guard_watch")?)?,
     })
 }
 

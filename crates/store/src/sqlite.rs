@@ -8,13 +8,16 @@ use std::sync::{Mutex, MutexGuard};
 
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{App, HistoryEntry, Key, Revision, Team, TrafficShare};
+use model::records::{App, GuardSettings, GuardWatch, HistoryEntry, Key, Revision, Team, TrafficShare};
 use model::revision::{AuthMode, KeyScope, RevisionStatus};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
 use uuid::Uuid;
 
-use crate::values::{corrupt, from_millis, millis, now, revision_id, traffic_from, traffic_text, uuid};
+use crate::values::{
+    corrupt, from_millis, guard_watch_from, guard_watch_text, millis, now, revision_id, traffic_from, traffic_text,
+    uuid,
+};
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey};
 
 /// Schema migrations, applied in order and recorded in `user_version`. Only ever append.
@@ -174,6 +177,14 @@ const MIGRATIONS: &[M<'static>] = &[
         "ALTER TABLE apps ADD COLUMN traffic TEXT NOT NULL DEFAULT '';
     ALTER TABLE queue_requests ADD COLUMN revision TEXT;",
     ),
+    // The app's guard: its settings, and what it watches (`key=value` pairs; empty: nothing).
+    M::up(
+        "ALTER TABLE apps ADD COLUMN guard_enabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE apps ADD COLUMN guard_window INTEGER NOT NULL DEFAULT 300;
+    ALTER TABLE apps ADD COLUMN guard_errors INTEGER NOT NULL DEFAULT 5;
+    ALTER TABLE apps ADD COLUMN guard_p95 INTEGER NOT NULL DEFAULT 200;
+    ALTER TABLE apps ADD COLUMN guard_watch TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 pub(crate) struct Sqlite {
@@ -183,6 +194,9 @@ pub(crate) struct Sqlite {
 const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive, min_concurrency, \
     max_concurrency, concurrency_buffer, concurrency_buffer_perc, scaling_delay, request_timeout, \
     max_multiplexing, startup_timeout, machine_type, termination_grace_period, suspended, created_at, num_gpus, traffic";
+
+/// The guard's columns, which a new app takes the defaults of.
+const GUARD_COLUMNS: &str = "guard_enabled, guard_window, guard_errors, guard_p95, guard_watch";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
     startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
@@ -351,7 +365,8 @@ impl Sqlite {
 
     pub(crate) fn list_apps(&self, team_id: Uuid) -> Result<Vec<App>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps WHERE team_id = ?1 ORDER BY name"))?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {APP_COLUMNS}, {GUARD_COLUMNS} FROM apps WHERE team_id = ?1 ORDER BY name"))?;
         let rows = stmt.query_map([team_id.to_string()], app_from_row)?;
         rows.map(|r| r?).collect()
     }
@@ -359,7 +374,7 @@ impl Sqlite {
     pub(crate) fn app_by_name(&self, team_id: Uuid, name: &str) -> Result<Option<App>> {
         self.conn()
             .query_row(
-                &format!("SELECT {APP_COLUMNS} FROM apps WHERE team_id = ?1 AND name = ?2"),
+                &format!("SELECT {APP_COLUMNS}, {GUARD_COLUMNS} FROM apps WHERE team_id = ?1 AND name = ?2"),
                 params![team_id.to_string(), name],
                 app_from_row,
             )
@@ -379,6 +394,8 @@ impl Sqlite {
             suspended: false,
             created_at: now(),
             traffic: Vec::new(),
+            guard: GuardSettings::default(),
+            guard_watch: None,
         };
         let s = &app.scaling;
         let r = &app.runner;
@@ -612,6 +629,46 @@ impl Sqlite {
         Ok(())
     }
 
+    pub(crate) fn set_guard(&self, app_id: Uuid, guard: &GuardSettings, history: &NewHistory) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let set = tx.execute(
+            "UPDATE apps SET guard_enabled = ?2, guard_window = ?3, guard_errors = ?4, guard_p95 = ?5 WHERE id = ?1",
+            params![
+                app_id.to_string(),
+                guard.enabled,
+                guard.window as i64,
+                guard.max_error_increase,
+                guard.max_p95_ratio
+            ],
+        )?;
+        if set != 1 {
+            return Err(StoreError::Conflict(format!("app {app_id} no longer exists")));
+        }
+        insert_history(&tx, history)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(crate) fn set_guard_watch(
+        &self,
+        app_id: Uuid,
+        watch: Option<&GuardWatch>,
+        history: Option<&NewHistory>,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE apps SET guard_watch = ?2 WHERE id = ?1",
+            params![app_id.to_string(), guard_watch_text(watch)],
+        )?;
+        if let Some(history) = history {
+            insert_history(&tx, history)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub(crate) fn delete_revision(&self, id: RevisionId) -> Result<Option<String>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -769,6 +826,13 @@ fn app_from_row(row: &Row<'_>) -> rusqlite::Result<Result<App>> {
             suspended: row.get(16)?,
             created_at: from_millis(row.get(17)?)?,
             traffic: traffic_from(&row.get::<_, String>(19)?)?,
+            guard: GuardSettings {
+                enabled: row.get(20)?,
+                window: row.get::<_, i64>(21)? as u64,
+                max_error_increase: row.get(22)?,
+                max_p95_ratio: row.get(23)?,
+            },
+            guard_watch: guard_watch_from(&row.get::<_, String>(24)?)?,
         })
     })())
 }

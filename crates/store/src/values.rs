@@ -3,7 +3,7 @@
 //! lower-case text.
 
 use model::ids::RevisionId;
-use model::records::TrafficShare;
+use model::records::{GuardWatch, TrafficShare};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -53,4 +53,37 @@ pub(crate) fn traffic_from(text: &str) -> Result<Vec<TrafficShare>, StoreError> 
             })
         })
         .collect()
+}
+
+/// What an app's guard watches, as one column: `key=value` pairs, `;`-separated (empty:
+/// nothing).
+pub(crate) fn guard_watch_text(watch: Option<&GuardWatch>) -> String {
+    let Some(w) = watch else { return String::new() };
+    let previous = w.previous.map_or_else(String::new, |p| p.to_string());
+    let p95 = w.baseline_p95_micros.map_or_else(String::new, |p| p.to_string());
+    format!(
+        "revision={};previous={previous};until={};calls={};errors={};p95={p95}",
+        w.revision,
+        millis(w.until),
+        w.baseline_calls,
+        w.baseline_errors
+    )
+}
+
+pub(crate) fn guard_watch_from(text: &str) -> Result<Option<GuardWatch>, StoreError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bad = || corrupt("guard watch");
+    let field = |key: &str| text.split(';').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('=')).ok_or_else(bad);
+    let number = |key: &str| field(key)?.parse::<u64>().map_err(|_| bad());
+    let optional = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    Ok(Some(GuardWatch {
+        revision: revision_id(field("revision")?.to_owned())?,
+        previous: optional(field("previous")?).map(revision_id).transpose()?,
+        until: from_millis(field("until")?.parse().map_err(|_| bad())?)?,
+        baseline_calls: number("calls")?,
+        baseline_errors: number("errors")?,
+        baseline_p95_micros: optional(field("p95")?).map(|p| p.parse().map_err(|_| bad())).transpose()?,
+    }))
 }

@@ -44,6 +44,8 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     let seen: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("the browser run prints JSON");
 
     assert!(seen["apps"].as_array().unwrap().iter().any(|a| a == "web"), "{seen}");
+    let guard = seen["guard"].as_str().unwrap();
+    assert!(guard.contains("for 300 s") && !guard.contains("Watching"), "the guard's settings: {guard}");
     // The badges match what the CLI lists, and the buttons are where they belong.
     let versions = seen["versions"].as_array().unwrap();
     assert_eq!(versions.len(), cli_revisions.len());

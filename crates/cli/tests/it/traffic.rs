@@ -203,3 +203,126 @@ fn a_split_divides_calls_and_changing_or_ending_it_fails_none() {
     let out = server.run(&["apps", "delete-rev", "canary", &v2[..8]]).failed();
     assert!(out.stderr.contains("--clear"), "{}", out.stderr);
 }
+
+fn current(server: &TestServer, app: &str) -> String {
+    app_json(server, app)["revision"].as_str().unwrap().to_owned()
+}
+
+fn history_of(server: &TestServer, app: &str) -> Vec<(String, String)> {
+    let history = server.run(&["apps", "history", app, "--json"]).ok().json();
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["action"].as_str().unwrap().to_owned(), h["details"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Deploys a test app whose every second call answers 500.
+fn deploy_failing(server: &TestServer, name: &str, v: u32, flags: &[&str]) -> String {
+    let app = testapp_dir(name, &format!("env = {{ V = \"{v}\", FAIL_EVERY = \"2\" }}\n"));
+    let out = server.run(&[&["deploy", app.path_str(), "--json"], flags].concat()).ok();
+    out.json()["revision"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_revision_that_fails_half_its_calls_trips_the_guard_and_the_alias_goes_back() {
+    let server = server();
+    let v1 = deploy(&server, "guarded", 1, &["--auth", "public"]);
+    let http = Http::new();
+    for _ in 0..50 {
+        assert_eq!(call(&http, &server, "guarded", None).0, 200);
+    }
+    server.run(&["apps", "guard", "guarded", "--window", "120"]).ok();
+    for bad in [&["--window", "0"][..], &["--max-p95-ratio", "50"], &["--max-error-increase", "101"]] {
+        let out = server.run(&[&["apps", "guard", "guarded"][..], bad].concat()).failed();
+        assert!(out.stderr.contains(&bad[0][2..].replace('-', "_")), "{bad:?}: {}", out.stderr);
+    }
+    let guard = &app_json(&server, "guarded")["guard"];
+    assert_eq!(
+        (guard["window"].as_u64(), guard["max_p95_ratio"].as_u64()),
+        (Some(120), Some(200)),
+        "unchanged: {guard}"
+    );
+    let v2 = deploy_failing(&server, "guarded", 2, &["--guard"]);
+    assert_eq!(current(&server, "guarded"), v2);
+    let guard = &app_json(&server, "guarded")["guard"];
+    assert_eq!((guard["watching"].as_str(), guard["previous"].as_str()), (Some(&*v2), Some(&*v1)), "{guard}");
+
+    let prober = Prober::start(&app_url(&server, "guarded", "/"), None, 50);
+    wait_until("the guard to set the alias back", || (current(&server, "guarded") == v1).then_some(()));
+    let report = prober.finish();
+    assert!(report.failures.iter().all(|(status, _)| *status == 500), "only the bad revision's own 500s: {report:?}");
+    assert_eq!(app_json(&server, "guarded")["guard"]["watching"], Value::Null);
+    let history = history_of(&server, "guarded");
+    let tripped = history.iter().find(|(a, _)| a == "guard_tripped").expect("the trip is recorded");
+    assert!(tripped.1.contains(&v2) && tripped.1.contains("5xx") && tripped.1.contains(&v1), "{tripped:?}");
+    assert!(history.iter().any(|(a, d)| a == "set_rev" && d.contains("by the guard")), "{history:?}");
+    let shown = server.run(&["apps", "history", "guarded"]).ok();
+    assert!(shown.stdout.contains("guard_tripped"), "{}", shown.stdout);
+    // Calls reach v1 again.
+    wait_until("calls on v1", || (call(&http, &server, "guarded", None).1.as_deref() == Some(&*v1)).then_some(()));
+}
+
+#[test]
+fn a_healthy_revision_never_trips_the_guard_and_a_watch_survives_a_restart() {
+    let mut server = server();
+    deploy(&server, "steady", 1, &["--auth", "public"]);
+    let http = Http::new();
+    for _ in 0..50 {
+        assert_eq!(call(&http, &server, "steady", None).0, 200);
+    }
+    // Every switch is guarded now, for 4 s.
+    server.run(&["apps", "guard", "steady", "--on", "--window", "4"]).ok();
+    let v2 = deploy(&server, "steady", 2, &[]);
+    assert_eq!(app_json(&server, "steady")["guard"]["watching"].as_str(), Some(&*v2));
+    let prober = Prober::start(&app_url(&server, "steady", "/"), None, 50);
+    wait_until("the window to pass", || app_json(&server, "steady")["guard"]["watching"].is_null().then_some(()));
+    let report = prober.finish();
+    assert_no_failures(&report);
+    assert_eq!(current(&server, "steady"), v2, "a healthy revision stays");
+    assert!(history_of(&server, "steady").iter().any(|(a, d)| a == "guard_passed" && d.contains(&v2)));
+    assert!(!history_of(&server, "steady").iter().any(|(a, _)| a == "guard_tripped"));
+
+    // A watch with no calls yet goes on after a restart, and trips then.
+    server.run(&["apps", "guard", "steady", "--window", "600"]).ok();
+    let v3 = deploy_failing(&server, "steady", 3, &[]);
+    assert_eq!(app_json(&server, "steady")["guard"]["watching"].as_str(), Some(&*v3));
+    server.stop();
+    server.restart();
+    let guard = &app_json(&server, "steady")["guard"];
+    assert_eq!((guard["watching"].as_str(), guard["previous"].as_str()), (Some(&*v3), Some(&*v2)), "{guard}");
+    let prober = Prober::start(&app_url(&server, "steady", "/"), None, 50);
+    wait_until("the guard to set the alias back", || (current(&server, "steady") == v2).then_some(()));
+    prober.finish();
+}
+
+#[test]
+fn a_guarded_canary_that_fails_loses_its_share_and_the_current_revision_keeps_serving() {
+    let server = server();
+    let v1 = deploy_failing(&server, "trial", 1, &["--auth", "public"]);
+    let v2 = deploy(&server, "trial", 2, &[]);
+    let out = server.run(&["apps", "traffic", "trial", &format!("{}=50", &v1[..8]), "--guard"]).ok();
+    assert!(out.stdout.contains("50%"), "{}", out.stdout);
+    let guard = &app_json(&server, "trial")["guard"];
+    assert_eq!((guard["watching"].as_str(), guard["previous"].as_str()), (Some(&*v1), None), "{guard}");
+    let refused = server
+        .run(&["apps", "traffic", "trial", &format!("{}=10", &v1[..8]), &format!("{}=10", &v2[..8]), "--guard"])
+        .failed();
+    assert!(refused.stderr.contains("one canary"), "{}", refused.stderr);
+
+    let prober = Prober::start(&app_url(&server, "trial", "/"), None, 50);
+    wait_until("the canary's share to end", || {
+        app_json(&server, "trial")["traffic"].as_array().unwrap().is_empty().then_some(())
+    });
+    prober.finish();
+    assert_eq!(current(&server, "trial"), v2);
+    assert_eq!(app_json(&server, "trial")["guard"]["watching"], Value::Null);
+    let history = history_of(&server, "trial");
+    assert!(
+        history.iter().any(|(a, d)| a == "guard_tripped" && d.contains("canary") && d.contains(&v1)),
+        "{history:?}"
+    );
+    let http = Http::new();
+    assert!((0..20).all(|_| call(&http, &server, "trial", None).1.as_deref() == Some(&*v2)));
+}

@@ -2,7 +2,7 @@
 
 use model::ids::RevisionId;
 use model::manifest::{RunnerSpec, Scaling};
-use model::records::{Revision, TrafficShare};
+use model::records::{GuardSettings, GuardWatch, Revision, TrafficShare};
 use model::revision::{AuthMode, RevisionStatus};
 use store::{Activation, Store, StoreError};
 use uuid::Uuid;
@@ -251,6 +251,33 @@ async fn a_split_names_deployed_revisions_other_than_the_current_and_a_switch_en
     assert_eq!(store.app_by_name(web.team_id, "web").await.unwrap().unwrap().traffic, []);
 }
 
+async fn the_guard_keeps_its_settings_and_what_it_watches(store: Store) {
+    let web = app(&store, "web").await;
+    assert_eq!((web.guard, web.guard_watch.clone()), (GuardSettings::default(), None), "off, with defaults");
+    let settings = GuardSettings { enabled: true, window: 60, max_error_increase: 2, max_p95_ratio: 150 };
+    store.set_guard(web.id, settings, history(web.id, "guard")).await.unwrap();
+    let read = store.app_by_name(web.team_id, "web").await.unwrap().unwrap();
+    assert_eq!(read.guard, settings);
+
+    let watch = GuardWatch {
+        revision: RevisionId(Uuid::new_v4()),
+        previous: Some(RevisionId(Uuid::new_v4())),
+        until: at_millis(1_900_000_000_123),
+        baseline_calls: 1234,
+        baseline_errors: 5,
+        baseline_p95_micros: Some(18_500),
+    };
+    store.set_guard_watch(web.id, Some(watch.clone()), None).await.unwrap();
+    assert_eq!(store.app_by_name(web.team_id, "web").await.unwrap().unwrap().guard_watch, Some(watch.clone()));
+    let canary = GuardWatch { previous: None, baseline_p95_micros: None, ..watch };
+    store.set_guard_watch(web.id, Some(canary.clone()), None).await.unwrap();
+    assert_eq!(store.list_apps(web.team_id).await.unwrap()[0].guard_watch, Some(canary));
+    store.set_guard_watch(web.id, None, Some(history(web.id, "guard_passed"))).await.unwrap();
+    assert_eq!(store.app_by_name(web.team_id, "web").await.unwrap().unwrap().guard_watch, None);
+    let actions: Vec<String> = store.list_history(web.id).await.unwrap().into_iter().map(|h| h.action).collect();
+    assert!(actions.contains(&"guard".to_owned()) && actions.contains(&"guard_passed".to_owned()), "{actions:?}");
+}
+
 on_both_backends!(
     revisions_are_listed_newest_first_with_a_limit,
     revisions_are_found_by_a_prefix_of_their_id,
@@ -261,4 +288,5 @@ on_both_backends!(
     deploys_left_deploying_fail_as_interrupted,
     artifacts_in_use_are_each_named_once,
     a_split_names_deployed_revisions_other_than_the_current_and_a_switch_ends_it,
+    the_guard_keeps_its_settings_and_what_it_watches,
 );

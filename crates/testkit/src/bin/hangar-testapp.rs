@@ -22,6 +22,7 @@
 //!   calls have been answered, then exits with code 42 without answering, so
 //!   exactly N calls succeed.
 //! - `DELAY_MS` (default 0): delay of generic calls without `delay_ms`.
+//! - `FAIL_EVERY=N`: every Nth generic call without `status` answers 500.
 //! - `IGNORE_SIGTERM`: SIGTERM is ignored (the platform must SIGKILL).
 //! - `QUIET`: no output line per call (for benchmarks).
 //!
@@ -82,6 +83,7 @@ struct Config {
     unhealthy_after: Option<u64>,
     crash_after: Option<u64>,
     delay_ms: u64,
+    fail_every: Option<u64>,
     ignore_sigterm: bool,
     quiet: bool,
 }
@@ -112,6 +114,7 @@ impl Config {
             unhealthy_after: env_parse("UNHEALTHY_AFTER"),
             crash_after: env_parse("CRASH_AFTER"),
             delay_ms: env_parse("DELAY_MS").unwrap_or(0),
+            fail_every: env_parse::<u64>("FAIL_EVERY").filter(|n| *n > 0),
             ignore_sigterm: env_flag("IGNORE_SIGTERM"),
             quiet: env_flag("QUIET"),
         }
@@ -442,6 +445,7 @@ async fn describe(app: &App, call: u64, query: &HashMap<String, String>, req: Re
         Err(e) => return bad_request(&e),
     };
     let status = match query_param::<u16>(query, "status") {
+        Ok(None) if app.config.fail_every.is_some_and(|n| call.is_multiple_of(n)) => StatusCode::INTERNAL_SERVER_ERROR,
         Ok(None) => StatusCode::OK,
         Ok(Some(code)) => match StatusCode::from_u16(code) {
             Ok(status) => status,
