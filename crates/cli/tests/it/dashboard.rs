@@ -23,6 +23,27 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     let broken = app_with_build("web", "exit 1");
     server.run(&["deploy", broken.path_str(), "--message", "broken build"]).failed();
     let v3 = deploy("env = { V = \"3\" }\n");
+    // A canary that fails half its calls trips the guard, which ends its share.
+    let failing = testapp_dir("web", "env = { V = \"0\", FAIL_EVERY = \"2\" }\n");
+    let v0 = server.run(&["deploy", failing.path_str(), "--json"]).ok().json()["revision"].as_str().unwrap().to_owned();
+    server.run(&["apps", "set-rev", "web", &v3]).ok();
+    server.run(&["apps", "traffic", "web", &format!("{}=50", &v0[..8]), "--guard"]).ok();
+    let http = testkit::Http::new();
+    testkit::wait_until("the guard to end the canary's share", || {
+        for _ in 0..10 {
+            http.get(&crate::app_url(&server, "web", "/"), Some(&server.root_key));
+        }
+        let apps = server.run(&["apps", "list", "--json"]).ok().json();
+        apps[0]["traffic"].as_array().unwrap().is_empty().then_some(())
+    });
+    // The failed canary's runner would stay until keep_alive; the Runners view below
+    // is about the GPU runners.
+    for runner in crate::runners(&server, "web", &[]).iter().filter(|r| r["revision"] == v0.as_str()) {
+        server.run(&["runners", "stop", runner["id"].as_str().unwrap()]).ok();
+    }
+    testkit::wait_until("the canary's runner to stop", || {
+        crate::runners(&server, "web", &[]).iter().all(|r| r["revision"] != v0.as_str()).then_some(())
+    });
     server.run(&["apps", "traffic", "web", &format!("{}=10", &v1[..8])]).ok();
     let cli_revisions = revisions(&server, "web");
 
@@ -46,6 +67,7 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     assert!(seen["apps"].as_array().unwrap().iter().any(|a| a == "web"), "{seen}");
     let guard = seen["guard"].as_str().unwrap();
     assert!(guard.contains("for 300 s") && !guard.contains("Watching"), "the guard's settings: {guard}");
+    assert!(guard.contains("Tripped") && guard.contains(&v0), "the guard's trip: {guard}");
     // The badges match what the CLI lists, and the buttons are where they belong.
     let versions = seen["versions"].as_array().unwrap();
     assert_eq!(versions.len(), cli_revisions.len());
