@@ -324,6 +324,7 @@ async fn timed_deploy(server: &TestServer, testapp: &Path, n: usize) -> anyhow::
         reset_scale: false,
         message: None,
         guard: false,
+        annotations: None,
     };
     let api = server.client();
     let start = Instant::now();

@@ -43,6 +43,7 @@ try {
     status: tr.querySelector("[data-status]")?.dataset.status,
     current: !!tr.querySelector(".badge.current"),
     traffic: tr.querySelector(".traffic")?.innerText.trim(),
+    annotations: [...tr.querySelectorAll(".annotation")].map((a) => a.innerText),
     rollback: !!tr.querySelector("button.rollback"),
     delete: !!tr.querySelector("button.delete"),
   })));

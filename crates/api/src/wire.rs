@@ -73,6 +73,9 @@ pub struct RevisionJson {
     pub termination_grace_period: u64,
     pub runners: u32,
     pub failure: Option<String>,
+    /// The notes given at its deploy.
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
     /// The percent of the app's new calls it takes: the rest for the current revision,
     /// its share for a canary, 0 for any other.
     #[serde(default)]
@@ -191,6 +194,10 @@ pub struct DeployParams {
     /// clearly worse than the one before (the app's guard setting may do so anyway).
     #[serde(default)]
     pub guard: bool,
+    /// Notes kept with the revision: `KEY=VALUE` lines (at most 32; keys of letters,
+    /// digits and `_ . - /`, values of at most 256 characters).
+    #[param(nullable = false)]
+    pub annotations: Option<String>,
 }
 
 /// A time as RFC 3339 in UTC with exactly three decimals, so that times sort as strings.
@@ -270,6 +277,7 @@ impl RevisionJson {
             termination_grace_period: rev.runner.termination_grace_period,
             runners,
             failure: rev.failure.clone(),
+            annotations: rev.annotations.iter().cloned().collect(),
         }
     }
 }

@@ -202,7 +202,18 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                 eprintln!("Showing {shown} of {} revisions, newest first; --all shows every one.", list.total);
             }
             out.table(
-                &["REVISION", "STATUS", "", "TRAFFIC", "CREATED", "MESSAGE", "MACHINE", "MULTIPLEXING", "FAILURE"],
+                &[
+                    "REVISION",
+                    "STATUS",
+                    "",
+                    "TRAFFIC",
+                    "CREATED",
+                    "MESSAGE",
+                    "ANNOTATIONS",
+                    "MACHINE",
+                    "MULTIPLEXING",
+                    "FAILURE",
+                ],
                 revisions
                     .iter()
                     .map(|r| {
@@ -213,6 +224,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
                             if r.traffic > 0 { format!("{}%", r.traffic) } else { String::new() },
                             when(&r.created_at),
                             r.message.clone().unwrap_or_default(),
+                            r.annotations.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
                             r.machine_type.clone(),
                             r.max_multiplexing.to_string(),
                             r.failure.clone().unwrap_or_default(),

@@ -35,6 +35,9 @@ pub(crate) struct DeployArgs {
     /// clearly worse than the one before (see `apps guard`)
     #[arg(long)]
     guard: bool,
+    /// A note kept with the revision, KEY=VALUE (repeatable), shown by list-rev
+    #[arg(long = "annotation", value_name = "KEY=VALUE")]
+    annotations: Vec<String>,
     /// A note stored with the revision
     #[arg(long)]
     message: Option<String>,
@@ -78,6 +81,7 @@ pub(crate) async fn run(cx: &Context, args: DeployArgs) -> anyhow::Result<ExitCo
         reset_scale: args.reset_scale,
         message: args.message.clone(),
         guard: args.guard,
+        annotations: (!args.annotations.is_empty()).then(|| args.annotations.join("\n")),
     };
     let deployed = upload(cx, &params, packed.bytes).await?;
     for note in &deployed.notes {

@@ -106,6 +106,84 @@ pub struct Revision {
     pub message: Option<String>,
     pub failure: Option<String>,
     pub created_at: OffsetDateTime,
+    /// `KEY=VALUE` notes given at deploy (`--annotation`), in the order given.
+    pub annotations: Vec<(String, String)>,
+}
+
+/// The most annotations one revision keeps.
+pub const MAX_ANNOTATIONS: usize = 32;
+
+/// A deploy's annotations from `KEY=VALUE` lines: a key of 1–63 letters, digits and
+/// `_ . - /` (starting with a letter or digit), each once; a value of at most 256
+/// characters; at most [`MAX_ANNOTATIONS`]. The error names the first bad line.
+pub fn parse_annotations(lines: &str) -> Result<Vec<(String, String)>, String> {
+    let mut annotations: Vec<(String, String)> = Vec::new();
+    for line in lines.split('\n').filter(|l| !l.is_empty()) {
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("annotation {line:?} is not KEY=VALUE"));
+        };
+        let key_ok = (1..=63).contains(&key.len())
+            && key.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
+        if !key_ok {
+            return Err(format!(
+                "annotation key {key:?} must be 1 to 63 letters, digits, '_', '.', '-' or '/', starting with a letter or digit"
+            ));
+        }
+        if value.chars().count() > 256 || value.chars().any(char::is_control) {
+            return Err(format!(
+                "the value of annotation {key:?} must be at most 256 characters, none of them control characters"
+            ));
+        }
+        if annotations.iter().any(|(k, _)| k == key) {
+            return Err(format!("annotation {key:?} is given twice"));
+        }
+        annotations.push((key.to_owned(), value.to_owned()));
+    }
+    if annotations.len() > MAX_ANNOTATIONS {
+        return Err(format!("{} annotations given; a revision keeps at most {MAX_ANNOTATIONS}", annotations.len()));
+    }
+    Ok(annotations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotations_are_key_value_lines_with_plain_keys() {
+        let ok = |s: &str| parse_annotations(s).unwrap();
+        assert_eq!(ok(""), vec![]);
+        assert_eq!(
+            ok("git=3f2a1b\nticket=OPS-12\nnote=a = b, c"),
+            vec![
+                ("git".to_owned(), "3f2a1b".to_owned()),
+                ("ticket".to_owned(), "OPS-12".to_owned()),
+                ("note".to_owned(), "a = b, c".to_owned())
+            ]
+        );
+        assert_eq!(
+            ok("team.example/owner=ml\nempty="),
+            vec![("team.example/owner".to_owned(), "ml".to_owned()), ("empty".to_owned(), String::new())]
+        );
+        let refused = [
+            ("novalue", "not KEY=VALUE"),
+            ("=x", "annotation key"),
+            ("-a=x", "annotation key"),
+            ("a b=x", "annotation key"),
+            ("é=x", "annotation key"),
+            (&format!("{}=x", "k".repeat(64)), "annotation key"),
+            (&format!("k={}", "v".repeat(257)), "at most 256"),
+            ("k=a\tb", "control"),
+            ("k=1\nk=2", "twice"),
+        ];
+        for (input, why) in refused {
+            let err = parse_annotations(input).unwrap_err();
+            assert!(err.contains(why), "{input:?}: {err}");
+        }
+        let many: String = (0..33).map(|i| format!("k{i}=v\n")).collect();
+        assert!(parse_annotations(&many).unwrap_err().contains("at most 32"));
+    }
 }
 
 /// One recorded change to an app.

@@ -51,6 +51,8 @@ impl Control {
         if let Some(name) = &params.app_name {
             validate_app_name(name).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))?;
         }
+        let annotations = model::records::parse_annotations(params.annotations.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))?;
 
         let upload = self.receive_upload(body).await?;
         let revision_id = RevisionId::new();
@@ -77,7 +79,17 @@ impl Control {
 
         let guard = self.lock_app(caller.team_id, &name).await;
         let recorded = self
-            .record_revision(caller, &name, auth, &manifest, &manifest_source, revision_id, &artifact, &params)
+            .record_revision(
+                caller,
+                &name,
+                auth,
+                &manifest,
+                &manifest_source,
+                revision_id,
+                &artifact,
+                &params,
+                annotations,
+            )
             .await;
         let (app, revision) = match recorded {
             Ok(r) => r,
@@ -264,6 +276,7 @@ impl Control {
         id: RevisionId,
         artifact: &str,
         params: &DeployParams,
+        annotations: Vec<(String, String)>,
     ) -> Result<(App, Revision), ApiError> {
         let app = match self.store.app_by_name(caller.team_id, name).await.map_err(internal)? {
             Some(app) if app.suspended => {
@@ -301,6 +314,7 @@ impl Control {
             message: params.message.clone().filter(|m| !m.is_empty()),
             failure: None,
             created_at: time::OffsetDateTime::now_utc(),
+            annotations,
         };
         self.store.insert_revision(revision.clone()).await.map_err(internal)?;
         Ok((app, revision))

@@ -14,8 +14,8 @@ use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use crate::values::{
-    corrupt, from_millis, guard_watch_from, guard_watch_text, millis, now, revision_id, traffic_from, traffic_text,
-    uuid,
+    annotations_from, annotations_text, corrupt, from_millis, guard_watch_from, guard_watch_text, millis, now,
+    revision_id, traffic_from, traffic_text, uuid,
 };
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey, StoredSecret};
 
@@ -179,6 +179,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE apps ADD COLUMN guard_errors BIGINT NOT NULL DEFAULT 5;
     ALTER TABLE apps ADD COLUMN guard_p95 BIGINT NOT NULL DEFAULT 200;
     ALTER TABLE apps ADD COLUMN guard_watch TEXT NOT NULL DEFAULT '';",
+    // A revision's annotations: `KEY=VALUE` lines.
+    "ALTER TABLE revisions ADD COLUMN annotations TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The advisory lock that servers starting at once take around migrating, so that one
@@ -200,7 +202,7 @@ const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive
 const GUARD_COLUMNS: &str = "guard_enabled, guard_window, guard_errors, guard_p95, guard_watch";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
-    startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
+    startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus, annotations";
 
 const KEY_COLUMNS: &str = "id, team_id, scope, description, created_at, revoked_at";
 
@@ -509,7 +511,7 @@ impl Postgres {
             .execute(
                 &format!(
                     "INSERT INTO revisions ({REVISION_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
                 ),
                 &[
                     &rev.id.to_string(),
@@ -525,6 +527,7 @@ impl Postgres {
                     &rev.failure,
                     &millis(rev.created_at),
                     &rev.runner.num_gpus.map(i64::from),
+                    &annotations_text(&rev.annotations),
                 ],
             )
             .await?;
@@ -976,5 +979,6 @@ fn revision_from_row(row: &Row) -> Result<Revision> {
         message: row.try_get("message")?,
         failure: row.try_get("failure")?,
         created_at: from_millis(row.try_get("created_at")?)?,
+        annotations: annotations_from(row.try_get("annotations")?),
     })
 }

@@ -15,8 +15,8 @@ use rusqlite_migration::{M, Migrations};
 use uuid::Uuid;
 
 use crate::values::{
-    corrupt, from_millis, guard_watch_from, guard_watch_text, millis, now, revision_id, traffic_from, traffic_text,
-    uuid,
+    annotations_from, annotations_text, corrupt, from_millis, guard_watch_from, guard_watch_text, millis, now,
+    revision_id, traffic_from, traffic_text, uuid,
 };
 use crate::{Activation, NewApp, NewHistory, Result, StoreError, StoredKey};
 
@@ -185,6 +185,8 @@ const MIGRATIONS: &[M<'static>] = &[
     ALTER TABLE apps ADD COLUMN guard_p95 INTEGER NOT NULL DEFAULT 200;
     ALTER TABLE apps ADD COLUMN guard_watch TEXT NOT NULL DEFAULT '';",
     ),
+    // A revision's annotations: `KEY=VALUE` lines.
+    M::up("ALTER TABLE revisions ADD COLUMN annotations TEXT NOT NULL DEFAULT '';"),
 ];
 
 pub(crate) struct Sqlite {
@@ -199,7 +201,7 @@ const APP_COLUMNS: &str = "id, team_id, name, auth, current_revision, keep_alive
 const GUARD_COLUMNS: &str = "guard_enabled, guard_window, guard_errors, guard_p95, guard_watch";
 
 const REVISION_COLUMNS: &str = "id, app_id, status, artifact, manifest, max_multiplexing, \
-    startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus";
+    startup_timeout, machine_type, termination_grace_period, message, failure, created_at, num_gpus, annotations";
 
 impl Sqlite {
     pub(crate) fn open(path: &Path) -> Result<Sqlite> {
@@ -454,7 +456,7 @@ impl Sqlite {
     pub(crate) fn insert_revision(&self, rev: &Revision) -> Result<()> {
         self.conn().execute(
             &format!(
-                "INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                "INSERT INTO revisions ({REVISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ),
             params![
                 rev.id.to_string(),
@@ -470,6 +472,7 @@ impl Sqlite {
                 rev.failure,
                 millis(rev.created_at),
                 rev.runner.num_gpus,
+                annotations_text(&rev.annotations),
             ],
         )?;
         Ok(())
@@ -855,6 +858,7 @@ fn revision_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Revision>> {
             message: row.get(9)?,
             failure: row.get(10)?,
             created_at: from_millis(row.get(11)?)?,
+            annotations: annotations_from(&row.get::<_, String>(13)?),
         })
     })())
 }

@@ -36,6 +36,15 @@ pub(crate) fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("unreadable {what}"))
 }
 
+/// A revision's annotations as one column: `KEY=VALUE` lines (values hold no newline).
+pub(crate) fn annotations_text(annotations: &[(String, String)]) -> String {
+    annotations.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
+}
+
+pub(crate) fn annotations_from(text: &str) -> Vec<(String, String)> {
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
 /// An app's traffic split as one column: `revision=percent` pairs, comma-separated
 /// (empty: no split).
 pub(crate) fn traffic_text(shares: &[TrafficShare]) -> String {

@@ -12,17 +12,17 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     std::fs::write(config.path().join("hangar.toml"), "[machine_types.gpu]\ncapacity = 4\ngpus = 1\n").unwrap();
     let config_file = config.path().join("hangar.toml");
     let server = server_with(&["--gpus", "g0,g1", "--config", config_file.to_str().unwrap()]);
-    let deploy = |extra: &str| {
+    let deploy = |extra: &str, flags: &[&str]| {
         let app =
             testapp_dir("web", &format!("{extra}[scaling]\nmin_concurrency = 1\n[runner]\nmachine_type = \"gpu\"\n"));
-        let out = server.run(&["deploy", app.path_str(), "--json"]).ok().json();
+        let out = server.run(&[&["deploy", app.path_str(), "--json"][..], flags].concat()).ok().json();
         out["revision"].as_str().unwrap().to_owned()
     };
-    let v1 = deploy("env = { V = \"1\" }\n");
-    let v2 = deploy("env = { V = \"2\" }\n");
+    let v1 = deploy("env = { V = \"1\" }\n", &[]);
+    let v2 = deploy("env = { V = \"2\" }\n", &["--annotation", "git=3f2a1b", "--annotation", "ticket=OPS-7"]);
     let broken = app_with_build("web", "exit 1");
     server.run(&["deploy", broken.path_str(), "--message", "broken build"]).failed();
-    let v3 = deploy("env = { V = \"3\" }\n");
+    let v3 = deploy("env = { V = \"3\" }\n", &[]);
     // A canary that fails half its calls trips the guard, which ends its share.
     let failing = testapp_dir("web", "env = { V = \"0\", FAIL_EVERY = \"2\" }\n");
     let v0 = server.run(&["deploy", failing.path_str(), "--json"]).ok().json()["revision"].as_str().unwrap().to_owned();
@@ -78,6 +78,13 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
         let traffic = listed["traffic"].as_u64().unwrap();
         let want = if traffic > 0 { format!("{traffic} %") } else { String::new() };
         assert_eq!(shown["traffic"], want.as_str(), "the split is shown: {shown}");
+        let notes: Vec<String> = listed["annotations"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+            .collect();
+        assert_eq!(shown["annotations"], serde_json::json!(notes), "the annotations are shown: {shown}");
         let current = listed["current"] == true;
         assert_eq!(shown["delete"], !current, "Delete on every non-current revision, never the current: {shown}");
         assert_eq!(shown["rollback"], !current && listed["status"] == "deployed", "{shown}");
@@ -104,4 +111,6 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     assert!(entries[2]["details"].as_str().unwrap().contains(&format!("-> {v2} (rolling)")), "{}", entries[2]);
     assert!(entries[3]["details"].as_str().unwrap().contains(&format!("-> {v1} (recreate)")), "{}", entries[3]);
     let _ = v1;
+    let annotated = revs.iter().find(|r| r["id"] == v2.as_str()).unwrap();
+    assert_eq!(annotated["annotations"], serde_json::json!({"git": "3f2a1b", "ticket": "OPS-7"}));
 }

@@ -246,3 +246,28 @@ fn a_build_log_past_its_limit_says_where_it_was_cut_and_the_build_goes_on() {
     assert!(out.stderr.len() < 5000, "{} bytes of log", out.stderr.len());
     assert_eq!(revisions(&server, "chatty")[0]["status"], "deployed");
 }
+
+#[test]
+fn annotations_are_kept_with_the_revision_and_bad_ones_change_nothing() {
+    let server = server();
+    let app = crate::testapp_dir("noted", "");
+    let out = server
+        .run(&["deploy", app.path_str(), "--annotation", "git=3f2a1b", "--annotation", "deployed-by=ci/main", "--json"])
+        .ok();
+    let revision = out.json()["revision"].as_str().unwrap().to_owned();
+    let listed = revisions(&server, "noted");
+    assert_eq!(listed[0]["id"], revision.as_str());
+    assert_eq!(listed[0]["annotations"], serde_json::json!({"git": "3f2a1b", "deployed-by": "ci/main"}));
+    let table = server.run(&["apps", "list-rev", "noted"]).ok();
+    assert!(table.stdout.contains("git=3f2a1b") && table.stdout.contains("ANNOTATIONS"), "{}", table.stdout);
+
+    for (bad, why) in [
+        (vec!["--annotation", "novalue"], "KEY=VALUE"),
+        (vec!["--annotation", "a b=x"], "annotation key"),
+        (vec!["--annotation", "k=1", "--annotation", "k=2"], "twice"),
+    ] {
+        let out = server.run(&[&["deploy", app.path_str()][..], &bad].concat()).failed();
+        assert!(out.stderr.contains(why), "{bad:?}: {}", out.stderr);
+    }
+    assert_eq!(revisions(&server, "noted").len(), 1, "a refused deploy makes no revision");
+}

@@ -83,6 +83,7 @@ fn revision(app_id: Uuid, status: RevisionStatus, artifact: &str) -> Revision {
         message: Some("first".to_owned()),
         failure: None,
         created_at: now_millis(),
+        annotations: vec![("git".to_owned(), "3f2a".to_owned()), ("note".to_owned(), "a=b, c".to_owned())],
     }
 }
 
