@@ -41,6 +41,8 @@ pub struct Manifest {
     pub scaling: Scaling,
     /// Settings that are tied to the code of the revision.
     pub runner: RunnerSpec,
+    /// `[runner] secrets`: the only team secrets its runners receive; `None`: all of them.
+    pub secrets: Option<Vec<String>>,
 }
 
 /// Autoscaling settings from `[scaling]`. Durations are in seconds.
@@ -291,6 +293,7 @@ impl<'s> Checker<'s> {
             env: BTreeMap::new(),
             scaling: Scaling::default(),
             runner: RunnerSpec::default(),
+            secrets: None,
         };
         let mut saw_command = false;
 
@@ -322,7 +325,7 @@ impl<'s> Checker<'s> {
                 }
                 "env" => manifest.env = self.env(&loc, item),
                 "scaling" => manifest.scaling = self.scaling(&loc, item),
-                "runner" => manifest.runner = self.runner(&loc, item, machine_types),
+                "runner" => manifest.runner = self.runner(&loc, item, machine_types, &mut manifest.secrets),
                 _ => self.error(&loc, "unknown key"),
             }
         }
@@ -383,7 +386,13 @@ impl<'s> Checker<'s> {
         scaling
     }
 
-    fn runner(&mut self, loc: &Loc, item: &Item, machine_types: Option<&[&str]>) -> RunnerSpec {
+    fn runner(
+        &mut self,
+        loc: &Loc,
+        item: &Item,
+        machine_types: Option<&[&str]>,
+        secrets: &mut Option<Vec<String>>,
+    ) -> RunnerSpec {
         let mut runner = RunnerSpec::default();
         let Some(table) = self.table(loc, item) else {
             return runner;
@@ -404,6 +413,7 @@ impl<'s> Checker<'s> {
                 }
                 "num_gpus" => runner.num_gpus = self.u32(&loc, item, 0, MAX_GPUS),
                 "termination_grace_period" => set(&mut runner.termination_grace_period, self.u64(&loc, item, 0)),
+                "secrets" => *secrets = self.secret_names(&loc, item),
                 _ => self.error(&loc, "unknown key"),
             }
         }
@@ -494,6 +504,26 @@ impl<'s> Checker<'s> {
             return None;
         }
         Some(names)
+    }
+
+    /// An array of secret names (environment variable names), each once; may be empty.
+    fn secret_names(&mut self, loc: &Loc, item: &Item) -> Option<Vec<String>> {
+        let Some(names) = item.as_array().and_then(|a| a.iter().map(|v| v.as_str()).collect::<Option<Vec<&str>>>())
+        else {
+            self.error(loc, format!("expected an array of secret names, got {}", describe(item)));
+            return None;
+        };
+        for (i, name) in names.iter().enumerate() {
+            if let Err(message) = validate_env_name(name) {
+                self.error(loc, message);
+                return None;
+            }
+            if names[..i].contains(name) {
+                self.error(loc, format!("secret {name:?} is listed twice"));
+                return None;
+            }
+        }
+        Some(names.into_iter().map(str::to_owned).collect())
     }
 
     fn string<'i>(&mut self, loc: &Loc, item: &'i Item) -> Option<&'i str> {
@@ -720,6 +750,7 @@ mod tests {
                         num_gpus: None,
                         termination_grace_period: 20,
                     },
+                    secrets: None,
                 }"#]],
         );
     }
@@ -753,6 +784,7 @@ mod tests {
                         num_gpus: None,
                         termination_grace_period: 10,
                     },
+                    secrets: None,
                 }"#]],
         );
     }
@@ -795,6 +827,7 @@ mod tests {
                         num_gpus: None,
                         termination_grace_period: 10,
                     },
+                    secrets: None,
                 }"#]],
         );
     }
@@ -831,6 +864,7 @@ mod tests {
                         num_gpus: None,
                         termination_grace_period: 10,
                     },
+                    secrets: None,
                 }"#]],
         );
     }
@@ -1296,5 +1330,25 @@ mod tests {
             "[a]\n==v\n.= " => hangar.toml:2: invalid TOML: extra `=`, expected nothing
             "==\n.b.c=1" => hangar.toml:1: invalid TOML: extra `=`, expected nothing"#]]
         .assert_eq(&render_raw(&["==v\n.= ", "==v\n.=", "==v\n.=1", "[a]\n==v\n.= ", "==\n.b.c=1"]));
+    }
+
+    #[test]
+    fn runner_secrets_name_which_team_secrets_runners_get() {
+        let parse = |runner: &str| Manifest::parse(&format!("command = [\"x\"]\n[runner]\n{runner}\n"), None);
+        assert_eq!(parse("").unwrap().secrets, None, "all of them, by default");
+        assert_eq!(parse("secrets = []").unwrap().secrets, Some(vec![]));
+        assert_eq!(
+            parse("secrets = [\"HF_TOKEN\", \"DB_URL\"]").unwrap().secrets,
+            Some(vec!["HF_TOKEN".to_owned(), "DB_URL".to_owned()])
+        );
+        for (bad, why) in [
+            ("secrets = \"HF_TOKEN\"", "expected an array of secret names"),
+            ("secrets = [1]", "expected an array of secret names"),
+            ("secrets = [\"bad name\"]", "may only contain"),
+            ("secrets = [\"A\", \"A\"]", "listed twice"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("runner.secrets") && err.contains(why), "{bad}: {err}");
+        }
     }
 }

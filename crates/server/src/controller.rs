@@ -1082,7 +1082,9 @@ impl Controller {
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect();
         env.extend(manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        env.extend(secrets.iter().cloned());
+        // Only the secrets its manifest names, when it names any.
+        let wanted = |name: &String| manifest.secrets.as_ref().is_none_or(|list| list.contains(name));
+        env.extend(secrets.iter().filter(|(name, _)| wanted(name)).cloned());
         env.push(("HANGAR_APP".to_owned(), self.app.name.clone()));
         env.push((supervisor::REVISION_VAR.to_owned(), runner.revision.to_string()));
         env.push(("HANGAR_RUNNER_ID".to_owned(), runner.id.to_string()));

@@ -77,6 +77,19 @@ impl Control {
             }
         };
 
+        if let Some(missing) = self.missing_secret(caller, &manifest).await? {
+            remove_dir_logged(&self.layout.revision(revision_id)).await;
+            self.drop_artifact_if_unused(&artifact).await;
+            return Err(ApiError::new(
+                ErrorCode::InvalidManifest,
+                format!(
+                    "{MANIFEST_FILE}: runner.secrets: team {:?} has no secret named {missing:?}; \
+                     set it first (hangar secrets set {missing}=…)",
+                    caller.team
+                ),
+            ));
+        }
+
         let guard = self.lock_app(caller.team_id, &name).await;
         let recorded = self
             .record_revision(
@@ -261,6 +274,13 @@ impl Control {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot check artifact use"),
         }
+    }
+
+    /// The first secret the manifest's `[runner] secrets` names that the team does not have.
+    async fn missing_secret(&self, caller: &Caller, manifest: &Manifest) -> Result<Option<String>, ApiError> {
+        let Some(wanted) = &manifest.secrets else { return Ok(None) };
+        let have = self.store.secrets(caller.team_id).await.map_err(internal)?;
+        Ok(wanted.iter().find(|name| !have.iter().any(|s| &s.name == *name)).cloned())
     }
 
     /// Creates the app if this is its first deploy, and records the new revision as

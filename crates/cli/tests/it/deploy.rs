@@ -271,3 +271,25 @@ fn annotations_are_kept_with_the_revision_and_bad_ones_change_nothing() {
     }
     assert_eq!(revisions(&server, "noted").len(), 1, "a refused deploy makes no revision");
 }
+
+#[test]
+fn runner_secrets_limit_what_runners_get_and_an_unknown_name_is_refused() {
+    let server = server();
+    server.run(&["secrets", "set", "HF_TOKEN=hf_1", "DB_URL=postgres://x"]).ok();
+    let app = crate::testapp_dir("picky-secrets", "[runner]\nsecrets = [\"HF_TOKEN\"]\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let env = testkit::Http::new().get(&crate::app_url(&server, "picky-secrets", "/env"), None).json();
+    assert_eq!(env["HF_TOKEN"], "hf_1", "{env}");
+    assert!(env.get("DB_URL").is_none(), "a secret it does not name stays out: {env}");
+
+    let unknown = crate::testapp_dir("picky-secrets", "[runner]\nsecrets = [\"HF_TOKEN\", \"NOPE\"]\n");
+    let out = server.run(&["deploy", unknown.path_str()]).failed();
+    assert!(out.stderr.contains("runner.secrets") && out.stderr.contains("NOPE"), "{}", out.stderr);
+    assert_eq!(revisions(&server, "picky-secrets").len(), 1, "a refused deploy makes no revision");
+
+    // Without the key, every secret of the team comes in.
+    let all = crate::testapp_dir("all-secrets", "");
+    server.run(&["deploy", all.path_str(), "--auth", "public"]).ok();
+    let env = testkit::Http::new().get(&crate::app_url(&server, "all-secrets", "/env"), None).json();
+    assert_eq!((env["HF_TOKEN"].as_str(), env["DB_URL"].as_str()), (Some("hf_1"), Some("postgres://x")), "{env}");
+}
