@@ -43,6 +43,23 @@ pub struct Manifest {
     pub runner: RunnerSpec,
     /// `[runner] secrets`: the only team secrets its runners receive; `None`: all of them.
     pub secrets: Option<Vec<String>>,
+    /// `[runner] health_*`: how its runners' health is checked; unset ones take the
+    /// server's defaults.
+    pub health: HealthSettings,
+}
+
+/// How a revision's runners are health-checked once they serve. Seconds; `None` takes
+/// the server's default (`--health-interval`, `--failure-threshold`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Time between checks.
+    pub interval: Option<u64>,
+    /// How long one check may take.
+    pub timeout: Option<u64>,
+    /// Failed checks in a row after which a runner is given up.
+    pub failure_threshold: Option<u32>,
+    /// After a runner is first healthy, failed checks do not count for this long.
+    pub start_period: Option<u64>,
 }
 
 /// Autoscaling settings from `[scaling]`. Durations are in seconds.
@@ -294,6 +311,7 @@ impl<'s> Checker<'s> {
             scaling: Scaling::default(),
             runner: RunnerSpec::default(),
             secrets: None,
+            health: HealthSettings::default(),
         };
         let mut saw_command = false;
 
@@ -325,7 +343,10 @@ impl<'s> Checker<'s> {
                 }
                 "env" => manifest.env = self.env(&loc, item),
                 "scaling" => manifest.scaling = self.scaling(&loc, item),
-                "runner" => manifest.runner = self.runner(&loc, item, machine_types, &mut manifest.secrets),
+                "runner" => {
+                    let (secrets, health) = (&mut manifest.secrets, &mut manifest.health);
+                    manifest.runner = self.runner(&loc, item, machine_types, secrets, health);
+                }
                 _ => self.error(&loc, "unknown key"),
             }
         }
@@ -392,6 +413,7 @@ impl<'s> Checker<'s> {
         item: &Item,
         machine_types: Option<&[&str]>,
         secrets: &mut Option<Vec<String>>,
+        health: &mut HealthSettings,
     ) -> RunnerSpec {
         let mut runner = RunnerSpec::default();
         let Some(table) = self.table(loc, item) else {
@@ -414,6 +436,10 @@ impl<'s> Checker<'s> {
                 "num_gpus" => runner.num_gpus = self.u32(&loc, item, 0, MAX_GPUS),
                 "termination_grace_period" => set(&mut runner.termination_grace_period, self.u64(&loc, item, 0)),
                 "secrets" => *secrets = self.secret_names(&loc, item),
+                "health_interval" => health.interval = self.u64(&loc, item, 1),
+                "health_timeout" => health.timeout = self.u64(&loc, item, 1),
+                "health_failure_threshold" => health.failure_threshold = self.u32(&loc, item, 1, 1000),
+                "health_start_period" => health.start_period = self.u64(&loc, item, 0),
                 _ => self.error(&loc, "unknown key"),
             }
         }
@@ -751,6 +777,12 @@ mod tests {
                         termination_grace_period: 20,
                     },
                     secrets: None,
+                    health: HealthSettings {
+                        interval: None,
+                        timeout: None,
+                        failure_threshold: None,
+                        start_period: None,
+                    },
                 }"#]],
         );
     }
@@ -785,6 +817,12 @@ mod tests {
                         termination_grace_period: 10,
                     },
                     secrets: None,
+                    health: HealthSettings {
+                        interval: None,
+                        timeout: None,
+                        failure_threshold: None,
+                        start_period: None,
+                    },
                 }"#]],
         );
     }
@@ -828,6 +866,12 @@ mod tests {
                         termination_grace_period: 10,
                     },
                     secrets: None,
+                    health: HealthSettings {
+                        interval: None,
+                        timeout: None,
+                        failure_threshold: None,
+                        start_period: None,
+                    },
                 }"#]],
         );
     }
@@ -865,6 +909,12 @@ mod tests {
                         termination_grace_period: 10,
                     },
                     secrets: None,
+                    health: HealthSettings {
+                        interval: None,
+                        timeout: None,
+                        failure_threshold: None,
+                        start_period: None,
+                    },
                 }"#]],
         );
     }
@@ -1349,6 +1399,23 @@ mod tests {
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains("runner.secrets") && err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn runner_health_settings_are_whole_seconds_and_default_to_the_servers() {
+        let parse = |runner: &str| Manifest::parse(&format!("command = [\"x\"]\n[runner]\n{runner}\n"), None);
+        assert_eq!(parse("").unwrap().health, HealthSettings::default());
+        let set = "health_interval = 5\nhealth_timeout = 2\nhealth_failure_threshold = 4\nhealth_start_period = 30";
+        let want =
+            HealthSettings { interval: Some(5), timeout: Some(2), failure_threshold: Some(4), start_period: Some(30) };
+        assert_eq!(parse(set).unwrap().health, want);
+        assert_eq!(parse("health_start_period = 0").unwrap().health.start_period, Some(0));
+        for bad in
+            ["health_interval = 0", "health_timeout = -1", "health_failure_threshold = 0", "health_interval = \"5s\""]
+        {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("runner.health_"), "{bad}: {err}");
         }
     }
 }

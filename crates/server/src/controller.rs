@@ -1112,11 +1112,7 @@ impl Controller {
             env,
             health_path: manifest.health_path.clone(),
             startup_timeout: Duration::from_secs(startup_timeout),
-            health: HealthPolicy {
-                interval: config.health_interval,
-                failure_threshold: config.failure_threshold,
-                probe_timeout: config.health_interval.min(Duration::from_secs(10)),
-            },
+            health: health_policy(&manifest.health, config),
             limits,
         }
     }
@@ -1273,5 +1269,16 @@ impl Watch {
         let start = route.figures(stored.revision);
         let current_start = current.map(|c| route.figures(c)).unwrap_or_default();
         Watch { stored, start, current_start }
+    }
+}
+
+/// A revision's health checks: its manifest's settings, else the server's.
+fn health_policy(health: &model::manifest::HealthSettings, config: &crate::config::Config) -> HealthPolicy {
+    let interval = health.interval.map_or(config.health_interval, Duration::from_secs);
+    HealthPolicy {
+        interval,
+        failure_threshold: health.failure_threshold.unwrap_or(config.failure_threshold),
+        probe_timeout: health.timeout.map_or_else(|| interval.min(Duration::from_secs(10)), Duration::from_secs),
+        start_period: Duration::from_secs(health.start_period.unwrap_or(0)),
     }
 }

@@ -59,6 +59,8 @@ pub struct AgentSpec {
     pub health_interval_ms: u64,
     pub probe_timeout_ms: u64,
     pub failure_threshold: u32,
+    #[serde(default)]
+    pub start_period_ms: u64,
     pub memory: Option<u64>,
     pub pids: Option<u64>,
     pub cpus: Option<f64>,
@@ -167,6 +169,7 @@ pub fn agent_spec(launch: &RunnerLaunch, digest: String, sandbox: Option<Vec<Pat
         health_interval_ms: launch.health.interval.as_millis() as u64,
         probe_timeout_ms: launch.health.probe_timeout.as_millis() as u64,
         failure_threshold: launch.health.failure_threshold,
+        start_period_ms: launch.health.start_period.as_millis() as u64,
         memory: launch.limits.memory,
         pids: launch.limits.pids,
         cpus: launch.limits.cpus,
@@ -344,6 +347,7 @@ async fn start_runner(link: &Arc<ServerLink>, spec: &AgentSpec, node_dir: &Path)
             interval: Duration::from_millis(spec.health_interval_ms),
             failure_threshold: spec.failure_threshold,
             probe_timeout: Duration::from_millis(spec.probe_timeout_ms),
+            start_period: Duration::from_millis(spec.start_period_ms),
         },
         limits: crate::Limits { memory: spec.memory, pids: spec.pids, cpus: spec.cpus },
     };
@@ -555,6 +559,7 @@ mod tests {
             health_interval_ms: 1,
             probe_timeout_ms: 1,
             failure_threshold: 1,
+            start_period_ms: 0,
             memory: None,
             pids: None,
             cpus: None,

@@ -41,6 +41,8 @@ pub struct HealthPolicy {
     pub failure_threshold: u32,
     /// How long one check may take.
     pub probe_timeout: Duration,
+    /// After the runner is first healthy, failed checks do not count for this long.
+    pub start_period: Duration,
 }
 
 /// Everything needed to start one runner.
@@ -371,6 +373,7 @@ impl Watch {
         let mut setup_interval = FIRST_SETUP_PROBE;
         let mut next_probe = Instant::now() + setup_interval;
         let mut failures = 0u32;
+        let mut serving_since = Instant::now();
         // Set when the runner is on its way out: by order, or because it failed.
         let mut ending: Option<(bool, String)> = None;
         let mut kill_at: Option<Instant> = None;
@@ -427,6 +430,7 @@ impl Watch {
                     match phase {
                         Phase::Setup if healthy => {
                             phase = Phase::Serving;
+                            serving_since = Instant::now();
                             let _ = self.events.send(Event::Healthy { id });
                             next_probe = Instant::now() + self.launch.health.interval;
                         }
@@ -443,6 +447,9 @@ impl Watch {
                         }
                         Phase::Serving if healthy => {
                             failures = 0;
+                            next_probe = Instant::now() + self.launch.health.interval;
+                        }
+                        Phase::Serving if serving_since.elapsed() < self.launch.health.start_period => {
                             next_probe = Instant::now() + self.launch.health.interval;
                         }
                         Phase::Serving => {
@@ -739,6 +746,7 @@ mod tests {
                 interval: Duration::from_secs(1),
                 failure_threshold: 3,
                 probe_timeout: Duration::from_secs(1),
+                start_period: Duration::ZERO,
             },
             limits: Limits::default(),
         }

@@ -674,3 +674,22 @@ fn one_kept_alive_connection_carries_every_kind_of_call_in_turn() {
         assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "more after the last answer: {rest:?}");
     }
 }
+
+#[test]
+fn a_revisions_health_settings_take_the_place_of_the_servers() {
+    let server = server();
+    let http = Http::new();
+    let manifest = "env = { UNHEALTHY_AFTER = \"1\" }\n[scaling]\nmin_concurrency = 1\n\
+                    [runner]\nhealth_interval = 1\nhealth_failure_threshold = 2\nhealth_start_period = 2\n";
+    let app = testapp_dir("strict", manifest);
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    let first = http.get(&app_url(&server, "strict", "/"), None).json()["runner"].as_str().unwrap().to_owned();
+    let ended = wait_until("the unhealthy runner to be given up", || {
+        runners(&server, "strict", &["--state", "terminated", "--since", "1m"])
+            .into_iter()
+            .find(|r| r["id"] == first.as_str())
+    });
+    // Its own threshold, not the server's, and only after its start period and an interval.
+    assert!(ended["reason"].as_str().unwrap().contains("2 health checks in a row failed"), "{ended}");
+    assert!(ended["uptime"].as_u64().unwrap() >= 3, "failed checks in the start period do not count: {ended}");
+}
