@@ -7,9 +7,9 @@ use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery,
-    RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest,
-    SetSecretsRequest, TeamJson, TrafficRequest,
+    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson, RevisionList,
+    RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson,
+    SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +241,14 @@ impl Client {
     /// Changes how the app's guard judges revisions.
     pub async fn guard(&self, app: &str, request: &GuardRequest) -> Result<AppJson> {
         self.json(self.request(Method::POST, &format!("/v1/apps/{}/guard", seg(app))).json(request)).await
+    }
+
+    pub async fn queue(&self, app: &str) -> Result<QueueJson> {
+        self.json(self.request(Method::GET, &format!("/v1/apps/{}/queue", seg(app)))).await
+    }
+
+    pub async fn flush_queue(&self, app: &str) -> Result<QueueJson> {
+        self.json(self.request(Method::POST, &format!("/v1/apps/{}/queue/flush", seg(app)))).await
     }
 
     pub async fn rollout(&self, app: &str, force: bool) -> Result<RolloutJson> {

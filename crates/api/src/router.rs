@@ -24,9 +24,9 @@ use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
 use crate::openapi;
 use crate::wire::{
     AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery,
-    RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest,
-    SetSecretsRequest, TeamJson, TrafficRequest,
+    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson, RevisionList,
+    RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson,
+    SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -134,6 +134,10 @@ pub trait ControlPlane: Send + Sync + 'static {
         app: &str,
         request: GuardRequest,
     ) -> impl Future<Output = Result<AppJson, ApiError>> + Send;
+    /// The app's queue requests by status.
+    fn queue(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<QueueJson, ApiError>> + Send;
+    /// Cancels every waiting queue request of the app.
+    fn flush_queue(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<QueueJson, ApiError>> + Send;
     /// Replaces every runner of the app, same revision.
     fn rollout(
         &self,
@@ -211,6 +215,8 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .routes(routes!(set_rev))
         .routes(routes!(traffic))
         .routes(routes!(guard))
+        .routes(routes!(app_queue))
+        .routes(routes!(flush_queue))
         .routes(routes!(rollout))
         .routes(routes!(suspend))
         .routes(routes!(resume))
@@ -600,6 +606,30 @@ async fn guard<C: ControlPlane>(
     JsonBody(request): JsonBody<GuardRequest>,
 ) -> Result<Json<AppJson>, ApiError> {
     c.guard(&caller, &path.app, request).await.map(Json)
+}
+
+/// The app's durable queue: its requests by status, and the oldest waiting one's age.
+#[utoipa::path(get, path = "/v1/apps/{app}/queue", tag = "apps", params(AppPath), responses((status = OK, body = QueueJson)))]
+async fn app_queue<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+) -> Result<Json<QueueJson>, ApiError> {
+    c.queue(&caller, &path.app).await.map(Json)
+}
+
+/// Cancels every waiting request of the app's queue (running ones go on); answers the
+/// queue afterwards, with how many were cancelled.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/queue/flush", tag = "apps", params(AppPath),
+    responses((status = OK, body = QueueJson))
+)]
+async fn flush_queue<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+) -> Result<Json<QueueJson>, ApiError> {
+    c.flush_queue(&caller, &path.app).await.map(Json)
 }
 
 /// Makes another Deployed revision the current one (rollback or roll forward).

@@ -581,6 +581,22 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(deserializer: 
     T::deserialize(deserializer).map(Some)
 }
 
+/// An app's durable queue: its requests by status, and how long the oldest waiting one
+/// has waited.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct QueueJson {
+    pub in_queue: u64,
+    pub in_progress: u64,
+    /// Completed ones whose results are still kept.
+    pub completed: u64,
+    /// Seconds; null when none waits.
+    pub oldest_waiting_seconds: Option<f64>,
+    /// How many waiting requests a flush cancelled (only in a flush's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cancelled: Option<u64>,
+}
+
 /// A share of an app's new calls, in percent, sent to one revision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -81,6 +81,16 @@ pub(crate) enum AppsCommand {
         #[arg(long, conflicts_with = "clear")]
         guard: bool,
     },
+    /// Show the app's durable queue: requests by status and the oldest waiting one's age
+    Queue {
+        app: String,
+        /// Cancel every waiting request (running ones go on)
+        #[arg(long)]
+        flush: bool,
+        /// Flush without asking
+        #[arg(long, requires = "flush")]
+        yes: bool,
+    },
     /// Show or change how the app's guard judges a revision after a guarded switch (or a
     /// guarded canary), and whether every deploy and set-rev is guarded
     Guard(GuardArgs),
@@ -342,6 +352,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
         }
         AppsCommand::Scale(args) => return scale(cx, args).await,
         AppsCommand::Guard(args) => return guard(cx, args).await,
+        AppsCommand::Queue { app, flush, yes } => return queue(cx, &app, flush, yes).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -404,6 +415,41 @@ fn split_text(shares: &[api::wire::TrafficShareJson]) -> String {
         return "-".to_owned();
     }
     shares.iter().map(|s| format!("{}={}%", short(&s.revision), s.percent)).collect::<Vec<_>>().join(", ")
+}
+
+async fn queue(cx: &Context, app: &str, flush: bool, yes: bool) -> anyhow::Result<ExitCode> {
+    let mut queue = cx.client.queue(app).await?;
+    if flush {
+        if !yes && !confirm(&format!("Cancel the {} waiting requests of {app}?", queue.in_queue))? {
+            anyhow::bail!("nothing cancelled");
+        }
+        queue = cx.client.flush_queue(app).await?;
+    }
+    if cx.out.is_json() {
+        return json(cx, &queue);
+    }
+    if let Some(n) = queue.cancelled {
+        out!("{}", success(format!("Cancelled {n} waiting requests of {app}")));
+    }
+    let oldest = queue.oldest_waiting_seconds.map_or_else(|| "-".to_owned(), |s| format!("{s:.1} s"));
+    cx.out.table(
+        &["IN QUEUE", "IN PROGRESS", "COMPLETED", "OLDEST WAITING"],
+        vec![vec![queue.in_queue.to_string(), queue.in_progress.to_string(), queue.completed.to_string(), oldest]],
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks `question` on the terminal; without one, refuses (pass --yes instead).
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{question} Not asked, as there is no terminal: pass --yes to confirm");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 async fn guard(cx: &Context, args: GuardArgs) -> anyhow::Result<ExitCode> {

@@ -291,19 +291,9 @@ impl Queue {
 
     async fn cancel(self: &Arc<Self>, base: &Base, id: &str) -> Result<Response, ApiError> {
         let request = self.find(base, id).await?;
-        let cancelled = crate::worker::failure(
-            ApiError::new(ErrorCode::RequestCancelled, format!("request {} was cancelled before it ran", request.id)),
-            None,
-            String::new(),
-        );
-        match self.store.queue_cancel(request.id, cancelled).await.map_err(ApiError::internal)? {
-            CancelOutcome::Cancelled => {
-                if let Some(live) = self.live(request.id) {
-                    live.cancelled.cancel();
-                }
-                self.finished(&request);
-            }
-            CancelOutcome::Requested(_) => self.signal_cancel(&request),
+        let why = format!("request {} was cancelled before it ran", request.id);
+        match self.cancel_request(&request, why).await.map_err(ApiError::internal)? {
+            CancelOutcome::Cancelled | CancelOutcome::Requested(_) => {}
             CancelOutcome::AlreadyCompleted => {
                 return Err(ApiError::new(
                     ErrorCode::AlreadyCompleted,

@@ -29,7 +29,7 @@ use axum::extract::Request;
 use axum::response::Response;
 use gateway::{Gateway, QueueHandler};
 use model::ids::RunnerId;
-use model::records::OutputLine;
+use model::records::{OutputLine, QueueRequest};
 use store::Store;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -239,6 +239,42 @@ impl Queue {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Cancels every request of the app that is still waiting (those running go on),
+    /// and answers how many were.
+    pub async fn flush(self: &Arc<Self>, app_id: Uuid) -> Result<u64, store::StoreError> {
+        let mut cancelled = 0;
+        let waiting = self.store.queue_unfinished(Some(app_id)).await?;
+        for request in waiting.iter().filter(|r| r.state == model::revision::QueueState::InQueue) {
+            let why = format!("request {} was cancelled by a flush of its app's queue", request.id);
+            if self.cancel_request(request, why).await? == store::CancelOutcome::Cancelled {
+                cancelled += 1;
+            }
+        }
+        Ok(cancelled)
+    }
+
+    /// Cancels one request: a waiting one completes as cancelled and never runs; a
+    /// running one's runner is told.
+    pub(crate) async fn cancel_request(
+        self: &Arc<Self>,
+        request: &QueueRequest,
+        why: String,
+    ) -> Result<store::CancelOutcome, store::StoreError> {
+        let error = api::error::ApiError::new(api::error::ErrorCode::RequestCancelled, why);
+        let outcome = self.store.queue_cancel(request.id, worker::failure(error, None, String::new())).await?;
+        match outcome {
+            store::CancelOutcome::Cancelled => {
+                if let Some(live) = self.live(request.id) {
+                    live.cancelled.cancel();
+                }
+                self.finished(request);
+            }
+            store::CancelOutcome::Requested(_) => self.signal_cancel(request),
+            store::CancelOutcome::AlreadyCompleted | store::CancelOutcome::NotFound => {}
+        }
+        Ok(outcome)
     }
 
     fn live(&self, id: Uuid) -> Option<Arc<Live>> {

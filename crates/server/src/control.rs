@@ -9,9 +9,9 @@ use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
     AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DEFAULT_REVISION_LIMIT, DeployJson,
-    DeployParams, GpuJson, GuardRequest, HistoryJson, KeyJson, LogChunk, RevisionJson, RevisionList, RevisionsQuery,
-    RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest,
-    SetSecretsRequest, TeamJson, TrafficRequest,
+    DeployParams, GpuJson, GuardRequest, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson, RevisionList,
+    RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson,
+    SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -96,6 +96,19 @@ impl Control {
     pub(crate) async fn find_app(&self, caller: &Caller, name: &str) -> Result<App, ApiError> {
         self.store.app_by_name(caller.team_id, name).await.map_err(internal)?.ok_or_else(|| {
             ApiError::new(ErrorCode::AppNotFound, format!("app {name:?} not found in team {:?}", caller.team))
+        })
+    }
+
+    /// The app's queue as the API shows it.
+    async fn queue_json(&self, app: &App, cancelled: Option<u64>) -> Result<QueueJson, ApiError> {
+        let counts = self.store.queue_counts(app.id).await.map_err(internal)?;
+        let now = time::OffsetDateTime::now_utc();
+        Ok(QueueJson {
+            in_queue: counts.in_queue,
+            in_progress: counts.in_progress,
+            completed: counts.completed,
+            oldest_waiting_seconds: counts.oldest_waiting.map(|t| (now - t).as_seconds_f64().max(0.0)),
+            cancelled,
         })
     }
 
@@ -431,6 +444,28 @@ impl ControlPlane for Control {
     async fn guard(&self, caller: &Caller, app: &str, request: GuardRequest) -> Result<AppJson, ApiError> {
         require_manage(caller)?;
         self.set_guard(caller, app, request).await
+    }
+
+    async fn queue(&self, caller: &Caller, app: &str) -> Result<QueueJson, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        self.queue_json(&app, None).await
+    }
+
+    async fn flush_queue(&self, caller: &Caller, name: &str) -> Result<QueueJson, ApiError> {
+        require_manage(caller)?;
+        let _guard = self.lock_app(caller.team_id, name).await;
+        let app = self.find_app(caller, name).await?;
+        let queue = self.fleet.queue().ok_or_else(|| ApiError::internal("the queue is not running"))?;
+        let cancelled = queue.flush(app.id).await.map_err(internal)?;
+        let history = NewHistory {
+            app_id: app.id,
+            action: "queue_flush".to_owned(),
+            key_id: Some(caller.key_id.clone()),
+            details: format!("{cancelled} waiting requests cancelled"),
+        };
+        self.store.add_history(history).await.map_err(internal)?;
+        self.queue_json(&app, Some(cancelled)).await
     }
 
     async fn rollout(&self, caller: &Caller, app: &str, request: RolloutRequest) -> Result<RolloutJson, ApiError> {

@@ -173,6 +173,10 @@ impl Fleet {
         let _ = self.queue.set(queue);
     }
 
+    pub(crate) fn queue(&self) -> Option<&Arc<queue::Queue>> {
+        self.queue.get()
+    }
+
     /// Makes this server the one that runs the app, where servers share the store:
     /// it takes the app's lease if nobody holds it, and then takes up what the server
     /// that ran it before left unfinished (its deploys in progress fail as interrupted;

@@ -46,7 +46,7 @@ use model::revision::{AuthMode, KeyScope};
 use uuid::Uuid;
 
 pub use fleet::{Fence, Lease, LeaseChanges, RevisionFile, ServerRecord};
-pub use queue::{CancelOutcome, Completion, NewQueueRequest, QueuePayload};
+pub use queue::{CancelOutcome, Completion, NewQueueRequest, QueueCounts, QueuePayload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -45,6 +45,15 @@ pub struct Completion {
 }
 
 /// What a cancel did.
+/// An app's queue requests by state, and when the oldest waiting one came.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub in_queue: u64,
+    pub in_progress: u64,
+    pub completed: u64,
+    pub oldest_waiting: Option<OffsetDateTime>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// It was waiting; it is now completed as cancelled and will never run.
@@ -104,6 +113,11 @@ impl Store {
     }
 
     /// Every request not completed, oldest first.
+    /// The app's requests by state (completed ones until they expire).
+    pub async fn queue_counts(&self, app_id: Uuid) -> Result<QueueCounts> {
+        on_backend!(self, [], db => db.queue_counts(app_id))
+    }
+
     pub async fn queue_unfinished(&self, app: Option<Uuid>) -> Result<Vec<QueueRequest>> {
         on_backend!(self, [], db => db.queue_unfinished(app))
     }

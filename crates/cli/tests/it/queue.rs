@@ -426,3 +426,43 @@ fn answer_with_redirect(listener: &std::net::TcpListener, location: &str) {
     );
     stream.write_all(answer.as_bytes()).unwrap();
 }
+
+#[test]
+fn apps_queue_counts_requests_and_a_flush_cancels_only_the_waiting_ones() {
+    let server = server();
+    let app =
+        testapp_dir("backlog", "[scaling]\nmin_concurrency = 1\nmax_concurrency = 1\n[runner]\nmax_multiplexing = 1\n");
+    server.run(&["deploy", app.path_str()]).ok();
+    let http = Http::new();
+    let running = submit(&http, &server, "backlog", "/slow?delay_ms=60000", &json!({}));
+    wait_until("the first request to run", || {
+        (status(&http, &server, &running)["status"] == "IN_PROGRESS").then_some(())
+    });
+    let waiting: Vec<Value> = (0..4).map(|_| submit(&http, &server, "backlog", "/later", &json!({}))).collect();
+    let queue = server.run(&["apps", "queue", "backlog", "--json"]).ok().json();
+    assert_eq!((queue["in_queue"].as_u64(), queue["in_progress"].as_u64()), (Some(4), Some(1)), "{queue}");
+    assert!(queue["oldest_waiting_seconds"].as_f64().unwrap() >= 0.0, "{queue}");
+    let table = server.run(&["apps", "queue", "backlog"]).ok().stdout;
+    assert!(table.contains("IN QUEUE") && table.contains("OLDEST WAITING"), "{table}");
+
+    // Without --yes and with no terminal to ask on, nothing is cancelled.
+    let out = server.run(&["apps", "queue", "backlog", "--flush"]).failed();
+    assert!(out.stderr.contains("--yes"), "{}", out.stderr);
+    assert_eq!(server.run(&["apps", "queue", "backlog", "--json"]).ok().json()["in_queue"], 4);
+
+    let flushed = server.run(&["apps", "queue", "backlog", "--flush", "--yes", "--json"]).ok().json();
+    assert_eq!((flushed["cancelled"].as_u64(), flushed["in_queue"].as_u64()), (Some(4), Some(0)), "{flushed}");
+    assert_eq!(flushed["in_progress"], 1, "the running request goes on");
+    assert_eq!(flushed["oldest_waiting_seconds"], Value::Null);
+    for request in &waiting {
+        let done = status(&http, &server, request);
+        assert_eq!(
+            (done["status"].as_str(), done["error_type"].as_str()),
+            (Some("COMPLETED"), Some("request_cancelled"))
+        );
+    }
+    assert_eq!(status(&http, &server, &running)["status"], "IN_PROGRESS");
+    let history = server.run(&["apps", "history", "backlog", "--json"]).ok().json();
+    assert_eq!(history[0]["action"], "queue_flush");
+    assert!(history[0]["details"].as_str().unwrap().contains("4 waiting requests"), "{history}");
+}

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{Postgres, opt_millis_at, u32_at};
 use crate::values::{corrupt, from_millis, millis, now, uuid};
-use crate::{CancelOutcome, Completion, NewQueueRequest, QueuePayload, Result};
+use crate::{CancelOutcome, Completion, NewQueueRequest, QueueCounts, QueuePayload, Result};
 
 const COLUMNS: &str = "seq, id, team_id, app_id, route, path, webhook, state, created_at, start_deadline, \
     started_at, completed_at, runner_id, cancel_requested, failed_attempts, result_status, error, error_type, \
@@ -183,6 +183,30 @@ impl Postgres {
             body: row.try_get::<_, Option<Vec<u8>>>("result_body")?.unwrap_or_default(),
         };
         Ok(Some((result, row.try_get::<_, Option<String>>("logs")?.unwrap_or_default())))
+    }
+
+    pub(crate) async fn queue_counts(&self, app_id: Uuid) -> Result<QueueCounts> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT state, COUNT(*) AS n, MIN(created_at) AS oldest FROM queue_requests WHERE app_id = $1 GROUP BY state",
+                &[&app_id.to_string()],
+            )
+            .await?;
+        let mut counts = QueueCounts::default();
+        for row in rows {
+            let n = row.try_get::<_, i64>("n")? as u64;
+            match QueueState::parse(row.try_get("state")?).ok_or_else(|| corrupt("queue state"))? {
+                QueueState::InQueue => {
+                    counts.in_queue = n;
+                    counts.oldest_waiting = Some(from_millis(row.try_get("oldest")?)?);
+                }
+                QueueState::InProgress => counts.in_progress = n,
+                QueueState::Completed => counts.completed = n,
+            }
+        }
+        Ok(counts)
     }
 
     pub(crate) async fn queue_unfinished(&self, app: Option<Uuid>) -> Result<Vec<QueueRequest>> {

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::Sqlite;
 use crate::values::{corrupt, from_millis, millis, now, uuid};
-use crate::{CancelOutcome, Completion, NewQueueRequest, QueuePayload, Result};
+use crate::{CancelOutcome, Completion, NewQueueRequest, QueueCounts, QueuePayload, Result};
 
 const COLUMNS: &str = "seq, id, team_id, app_id, route, path, webhook, state, created_at, start_deadline, \
     started_at, completed_at, runner_id, cancel_requested, failed_attempts, result_status, error, error_type, \
@@ -169,6 +169,28 @@ impl Sqlite {
             )
             .optional()
             .map_err(Into::into)
+    }
+
+    pub(crate) fn queue_counts(&self, app_id: Uuid) -> Result<QueueCounts> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT state, COUNT(*), MIN(created_at) FROM queue_requests WHERE app_id = ?1 GROUP BY state")?;
+        let rows = stmt.query_map([app_id.to_string()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        let mut counts = QueueCounts::default();
+        for row in rows {
+            let (state, n, oldest) = row?;
+            match QueueState::parse(&state).ok_or_else(|| corrupt("queue state"))? {
+                QueueState::InQueue => {
+                    counts.in_queue = n as u64;
+                    counts.oldest_waiting = Some(from_millis(oldest)?);
+                }
+                QueueState::InProgress => counts.in_progress = n as u64,
+                QueueState::Completed => counts.completed = n as u64,
+            }
+        }
+        Ok(counts)
     }
 
     pub(crate) fn queue_unfinished(&self, app: Option<Uuid>) -> Result<Vec<QueueRequest>> {

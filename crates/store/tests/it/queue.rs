@@ -253,6 +253,22 @@ async fn a_restart_requeues_running_requests_and_expiry_spares_pending_webhooks(
     assert!(store.queue_request(running.id).await.unwrap().is_some(), "an unfinished one never expires");
 }
 
+async fn an_apps_requests_are_counted_by_state(store: Store) {
+    let (app, other) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(store.queue_counts(app).await.unwrap(), store::QueueCounts::default());
+    let first = store.queue_insert(new_request(app, "1")).await.unwrap();
+    let second = store.queue_insert(new_request(app, "2")).await.unwrap();
+    store.queue_insert(new_request(app, "3")).await.unwrap();
+    store.queue_insert(new_request(other, "x")).await.unwrap();
+    assert!(store.queue_start(first.id, RunnerId(Uuid::new_v4())).await.unwrap());
+    let counts = store.queue_counts(app).await.unwrap();
+    assert_eq!((counts.in_queue, counts.in_progress, counts.completed), (2, 1, 0));
+    assert_eq!(counts.oldest_waiting, Some(second.created_at), "the oldest still waiting");
+    store.queue_complete(first.id, completion(200, None)).await.unwrap();
+    let counts = store.queue_counts(app).await.unwrap();
+    assert_eq!((counts.in_queue, counts.in_progress, counts.completed), (2, 0, 1));
+}
+
 on_both_backends!(
     a_request_moves_through_its_states_and_keeps_its_attempts,
     a_new_request_reads_back_as_it_was_written,
@@ -262,4 +278,5 @@ on_both_backends!(
     cancel_wins_over_a_later_start_and_marks_a_running_request,
     a_completed_request_keeps_its_result_and_logs,
     a_restart_requeues_running_requests_and_expiry_spares_pending_webhooks,
+    an_apps_requests_are_counted_by_state,
 );
