@@ -81,6 +81,16 @@ pub(crate) enum AppsCommand {
         #[arg(long, conflicts_with = "clear")]
         guard: bool,
     },
+    /// Show the output of the app's runners (ended ones too, for an hour), merged by time
+    /// and each line marked with its runner
+    Logs {
+        app: String,
+        /// Keep printing new lines as they come
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        filter: crate::logs::LogFilter,
+    },
     /// Show the app's durable queue: requests by status and the oldest waiting one's age
     Queue {
         app: String,
@@ -352,6 +362,7 @@ pub(crate) async fn run(cx: &Context, command: AppsCommand) -> anyhow::Result<Ex
         }
         AppsCommand::Scale(args) => return scale(cx, args).await,
         AppsCommand::Guard(args) => return guard(cx, args).await,
+        AppsCommand::Logs { app, follow, filter } => return crate::logs::app_logs(cx, &app, &filter, follow).await,
         AppsCommand::Queue { app, flush, yes } => return queue(cx, &app, flush, yes).await,
     }
     Ok(ExitCode::SUCCESS)

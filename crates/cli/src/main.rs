@@ -5,6 +5,7 @@ mod access;
 mod apps;
 mod context;
 mod deploy;
+mod logs;
 mod output;
 mod runners;
 

@@ -38,6 +38,8 @@ pub(crate) enum RunnersCommand {
         /// Only the last N lines
         #[arg(short = 'n', long)]
         lines: Option<usize>,
+        #[command(flatten)]
+        filter: crate::logs::LogFilter,
     },
 }
 
@@ -153,7 +155,7 @@ pub(crate) async fn run(cx: &Context, command: RunnersCommand) -> anyhow::Result
             let runner = cx.client.kill_runner(&id).await?;
             done(cx, &runner, "was killed")
         }
-        RunnersCommand::Logs { id, follow, lines } => logs(cx, &id, follow, lines).await,
+        RunnersCommand::Logs { id, follow, lines, filter } => logs(cx, &id, follow, lines, &filter).await,
     }
 }
 
@@ -166,7 +168,13 @@ fn done(cx: &Context, runner: &RunnerJson, what: &str) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn logs(cx: &Context, id: &str, follow: bool, lines: Option<usize>) -> anyhow::Result<ExitCode> {
+async fn logs(
+    cx: &Context,
+    id: &str,
+    follow: bool,
+    lines: Option<usize>,
+    filter: &crate::logs::LogFilter,
+) -> anyhow::Result<ExitCode> {
     let mut offset = 0;
     let mut text = String::new();
     loop {
@@ -177,7 +185,7 @@ async fn logs(cx: &Context, id: &str, follow: bool, lines: Option<usize>) -> any
         text.push_str(&chunk.data);
         offset = chunk.next_offset;
     }
-    let all: Vec<&str> = text.lines().collect();
+    let all: Vec<&str> = text.lines().filter(|l| filter.keeps(l)).collect();
     let from = lines.map_or(0, |n| all.len().saturating_sub(n));
     for line in &all[from..] {
         out!("{line}");
@@ -196,8 +204,11 @@ async fn logs(cx: &Context, id: &str, follow: bool, lines: Option<usize>) -> any
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        write_stdout(chunk.data.as_bytes());
-        offset = chunk.next_offset;
+        // Whole lines only, so that each is filtered whole; the rest is read again.
+        let whole = chunk.data.rfind('\n').map_or(0, |i| i + 1);
+        let kept: String = chunk.data[..whole].lines().filter(|l| filter.keeps(l)).map(|l| format!("{l}\n")).collect();
+        write_stdout(kept.as_bytes());
+        offset = chunk.next_offset - (chunk.data.len() - whole) as u64;
     }
 }
 

@@ -693,3 +693,67 @@ fn a_revisions_health_settings_take_the_place_of_the_servers() {
     assert!(ended["reason"].as_str().unwrap().contains("2 health checks in a row failed"), "{ended}");
     assert!(ended["uptime"].as_u64().unwrap() >= 3, "failed checks in the start period do not count: {ended}");
 }
+
+#[test]
+fn app_logs_merge_the_runners_lines_and_filter_them_by_text_and_time() {
+    let server = server();
+    let http = Http::new();
+    let app = testapp_dir("chatty", "[scaling]\nmin_concurrency = 2\n");
+    server.run(&["deploy", app.path_str(), "--auth", "public"]).ok();
+    wait_until("two runners", || (runners(&server, "chatty", &["--state", "idle"]).len() == 2).then_some(()));
+    let before = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+    for n in 0..4 {
+        let reply = http.send(
+            "GET",
+            &app_url(&server, "chatty", "/"),
+            None,
+            &[("x-fal-request-id", &format!("call-{n}"))],
+            vec![],
+        );
+        assert_eq!(reply.status, 200);
+    }
+    let ids: Vec<String> =
+        runners(&server, "chatty", &[]).iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+    let all = server.run(&["apps", "logs", "chatty"]).ok().stdout;
+    for id in &ids {
+        assert!(all.lines().any(|l| l.starts_with(&id[..8])), "every runner's lines, marked: {all}");
+    }
+    let times: Vec<&str> = all.lines().map(|l| l.split(' ').nth(1).unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "merged by time: {all}");
+
+    let found = server.run(&["apps", "logs", "chatty", "--search", "working on call-"]).ok().stdout;
+    assert_eq!(found.lines().count(), 4, "{found}");
+    let early = before.format(&time::format_description::well_known::Rfc3339).unwrap();
+    assert_eq!(server.run(&["apps", "logs", "chatty", "--until", &early]).ok().stdout, "", "nothing before the deploy");
+    assert_eq!(
+        server.run(&["apps", "logs", "chatty", "--since", "1h", "--search", "call-2"]).ok().stdout.lines().count(),
+        1
+    );
+    let out = server.run(&["apps", "logs", "chatty", "--since", "yesterday"]).failed();
+    assert!(out.stderr.contains("neither a duration"), "{}", out.stderr);
+
+    // One runner's lines, filtered the same way.
+    let runner_id = found.lines().next().unwrap().split(' ').next().unwrap().to_owned();
+    let one = server.run(&["runners", "logs", &runner_id, "--search", "working on"]).ok().stdout;
+    assert!(!one.is_empty() && one.lines().all(|l| l.contains("working on")), "{one}");
+
+    // Following: a new call's line comes while the command runs.
+    let mut follow = server
+        .cli()
+        .args(["apps", "logs", "chatty", "-f", "--search", "call-new"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    http.send("GET", &app_url(&server, "chatty", "/"), None, &[("x-fal-request-id", "call-new")], vec![]);
+    let line = rx.recv_timeout(Duration::from_secs(30)).expect("the new line, while following");
+    assert!(line.contains("working on call-new"), "{line}");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
