@@ -73,6 +73,17 @@ try {
   await page.locator("#runners tr[data-runner]").first().waitFor();
   seen.runners_before = await runnerIds();
   seen.runner_gpus = await page.locator("#runners tr[data-runner] td.gpus").allInnerTexts();
+  // A runner's output, live: its health checks keep adding lines.
+  await page.locator("#runners tr[data-runner] button.show-runner-log").first().click();
+  const logLines = async () => (await page.locator("#runner-log pre").innerText()).split("\n").filter((l) => l).length;
+  await page.locator("#runner-log pre", { hasText: "listening on" }).waitFor();
+  const first = await logLines();
+  const logDeadline = Date.now() + 30000;
+  while ((await logLines()) <= first) {
+    if (Date.now() > logDeadline) throw new Error("the runner's log view did not grow");
+    await page.waitForTimeout(200);
+  }
+  seen.runner_log = await page.locator("#runner-log pre").innerText();
   await page.getByRole("button", { name: "Rollout…" }).click();
   await page.getByRole("radio", { name: /Graceful/ }).check();
   await page.locator("#confirm-ok").click();

@@ -96,6 +96,8 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     assert_eq!(current(&seen["after_rollbacks"]), v2);
     assert!(!seen["after_delete"].as_array().unwrap().iter().any(|r| r["id"] == v3.as_str()));
     assert!(!seen["runners_after"].as_array().unwrap().is_empty());
+    let log = seen["runner_log"].as_str().unwrap();
+    assert!(log.contains("testapp listening on") && log.contains("GET /health"), "the live log view: {log}");
     // The Runners view shows the GPU each runner holds.
     let gpus = seen["runner_gpus"].as_array().unwrap();
     assert!(!gpus.is_empty() && gpus.iter().all(|g| g == "g0" || g == "g1"), "{seen}");
