@@ -448,9 +448,6 @@ impl Controller {
     async fn commit(&mut self, activate: Activate, first_runner: Option<RunnerId>) {
         let Activate { revision, manifest, scaling, auth, guard, history, reply, .. } = activate;
         let previous = self.current.as_ref().map(|c| c.0).filter(|p| *p != revision.id);
-        // The previous revision's figures up to the switch are what the new one is
-        // judged against.
-        let baseline = previous.map(|p| self.route.figures(p));
         let activation = Activation {
             app_id: self.app.id,
             revision: revision.id,
@@ -480,15 +477,18 @@ impl Controller {
         }
         tracing::info!(app = %self.app.name, revision = %revision.id, "revision is current");
         let _ = reply.send(Ok(()));
-        self.watch_switch(revision.id, previous.zip(baseline), guard).await;
+        self.watch_switch(revision.id, previous, guard).await;
     }
 
     /// After a switch to `revision`: a guarded one is watched against the revision it
     /// replaced (with that one's figures so far); any other ends what was watched.
-    async fn watch_switch(&mut self, revision: RevisionId, previous: Option<(RevisionId, Figures)>, asked: bool) {
+    async fn watch_switch(&mut self, revision: RevisionId, previous: Option<RevisionId>, asked: bool) {
         let guarded = asked || self.app.guard.enabled;
         let watch = match previous {
-            Some((previous, baseline)) if guarded => {
+            Some(previous) if guarded => {
+                // The previous revision's figures up to the switch (no call reaches it
+                // since) are what the new one is judged against.
+                let baseline = self.route.figures(previous);
                 let until = OffsetDateTime::now_utc() + Duration::from_secs(self.app.guard.window);
                 Some(GuardWatch {
                     revision,
