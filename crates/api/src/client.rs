@@ -23,6 +23,9 @@ pub enum ClientError {
     Transport { url: String, source: reqwest::Error },
     #[error("unexpected answer from {url} (HTTP {status}): {detail}")]
     Unexpected { url: String, status: u16, detail: String },
+    /// A WebSocket (`runners exec`) could not be opened or broke.
+    #[error("the connection to {url} failed: {detail}")]
+    Socket { url: String, detail: String },
 }
 
 impl ClientError {
@@ -82,6 +85,18 @@ impl Client {
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// The key and team headers every request carries.
+    pub(crate) fn auth_headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        if let Some(key) = &self.key {
+            headers.push(("authorization", format!("Key {key}")));
+        }
+        if let Some(team) = &self.team {
+            headers.push((TEAM_HEADER, team.clone()));
+        }
+        headers
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -291,6 +306,6 @@ impl Client {
 }
 
 /// Escapes one path segment, so a name can never change which route is called.
-fn seg(s: &str) -> String {
+pub(crate) fn seg(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod error;
+pub mod exec;
 mod extract;
 mod openapi;
 pub mod router;

@@ -7,11 +7,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use model::records::TermSize;
 use model::revision::KeyScope;
 use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi as _};
@@ -20,6 +23,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::exec::ExecStreams;
 use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
 use crate::openapi;
 use crate::wire::{
@@ -195,6 +199,17 @@ pub trait ControlPlane: Send + Sync + 'static {
         runner: &str,
         offset: u64,
     ) -> impl Future<Output = Result<LogChunk, ApiError>> + Send;
+    /// Whether the caller may run commands in `runner` (asked before its connection is
+    /// upgraded, so that a refusal is a plain HTTP error).
+    fn exec_allowed(&self, caller: &Caller, runner: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Starts `command` inside `runner`, with a terminal of `tty`'s size when given.
+    fn exec(
+        &self,
+        caller: &Caller,
+        runner: &str,
+        command: Vec<String>,
+        tty: Option<TermSize>,
+    ) -> impl Future<Output = Result<ExecStreams, ApiError>> + Send;
     /// The server's GPUs; holders are named only where they are the caller's team's.
     fn list_gpus(&self, caller: &Caller) -> impl Future<Output = Result<Vec<GpuJson>, ApiError>> + Send;
 }
@@ -230,6 +245,7 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .routes(routes!(stop_runner))
         .routes(routes!(kill_runner))
         .routes(routes!(runner_log))
+        .routes(routes!(exec_runner))
         .routes(routes!(gpus));
     // Exactly the routes that the key is checked on are documented as needing it.
     openapi::require_key(v1.get_openapi_mut());
@@ -830,6 +846,31 @@ async fn kill_runner<C: ControlPlane>(
     PathParams(path): PathParams<RunnerPath>,
 ) -> Result<Json<RunnerJson>, ApiError> {
     c.kill_runner(&caller, &path.id).await.map(Json)
+}
+
+/// Runs a command inside a runner, as its own processes run: in its sandbox, as its
+/// uid, with its environment and GPUs. The connection is a WebSocket: the client's
+/// first text message is an `ExecClientMessage` `start`, later ones `resize` or `eof`,
+/// and its binary messages are the command's standard input; the server's binary
+/// messages are the command's output (first byte 1 for stdout, 2 for stderr), and its
+/// last text message an `ExecServerMessage`: `exit` with the status, or `error`. The
+/// command is killed if the connection closes first. Admin keys only; each command run
+/// is recorded in the app's history.
+#[utoipa::path(
+    get, path = "/v1/runners/{id}/exec", tag = "runners", params(RunnerPath),
+    responses((status = SWITCHING_PROTOCOLS, description = "The connection is now the command's WebSocket"))
+)]
+async fn exec_runner<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<RunnerPath>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    c.exec_allowed(&caller, &path.id).await?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(ErrorCode::InvalidRequest, format!("this route runs a command over a WebSocket: {e}"))
+    })?;
+    Ok(upgrade.on_upgrade(move |socket| crate::exec::serve(c, caller, path.id, socket)))
 }
 
 /// The server's GPUs: which runner of which app holds each, and what it is doing.

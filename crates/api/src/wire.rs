@@ -827,3 +827,43 @@ mod redaction_tests {
         assert!(format!("{secrets:?}").contains("TOKEN"));
     }
 }
+
+/// What a client sends on a runner's exec connection (`GET /v1/runners/{id}/exec`, a
+/// WebSocket), each as a text message; the command's standard input goes as binary
+/// messages. The first message must be `start`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExecClientMessage {
+    /// What to run: a program and its arguments, looked up on the runner's `PATH`, and
+    /// whether it gets a terminal of `rows` × `cols` (24 × 80 unless given).
+    Start {
+        command: Vec<String>,
+        #[serde(default)]
+        tty: bool,
+        #[serde(default)]
+        rows: Option<u16>,
+        #[serde(default)]
+        cols: Option<u16>,
+    },
+    /// The client's terminal has a new size.
+    Resize { rows: u16, cols: u16 },
+    /// The command's standard input ends (without a terminal).
+    Eof,
+}
+
+/// What the server sends on a runner's exec connection as text messages: the command's
+/// end, or why it could not run. Its output comes as binary messages whose first byte
+/// names the stream (1 stdout, 2 stderr).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecServerMessage {
+    /// The command ended with this status: its exit code, or 128 + the signal that
+    /// ended it.
+    Exit { code: i32 },
+    /// It did not start; `code` and `message` as in the JSON error body.
+    Error { code: String, message: String },
+}
+
+/// The first byte of a binary exec message from the server: which stream the rest is.
+pub const EXEC_STDOUT: u8 = 1;
+pub const EXEC_STDERR: u8 = 2;

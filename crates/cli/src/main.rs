@@ -5,6 +5,7 @@ mod access;
 mod apps;
 mod context;
 mod deploy;
+mod exec;
 mod logs;
 mod output;
 mod runners;

@@ -41,6 +41,29 @@ pub(crate) enum RunnersCommand {
         #[command(flatten)]
         filter: crate::logs::LogFilter,
     },
+    /// Run a command inside a runner: its sandbox, files, environment and GPUs. Exits
+    /// with the command's status. Admin keys only; recorded in the app's history
+    #[command(
+        after_help = "Examples:\n  hangar runners exec 3f2a -- python -c 'import torch; print(torch.cuda.is_available())'\n  \
+                            hangar runners exec -t 3f2a -- top"
+    )]
+    Exec {
+        /// Runner id or any unique prefix of it
+        id: String,
+        /// Give the command a terminal (for interactive programs); this one is then
+        /// passed through as it is (raw mode)
+        #[arg(short, long)]
+        tty: bool,
+        /// The program and its arguments, after `--`
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Open a shell inside a runner (bash where it has it, else sh), with a terminal
+    /// when this is one
+    Shell {
+        /// Runner id or any unique prefix of it
+        id: String,
+    },
 }
 
 /// Which runners to show.
@@ -156,6 +179,12 @@ pub(crate) async fn run(cx: &Context, command: RunnersCommand) -> anyhow::Result
             done(cx, &runner, "was killed")
         }
         RunnersCommand::Logs { id, follow, lines, filter } => logs(cx, &id, follow, lines, &filter).await,
+        RunnersCommand::Exec { id, tty, command } => crate::exec::exec(cx, &id, command, tty).await,
+        RunnersCommand::Shell { id } => {
+            use std::io::IsTerminal;
+            let shell = crate::exec::SHELL.map(str::to_owned).to_vec();
+            crate::exec::exec(cx, &id, shell, std::io::stdin().is_terminal()).await
+        }
     }
 }
 

@@ -289,3 +289,31 @@ pub struct OutputLine {
     pub stream: &'static str,
     pub line: String,
 }
+
+/// The size of a terminal, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TermSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// What a client sends a command running in a runner (`runners exec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecInput {
+    /// Bytes for its standard input.
+    Stdin(Vec<u8>),
+    /// Its standard input ends (without a terminal; with one, the terminal's own
+    /// end-of-file character does it).
+    Eof,
+    /// Its terminal has a new size.
+    Resize(TermSize),
+}
+
+/// What a command running in a runner sends back, its exit status last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// It ended with this status: its exit code, or 128 + the signal that ended it.
+    Exited(i32),
+}

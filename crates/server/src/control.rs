@@ -403,6 +403,22 @@ impl ControlPlane for Control {
         self.runner_log_chunk(caller, runner, offset).await
     }
 
+    async fn exec_allowed(&self, caller: &Caller, runner: &str) -> Result<(), ApiError> {
+        require_manage(caller)?;
+        self.exec_runner_check(caller, runner).await.map(|_| ())
+    }
+
+    async fn exec(
+        &self,
+        caller: &Caller,
+        runner: &str,
+        command: Vec<String>,
+        tty: Option<model::records::TermSize>,
+    ) -> Result<api::exec::ExecStreams, ApiError> {
+        require_manage(caller)?;
+        self.exec_in_runner(caller, runner, command, tty).await
+    }
+
     async fn list_gpus(&self, caller: &Caller) -> Result<Vec<GpuJson>, ApiError> {
         require_manage(caller)?;
         let shared = &self.fleet.shared;

@@ -619,10 +619,13 @@ async fn serve_api(
                 async move { answer.await.map(|answer| answer.map(|body| gateway::conn::Answer::new(body, activity))) }
             }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(timeouts.hyper_backstop())
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeouts.hyper_backstop());
+        // `runners exec` turns its connection into a WebSocket.
+        let connection = builder
+            .http1_only()
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             match timeouts.serve(&activity, connection, None).await {

@@ -10,7 +10,7 @@ use api::wire::{
 use model::ids::{RunnerId, is_id_prefix};
 use model::lifecycle::{RevisionEvent, revision_next};
 use model::manifest::{MAX_SECONDS, Manifest};
-use model::records::{App, GuardSettings, GuardWatch, Revision, RunnerInfo, TrafficShare};
+use model::records::{App, GuardSettings, GuardWatch, Revision, RunnerInfo, TermSize, TrafficShare};
 use model::revision::{AuthMode, RevisionStatus, RunnerState, Strategy};
 use store::NewHistory;
 use time::OffsetDateTime;
@@ -178,6 +178,58 @@ impl Control {
         }
     }
 
+    /// The caller's runner `prefix`, if a command may be run in it now.
+    pub(crate) async fn exec_runner_check(&self, caller: &Caller, prefix: &str) -> Result<(App, RunnerInfo), ApiError> {
+        let (app, runner) = self.find_runner(caller, prefix).await?;
+        if runner.state.is_terminal() {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("runner {} has ended", runner.id)));
+        }
+        if let Some(cluster) = self.fleet.shared.backend.cluster() {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "runner {} runs in the {cluster} cluster; runners exec reaches only runners this server runs \
+                     itself",
+                    runner.id
+                ),
+            ));
+        }
+        Ok((app, runner))
+    }
+
+    /// Starts `command` in the caller's runner `prefix`, and records that in the app's
+    /// history.
+    pub(crate) async fn exec_in_runner(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        command: Vec<String>,
+        tty: Option<TermSize>,
+    ) -> Result<api::exec::ExecStreams, ApiError> {
+        check_exec(&command, tty)?;
+        let (app, runner) = self.exec_runner_check(caller, prefix).await?;
+        let session = match self.fleet.shared.backend.exec(runner.id, &command, tty) {
+            Ok(session) => session,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let why = format!("runner {} is not running yet, or has ended", runner.id);
+                return Err(ApiError::new(ErrorCode::Conflict, why));
+            }
+            Err(e) => return Err(ApiError::internal(format!("runner {}: a command could not start: {e}", runner.id))),
+        };
+        let shown = shell_words(&command);
+        let terminal = if tty.is_some() { " (with a terminal)" } else { "" };
+        self.store
+            .add_history(NewHistory {
+                app_id: app.id,
+                action: "runner_exec".to_owned(),
+                key_id: Some(caller.key_id.clone()),
+                details: format!("runner {} of revision {}: {shown}{terminal}", runner.id, runner.revision),
+            })
+            .await
+            .map_err(internal)?;
+        Ok(api::exec::ExecStreams { input: session.input, output: session.output })
+    }
+
     pub(crate) async fn scale_app(
         &self,
         caller: &Caller,
@@ -289,6 +341,53 @@ fn value_of(name: &str, s: &model::manifest::Scaling, r: &model::manifest::Runne
         "startup_timeout" => r.startup_timeout.to_string(),
         "machine_type" => r.machine_type.clone(),
         _ => String::new(),
+    }
+}
+
+/// The most arguments, and bytes of them, a command run in a runner may have.
+const MAX_EXEC_ARGS: usize = 1024;
+const MAX_EXEC_BYTES: usize = 64 * 1024;
+/// The largest terminal, in rows or columns, a command may be given.
+const MAX_TERM_CELLS: u16 = 4096;
+
+/// Refuses a command that cannot be run: none, too long, with a NUL byte (which no
+/// argument can carry), or a terminal of no size.
+fn check_exec(command: &[String], tty: Option<TermSize>) -> Result<(), ApiError> {
+    let invalid = |m: String| Err(ApiError::new(ErrorCode::InvalidRequest, m));
+    if command.first().is_none_or(String::is_empty) {
+        return invalid("command must name a program to run".to_owned());
+    }
+    if command.len() > MAX_EXEC_ARGS || command.iter().map(String::len).sum::<usize>() > MAX_EXEC_BYTES {
+        return invalid(format!("command must have at most {MAX_EXEC_ARGS} arguments and {MAX_EXEC_BYTES} bytes"));
+    }
+    if let Some(at) = command.iter().position(|a| a.contains('\0')) {
+        return invalid(format!("command argument {at} contains a NUL byte"));
+    }
+    if let Some(size) = tty
+        && !(1..=MAX_TERM_CELLS).contains(&size.rows) | !(1..=MAX_TERM_CELLS).contains(&size.cols)
+    {
+        return invalid(format!(
+            "the terminal must have 1 to {MAX_TERM_CELLS} rows and columns, got {}x{}",
+            size.rows, size.cols
+        ));
+    }
+    Ok(())
+}
+
+/// A command as a shell would take it, each argument quoted where it needs to be, cut
+/// short past 200 characters: for the history.
+fn shell_words(command: &[String]) -> String {
+    let quoted: Vec<String> = command
+        .iter()
+        .map(|a| {
+            let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain { a.clone() } else { format!("'{}'", a.replace('\'', r"'\''")) }
+        })
+        .collect();
+    let text = quoted.join(" ");
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod build;
 mod cgroup;
+mod exec;
 mod gpu;
 mod group;
 pub mod remote;
@@ -19,6 +20,7 @@ pub mod slurm;
 
 pub use build::{BuildOutcome, BuildSpec, end_leftover_build, run_build};
 pub use cgroup::{Cgroups, DEFAULT_PIDS_LIMIT, Limits, Version as CgroupVersion};
+pub use exec::ExecSession;
 pub use gpu::{Gpu, GpuUsage, Gpus, device_nodes};
 pub use group::{REVISION_VAR, end_leftover, end_strays};
 /// What [`RunnerBackend::subscribe_output`] hands out. It lives in `model`, so that a crate

@@ -22,13 +22,14 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use model::ids::RunnerId;
-use model::records::OutputLine;
+use model::records::{OutputLine, TermSize};
 use netns::Endpoint;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::cgroup::{Group, Limits};
+use crate::exec::{ExecSession, ExecTarget, ExecTargets};
 use crate::group::{kill_group, signal_group};
 use crate::sandbox::{Confinement, Sandbox, Started};
 
@@ -161,6 +162,15 @@ pub trait RunnerBackend: Send + Sync + 'static {
     /// (`RecvError::Lagged`) rather than slowing the runner down.
     fn subscribe_output(&self, id: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>>;
 
+    /// Runs `command` inside the runner `id`, as its own processes run (its sandbox, its
+    /// uid, its environment, its GPUs), with a terminal of `tty`'s size when given.
+    /// `NotFound` when the runner is unknown, not started yet or ended; `Unsupported`
+    /// where this backend cannot reach its runners' sandboxes.
+    fn exec(&self, id: RunnerId, command: &[String], tty: Option<TermSize>) -> std::io::Result<ExecSession> {
+        let _ = (id, command, tty);
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this backend cannot run commands in its runners"))
+    }
+
     /// The workload manager that places runners and holds their GPUs (`slurm`), or
     /// `None` when this server does. A cluster's runner is launched with only its count
     /// of GPUs, may wait in the cluster's queue ([`Event::Waiting`]), and gets its
@@ -183,12 +193,14 @@ pub struct LocalProcesses {
     /// A log is rotated (one older file kept) when it reaches this size.
     log_limit: u64,
     taps: Taps,
+    /// The runners commands may be run in.
+    execs: ExecTargets,
     sandbox: Arc<Sandbox>,
 }
 
 impl LocalProcesses {
     pub fn new(dir: PathBuf, log_limit: u64, sandbox: Arc<Sandbox>) -> LocalProcesses {
-        LocalProcesses { dir, log_limit, taps: Taps::default(), sandbox }
+        LocalProcesses { dir, log_limit, taps: Taps::default(), execs: ExecTargets::default(), sandbox }
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -280,6 +292,28 @@ impl RunnerBackend for LocalProcesses {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(pump(stderr, "stderr", log.clone(), tap));
         }
+        // What a command run in it gets: the runner's own environment.
+        let mut env = launch.env.clone();
+        env.push(("PORT".to_owned(), port.to_string()));
+        if self.sandbox.is_on() {
+            let added = crate::sandbox::sandbox_env(&launch.confinement);
+            env.extend(added.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())));
+        }
+        let exec = ExecTarget {
+            first: None,
+            uid: launch.confinement.uid,
+            code: launch.confinement.code.clone(),
+            env,
+            group: group.clone(),
+        };
+        // Unsandboxed, it can be reached at once; in a sandbox, once that has started.
+        let exec = match self.sandbox.is_on() {
+            true => Some(exec),
+            false => {
+                self.execs.lock().unwrap_or_else(|e| e.into_inner()).insert(launch.id, Arc::new(exec));
+                None
+            }
+        };
         let (handle, order_rx) = RunnerHandle::new(launch.id, addr.clone());
         let watch = Watch {
             launch,
@@ -290,6 +324,8 @@ impl RunnerBackend for LocalProcesses {
             events,
             orders: order_rx,
             taps: self.taps.clone(),
+            execs: self.execs.clone(),
+            exec,
             sandbox_pid,
             first: None,
             network: None,
@@ -305,6 +341,14 @@ impl RunnerBackend for LocalProcesses {
 
     fn subscribe_output(&self, id: RunnerId) -> Option<broadcast::Receiver<Arc<OutputLine>>> {
         self.taps.lock().unwrap_or_else(|e| e.into_inner()).get(&id).map(broadcast::Sender::subscribe)
+    }
+
+    fn exec(&self, id: RunnerId, command: &[String], tty: Option<TermSize>) -> std::io::Result<ExecSession> {
+        let target = self.execs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+        let Some(target) = target else {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("runner {id} is not running here")));
+        };
+        crate::exec::start(&self.sandbox, &target, command, tty)
     }
 }
 
@@ -338,6 +382,10 @@ struct Watch {
     orders: mpsc::UnboundedReceiver<Order>,
     /// Where this runner's tap is registered; removed when the runner has ended.
     taps: Taps,
+    /// Where it is registered for commands to be run in (once its sandbox has started,
+    /// from `exec`); removed when it ends.
+    execs: ExecTargets,
+    exec: Option<ExecTarget>,
     /// In a sandbox: the pid of its first process (bwrap's reaper in the sandbox's pid
     /// namespace), once bwrap has told it.
     sandbox_pid: Option<tokio::task::JoinHandle<Started>>,
@@ -495,6 +543,7 @@ impl Watch {
         // Receivers already subscribed keep getting the lines still in the pipes; they
         // see the tap closed once both pumps have drained them.
         self.taps.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.execs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let _ = self.events.send(Event::Exited { id, phase, requested, reason });
     }
 
@@ -515,6 +564,13 @@ impl Watch {
     fn started(&mut self, started: Started) -> Option<String> {
         self.first = started.first;
         self.network = started.network;
+        if let Some(mut exec) = self.exec.take()
+            && started.error.is_none()
+            && started.first.is_some()
+        {
+            exec.first = started.first;
+            self.execs.lock().unwrap_or_else(|e| e.into_inner()).insert(self.launch.id, Arc::new(exec));
+        }
         started.error.map(|e| format!("its sandbox could not start: {e}"))
     }
 

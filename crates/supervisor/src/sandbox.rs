@@ -78,6 +78,10 @@ pub struct Sandbox {
     bwrap: PathBuf,
     setpriv: PathBuf,
     slirp4netns: PathBuf,
+    /// What runs a command in a runner's sandbox ([`crate::exec`]), and gives it a
+    /// terminal: `nsenter` is only needed with the sandbox on.
+    nsenter: PathBuf,
+    setsid: PathBuf,
     /// Where runners and builds get their kernel-enforced limits, where this server
     /// may make cgroups.
     cgroups: Option<Arc<Cgroups>>,
@@ -141,6 +145,8 @@ impl Sandbox {
             bwrap: PathBuf::new(),
             setpriv: PathBuf::new(),
             slirp4netns: PathBuf::new(),
+            nsenter: PathBuf::new(),
+            setsid: find_program("setsid").unwrap_or_else(|| PathBuf::from("setsid")),
             cgroups: None,
         }
     }
@@ -167,6 +173,8 @@ impl Sandbox {
             bwrap: find("bwrap", "bubblewrap")?,
             setpriv: find("setpriv", "util-linux")?,
             slirp4netns: find("slirp4netns", "slirp4netns")?,
+            nsenter: find("nsenter", "util-linux")?,
+            setsid: find("setsid", "util-linux")?,
             cgroups: None,
         };
         sandbox.check()?;
@@ -381,6 +389,20 @@ fn loopback_is_up(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).is_ok_and(|trie| trie.contains("127.0.0.1"))
 }
 
+/// What the sandbox adds to a process's environment.
+pub(crate) fn sandbox_env(confinement: &Confinement) -> Vec<(&'static str, &'static str)> {
+    let mut env = vec![("HOME", HOME_DIR), ("TMPDIR", "/tmp"), ("USER", "hangar"), ("LOGNAME", "hangar")];
+    if confinement.cache.is_some() {
+        env.push(("HANGAR_CACHE_DIR", CACHE_DIR));
+    }
+    env
+}
+
+/// Has the child started by `command` join `group` before it runs anything.
+pub(crate) fn join_at_exec(command: &mut tokio::process::Command, group: Option<&Group>) {
+    prepare_child(command, Vec::new(), group.map(Group::join_fds).unwrap_or_default());
+}
+
 /// The descriptors bwrap is told of.
 #[derive(Debug, Clone, Copy)]
 struct Fds {
@@ -464,11 +486,8 @@ impl Sandbox {
             args.triple("--bind", cache, format!("{HOME_DIR}/.cache"));
         }
         args.pair("--chdir", CODE_DIR);
-        for (name, value) in [("HOME", HOME_DIR), ("TMPDIR", "/tmp"), ("USER", "hangar"), ("LOGNAME", "hangar")] {
+        for (name, value) in sandbox_env(confinement) {
             args.triple("--setenv", name, value);
-        }
-        if confinement.cache.is_some() {
-            args.triple("--setenv", "HANGAR_CACHE_DIR", CACHE_DIR);
         }
         if let Some(fds) = fds {
             // Readable by all, as the machine's is (bwrap would make it 0600, root's).
@@ -478,13 +497,56 @@ impl Sandbox {
             args.pair("--info-fd", fds.info.to_string());
             args.pair("--block-fd", fds.block.to_string());
         }
-        let uid = confinement.uid.to_string();
         args.0.push("--".into());
+        self.drop_privileges(&mut args, confinement.uid);
+        args.0.extend(command.iter().map(OsString::from));
+        args.0
+    }
+
+    /// `setpriv` and its arguments: to `uid`, with no capabilities, for good.
+    fn drop_privileges(&self, args: &mut Args, uid: u32) {
+        let uid = uid.to_string();
         args.0.push(self.setpriv.clone().into());
         args.flags(&["--reuid", &uid, "--regid", &uid, "--clear-groups"]);
         args.flags(&["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]);
+    }
+
+    /// The program and arguments that run `command` in the runner `target`, as its
+    /// own processes run: in its namespaces, entered through its sandbox's first
+    /// process (whose root and `/app` become the command's), then as its uid with no
+    /// capabilities; with `tty`, as a session of its own whose controlling terminal is
+    /// its standard input. Every tool is named by its absolute path on the machine (the
+    /// runner's `PATH` may lead into its code), and the sandbox's `/usr` is the machine's.
+    pub(crate) fn exec_args(
+        &self,
+        target: &crate::exec::ExecTarget,
+        command: &[String],
+        tty: bool,
+    ) -> std::io::Result<(OsString, Vec<OsString>)> {
+        if command.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the command is empty"));
+        }
+        let mut args = Args::default();
+        if tty {
+            args.0.push(self.setsid.clone().into());
+            args.flags(&["--ctty"]);
+        }
+        match target.first {
+            Some(first) => {
+                args.0.push(self.nsenter.clone().into());
+                args.pair("--target", first.to_string());
+                args.flags(&["--mount", "--pid", "--ipc", "--uts", "--net", "--cgroup", "--root"]);
+                args.0.push(format!("--wd=/proc/{first}/root{CODE_DIR}").into());
+                args.0.push("--".into());
+                self.drop_privileges(&mut args, target.uid);
+            }
+            None if !self.is_on() => {}
+            None => return Err(std::io::Error::other("the runner's sandbox has not started")),
+        }
         args.0.extend(command.iter().map(OsString::from));
-        args.0
+        let mut all = args.0.into_iter();
+        let program = all.next().unwrap_or_default();
+        Ok((program, all.collect()))
     }
 
     /// Starts a sandboxed process that must see what a runner sees and not more.
@@ -646,6 +708,54 @@ mod tests {
     }
 
     #[test]
+    fn a_command_run_in_a_runner_enters_its_namespaces_then_drops_to_its_uid() {
+        let mut sandbox = Sandbox::none();
+        sandbox.mode = SandboxMode::Bwrap;
+        sandbox.nsenter = "/usr/bin/nsenter".into();
+        sandbox.setsid = "/usr/bin/setsid".into();
+        sandbox.setpriv = "/usr/bin/setpriv".into();
+        let target = |first| crate::exec::ExecTarget {
+            first,
+            uid: 2_000_007,
+            code: "/data/revisions/r1/app".into(),
+            env: Vec::new(),
+            group: None,
+        };
+        let command = ["ls".to_owned(), "-l".to_owned()];
+        let line = |sandbox: &Sandbox, first, tty| {
+            let (program, args) = sandbox.exec_args(&target(first), &command, tty).unwrap();
+            std::iter::once(program).chain(args).map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        };
+        let table = [
+            (
+                Some(42),
+                false,
+                "/usr/bin/nsenter --target 42 --mount --pid --ipc --uts --net --cgroup --root \
+                               --wd=/proc/42/root/app -- /usr/bin/setpriv --reuid 2000007 --regid 2000007 \
+                               --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- ls -l",
+            ),
+            (
+                Some(42),
+                true,
+                "/usr/bin/setsid --ctty /usr/bin/nsenter --target 42 --mount --pid --ipc --uts --net \
+                              --cgroup --root --wd=/proc/42/root/app -- /usr/bin/setpriv --reuid 2000007 --regid \
+                              2000007 --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- ls -l",
+            ),
+        ];
+        for (first, tty, expected) in table {
+            assert_eq!(line(&sandbox, first, tty), expected.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        // A sandbox that has not started cannot be entered; without a sandbox, the
+        // command runs as it is.
+        assert!(sandbox.exec_args(&target(None), &command, false).is_err());
+        let mut none = Sandbox::none();
+        none.setsid = "/usr/bin/setsid".into();
+        assert_eq!(line(&none, None, false), "ls -l");
+        assert_eq!(line(&none, None, true), "/usr/bin/setsid --ctty ls -l");
+        assert!(none.exec_args(&target(None), &[], false).is_err());
+    }
+
+    #[test]
     fn a_runner_gets_its_code_read_only_and_a_build_writable() {
         let sandbox = Sandbox {
             mode: SandboxMode::Bwrap,
@@ -654,6 +764,8 @@ mod tests {
             bwrap: "/usr/bin/bwrap".into(),
             setpriv: "/usr/bin/setpriv".into(),
             slirp4netns: "/usr/bin/slirp4netns".into(),
+            nsenter: "/usr/bin/nsenter".into(),
+            setsid: "/usr/bin/setsid".into(),
             cgroups: None,
         };
         let runner = Confinement {

@@ -8,6 +8,7 @@ mod crash;
 mod dashboard;
 mod deploy;
 mod examples;
+mod exec;
 mod gateway;
 mod gpus;
 mod manifest;
