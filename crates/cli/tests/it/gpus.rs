@@ -313,4 +313,15 @@ fn a_sandboxed_runner_sees_only_its_own_gpus_device_nodes() {
     let mut want = [held, vec!["nvidia-uvm".to_owned(), "nvidiactl".to_owned()]].concat();
     want.sort();
     assert_eq!(nvidia("accelerated"), want);
+    // A command run in the runner sees the same GPUs: their nodes, and their ids.
+    let runner = &runners(&server, "accelerated", &[])[0];
+    let id = runner["id"].as_str().unwrap();
+    let script = "ls /dev | grep '^nvidia' | sort; echo \"$CUDA_VISIBLE_DEVICES\"";
+    let out = server.run(&["runners", "exec", id, "--", "sh", "-c", script]).ok();
+    let mut lines: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
+    let visible = lines.pop().unwrap();
+    lines.sort();
+    assert_eq!(lines, want, "the command sees the runner's GPU nodes");
+    let ids: Vec<&str> = runner["gpus"].as_array().unwrap().iter().map(|g| g.as_str().unwrap()).collect();
+    assert_eq!(visible, ids.join(","), "and its GPUs' ids");
 }

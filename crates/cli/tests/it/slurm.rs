@@ -287,6 +287,9 @@ fn runners_logs_follow_a_slurm_runner() {
     let _ = follow.wait();
     let log = server.run(&["runners", "logs", &id[..8]]).ok().stdout;
     assert!(log.contains("testapp listening on"), "{log}");
+    // A command cannot be run in a runner on a node: refused with why, not left hanging.
+    let out = server.run(&["runners", "exec", &id[..8], "--", "true"]).failed();
+    assert!(out.stderr.contains("slurm cluster"), "{}", out.stderr);
 
     // The node's port takes calls from the server's address only: from another one the
     // connection is closed unanswered.
