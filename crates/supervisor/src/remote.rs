@@ -314,7 +314,8 @@ async fn start_runner(link: &Arc<ServerLink>, spec: &AgentSpec, node_dir: &Path)
         None => Sandbox::none(),
     };
     let sandbox = Arc::new(sandbox);
-    let backend = LocalProcesses::new(node_dir.join("runners"), 16 << 20, sandbox.clone());
+    // Launched from this function, which `hangar agent` runs on its main thread.
+    let backend = LocalProcesses::new(node_dir.join("runners"), 16 << 20, sandbox.clone()).dying_with_this_process();
     let gpus = job_gpus();
     let given = crate::Gpus::given(&gpus).unwrap_or_else(|_| crate::Gpus::none());
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| gpus.join(","));

@@ -196,11 +196,30 @@ pub struct LocalProcesses {
     /// The runners commands may be run in.
     execs: ExecTargets,
     sandbox: Arc<Sandbox>,
+    /// Whether its runners are killed by the kernel when this process ends.
+    die_with_this_process: bool,
 }
 
 impl LocalProcesses {
     pub fn new(dir: PathBuf, log_limit: u64, sandbox: Arc<Sandbox>) -> LocalProcesses {
-        LocalProcesses { dir, log_limit, taps: Taps::default(), execs: ExecTargets::default(), sandbox }
+        LocalProcesses {
+            dir,
+            log_limit,
+            taps: Taps::default(),
+            execs: ExecTargets::default(),
+            sandbox,
+            die_with_this_process: false,
+        }
+    }
+
+    /// Runners that the kernel kills when this process ends, however it ends: for an
+    /// agent on a cluster's node, whose runner nobody would end otherwise (the cluster
+    /// tracks the agent's processes, and a runner whose agent was killed first is
+    /// nobody's child any more). Runners must then be launched from threads that live
+    /// as long as the process.
+    pub fn dying_with_this_process(mut self) -> LocalProcesses {
+        self.die_with_this_process = true;
+        self
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -243,9 +262,11 @@ impl RunnerBackend for LocalProcesses {
         let addr = if self.sandbox.is_on() { Endpoint::isolated(loopback) } else { Endpoint::host(loopback) };
         let mut wrapped = self.sandbox.wrap(&launch.command, &launch.confinement)?;
         let group = self.sandbox.group(&group_name(&launch.id.to_string()), &launch.limits)?;
-        let child = self
-            .sandbox
-            .command(&wrapped, &launch.confinement.code, group.as_deref())
+        let mut command = self.sandbox.command(&wrapped, &launch.confinement.code, group.as_deref());
+        if self.die_with_this_process {
+            crate::sandbox::die_with_this_process(&mut command);
+        }
+        let child = command
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("PORT", port.to_string())
             .stdin(Stdio::null())

@@ -416,6 +416,29 @@ const SLIRP_DNS: &str = "10.0.2.3";
 
 /// Lets the child started by `command` keep `keep` across exec, and has it join the
 /// cgroup whose `cgroup.procs` descriptors are `join` before it runs anything.
+/// Has the kernel kill the child started by `command` (SIGKILL) when this process ends,
+/// however it ends. The kernel sends it when the *thread* that started the child ends:
+/// only for children started from threads that live as long as the process (a tokio
+/// worker's, not the blocking pool's).
+pub(crate) fn die_with_this_process(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    #[allow(unsafe_code)]
+    // SAFETY: between fork and exec only `prctl` and `getppid` run, which are
+    // async-signal-safe system calls; nothing allocates.
+    unsafe {
+        command.pre_exec(move || {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have ended before the signal was asked for.
+            if u32::try_from(nix::libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other("the parent process has ended"));
+            }
+            Ok(())
+        });
+    }
+}
+
 fn prepare_child(command: &mut tokio::process::Command, keep: Vec<RawFd>, join: Vec<RawFd>) {
     if keep.is_empty() && join.is_empty() {
         return;

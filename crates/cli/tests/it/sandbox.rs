@@ -137,7 +137,7 @@ fn get(http: &Http, server: &TestServer, team: &str, app: &str, path: &str) -> V
 }
 
 /// Processes on this machine whose environment names `runner`.
-fn processes_of(runner: &str) -> Vec<u32> {
+pub(crate) fn processes_of(runner: &str) -> Vec<u32> {
     let needle = format!("HANGAR_RUNNER_ID={runner}");
     std::fs::read_dir("/proc")
         .unwrap()

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use testkit::slurm::SlurmCluster;
 use testkit::{Http, TestServer, wait_until};
 
+use crate::sandbox::processes_of;
 use crate::{BIN, FAST, app_url, runners, switching, testapp_dir};
 
 fn server_on(cluster: &SlurmCluster) -> TestServer {
@@ -440,8 +441,24 @@ fn a_job_cancelled_outside_hangar_is_a_lost_runner_and_is_replaced() {
     });
     let reason = lost["reason"].as_str().unwrap();
     assert!(reason.contains("ended unexpectedly") && reason.contains("CANCELLED"), "{reason}");
+    wait_until("no process of the cancelled job's runner", || processes_of(&id).is_empty().then_some(()));
     let replacement = wait_until("a replacement", || serving(&server, "cancelled").pop());
     assert_ne!(replacement["id"], id.as_str());
     let reply = Http::new().get(&app_url(&server, "cancelled", "/"), None);
     assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // An agent killed outright (the node's out of memory, or Slurm's SIGKILL reaching it
+    // first) takes its runner with it: nothing is left on the node.
+    let id = replacement["id"].as_str().unwrap().to_owned();
+    let agent = wait_until("the replacement's agent", || {
+        processes_of(&id).into_iter().find_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let parent: i32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).ok()?;
+            cmdline.split(|b| *b == 0).any(|arg| arg == b"agent").then_some(parent)
+        })
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("no process of the killed agent's runner", || processes_of(&id).is_empty().then_some(()));
+    wait_until("another replacement", || serving(&server, "cancelled").into_iter().find(|r| r["id"] != id.as_str()));
 }
