@@ -11,7 +11,7 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     let config = tempfile::tempdir().unwrap();
     std::fs::write(config.path().join("hangar.toml"), "[machine_types.gpu]\ncapacity = 4\ngpus = 1\n").unwrap();
     let config_file = config.path().join("hangar.toml");
-    let server = server_with(&["--gpus", "g0,g1", "--config", config_file.to_str().unwrap()]);
+    let server = server_with(&["--gpus", "g0,g1", "--config", config_file.to_str().unwrap(), "--chart-interval", "1"]);
     let deploy = |extra: &str, flags: &[&str]| {
         let app =
             testapp_dir("web", &format!("{extra}[scaling]\nmin_concurrency = 1\n[runner]\nmachine_type = \"gpu\"\n"));
@@ -53,6 +53,7 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
         .current_dir(&browser_dir)
         .env("HANGAR_URL", &server.api_url)
         .env("HANGAR_KEY", &server.root_key)
+        .env("GATEWAY_URL", &server.gateway_url)
         .env("APP", "web")
         .env("RECREATE_TO", &v1)
         .env("ROLLING_TO", &v2)
@@ -101,6 +102,25 @@ fn the_dashboard_shows_versions_rolls_back_deletes_and_rolls_out() {
     // The Runners view shows the GPU each runner holds.
     let gpus = seen["runner_gpus"].as_array().unwrap();
     assert!(!gpus.is_empty() && gpus.iter().all(|g| g == "g0" || g == "g1"), "{seen}");
+
+    // The four charts draw lines over the calls made so far (the guard's among them), and
+    // their numbers showed the calls made while the page was watched.
+    let charts = seen["charts"].as_array().unwrap();
+    let names: Vec<&str> = charts.iter().map(|c| c["chart"].as_str().unwrap()).collect();
+    assert_eq!(names, ["calls", "latency", "runners", "queue"], "{seen}");
+    for chart in charts {
+        assert!(chart["lines"].as_u64().unwrap() >= 1 && chart["points"].as_u64().unwrap() >= 1, "{chart}");
+        assert!(chart["segments"].as_u64().unwrap() >= 1, "a line between points: {chart}");
+    }
+    assert!(charts[0]["lines"].as_u64().unwrap() >= 4, "calls and 5xx of the canary and the others: {seen}");
+    let numbers = &seen["chart_numbers"];
+    let calls = numbers["calls"].as_object().unwrap();
+    assert!(calls.iter().any(|(name, v)| name.ends_with("calls/s") && v.as_f64().unwrap() > 0.0), "{numbers}");
+    assert!(calls.keys().any(|name| name.starts_with(&v0[..8])), "the canary's calls are charted: {numbers}");
+    assert!(numbers["latency"]["p95 ms"].as_f64().unwrap() > 0.0, "{numbers}");
+    assert!(numbers["latency"]["p50 ms"].as_f64().unwrap() > 0.0, "{numbers}");
+    let runners: f64 = numbers["runners"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+    assert!(runners >= 1.0, "{numbers}");
 
     // The server agrees.
     let revs = revisions(&server, "web");
