@@ -6,6 +6,7 @@
 //   APP                      the app to work on
 //   RECREATE_TO, ROLLING_TO  revisions to roll back to, in that order
 //   DELETE                   a non-current revision to delete
+//   GATEWAY_URL              the gateway, to call the app while the charts are watched
 //   SCREENSHOTS              a directory for screenshots of the main pages (optional)
 import { chromium } from "playwright-core";
 
@@ -94,6 +95,38 @@ try {
     if (Date.now() > deadline) throw new Error(`runner ids did not change: ${ids}`);
     await page.waitForTimeout(200);
   }
+  // The charts draw the app's last hour; while the app is called, the latest numbers
+  // (read again every few seconds) show the calls.
+  await page.locator("#charts figure.chart svg path.line").first().waitFor();
+  const numbers = async () => page.locator("#charts figure.chart").evaluateAll((figures) => Object.fromEntries(
+    figures.map((f) => [f.dataset.chart, Object.fromEntries([...f.querySelectorAll(".latest")].map((n) =>
+      [n.dataset.series, n.dataset.value === "" ? null : Number(n.dataset.value)]))])));
+  let calling = true;
+  const caller = (async () => {
+    while (calling) {
+      await fetch(`${env("GATEWAY_URL")}/default/${app}/`, { headers: { Authorization: `Key ${env("HANGAR_KEY")}` } })
+        .then((r) => r.arrayBuffer()).catch(() => {});
+      await new Promise((done) => setTimeout(done, 20));
+    }
+  })();
+  const chartsDeadline = Date.now() + 30000;
+  for (;;) {
+    const shown = await numbers();
+    const calls = Object.entries(shown.calls || {}).filter(([name]) => name.endsWith("calls/s"));
+    if (calls.some(([, v]) => v > 0) && shown.latency?.["p95 ms"] > 0) break;
+    if (Date.now() > chartsDeadline) throw new Error(`the charts' numbers stayed at zero: ${JSON.stringify(shown)}`);
+    await page.waitForTimeout(200);
+  }
+  calling = false;
+  await caller;
+  seen.charts = await page.locator("#charts figure.chart").evaluateAll((figures) => figures.map((f) => ({
+    chart: f.dataset.chart,
+    lines: f.querySelectorAll("svg path.line").length,
+    points: f.querySelectorAll("svg circle.point").length,
+    segments: Math.max(0, ...[...f.querySelectorAll("svg path.line")].map((p) => p.getAttribute("d").split("L").length - 1)),
+  })));
+  seen.chart_numbers = await numbers();
+  if (shots) await page.locator("section[aria-labelledby=charts-title]").screenshot({ path: `${shots}/charts.png` });
   seen.history = await page.locator("#history tbody tr td:nth-child(2)").allInnerTexts();
   if (shots) await page.screenshot({ path: `${shots}/app.png`, fullPage: true });
   console.log(JSON.stringify(seen));

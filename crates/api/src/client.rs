@@ -6,10 +6,10 @@ use serde::de::DeserializeOwned;
 use crate::error::ErrorBody;
 use crate::router::TEAM_HEADER;
 use crate::wire::{
-    AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson, RevisionList,
-    RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson,
-    SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
+    AppJson, CacheJson, ChartsJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson,
+    DeployParams, GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson,
+    RevisionList, RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest,
+    SecretJson, SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +264,11 @@ impl Client {
 
     pub async fn flush_queue(&self, app: &str) -> Result<QueueJson> {
         self.json(self.request(Method::POST, &format!("/v1/apps/{}/queue/flush", seg(app)))).await
+    }
+
+    /// The app's last hour, as the dashboard's charts draw it.
+    pub async fn charts(&self, app: &str) -> Result<ChartsJson> {
+        self.json(self.request(Method::GET, &format!("/v1/apps/{}/charts", seg(app)))).await
     }
 
     pub async fn rollout(&self, app: &str, force: bool) -> Result<RolloutJson> {

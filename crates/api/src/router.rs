@@ -27,10 +27,10 @@ use crate::exec::ExecStreams;
 use crate::extract::{JsonBody, MAX_JSON_BODY_BYTES, PathParams, QueryParams};
 use crate::openapi;
 use crate::wire::{
-    AppJson, CacheJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson, DeployParams,
-    GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson, RevisionList,
-    RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson,
-    SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
+    AppJson, CacheJson, ChartsJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DeployJson,
+    DeployParams, GpuJson, GuardRequest, HealthJson, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson,
+    RevisionList, RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest,
+    SecretJson, SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
 };
 
 /// The header a caller uses to act for a team other than its key's own (root keys only).
@@ -142,6 +142,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn queue(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<QueueJson, ApiError>> + Send;
     /// Cancels every waiting queue request of the app.
     fn flush_queue(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<QueueJson, ApiError>> + Send;
+    /// The app's last hour, for the dashboard's charts.
+    fn charts(&self, caller: &Caller, app: &str) -> impl Future<Output = Result<ChartsJson, ApiError>> + Send;
     /// Replaces every runner of the app, same revision.
     fn rollout(
         &self,
@@ -232,6 +234,7 @@ pub fn router<C: ControlPlane>(control: Arc<C>) -> Router {
         .routes(routes!(guard))
         .routes(routes!(app_queue))
         .routes(routes!(flush_queue))
+        .routes(routes!(charts))
         .routes(routes!(rollout))
         .routes(routes!(suspend))
         .routes(routes!(resume))
@@ -646,6 +649,18 @@ async fn flush_queue<C: ControlPlane>(
     PathParams(path): PathParams<AppPath>,
 ) -> Result<Json<QueueJson>, ApiError> {
     c.flush_queue(&caller, &path.app).await.map(Json)
+}
+
+/// The app's last hour on the server running it, a point per sample interval: calls
+/// and 5xx answers per second by revision, p50 and p95 latency, runners by state, calls
+/// waiting and cold starts.
+#[utoipa::path(get, path = "/v1/apps/{app}/charts", tag = "apps", params(AppPath), responses((status = OK, body = ChartsJson)))]
+async fn charts<C: ControlPlane>(
+    State(c): State<Arc<C>>,
+    Extension(caller): Extension<Caller>,
+    PathParams(path): PathParams<AppPath>,
+) -> Result<Json<ChartsJson>, ApiError> {
+    c.charts(&caller, &path.app).await.map(Json)
 }
 
 /// Makes another Deployed revision the current one (rollback or roll forward).

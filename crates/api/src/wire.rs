@@ -597,6 +597,59 @@ pub struct QueueJson {
     pub cancelled: Option<u64>,
 }
 
+/// An app's last hour on this server, for the dashboard's charts: a point per sample
+/// interval, oldest first, each about the interval that ends at its `t`. The history is
+/// kept in memory by the server running the app; it starts anew when the app moves to
+/// another server or the server restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ChartsJson {
+    /// Seconds between points.
+    pub interval_seconds: f64,
+    pub points: Vec<ChartPointJson>,
+}
+
+/// What an app did in one sample interval.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ChartPointJson {
+    /// The end of the interval, in milliseconds since the Unix epoch.
+    pub t: i64,
+    /// Calls and 5xx answers per second, of each revision that had calls in the
+    /// interval (one without calls is left out: its rates were 0).
+    pub revisions: Vec<RevisionRateJson>,
+    /// The median time to the answer's head of the app's calls in the interval, in
+    /// milliseconds (to within 19 %); null without calls.
+    pub p50_ms: Option<f64>,
+    /// The 95th percentile, likewise.
+    pub p95_ms: Option<f64>,
+    /// The app's runners by state at the end of the interval.
+    pub runners: RunnerCountsJson,
+    /// Calls waiting for a runner at the end of the interval.
+    pub queued: u32,
+    /// Runners started in the interval while calls waited and no runner was set up.
+    pub cold_starts: u64,
+}
+
+/// One revision's calls in a chart's interval.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct RevisionRateJson {
+    pub revision: String,
+    pub calls_per_s: f64,
+    /// Calls answered 5xx, per second.
+    pub errors_per_s: f64,
+}
+
+/// How many runners are in each state (an ended runner is not counted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct RunnerCountsJson {
+    pub pending: u32,
+    pub setup: u32,
+    pub idle: u32,
+    pub running: u32,
+    pub draining: u32,
+    pub terminating: u32,
+    pub crash_backoff: u32,
+}
+
 /// A share of an app's new calls, in percent, sent to one revision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -162,14 +162,31 @@ impl Figures {
         if self.calls == 0 { 0.0 } else { self.errors as f64 / self.calls as f64 }
     }
 
+    /// These figures and `other`'s together (of another revision, say, for the app's
+    /// latency as a whole).
+    pub fn add(&mut self, other: &Figures) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.buckets.resize(BUCKETS, 0);
+        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+            *mine += theirs;
+        }
+    }
+
     /// The time within which 95 % of the calls had their answer's head, to the upper
     /// edge of its bucket (within 19 %); `None` with no calls.
     pub fn p95(&self) -> Option<Duration> {
+        self.percentile(95)
+    }
+
+    /// The time within which `percent` % of the calls (1 to 100) had their answer's
+    /// head, to the upper edge of its bucket (within 19 %); `None` with no calls.
+    pub fn percentile(&self, percent: u64) -> Option<Duration> {
         let total: u64 = self.buckets.iter().sum();
         if total == 0 {
             return None;
         }
-        let wanted = total - total / 20;
+        let wanted = (total * percent.clamp(1, 100)).div_ceil(100);
         let mut seen = 0;
         let at = self.buckets.iter().position(|n| {
             seen += n;
@@ -182,6 +199,41 @@ impl Figures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Calls taking each of `ms` milliseconds, as figures.
+    fn calls(ms: &[u64]) -> Figures {
+        let figures = RevisionFigures::default();
+        for &ms in ms {
+            figures.record(200, Duration::from_millis(ms));
+        }
+        figures.read()
+    }
+
+    #[test]
+    fn percentiles_are_the_upper_edge_of_the_bucket_they_fall_in() {
+        // (calls in ms, percent, expected bucket's upper edge in µs)
+        let check = |ms: &[u64], percent: u64, expect: Option<u64>| {
+            let got = calls(ms).percentile(percent).map(|d| d.as_micros() as u64);
+            assert_eq!(got, expect, "{percent} % of {ms:?}");
+        };
+        check(&[], 50, None);
+        check(&[10], 50, Some(11_585));
+        check(&[10], 1, Some(11_585));
+        check(&[10], 100, Some(11_585));
+        // Half of them within 1 ms, the other half within 100 ms.
+        check(&[1, 1, 100, 100], 50, Some(1_024));
+        check(&[1, 1, 100, 100], 51, Some(110_217));
+        check(&[1, 1, 100, 100], 95, Some(110_217));
+        // 19 of 20 fast: the p95 is still fast, the p96 is not.
+        let mut ms = vec![2; 19];
+        ms.push(1000);
+        check(&ms, 95, Some(2_048));
+        check(&ms, 96, Some(1_048_576));
+        check(&ms, 50, Some(2_048));
+        // Out-of-range percentages are taken as the nearest one.
+        check(&[1, 100], 0, Some(1_024));
+        check(&[1, 100], 250, Some(110_217));
+    }
 
     #[test]
     fn figures_count_errors_and_place_the_p95_within_a_bucket() {
@@ -211,6 +263,12 @@ mod tests {
         assert_eq!((summary.calls, summary.errors), (40, 2));
         let p95 = summary.p95().unwrap();
         assert!(p95 >= Duration::from_millis(30) && p95 <= Duration::from_millis(36), "{p95:?}");
+        // Figures of two revisions add up.
+        let mut both = read.clone();
+        both.add(&later);
+        assert_eq!((both.calls, both.errors), (150, 60));
+        assert_eq!(both.percentile(100), later.percentile(100));
+        assert_eq!(Figures::default().percentile(50), None);
         // Very fast and very slow calls land in the first and the last bucket.
         assert_eq!((bucket(Duration::ZERO), bucket(Duration::from_secs(1 << 40))), (0, BUCKETS - 1));
     }

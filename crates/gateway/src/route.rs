@@ -373,6 +373,11 @@ impl AppRoute {
         Self::figures_of(&mut self.state(), revision).read()
     }
 
+    /// The calls of every revision that has had any through this route so far.
+    pub fn all_figures(&self) -> Vec<(RevisionId, Figures)> {
+        self.state().figures.iter().map(|(revision, figures)| (*revision, figures.read())).collect()
+    }
+
     fn figures_of(state: &mut RouteState, revision: RevisionId) -> Arc<RevisionFigures> {
         if let Some((_, figures)) = state.figures.iter().find(|(r, _)| *r == revision) {
             return figures.clone();

@@ -128,6 +128,10 @@ pub struct ServerArgs {
     /// its last renewal [default: 10]
     #[arg(long, env = "HANGAR_LEASE_TTL")]
     pub lease_ttl: Option<f64>,
+    /// Seconds between the readings of the dashboard's charts (at least 1; the charts
+    /// keep an hour of them) [default: 5]
+    #[arg(long, env = "HANGAR_CHART_INTERVAL", hide = true)]
+    pub chart_interval: Option<f64>,
 }
 
 /// The config file: the same settings as the flags.
@@ -139,6 +143,7 @@ struct FileConfig {
     gateway_addr: Option<SocketAddr>,
     database_url: Option<String>,
     lease_ttl: Option<f64>,
+    chart_interval: Option<f64>,
     max_upload_bytes: Option<u64>,
     max_unpacked_bytes: Option<u64>,
     build_timeout: Option<u64>,
@@ -352,6 +357,8 @@ pub struct Config {
     pub database: Database,
     /// How long an app's lease lasts without renewal, where servers share the store.
     pub lease_ttl: Duration,
+    /// How often the dashboard's charts read the counters.
+    pub chart_interval: Duration,
 }
 
 /// Where the data dir is when nobody says: `$XDG_DATA_HOME/hangar`, else
@@ -470,6 +477,10 @@ impl Config {
             lease_ttl: match seconds("lease_ttl", args.lease_ttl.or(file.lease_ttl), 10.0)? {
                 ttl if ttl < Duration::from_millis(500) => bail!("lease_ttl must be at least 0.5 seconds"),
                 ttl => ttl,
+            },
+            chart_interval: match seconds("chart_interval", args.chart_interval.or(file.chart_interval), 5.0)? {
+                every if every < Duration::from_secs(1) => bail!("chart_interval must be at least 1 second"),
+                every => every,
             },
         })
     }

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use api::error::{ApiError, ErrorCode};
 use api::router::{Caller, ControlPlane};
 use api::wire::{
-    AppJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson, DEFAULT_REVISION_LIMIT, DeployJson,
-    DeployParams, GpuJson, GuardRequest, HistoryJson, KeyJson, LogChunk, QueueJson, RevisionJson, RevisionList,
-    RevisionsQuery, RolloutJson, RolloutRequest, RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson,
-    SetRevRequest, SetSecretsRequest, TeamJson, TrafficRequest,
+    AppJson, ChartPointJson, ChartsJson, CreateKeyRequest, CreateTeamRequest, CreatedKeyJson, CreatedTeamJson,
+    DEFAULT_REVISION_LIMIT, DeployJson, DeployParams, GpuJson, GuardRequest, HistoryJson, KeyJson, LogChunk, QueueJson,
+    RevisionJson, RevisionList, RevisionRateJson, RevisionsQuery, RolloutJson, RolloutRequest, RunnerCountsJson,
+    RunnerJson, RunnersQuery, ScaleJson, ScaleRequest, SecretJson, SetRevRequest, SetSecretsRequest, TeamJson,
+    TrafficRequest,
 };
 use axum::body::Body;
 use model::ids::is_id_prefix;
@@ -468,6 +469,17 @@ impl ControlPlane for Control {
         self.queue_json(&app, None).await
     }
 
+    async fn charts(&self, caller: &Caller, app: &str) -> Result<ChartsJson, ApiError> {
+        require_manage(caller)?;
+        let app = self.find_app(caller, app).await?;
+        // An app this server does not run (it has no revision yet) has no history.
+        let points = self.fleet.get(app.id).map(|h| h.chart_points()).unwrap_or_default();
+        Ok(ChartsJson {
+            interval_seconds: self.config.chart_interval.as_secs_f64(),
+            points: points.iter().map(chart_point_json).collect(),
+        })
+    }
+
     async fn flush_queue(&self, caller: &Caller, name: &str) -> Result<QueueJson, ApiError> {
         require_manage(caller)?;
         let _guard = self.lock_app(caller.team_id, name).await;
@@ -618,5 +630,38 @@ impl gateway::RevisionFinder for GatewayRevisions {
                 )),
             }
         })
+    }
+}
+
+/// A chart point as the API shows it.
+fn chart_point_json(point: &crate::charts::Point) -> ChartPointJson {
+    use model::revision::RunnerState;
+    let runners =
+        |state: RunnerState| crate::charts::STATES.iter().position(|s| *s == state).map_or(0, |i| point.runners[i]);
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    ChartPointJson {
+        t: point.unix_ms,
+        revisions: point
+            .rates
+            .iter()
+            .map(|r| RevisionRateJson {
+                revision: r.revision.to_string(),
+                calls_per_s: r.calls_per_s,
+                errors_per_s: r.errors_per_s,
+            })
+            .collect(),
+        p50_ms: ms(point.p50),
+        p95_ms: ms(point.p95),
+        runners: RunnerCountsJson {
+            pending: runners(RunnerState::Pending),
+            setup: runners(RunnerState::Setup),
+            idle: runners(RunnerState::Idle),
+            running: runners(RunnerState::Running),
+            draining: runners(RunnerState::Draining),
+            terminating: runners(RunnerState::Terminating),
+            crash_backoff: runners(RunnerState::CrashBackoff),
+        },
+        queued: point.queued,
+        cold_starts: point.cold_starts,
     }
 }

@@ -130,6 +130,9 @@ pub(crate) struct ControllerHandle {
     /// The app's team and name, as the gateway knows its route.
     team: String,
     app: String,
+    route: Arc<AppRoute>,
+    /// The app's last hour, for the dashboard's charts.
+    charts: Arc<Mutex<crate::charts::History>>,
 }
 
 impl ControllerHandle {
@@ -140,6 +143,25 @@ impl ControllerHandle {
 
     pub(crate) fn runners(&self) -> Vec<RunnerInfo> {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The app's chart points of the last hour, oldest first.
+    pub(crate) fn chart_points(&self) -> Vec<crate::charts::Point> {
+        self.charts.lock().unwrap_or_else(|e| e.into_inner()).points().cloned().collect()
+    }
+
+    /// Reads the app's counters now: the same ones `/metrics` shows.
+    fn chart_reading(&self, metrics: &FleetMetrics) -> crate::charts::Reading {
+        let runners = self.runners();
+        let label = AppLabels { app: format!("{}/{}", self.team, self.app) };
+        crate::charts::Reading {
+            at: tokio::time::Instant::now(),
+            unix_ms: crate::charts::unix_ms_now(),
+            revisions: self.route.all_figures(),
+            runners: crate::charts::STATES.map(|state| runners.iter().filter(|r| r.state == state).count() as u32),
+            queued: self.route.snapshot().queued.len() as u32,
+            cold_starts: metrics.cold_starts.get_or_create(&label).get(),
+        }
     }
 }
 
@@ -254,7 +276,14 @@ impl Fleet {
                 }
             }
         };
-        let handle = ControllerHandle { commands: tx, view, team: team.to_owned(), app: app.name.clone() };
+        let handle = ControllerHandle {
+            commands: tx,
+            view,
+            team: team.to_owned(),
+            app: app.name.clone(),
+            route: route.clone(),
+            charts: Arc::default(),
+        };
         {
             let mut controllers = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(existing) = controllers.get(&app.id) {
@@ -271,6 +300,16 @@ impl Fleet {
             tracing::error!(app = %app.name, error = %e, "cannot take up the app's queue requests");
         }
         Ok(handle)
+    }
+
+    /// Adds a reading of every app this server runs to its chart history.
+    pub(crate) fn sample_charts(&self) {
+        let handles: Vec<ControllerHandle> =
+            self.controllers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for handle in handles {
+            let reading = handle.chart_reading(&self.shared.metrics);
+            handle.charts.lock().unwrap_or_else(|e| e.into_inner()).record(reading);
+        }
     }
 
     pub(crate) fn get(&self, app_id: Uuid) -> Option<ControllerHandle> {

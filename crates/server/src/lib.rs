@@ -8,6 +8,7 @@
 mod access;
 mod agent;
 mod auth;
+mod charts;
 mod code;
 mod config;
 mod control;
@@ -183,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         start_controllers(&control).await?;
         None
     };
+    tokio::spawn(charts::sample(control.fleet.clone(), config.chart_interval, control.shutdown.child_token()));
     queue.start(!shared_store).await.context("cannot resume the queue")?;
     gateway.set_queue(queue.clone());
 

@@ -90,9 +90,14 @@ fn the_document_describes_every_operation_and_needs_no_key() {
     }
     // A sample of each kind; the router is built from the documented handlers, so the
     // rest cannot be missing.
-    for expected in
-        ["GET /healthz", "GET /v1/apps", "POST /v1/apps/{app}/traffic", "POST /v1/deploys", "PUT /v1/secrets"]
-    {
+    for expected in [
+        "GET /healthz",
+        "GET /v1/apps",
+        "POST /v1/apps/{app}/traffic",
+        "POST /v1/deploys",
+        "PUT /v1/secrets",
+        "GET /v1/apps/{app}/charts",
+    ] {
         assert!(operations.iter().any(|o| o == expected), "{expected} is not documented: {operations:?}");
     }
     assert_eq!(operations.len(), 38, "{operations:#?}");
