@@ -100,7 +100,7 @@ fn the_document_describes_every_operation_and_needs_no_key() {
     ] {
         assert!(operations.iter().any(|o| o == expected), "{expected} is not documented: {operations:?}");
     }
-    assert_eq!(operations.len(), 38, "{operations:#?}");
+    assert_eq!(operations.len(), 39, "{operations:#?}");
 }
 
 /// schemathesis generates requests from the document, valid and invalid ones, and checks
