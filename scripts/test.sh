@@ -24,6 +24,12 @@ need_deb setpriv util-linux
 need_deb slirp4netns slirp4netns
 # The static-nginx example serves its files with nginx.
 need_deb nginx nginx
+# /metrics is checked with promtool and scraped by a real Prometheus (both in Debian's
+# prometheus package; without its recommends, which are more exporters).
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
 # The Slurm tests start private clusters of their own; this installs munge and Slurm.
 scripts/slurm/cluster.sh install
 # The store and end-to-end tests on PostgreSQL start private clusters; this installs PostgreSQL.
@@ -75,6 +81,8 @@ done
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets, a workspace of their own, in the target directory scripts/fuzz.sh uses.
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked --target-dir target/fuzz -- -D warnings
 # The end-to-end tests run the `hangar` binary and the test app (`hangar-testapp`, a
 # binary of testkit), which a test run alone does not build.
 cargo build --workspace --bins --locked

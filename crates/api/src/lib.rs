@@ -7,6 +7,7 @@
 pub mod client;
 pub mod error;
 pub mod exec;
+mod exposition;
 mod extract;
 mod openapi;
 pub mod router;

@@ -49,7 +49,7 @@ pub struct Caller {
 
 /// Everything the control API can do. The server implements it; the router calls it.
 pub trait ControlPlane: Send + Sync + 'static {
-    /// Prometheus text exposition of the server's metrics.
+    /// The server's metrics in OpenMetrics 1.0 (with its closing `# EOF`).
     fn metrics(&self) -> String;
     /// Apps the server could not load (and does not serve), as `team/app: why`.
     fn problems(&self) -> Vec<String>;
@@ -296,13 +296,18 @@ async fn healthz<C: ControlPlane>(State(c): State<Arc<C>>) -> Json<HealthJson> {
     Json(HealthJson { status: "ok".to_owned(), sandbox: sandbox.to_owned(), limits: c.limits().to_owned(), warning })
 }
 
-/// The server's metrics, in the Prometheus text format. The root key sees every series;
-/// a team's key only the series of its own apps. (A server started with
+/// The server's metrics: in OpenMetrics 1.0 when the scraper's `Accept` prefers it (as
+/// Prometheus's does), else in the Prometheus text format 0.0.4. The root key sees every
+/// series; a team's key only the series of its own apps. (A server started with
 /// `--metrics-public` answers everything to anyone.)
 #[utoipa::path(
     get, path = "/metrics", tag = "server",
     security(("api_key" = [])),
-    responses((status = OK, description = "Prometheus text exposition", content_type = "text/plain", body = String))
+    params(("Accept" = Option<String>, Header, description = "`application/openmetrics-text` for OpenMetrics")),
+    responses((status = OK, description = "The metrics, in the format the scraper prefers", content(
+        (String = "text/plain"),
+        (String = "application/openmetrics-text"),
+    )))
 )]
 async fn metrics<C: ControlPlane>(State(c): State<Arc<C>>, headers: HeaderMap) -> Response {
     let text = if c.metrics_public() {
@@ -315,10 +320,16 @@ async fn metrics<C: ControlPlane>(State(c): State<Arc<C>>, headers: HeaderMap) -
             Err(e) => return e.into_response(),
         }
     };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if crate::exposition::wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, crate::exposition::OPENMETRICS)], text).into_response()
+    } else {
+        let text = crate::exposition::prometheus_text(&text);
+        ([(header::CONTENT_TYPE, crate::exposition::PROMETHEUS_TEXT)], text).into_response()
+    }
 }
 
-/// The lines of a text exposition that a team may see: the families' descriptions, and
+/// The lines of an OpenMetrics exposition that a team may see: the families' descriptions, and
 /// the samples of its own apps (their `app` label is `team/app`). Samples without an
 /// app (the server's own) are left out.
 fn team_series(text: &str, team: &str) -> String {

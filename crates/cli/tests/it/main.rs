@@ -12,6 +12,7 @@ mod exec;
 mod gateway;
 mod gpus;
 mod manifest;
+mod metrics;
 mod openapi;
 mod postgres;
 mod queue;
