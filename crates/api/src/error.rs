@@ -37,6 +37,10 @@ pub enum ErrorCode {
     RequestTimeout,
     RequestNotFound,
     PayloadTooLarge,
+    /// A request target longer than the server reads.
+    UriTooLong,
+    /// A request head (its line and headers) larger than the server reads.
+    HeadersTooLarge,
     AlreadyCompleted,
     NotCompleted,
     RequestCancelled,
@@ -73,6 +77,8 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::RequestNotFound => StatusCode::NOT_FOUND,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorCode::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::AlreadyCompleted => StatusCode::BAD_REQUEST,
             ErrorCode::NotCompleted => StatusCode::BAD_REQUEST,
             ErrorCode::RequestCancelled => StatusCode::BAD_REQUEST,
@@ -109,6 +115,8 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::RequestNotFound => "request_not_found",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
             ErrorCode::AlreadyCompleted => "already_completed",
             ErrorCode::NotCompleted => "not_completed",
             ErrorCode::RequestCancelled => "request_cancelled",
@@ -144,6 +152,8 @@ impl ErrorCode {
         ErrorCode::RequestTimeout,
         ErrorCode::RequestNotFound,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::UriTooLong,
+        ErrorCode::HeadersTooLarge,
         ErrorCode::AlreadyCompleted,
         ErrorCode::NotCompleted,
         ErrorCode::RequestCancelled,
@@ -207,6 +217,11 @@ fn error_code_schema() -> utoipa::openapi::schema::Object {
 }
 
 impl ApiError {
+    /// The JSON body this error is answered with, as bytes.
+    pub fn json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).unwrap_or_default()
+    }
+
     /// The JSON body this error is answered with.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {

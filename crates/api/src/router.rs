@@ -438,7 +438,7 @@ struct SecretPath {
 #[into_params(parameter_in = Query)]
 struct LogQuery {
     /// The byte offset to read from: 0, or the `next_offset` of the previous chunk.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::whole_number::query")]
     offset: u64,
 }
 

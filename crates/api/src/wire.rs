@@ -331,6 +331,7 @@ pub struct RunnerJson {
 pub struct RevisionsQuery {
     /// Show the newest this many revisions (default 100).
     #[param(minimum = 1, nullable = false)]
+    #[serde(default, deserialize_with = "whole_number::query_option")]
     pub limit: Option<u32>,
     /// Show every revision.
     #[serde(default)]
@@ -360,6 +361,7 @@ pub struct RunnersQuery {
     pub state: Option<String>,
     /// Also show runners that ended up to this many seconds ago.
     #[param(nullable = false)]
+    #[serde(default, deserialize_with = "whole_number::query_option")]
     pub since: Option<u64>,
 }
 
@@ -404,8 +406,8 @@ pub struct ScaleRequest {
 
 /// Reading whole numbers from JSON: `30`, and `30.0` too, which is the same JSON number.
 /// A fraction, a negative number or one past the type's range is refused, naming the
-/// value.
-mod whole_number {
+/// value. Query strings are read the same way (`?limit=30.0`), from their text.
+pub(crate) mod whole_number {
     use std::fmt;
 
     use serde::de::{self, Deserialize, Deserializer, Unexpected, Visitor};
@@ -500,6 +502,138 @@ mod whole_number {
 
     impl Bounded for u64 {
         const MAX: u64 = u64::MAX;
+    }
+
+    /// A whole number written in a query string: digits, or a JSON number without a
+    /// fraction's worth (`30.0`, `3e1`).
+    struct QueryNumber(u64);
+
+    impl<'de> Deserialize<'de> for QueryNumber {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<QueryNumber, D::Error> {
+            deserializer.deserialize_str(QueryNumberVisitor).map(QueryNumber)
+        }
+    }
+
+    struct QueryNumberVisitor;
+
+    impl Visitor<'_> for QueryNumberVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number, at least 0")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
+            let refused = || E::invalid_value(Unexpected::Str(text), &self);
+            if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                return text.parse().map_err(|_| refused());
+            }
+            if !is_json_number(text) {
+                return Err(refused());
+            }
+            let value: f64 = text.parse().map_err(|_| refused())?;
+            WholeNumberVisitor.visit_f64::<E>(value).map_err(|_| refused())
+        }
+    }
+
+    /// Whether `text` is a number as JSON writes one: `-`?, digits (no leading zero),
+    /// then maybe `.` and digits, then maybe `e`, a sign and digits.
+    fn is_json_number(text: &str) -> bool {
+        let b = text.as_bytes();
+        let mut i = usize::from(b.first() == Some(&b'-'));
+        let digits = |i: &mut usize| {
+            let start = *i;
+            while b.get(*i).is_some_and(u8::is_ascii_digit) {
+                *i += 1;
+            }
+            *i - start
+        };
+        let start = i;
+        match digits(&mut i) {
+            0 => return false,
+            n if n > 1 && b[start] == b'0' => return false,
+            _ => {}
+        }
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            if digits(&mut i) == 0 {
+                return false;
+            }
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            if digits(&mut i) == 0 {
+                return false;
+            }
+        }
+        i == b.len()
+    }
+
+    /// An optional whole number of type `T` in a query string.
+    pub(crate) fn query_option<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + Bounded,
+    {
+        query(deserializer).map(Some)
+    }
+
+    /// A whole number of type `T` in a query string.
+    pub(crate) fn query<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + Bounded,
+    {
+        let QueryNumber(n) = QueryNumber::deserialize(deserializer)?;
+        T::try_from(n).map_err(|_| {
+            de::Error::invalid_value(Unexpected::Unsigned(n), &format!("a whole number at most {}", T::MAX).as_str())
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[derive(Debug, serde::Deserialize)]
+        struct Q {
+            #[serde(default, deserialize_with = "super::query_option")]
+            n: Option<u32>,
+        }
+
+        #[test]
+        fn query_strings_take_whole_numbers_as_json_bodies_do() {
+            let table = [
+                ("n=287", Ok(Some(287))),
+                ("n=287.0", Ok(Some(287))),
+                ("n=2.87e2", Ok(Some(287))),
+                ("n=2870E-1", Ok(Some(287))),
+                ("n=007", Ok(Some(7))),
+                ("", Ok(None)),
+                ("n=-0", Ok(Some(0))),
+                ("n=287.5", Err("287.5")),
+                ("n=-1", Err("-1")),
+                ("n=4294967296", Err("at most 4294967295")),
+                ("n=4294967296.0", Err("at most 4294967295")),
+                ("n=1e400", Err("1e400")),
+                ("n=+5", Err("5")),
+                ("n=5.", Err("5.")),
+                ("n=.5", Err(".5")),
+                ("n=07.0", Err("07.0")),
+                ("n=NaN", Err("NaN")),
+                ("n=inf", Err("inf")),
+                ("n=", Err("")),
+                ("n=0x10", Err("0x10")),
+            ];
+            for (query, expected) in table {
+                let got = serde_urlencoded::from_str::<Q>(query).map(|q| q.n).map_err(|e| e.to_string());
+                match (&got, &expected) {
+                    (Ok(got), Ok(want)) => assert_eq!(got, want, "{query}"),
+                    (Err(got), Err(part)) => assert!(got.contains(part), "{query}: {got}"),
+                    _ => panic!("{query}: got {got:?}, expected {expected:?}"),
+                }
+            }
+        }
     }
 }
 

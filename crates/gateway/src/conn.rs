@@ -23,6 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use api::error::{ApiError, ErrorCode};
+
 /// How long a connection may stay in each phase.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Timeouts {
@@ -70,6 +72,12 @@ impl Activity {
         self.idle_since.load(Relaxed) != NONE && self.first_byte.load(Relaxed) == NONE
     }
 
+    /// A new request's bytes have come, and it has not reached a service: whatever is
+    /// written now is hyper's own answer to a request it could not read.
+    fn reading_head(&self) -> bool {
+        self.idle_since.load(Relaxed) != NONE && self.first_byte.load(Relaxed) != NONE
+    }
+
     fn bytes_read(&self) {
         if self.first_byte.load(Relaxed) == NONE && self.idle_since.load(Relaxed) != NONE {
             self.first_byte.store(self.now(), Relaxed);
@@ -104,7 +112,7 @@ impl Timeouts {
     /// A new connection's activity, and its stream wrapped to keep it.
     pub fn watch<S>(&self, stream: S) -> (Arc<Activity>, Watched<S>) {
         let activity = Activity::new();
-        (activity.clone(), Watched { stream, activity, unread: BytesMut::new() })
+        (activity.clone(), Watched { stream, activity, unread: BytesMut::new(), rewritten: Bytes::new() })
     }
 
     /// Drives `connection` (the connection `activity` belongs to) until it ends, or until
@@ -147,6 +155,9 @@ pub struct Watched<S> {
     stream: S,
     activity: Arc<Activity>,
     unread: BytesMut,
+    /// hyper's own error answer, with the JSON error body every other error has, still
+    /// to be written in its place.
+    rewritten: Bytes,
 }
 
 impl<S> Watched<S> {
@@ -174,8 +185,44 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Watched<S> {
+    /// Takes `buf` in place of writing it when it is hyper's own answer to a request it
+    /// could not read (a 400, 414 or 431 with no body), to write that answer with the
+    /// JSON error body instead.
+    fn rewrite(&mut self, buf: &[u8]) -> bool {
+        if !self.rewritten.is_empty() || !self.activity.reading_head() {
+            return false;
+        }
+        match with_error_body(buf) {
+            Some(answer) => {
+                self.rewritten = answer;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes what is left of a rewritten answer.
+    fn poll_rewritten(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.rewritten.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, &self.rewritten))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.rewritten.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if self.rewrite(buf) {
+            // Taken whole; it goes out now or at the flush that follows.
+            let _ = self.poll_rewritten(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        std::task::ready!(self.poll_rewritten(cx))?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -184,6 +231,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let [only] = bufs
+            && self.rewrite(only)
+        {
+            let _ = self.poll_rewritten(cx)?;
+            return Poll::Ready(Ok(only.len()));
+        }
+        std::task::ready!(self.poll_rewritten(cx))?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -192,12 +246,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_rewritten(cx))?;
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_rewritten(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
+
+/// hyper's answers to a request it cannot read, as it writes them (`connection: close`,
+/// no body, then its date), and the error each is.
+const HYPER_ERRORS: [(&str, ErrorCode, &str); 3] = [
+    (
+        "HTTP/1.1 400 Bad Request\r\n",
+        ErrorCode::InvalidRequest,
+        "the request could not be read as HTTP/1.1: its request line or a header is malformed",
+    ),
+    (
+        "HTTP/1.1 414 URI Too Long\r\n",
+        ErrorCode::UriTooLong,
+        "the request's target (its path and query) is longer than this server reads (64 KiB)",
+    ),
+    (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        ErrorCode::HeadersTooLarge,
+        "the request's headers are larger than this server reads",
+    ),
+];
+
+/// `answer` with the JSON error body, when it is one of hyper's own error answers.
+fn with_error_body(answer: &[u8]) -> Option<Bytes> {
+    let text = std::str::from_utf8(answer).ok()?;
+    let (line, code, message) = HYPER_ERRORS.iter().find(|(line, ..)| text.starts_with(line))?;
+    let rest = text[line.len()..].strip_prefix("connection: close\r\ncontent-length: 0\r\n")?;
+    let date = rest.strip_prefix("date: ")?.strip_suffix("\r\n\r\n")?;
+    if date.contains('\n') {
+        return None;
+    }
+    let body = ApiError::new(*code, *message).json();
+    let head = format!(
+        "{line}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n",
+        body.len()
+    );
+    Some([head.as_bytes(), &body].concat().into())
 }
 
 /// An answer's body that tells the connection's activity when it is done (sent, or
@@ -239,6 +332,37 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Answer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hypers_error_answers_get_the_json_error_body_and_nothing_else_does() {
+        let date = "date: Thu, 03 Dec 2026 20:47:52 GMT\r\n\r\n";
+        let hyper = |line: &str| format!("{line}\r\nconnection: close\r\ncontent-length: 0\r\n{date}");
+        let table = [
+            (hyper("HTTP/1.1 400 Bad Request"), Some(("400 Bad Request", "invalid_request"))),
+            (hyper("HTTP/1.1 414 URI Too Long"), Some(("414 URI Too Long", "uri_too_long"))),
+            (hyper("HTTP/1.1 431 Request Header Fields Too Large"), Some(("431", "headers_too_large"))),
+            // Anything else is written as it is.
+            (hyper("HTTP/1.1 404 Not Found"), None),
+            (hyper("HTTP/1.1 400 Bad Request").replace("content-length: 0", "content-length: 2"), None),
+            (format!("{}{{}}", hyper("HTTP/1.1 400 Bad Request")), None),
+            ("HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\r\n".to_owned(), None),
+            (String::new(), None),
+        ];
+        for (answer, expected) in table {
+            let got = with_error_body(answer.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap());
+            match (got, expected) {
+                (None, None) => {}
+                (Some(got), Some((status, code))) => {
+                    let (head, body) = got.split_once("\r\n\r\n").unwrap();
+                    assert!(head.contains(status) && head.contains("content-type: application/json"), "{head}");
+                    assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+                    assert!(head.ends_with("date: Thu, 03 Dec 2026 20:47:52 GMT"), "{head}");
+                    assert!(body.contains(&format!("\"code\":\"{code}\"")), "{body}");
+                }
+                (got, expected) => panic!("{answer:?}: got {got:?}, expected {expected:?}"),
+            }
+        }
+    }
 
     const T: Timeouts = Timeouts { header_read: Duration::from_secs(2), idle: Duration::from_secs(10) };
 

@@ -313,6 +313,27 @@ fn scale_takes_whole_numbers_written_with_a_zero_fraction() {
         let message = api_error(&scale(body), 400, "invalid_request");
         assert!(message.contains(named), "{body}: {message}");
     }
+    // Query strings read whole numbers the same way.
+    let get = |path: &str| http.get(&url(&server, path), Some(&server.root_key));
+    for path in
+        ["/v1/apps/scaled/revisions?limit=287.0", "/v1/runners?since=6e1", "/v1/apps/scaled/revisions?limit=287"]
+    {
+        let reply = get(path);
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+    }
+    let revision =
+        server.run(&["apps", "list-rev", "scaled", "--json"]).ok().json()[0]["id"].as_str().unwrap().to_owned();
+    let reply = get(&format!("/v1/apps/scaled/revisions/{revision}/log?offset=0.0"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for (path, named) in [
+        ("/v1/apps/scaled/revisions?limit=287.5", "limit"),
+        ("/v1/apps/scaled/revisions?limit=-3", "limit"),
+        ("/v1/runners?since=1e30", "since"),
+        ("/v1/runners?since=ten", "since"),
+    ] {
+        let message = api_error(&get(path), 400, "invalid_request");
+        assert!(message.contains(named), "{path}: {message}");
+    }
 }
 
 #[test]
@@ -340,4 +361,45 @@ fn the_cli_ends_quietly_when_its_reader_has_gone() {
         assert_eq!(out.status.code(), Some(0), "hangar {args:?} (stderr: {stderr})");
         assert!(stderr.is_empty(), "hangar {args:?} said: {stderr}");
     }
+}
+
+/// What a server at `url` answers to `request`, sent as raw bytes: its status and body.
+fn raw(url: &str, request: &[u8]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[test]
+fn requests_hyper_cannot_read_get_the_json_error_body_on_both_listeners() {
+    let server = server();
+    let long = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    let many: String = (0..150).map(|n| format!("x-header-{n}: {n}\r\n")).collect();
+    let many = format!("GET /default/web/ HTTP/1.1\r\nhost: x\r\n{many}\r\n");
+    let cases = [
+        (long.as_bytes(), 414, "uri_too_long"),
+        (many.as_bytes(), 431, "headers_too_large"),
+        (&b"NOT HTTP AT ALL\r\n\r\n"[..], 400, "invalid_request"),
+    ];
+    for url in [&server.api_url, &server.gateway_url] {
+        for (request, status, code) in cases {
+            let (got, head, body) = raw(url, request);
+            assert_eq!(got, status, "{url}: {head}\n{body}");
+            assert!(head.contains("content-type: application/json"), "{url}: {head}");
+            let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body:?}"));
+            assert_eq!(body["error"]["code"], code, "{url}: {body}");
+            assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+        }
+    }
+    // A request that hyper reads is answered as before, and the connection goes on.
+    let reply = Http::new().get(&format!("{}/healthz", server.api_url), None);
+    assert_eq!(reply.status, 200);
 }
