@@ -488,7 +488,7 @@ pub(crate) mod whole_number {
     }
 
     /// The largest value of an unsigned type, for the message that refuses a larger one.
-    pub(super) trait Bounded {
+    pub(crate) trait Bounded {
         const MAX: u64;
     }
 
