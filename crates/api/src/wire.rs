@@ -417,11 +417,15 @@ pub(crate) mod whole_number {
 
     impl<'de> Deserialize<'de> for WholeNumber {
         fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<WholeNumber, D::Error> {
-            deserializer.deserialize_any(WholeNumberVisitor).map(WholeNumber)
+            deserializer.deserialize_any(WholeNumberVisitor { text: false }).map(WholeNumber)
         }
     }
 
-    struct WholeNumberVisitor;
+    /// Reads a whole number from a JSON number, or, with `text`, from a query string's
+    /// text (digits, or a JSON number without a fraction's worth: `30.0`, `3e1`).
+    struct WholeNumberVisitor {
+        text: bool,
+    }
 
     impl Visitor<'_> for WholeNumberVisitor {
         type Value = u64;
@@ -447,6 +451,21 @@ pub(crate) mod whole_number {
                 Err(E::invalid_value(Unexpected::Float(value), &self))
             }
         }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
+            if !self.text {
+                return Err(E::invalid_type(Unexpected::Str(text), &self));
+            }
+            let refused = || E::invalid_value(Unexpected::Str(text), &self);
+            if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                return text.parse().map_err(|_| refused());
+            }
+            if !is_json_number(text) {
+                return Err(refused());
+            }
+            let value: f64 = text.parse().map_err(|_| refused())?;
+            WholeNumberVisitor { text: false }.visit_f64::<E>(value).map_err(|_| refused())
+        }
     }
 
     /// A whole number of type `T`.
@@ -456,6 +475,11 @@ pub(crate) mod whole_number {
         T: TryFrom<u64> + Bounded,
     {
         let WholeNumber(n) = WholeNumber::deserialize(deserializer)?;
+        within(n)
+    }
+
+    /// `n` as a `T`, or the error that names the largest `T`.
+    fn within<T: TryFrom<u64> + Bounded, E: de::Error>(n: u64) -> Result<T, E> {
         T::try_from(n).map_err(|_| {
             de::Error::invalid_value(Unexpected::Unsigned(n), &format!("a whole number at most {}", T::MAX).as_str())
         })
@@ -478,12 +502,7 @@ pub(crate) mod whole_number {
     {
         match Option::<WholeNumber>::deserialize(deserializer)? {
             None => Ok(None),
-            Some(WholeNumber(n)) => T::try_from(n).map(Some).map_err(|_| {
-                de::Error::invalid_value(
-                    Unexpected::Unsigned(n),
-                    &format!("a whole number at most {}", T::MAX).as_str(),
-                )
-            }),
+            Some(WholeNumber(n)) => within(n).map(Some),
         }
     }
 
@@ -504,35 +523,12 @@ pub(crate) mod whole_number {
         const MAX: u64 = u64::MAX;
     }
 
-    /// A whole number written in a query string: digits, or a JSON number without a
-    /// fraction's worth (`30.0`, `3e1`).
+    /// A whole number written in a query string.
     struct QueryNumber(u64);
 
     impl<'de> Deserialize<'de> for QueryNumber {
         fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<QueryNumber, D::Error> {
-            deserializer.deserialize_str(QueryNumberVisitor).map(QueryNumber)
-        }
-    }
-
-    struct QueryNumberVisitor;
-
-    impl Visitor<'_> for QueryNumberVisitor {
-        type Value = u64;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a whole number, at least 0")
-        }
-
-        fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
-            let refused = || E::invalid_value(Unexpected::Str(text), &self);
-            if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-                return text.parse().map_err(|_| refused());
-            }
-            if !is_json_number(text) {
-                return Err(refused());
-            }
-            let value: f64 = text.parse().map_err(|_| refused())?;
-            WholeNumberVisitor.visit_f64::<E>(value).map_err(|_| refused())
+            deserializer.deserialize_str(WholeNumberVisitor { text: true }).map(QueryNumber)
         }
     }
 
@@ -588,9 +584,7 @@ pub(crate) mod whole_number {
         T: TryFrom<u64> + Bounded,
     {
         let QueryNumber(n) = QueryNumber::deserialize(deserializer)?;
-        T::try_from(n).map_err(|_| {
-            de::Error::invalid_value(Unexpected::Unsigned(n), &format!("a whole number at most {}", T::MAX).as_str())
-        })
+        within(n)
     }
 
     #[cfg(test)]
