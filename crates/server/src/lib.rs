@@ -196,7 +196,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .layer(axum::middleware::from_fn_with_state(control.clone(), owners::to_owner))
         .merge(dashboard());
     if let Some(agents) = agents {
-        api_app = api_app.merge(agent::routes(agents));
+        api_app = api_app.merge(agent::routes(agents, shutdown.clone()));
     }
     let api_app = api_app
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(config.body_read_timeout))

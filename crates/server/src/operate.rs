@@ -184,16 +184,6 @@ impl Control {
         if runner.state.is_terminal() {
             return Err(ApiError::new(ErrorCode::Conflict, format!("runner {} has ended", runner.id)));
         }
-        if let Some(cluster) = self.fleet.shared.backend.cluster() {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "runner {} runs in the {cluster} cluster; runners exec reaches only runners this server runs \
-                     itself",
-                    runner.id
-                ),
-            ));
-        }
         Ok((app, runner))
     }
 

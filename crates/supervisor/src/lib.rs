@@ -14,6 +14,7 @@ mod exec;
 mod gpu;
 mod group;
 pub mod remote;
+pub mod remote_exec;
 mod runner;
 mod sandbox;
 pub mod slurm;

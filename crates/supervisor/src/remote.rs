@@ -103,6 +103,8 @@ pub struct Remote {
     /// The code archive the digest names.
     pub archive: PathBuf,
     reports: mpsc::UnboundedSender<AgentReport>,
+    /// Commands waiting for its agent to run them.
+    pub execs: Arc<crate::remote_exec::ExecQueue>,
 }
 
 /// The remote runners whose agents may talk to the server, by the SHA-256 of their
@@ -117,7 +119,7 @@ impl Agents {
     /// Registers a runner; its reports go to `reports`. Returns the agent's token.
     pub fn register(&self, spec: AgentSpec, archive: PathBuf, reports: mpsc::UnboundedSender<AgentReport>) -> String {
         let token = hex::encode(rand::random::<[u8; 32]>());
-        let remote = Arc::new(Remote { spec, archive, reports });
+        let remote = Arc::new(Remote { spec, archive, reports, execs: Arc::default() });
         self.lock().insert(hash(&token), remote);
         token
     }
@@ -131,6 +133,18 @@ impl Agents {
     /// runner has ended, or the server restarted), which tells the agent to stop.
     pub fn report(&self, token: &str, report: AgentReport) -> bool {
         self.find(token).is_some_and(|remote| remote.reports.send(report).is_ok())
+    }
+
+    /// Sends `command` to runner `id`'s agent to run; `None` when no agent of it is known.
+    pub(crate) fn exec(
+        &self,
+        id: RunnerId,
+        command: &[String],
+        tty: Option<model::records::TermSize>,
+    ) -> Option<crate::ExecSession> {
+        let id = id.to_string();
+        let remote = self.lock().values().find(|r| r.spec.runner == id).cloned()?;
+        Some(remote.execs.push(command, tty))
     }
 
     /// Forgets runner `id`: its agent's token stops working.
@@ -315,7 +329,8 @@ async fn start_runner(link: &Arc<ServerLink>, spec: &AgentSpec, node_dir: &Path)
     };
     let sandbox = Arc::new(sandbox);
     // Launched from this function, which `hangar agent` runs on its main thread.
-    let backend = LocalProcesses::new(node_dir.join("runners"), 16 << 20, sandbox.clone()).dying_with_this_process();
+    let backend =
+        Arc::new(LocalProcesses::new(node_dir.join("runners"), 16 << 20, sandbox.clone()).dying_with_this_process());
     let gpus = job_gpus();
     let given = crate::Gpus::given(&gpus).unwrap_or_else(|_| crate::Gpus::none());
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| gpus.join(","));
@@ -363,6 +378,14 @@ async fn start_runner(link: &Arc<ServerLink>, spec: &AgentSpec, node_dir: &Path)
     let (ip, server) =
         own_address(&link.url).map_err(|e| format!("cannot tell this node's address toward the server: {e}"))?;
     let target = handle.addr.clone();
+    // Commands run in the runner (`runners exec`) come by asking the server for them.
+    let execs = tokio::spawn(crate::remote_exec::serve_orders(
+        link.http.clone(),
+        link.url.clone(),
+        link.token.clone(),
+        backend.clone(),
+        id,
+    ));
     let forwarder = tokio::spawn(async move {
         while let Ok((mut client, peer)) = listener.accept().await {
             // Only the server calls the runner, as only it can reach a local one: the
@@ -439,6 +462,7 @@ async fn start_runner(link: &Arc<ServerLink>, spec: &AgentSpec, node_dir: &Path)
         }
     };
     forwarder.abort();
+    execs.abort();
     // What the app wrote last is still in the tap.
     if let Some(mut output) = output {
         while let Ok(line) = output.try_recv() {

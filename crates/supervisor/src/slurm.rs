@@ -362,6 +362,17 @@ fn shell_quote(text: &str) -> String {
 }
 
 impl RunnerBackend for SlurmJobs {
+    fn exec(
+        &self,
+        id: RunnerId,
+        command: &[String],
+        tty: Option<model::records::TermSize>,
+    ) -> std::io::Result<crate::ExecSession> {
+        self.inner.agents.exec(id, command, tty).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("runner {id} has no agent running"))
+        })
+    }
+
     fn launch(&self, launch: RunnerLaunch, events: mpsc::UnboundedSender<Event>) -> std::io::Result<RunnerHandle> {
         let runner_dir = self.inner.dir.join(launch.id.to_string());
         std::fs::create_dir_all(&runner_dir)?;

@@ -288,9 +288,25 @@ fn runners_logs_follow_a_slurm_runner() {
     let _ = follow.wait();
     let log = server.run(&["runners", "logs", &id[..8]]).ok().stdout;
     assert!(log.contains("testapp listening on"), "{log}");
-    // A command cannot be run in a runner on a node: refused with why, not left hanging.
-    let out = server.run(&["runners", "exec", &id[..8], "--", "true"]).failed();
-    assert!(out.stderr.contains("slurm cluster"), "{}", out.stderr);
+    // A command runs in the runner on its node, through its agent: in the runner's
+    // sandbox and environment, its input, output and status carried both ways.
+    let script = "read line; echo \"got $line in $PWD for $HANGAR_RUNNER_ID as $(id -u)\"; echo oops >&2; exit 3";
+    let mut exec = server
+        .cli()
+        .args(["runners", "exec", &id[..8], "--", "sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut exec.stdin.take().unwrap(), b"hello\n").unwrap();
+    let done = exec.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&done.stdout), String::from_utf8_lossy(&done.stderr));
+    assert_eq!(done.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.starts_with(&format!("got hello in /app for {id} as 2")), "{stdout}");
+    assert_eq!(stderr.trim(), "oops");
+    let out = server.run(&["runners", "exec", "-t", &id[..8], "--", "sh", "-c", "test -t 0 && stty size"]).ok();
+    assert_eq!(out.stdout.trim(), "24 80");
 
     // The node's port takes calls from the server's address only: from another one the
     // connection is closed unanswered.
