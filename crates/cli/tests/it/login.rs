@@ -290,3 +290,58 @@ fn flags_beat_the_environment_which_beats_the_profile_which_beats_the_local_file
     // With no profile, the local files (B) are used.
     assert_eq!(secrets(on_this_machine(&[], &[])), ["ON_B"]);
 }
+
+/// On a terminal, `login` asks for the key and does not echo it. The test plays the
+/// terminal: it types the key only once the prompt is shown and echo is off, so that
+/// nothing it types can be echoed or flushed before `login` reads it.
+#[test]
+fn login_on_a_terminal_asks_for_the_key_without_echo() {
+    use nix::sys::termios::{LocalFlags, tcgetattr};
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+
+    let a = marked_server("ON_A");
+    let machine = Machine::new();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut command = machine.hangar();
+    command
+        .args(["login", "--url", &a.api_url])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+    let mut child = command.spawn().unwrap();
+    // Only the child may hold the terminal's other end (the command keeps copies too),
+    // so that reading ends when the child does.
+    drop(command);
+    drop(pty.slave);
+
+    // Everything the terminal shows, read as it comes (the read ends with an error once
+    // the child has gone and the terminal has no writer left).
+    let shown = Arc::new(Mutex::new(Vec::new()));
+    let mut master = std::fs::File::from(pty.master);
+    let mut typing = master.try_clone().unwrap();
+    let reader = std::thread::spawn({
+        let shown = shown.clone();
+        move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                shown.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let text = || String::from_utf8_lossy(&shown.lock().unwrap()).into_owned();
+    testkit::wait_until("the key prompt, with echo off", || {
+        let echo_off = !tcgetattr(&typing).unwrap().local_flags.contains(LocalFlags::ECHO);
+        (text().contains(&format!("API key for {}", a.api_url)) && echo_off).then_some(())
+    });
+    typing.write_all(format!("{}\n", a.root_key).as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "{}", text());
+    drop(typing);
+    reader.join().unwrap();
+
+    let shown = text();
+    assert!(shown.contains("Logged in to"), "{shown}");
+    assert!(!shown.contains(secret_of(&a.root_key)), "the key was echoed: {shown}");
+    assert_eq!(machine.config()["profiles"]["default"]["key"].as_str(), Some(a.root_key.as_str()));
+    assert_eq!(secrets(machine.run(&["secrets", "list", "--json"])), ["ON_A"]);
+}
