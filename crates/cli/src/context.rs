@@ -35,7 +35,12 @@ pub(crate) fn printer(global: &GlobalArgs) -> Printer {
 
 /// The URL and key a command uses, by the order of precedence above.
 pub(crate) fn resolve(global: &GlobalArgs) -> anyhow::Result<(String, Option<String>)> {
-    let profile = chosen_profile(global)?;
+    // A URL and a key from flags or the environment need no profile, so that a script
+    // that sets both is not stopped by a config file it does not use.
+    let profile = match (&global.profile, &global.url, &global.key) {
+        (None, Some(_), Some(_)) => None,
+        _ => chosen_profile(global)?,
+    };
     let local = local_data_dir();
     let local_url = local_endpoint(&local);
     let url = global

@@ -132,6 +132,9 @@ async fn check_key(url: &str, key: &str) -> anyhow::Result<Option<String>> {
     let client = Client::new(url, Some(key.to_owned()), None);
     match client.list_apps().await {
         Ok(_) => {}
+        // The server knows the key but does not let it list apps: an `api` key, which may
+        // only call apps. It is the key of a team all the same.
+        Err(ClientError::Api { status: 403, .. }) => return Ok(Some("api".to_owned())),
         Err(ClientError::Api { status: 401, message, .. }) => {
             anyhow::bail!("the server at {url} refused the key (nothing was saved): {message}")
         }

@@ -74,6 +74,11 @@ enum Command {
     Server(Box<server::ServerArgs>),
     /// Check a key against a server and save both as a profile (--profile, else
     /// "default") in ~/.config/hangar/config.toml
+    ///
+    /// The key is read from stdin with --key-stdin, else taken from --key (or HANGAR_KEY),
+    /// else asked for on the terminal without echo. The URL is --url (or HANGAR_URL), else
+    /// the profile's own when it is logged in to again, else the local server's. The
+    /// first profile saved becomes the current one; `hangar profile use` switches.
     Login(login::LoginArgs),
     /// The saved profiles of servers and keys
     #[command(subcommand)]

@@ -136,6 +136,13 @@ fn login_saves_a_private_profile_that_later_commands_use() {
     assert_eq!(secrets(machine.run(&["secrets", "list", "--json"])), ["ON_A"]);
     assert!(secrets(machine.run(&["secrets", "list", "--json", "--profile", "bravo"])).is_empty());
 
+    // An api key may only call apps, but the server knows it: it is saved too.
+    let api_key =
+        a.run(&["keys", "create", "--scope", "api", "--json"]).ok().json()["key"].as_str().unwrap().to_owned();
+    let out = machine.login(&a.api_url, &api_key, Some("caller")).ok();
+    assert!(out.stdout.contains("scope api"), "{out:?}");
+    assert_eq!(machine.config()["profiles"]["caller"]["key"].as_str(), Some(api_key.as_str()));
+
     // Without XDG_CONFIG_HOME the file is in ~/.config.
     let mut login = machine.hangar();
     login.env_remove("XDG_CONFIG_HOME").args(["login", "--url", &a.api_url, "--key", &a.root_key]);
@@ -344,4 +351,21 @@ fn login_on_a_terminal_asks_for_the_key_without_echo() {
     assert!(!shown.contains(secret_of(&a.root_key)), "the key was echoed: {shown}");
     assert_eq!(machine.config()["profiles"]["default"]["key"].as_str(), Some(a.root_key.as_str()));
     assert_eq!(secrets(machine.run(&["secrets", "list", "--json"])), ["ON_A"]);
+}
+
+#[test]
+fn a_broken_config_file_is_named_and_a_url_and_key_given_do_without_it() {
+    let a = marked_server("ON_A");
+    let machine = Machine::new();
+    std::fs::create_dir_all(machine.config_file().parent().unwrap()).unwrap();
+    std::fs::write(machine.config_file(), "current = \"default\"\n[profiles.default]\nurl = 1\n").unwrap();
+
+    let out = machine.run(&["secrets", "list"]).failed();
+    let named = format!("{} is not a valid hangar config", machine.config_file().display());
+    assert!(out.stderr.contains(&named), "{}", out.stderr);
+    assert!(machine.login(&a.api_url, &a.root_key, None).failed().stderr.contains(&named));
+
+    let mut command = machine.hangar();
+    command.env("HANGAR_URL", &a.api_url).env("HANGAR_KEY", &a.root_key).args(["secrets", "list", "--json"]);
+    assert_eq!(secrets(run_command(&mut command)), ["ON_A"]);
 }
