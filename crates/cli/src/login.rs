@@ -76,9 +76,11 @@ pub(crate) async fn login(global: &GlobalArgs, args: LoginArgs) -> anyhow::Resul
         let scope = scope.map(|s| format!(", scope {s}")).unwrap_or_default();
         out!("{}", success(format!("Logged in to {url} with key {key_id}{scope}")));
         out!("Saved as profile {name} in {}", path.display());
-        if !make_current {
-            let current = config.current.as_deref().unwrap_or_default();
-            out!("The current profile is still {current}; `hangar profile use {name}` switches to this one");
+        match config.current.as_deref() {
+            Some(current) if current != name => {
+                out!("The current profile is still {current}; `hangar profile use {name}` switches to this one");
+            }
+            _ => {}
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -143,6 +143,13 @@ fn login_saves_a_private_profile_that_later_commands_use() {
     assert!(out.stdout.contains("scope api"), "{out:?}");
     assert_eq!(machine.config()["profiles"]["caller"]["key"].as_str(), Some(api_key.as_str()));
 
+    // Logging in again to the current profile keeps its URL and says nothing of switching.
+    let mut again = machine.hangar();
+    again.args(["login", "--key", &a.root_key]);
+    let out = run_command(&mut again).ok();
+    assert!(out.stdout.contains(&format!("Logged in to {}", a.api_url)), "{out:?}");
+    assert!(!out.stdout.contains("profile use"), "{out:?}");
+
     // Without XDG_CONFIG_HOME the file is in ~/.config.
     let mut login = machine.hangar();
     login.env_remove("XDG_CONFIG_HOME").args(["login", "--url", &a.api_url, "--key", &a.root_key]);
