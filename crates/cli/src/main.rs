@@ -3,9 +3,11 @@
 
 mod access;
 mod apps;
+mod config;
 mod context;
 mod deploy;
 mod exec;
+mod login;
 mod logs;
 mod output;
 mod runners;
@@ -27,12 +29,17 @@ struct Cli {
 
 #[derive(Clone, clap::Args)]
 struct GlobalArgs {
-    /// URL of the hangar control API [default: the local server's, else http://127.0.0.1:8700]
+    /// URL of the hangar control API [default: the profile's, else the local server's, else
+    /// http://127.0.0.1:8700]
     #[arg(long, global = true, env = "HANGAR_URL")]
     url: Option<String>,
-    /// API key as <id>:<secret> [default: the local server's admin.key, if readable]
+    /// API key as <id>:<secret> [default: the profile's key, else the local server's
+    /// admin.key, each only for its own URL]
     #[arg(long, global = true, env = "HANGAR_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// Use this profile of the config file (see `hangar login`) [default: the current one]
+    #[arg(long, global = true, env = "HANGAR_PROFILE")]
+    profile: Option<String>,
     /// Act for this team (root keys may act for any team)
     #[arg(long, global = true, env = "HANGAR_TEAM")]
     team: Option<String>,
@@ -52,6 +59,7 @@ impl std::fmt::Debug for GlobalArgs {
         f.debug_struct("GlobalArgs")
             .field("url", &self.url)
             .field("key", &self.key.as_ref().map(|_| api::wire::REDACTED))
+            .field("profile", &self.profile)
             .field("team", &self.team)
             .field("output", &self.output)
             .field("json", &self.json)
@@ -64,6 +72,17 @@ impl std::fmt::Debug for GlobalArgs {
 enum Command {
     /// Run the hangar server (control API, gateway, deploys)
     Server(Box<server::ServerArgs>),
+    /// Check a key against a server and save both as a profile (--profile, else
+    /// "default") in ~/.config/hangar/config.toml
+    ///
+    /// The key is read from stdin with --key-stdin, else taken from --key (or HANGAR_KEY),
+    /// else asked for on the terminal without echo. The URL is --url (or HANGAR_URL), else
+    /// the profile's own when it is logged in to again, else the local server's. The
+    /// first profile saved becomes the current one; `hangar profile use` switches.
+    Login(login::LoginArgs),
+    /// The saved profiles of servers and keys
+    #[command(subcommand)]
+    Profile(login::ProfileCommand),
     /// Deploy the app in PATH as a new revision
     Deploy(deploy::DeployArgs),
     /// Manage apps and their revisions
@@ -145,6 +164,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::write_stdout(&script);
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Login(args) => return runtime()?.block_on(login::login(&cli.global, args)),
+        Command::Profile(command) => return login::profile(&cli.global, command),
         client_command => client_command,
     };
     // Every other command is a client of the control API.
@@ -158,16 +179,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Teams(command) => runtime.block_on(access::teams(&cx, command)),
         Command::Keys(command) => runtime.block_on(access::keys(&cx, command)),
         Command::Secrets(command) => runtime.block_on(access::secrets(&cx, command)),
-        Command::Server(_) | Command::Agent { .. } | Command::Completion { .. } => unreachable!("handled above"),
+        Command::Server(_)
+        | Command::Agent { .. }
+        | Command::Completion { .. }
+        | Command::Login(_)
+        | Command::Profile(_) => unreachable!("handled above"),
     }
 }
 
 /// A next step for the errors people most often meet.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     match e.downcast_ref::<api::client::ClientError>()? {
-        api::client::ClientError::Api { status: 401, .. } => {
-            Some("pass --key or set HANGAR_KEY to <id>:<secret>; the root key is in the server's <data-dir>/admin.key")
-        }
+        api::client::ClientError::Api { status: 401, .. } => Some(
+            "run `hangar login`, or pass --key or set HANGAR_KEY to <id>:<secret>; the root key is in the server's <data-dir>/admin.key",
+        ),
         api::client::ClientError::Connect { .. } => {
             Some("start one with `hangar server`, or point --url / HANGAR_URL at a running one")
         }

@@ -11,6 +11,7 @@ mod examples;
 mod exec;
 mod gateway;
 mod gpus;
+mod login;
 mod manifest;
 mod metrics;
 mod openapi;
