@@ -3,7 +3,8 @@
 # hangar (release), starts a server that finds the GPUs through NVML, deploys a small
 # torch model (scripts/gpu-check/app) on a machine type with one GPU, checks that its
 # runner sees exactly its GPU (torch's device count and UUID, CUDA_VISIBLE_DEVICES, the
-# runner's GPUs, its /dev), and measures the cold start and calls per second through the
+# runner's GPUs, its /dev), and that a command run in it by `hangar runners exec` sees the
+# same, and measures the cold start and calls per second through the
 # gateway against the same app started directly on the host. It prints a markdown summary
 # and writes it to $OUT/gpu-check.md (else target/gpu-check.md), with its logs beside it.
 #
@@ -347,6 +348,12 @@ direct_pid=$!
 "$py" "$tool" wait "http://127.0.0.1:$direct_port/health" 120 "$direct_pid" ||
   { tail -n 30 "$work/direct.log" >&2; fail "the app started directly did not get healthy (direct.log)"; }
 "$py" "$tool" call GET "http://127.0.0.1:$direct_port/whoami" "$work/direct_whoami.json"
+
+# A command run in the runner by `hangar runners exec` sees what the runner sees.
+exec_runner=$("$py" "$tool" get "$work/whoami.json" 'd["headers"].get("x-hangar-runner-id", "")')
+log "runners exec $exec_runner -- $py server.py --whoami"
+"$hangar" runners exec "$exec_runner" -- "$py" server.py --whoami >"$work/exec.json" 2>"$work/exec.log" ||
+  log "WARNING: runners exec exited $? (exec.log): $(tail -n 3 "$work/exec.log")"
 
 log "checks:"
 checks_ok=1

@@ -119,7 +119,9 @@ def probe():
     ro = [p for p in wanted if not any(q != p and under(p, [q]) for q in wanted)]
     info["ro_paths"] = ro
     info["pythonpath"] = pythonpath
-    info["ld_library_path"] = [d for d in dict.fromkeys(libdirs) if not under(d, SYSTEM)]
+    # All of them, those under /usr too (/usr/local/nvidia/lib64 in some images): the
+    # runner's environment is its own, and the dynamic loader may know them only from here.
+    info["ld_library_path"] = list(dict.fromkeys(libdirs))
     # A sandboxed runner is another, unprivileged uid: what it must read has to be
     # readable by others (the sandbox makes the directories above a path passable).
     unreadable = []
@@ -248,7 +250,8 @@ num_gpus = 1
 def check(directory):
     """The runner sees exactly its GPU: from whoami.json (the runner's /whoami),
     runner_id (the x-hangar-runner-id of that answer), runners.json, gpus.json and
-    direct_whoami.json (the same app started on the host)."""
+    direct_whoami.json (the same app started on the host) and exec.json (`server.py --whoami`
+    run in the runner by `hangar runners exec`)."""
     d = directory
     whoami = read_json(f"{d}/whoami.json", {}).get("body", {})
     runner_id = read_json(f"{d}/whoami.json", {}).get("headers", {}).get("x-hangar-runner-id")
@@ -290,6 +293,12 @@ def check(directory):
         ok = direct.get("device_count") == 1 and (direct.get("uuid") or "").lower() == (want or "").lower()
         add("the same app on the host with `CUDA_VISIBLE_DEVICES` = that UUID sees it alone", ok,
             f"{direct.get('device_count')} device(s), {direct.get('uuid')}")
+    ran = read_json(f"{d}/exec.json", None)
+    ran_ok = isinstance(ran, dict) and ran.get("device_count") == 1 and ran.get("uid") == whoami.get("uid") \
+        and (ran.get("uuid") or "").lower() == (want or "").lower() and ran.get("dev") == nodes
+    add("`hangar runners exec` in the runner: the same uid, GPU and `/dev/nvidia*`", ran_ok,
+        f"uid {ran.get('uid')}, {ran.get('device_count')} device(s), {ran.get('uuid')}, "
+        f"{' '.join(ran.get('dev') or []) or '(none)'}" if isinstance(ran, dict) else "no JSON from the command (exec.log)")
     write_json(f"{d}/checks.json", results)
     for r in results:
         print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['check']}: {r['value']}")

@@ -9,6 +9,9 @@ healthy only once the model has answered a first call on the GPU.
                  UUID (as NVML writes it: GPU-xxxxxxxx-xxxx-...), CUDA_VISIBLE_DEVICES and
                  the /dev/nvidia* nodes
 
+`python server.py --whoami` prints that JSON and exits: what a command run in the runner
+by `hangar runners exec` sees.
+
 CUDA is required: without it the app exits with the reason. GPU_CHECK_ALLOW_CPU=1 (off by
 default; for testing the script on a machine without a GPU) runs the model on the CPU
 instead, with torch where it is installed or else in plain Python, and /whoami then
@@ -142,10 +145,24 @@ def nvidia_nodes():
         return [f"cannot list /dev: {e}"]
 
 
+def sees(whoami):
+    """`whoami` with what this process sees of its environment."""
+    return dict(
+        whoami,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        dev=nvidia_nodes(),
+        pid=os.getpid(),
+        uid=os.getuid(),
+    )
+
+
 def main():
     started = time.monotonic()
     model, whoami = load()
     loaded_s = time.monotonic() - started
+    if sys.argv[1:] == ["--whoami"]:
+        print(json.dumps(sees(whoami)))
+        return
     device = getattr(model, "device", "?")
     print(f"gpu-check app: model on {device} in {loaded_s:.2f}s: {whoami}", flush=True)
 
@@ -168,18 +185,7 @@ def main():
             if route == "/health":
                 self._send(200, {"status": "ok", "device": str(device), "load_seconds": round(loaded_s, 3)})
             elif route == "/whoami":
-                self._send(
-                    200,
-                    dict(
-                        whoami,
-                        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                        dev=nvidia_nodes(),
-                        device=str(device),
-                        load_seconds=round(loaded_s, 3),
-                        pid=os.getpid(),
-                        uid=os.getuid(),
-                    ),
-                )
+                self._send(200, dict(sees(whoami), device=str(device), load_seconds=round(loaded_s, 3)))
             else:
                 self._send(404, {"detail": "GET /health, GET /whoami or POST / with {\"x\": [...]}"})
 
